@@ -1,0 +1,171 @@
+"""`compressor` command line: a thin layer over the Python API.
+
+Exit codes: 0 ok, 1 target missed, 2 bad input (one line on stderr), 3 a
+transformed model failed its numerical check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from compressor.errors import CompressorError, TargetMissedError
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from compressor.prune import PruneConfig, prune
+
+    config = PruneConfig(
+        model=args.model, data=args.data, profile=args.profile, out=args.out,
+        target_ms=args.target_ms, target_speedup=args.target_speedup, criterion=args.criterion,
+        calibration_size=args.calibration_size, finetune_epochs=args.finetune_epochs,
+        finetune_lr=args.finetune_lr, min_blocks_per_stage=args.min_blocks_per_stage, seed=args.seed)
+    report = prune(config, log=_log)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    b, p = report["baseline"], report["pruned"]
+    _log(f"{report['model']}: {b['latency_ms']['median']:.3f} -> {p['latency_ms']['median']:.3f} ms "
+         f"({report['speedup_measured']:.2f}x measured, {report['speedup_flops']:.2f}x by FLOPs), "
+         f"accuracy {b['accuracy']:.2f} -> {p['accuracy']:.2f}%; report in {args.out}/report.md")
+    if not report["target_met"]:
+        raise TargetMissedError(f"target missed in the final measurement: {report['pruned']['latency_ms']['median']:.3f}"
+                                f" ms > {report['target_ms']:.3f} ms")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from compressor.data import load_data
+    from compressor.fileio import refuse_existing_file
+    from compressor.latency import Deployment, measure_latency_table
+    from compressor.profiles import load_profile
+    from compressor.units import find_units
+    from compressor.zoo import load_model
+
+    out = refuse_existing_file(args.out)
+    profile = load_profile(args.profile)
+    data = load_data(args.data) if args.data else None
+    loaded = load_model(args.model, data)
+    deployment = Deployment(profile, loaded.input_shape)
+    units = find_units(loaded.model, deployment.example)
+    _log(f"timing {len(units) + 1} exported models on {profile.name}")
+    table = measure_latency_table(loaded.model, units, deployment, loaded.arch)
+    table.save(out)
+    if args.json:
+        print(table.to_json())
+    for name, saving in table.savings_ms.items():
+        _log(f"  {name:<24} saves {saving:7.4f} ms")
+    _log(f"baseline {table.baseline_ms:.4f} ms; table written to {out}")
+    return 0
+
+
+def cmd_units(args: argparse.Namespace) -> int:
+    from compressor.units import find_units
+    from compressor.zoo import load_model
+
+    loaded = load_model(args.model)
+    units = find_units(loaded.model, loaded.example_input())
+    rows = [{"name": u.name, "kind": u.kind, "stage": u.stage, "becomes": u.removable_to} for u in units]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']:<24} {r['kind']:<11} stage {r['stage']:<12} -> {r['becomes']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from compressor.data import load_data
+    from compressor.finetune import accuracy, train
+    from compressor.fileio import refuse_existing_file
+    from compressor.zoo import LoadedModel, build, save_checkpoint
+
+    import torch
+
+    out = refuse_existing_file(args.out)
+    data = load_data(args.data)
+    torch.manual_seed(args.seed)
+    model = build(args.model, data.num_classes)
+    train(model, data.loader("train", batch_size=args.batch_size, shuffle=True, seed=args.seed),
+          args.epochs, args.lr, desc=f"train {args.model}")
+    acc = accuracy(model, data.loader("val"))
+    loaded = LoadedModel(model, args.model, data.num_classes, data.input_shape, f"trained on {data.spec}")
+    save_checkpoint(out, loaded, trained_on=data.spec, epochs=args.epochs, val_accuracy=acc)
+    _log(f"{args.model} on {data.spec}: validation accuracy {acc:.2f}% -> {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compressor", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="remove residual units until a measured latency target is met")
+    p.add_argument("--model", required=True, help="zoo name (e.g. resnet56) or checkpoint file")
+    p.add_argument("--data", required=True, help="digits32 | cifar10:DIR | imagefolder:DIR | npz:FILE")
+    p.add_argument("--profile", required=True, help="built-in profile name (ort-cpu) or YAML path")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-ms", type=float, help="median latency to reach (ms)")
+    target.add_argument("--target-speedup", type=float, help="speedup over the unpruned model (x)")
+    p.add_argument("--criterion", default="cka", help="unit importance criterion (default: cka)")
+    p.add_argument("--out", required=True, help="new output folder (refused if not empty)")
+    p.add_argument("--finetune-epochs", type=int, default=4, help="distillation epochs (default: 4)")
+    p.add_argument("--finetune-lr", type=float, default=0.02)
+    p.add_argument("--calibration-size", type=_positive_int, default=512, help="images for scoring")
+    p.add_argument("--min-blocks-per-stage", type=int, default=1, help="units each stage keeps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print report.json to stdout")
+    p.set_defaults(run=cmd_prune)
+
+    p = sub.add_parser("profile", help="measure each unit's latency saving (lookup table JSON)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--profile", required=True)
+    p.add_argument("--data", help="data source the zoo model is trained on (sets the input shape)")
+    p.add_argument("--out", required=True, help="JSON file to write (refused if it exists)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_profile)
+
+    p = sub.add_parser("units", help="list the removable units found by tracing")
+    p.add_argument("--model", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_units)
+
+    p = sub.add_parser("train", help="train a zoo model on a data source (our own training code)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--epochs", type=_positive_int, default=20)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except CompressorError as e:
+        print(f"compressor {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""CKA similarity (Pons et al. 2024): importance = 1 - linear CKA between the penultimate
+features of the model and of the model with the unit removed.
+
+Cost: one forward pass over the calibration set, then per unit only the
+network suffix after that unit (about half of |units| + 1 full passes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compressor.criteria import ScoringContext, register
+from compressor.suffix import SuffixRunner, features_and_logits
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of two N x D feature matrices: ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F), centred."""
+    x = x.double() - x.double().mean(0, keepdim=True)
+    y = y.double() - y.double().mean(0, keepdim=True)
+    num = torch.linalg.matrix_norm(y.T @ x) ** 2
+    den = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+    return float(num / den) if den > 0 else 0.0
+
+
+@register("cka")
+def cka_importance(ctx: ScoringContext) -> dict[str, float]:
+    runner = SuffixRunner(ctx.model, ctx.units)
+    full = features_and_logits(ctx.model)
+    base: list[torch.Tensor] = []
+    removed: dict[str, list[torch.Tensor]] = {u.name: [] for u in ctx.units}
+    with torch.no_grad():
+        for x, *_ in ctx.calibration:
+            if ctx.use_cache:
+                features, _, inputs = runner.capture(x)
+            else:
+                features, inputs = full(x)[0], {}
+            base.append(features.flatten(1))
+            for unit in ctx.units:
+                out = (runner.removed(unit, inputs[unit.name], x) if ctx.use_cache
+                       else runner.naive(unit, x))
+                removed[unit.name].append(out[0].flatten(1))
+    reference = torch.cat(base)
+    return {name: 1.0 - linear_cka(reference, torch.cat(f)) for name, f in removed.items()}

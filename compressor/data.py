@@ -1,0 +1,218 @@
+"""Data sources, named by a spec string: digits32, cifar10:DIR, imagefolder:DIR, npz:FILE.
+
+Nothing is downloaded: every source reads what is bundled with an installed
+package or what the user points at on disk.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from compressor.errors import InputError
+
+SPLIT_SEED = 0
+VAL_FRACTION = 0.2
+
+
+@dataclass
+class DataBundle:
+    """A train/validation pair with what a model needs to know about it."""
+
+    spec: str
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    input_shape: tuple[int, int, int]  # C, H, W
+
+    def loader(self, split: str, batch_size: int = 128, shuffle: bool = False,
+               limit: int | None = None, seed: int = 0) -> DataLoader:
+        """A DataLoader over `split` ("train"/"val"), optionally the first `limit` items
+        of a seeded permutation (a fixed calibration subset)."""
+        dataset = self.train if split == "train" else self.val
+        if limit is not None and limit < len(dataset):
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+            dataset = Subset(dataset, order[:limit].tolist())
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float = VAL_FRACTION,
+                     seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed stratified train/validation indices."""
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(labels))
+    train_idx, val_idx = train_test_split(indices, test_size=val_fraction,
+                                          stratify=labels, random_state=seed)
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    std = x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return (x - mean) / std
+
+
+def load_digits32(_: str = "") -> DataBundle:
+    """scikit-learn's bundled 8x8 digits, upsampled bilinearly to 3x32x32, standardised.
+
+    1797 images, 10 classes; fixed stratified split: 1437 train / 360 validation.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear",
+                                             align_corners=False)
+    images = _normalise(images.repeat(1, 3, 1, 1))
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    train_idx, val_idx = stratified_split(digits.target)
+    return DataBundle(
+        spec="digits32",
+        train=TensorDataset(images[train_idx], labels[train_idx]),
+        val=TensorDataset(images[val_idx], labels[val_idx]),
+        num_classes=10,
+        input_shape=(3, 32, 32),
+    )
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR's python-format batches, refusing anything but numpy arrays."""
+
+    _allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        msg = f"refusing to unpickle {module}.{name} from a CIFAR batch file"
+        raise InputError(msg)
+
+
+class _ImageArrayDataset(Dataset):
+    """uint8 NCHW images, standardised per channel on access."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: np.ndarray,
+                 std: np.ndarray) -> None:
+        self.images, self.labels = images, labels.astype(np.int64)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = torch.from_numpy(self.images[i]).float() / 255.0
+        return (x - self.mean) / self.std, int(self.labels[i])
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with path.open("rb") as f:
+            batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        return data, np.asarray(batch[b"labels"])
+    except (pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError) as e:
+        msg = f"{path} is not a CIFAR-10 python-format batch ({type(e).__name__})"
+        raise InputError(msg) from e
+
+
+def load_cifar10(directory: str) -> DataBundle:
+    """The CIFAR-10 python-format folder (data_batch_1..5, test_batch); no download."""
+    root = Path(directory)
+    if not root.is_dir():
+        msg = f"cifar10 folder not found: {root}"
+        raise InputError(msg)
+    train_files = sorted(root.glob("data_batch_*"))
+    test_file = root / "test_batch"
+    if not train_files or not test_file.is_file():
+        msg = f"{root} has no data_batch_* and test_batch files (CIFAR-10 python format)"
+        raise InputError(msg)
+    parts = [_read_cifar_batch(p) for p in train_files]
+    x_train = np.concatenate([p[0] for p in parts])
+    y_train = np.concatenate([p[1] for p in parts])
+    x_val, y_val = _read_cifar_batch(test_file)
+    mean = x_train.mean(axis=(0, 2, 3)) / 255.0
+    std = x_train.std(axis=(0, 2, 3)) / 255.0
+    return DataBundle(f"cifar10:{root}", _ImageArrayDataset(x_train, y_train, mean, std),
+                      _ImageArrayDataset(x_val, y_val, mean, std), 10, (3, 32, 32))
+
+
+def load_imagefolder(directory: str, image_size: int = 224) -> DataBundle:
+    """A torchvision ImageFolder tree; uses train/ and val/ if present, else a stratified split."""
+    from torchvision import datasets, transforms
+
+    root = Path(directory)
+    if not root.is_dir():
+        msg = f"image folder not found: {root}"
+        raise InputError(msg)
+    transform = transforms.Compose([
+        transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+    try:
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            train = datasets.ImageFolder(str(root / "train"), transform)
+            val = datasets.ImageFolder(str(root / "val"), transform)
+            num_classes = len(train.classes)
+        else:
+            full = datasets.ImageFolder(str(root), transform)
+            train_idx, val_idx = stratified_split(np.asarray(full.targets))
+            train, val = Subset(full, train_idx.tolist()), Subset(full, val_idx.tolist())
+            num_classes = len(full.classes)
+    except (FileNotFoundError, ValueError) as e:
+        msg = f"{root} is not an image folder with one subfolder per class: {e}"
+        raise InputError(msg) from e
+    return DataBundle(f"imagefolder:{root}", train, val, num_classes, (3, image_size, image_size))
+
+
+def load_npz(file: str) -> DataBundle:
+    """An .npz with x_train, y_train, x_val, y_val (float NCHW images, int labels)."""
+    path = Path(file)
+    if not path.is_file():
+        msg = f"npz file not found: {path}"
+        raise InputError(msg)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in ("x_train", "y_train", "x_val", "y_val")}
+    except (KeyError, ValueError, OSError) as e:
+        msg = f"{path} is not an npz with x_train, y_train, x_val, y_val: {e}"
+        raise InputError(msg) from e
+    x_train = torch.tensor(arrays["x_train"], dtype=torch.float32)
+    if x_train.ndim != 4:
+        msg = f"{path}: x_train must be N x C x H x W, got shape {tuple(x_train.shape)}"
+        raise InputError(msg)
+    y_train = torch.tensor(arrays["y_train"], dtype=torch.long)
+    val = TensorDataset(torch.tensor(arrays["x_val"], dtype=torch.float32),
+                        torch.tensor(arrays["y_val"], dtype=torch.long))
+    num_classes = int(max(y_train.max(), val.tensors[1].max())) + 1
+    return DataBundle(f"npz:{path}", TensorDataset(x_train, y_train), val, num_classes,
+                      tuple(x_train.shape[1:]))
+
+
+DATA_SOURCES: dict[str, Callable[[str], DataBundle]] = {
+    "digits32": load_digits32,
+    "cifar10": load_cifar10,
+    "imagefolder": load_imagefolder,
+    "npz": load_npz,
+}
+
+
+def load_data(spec: str) -> DataBundle:
+    """Load a data source from its spec, e.g. "digits32" or "cifar10:/data/cifar-10-batches-py"."""
+    kind, _, arg = spec.partition(":")
+    if kind not in DATA_SOURCES:
+        msg = f"unknown data source {spec!r}; known: {', '.join(sorted(DATA_SOURCES))}"
+        raise InputError(msg)
+    if kind != "digits32" and not arg:
+        msg = f"data source {kind!r} needs a path: {kind}:PATH"
+        raise InputError(msg)
+    return DATA_SOURCES[kind](arg)

@@ -1,0 +1,51 @@
+"""Safe output: write to a temporary file in the same folder, then rename over the target."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from compressor.errors import InputError
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` then rename tmp to `path`, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def new_output_dir(path: str | Path) -> Path:
+    """An output folder that holds nothing yet: refuse to overwrite what the user has."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        msg = f"output {path} already exists and is not empty; choose a new --out"
+        raise InputError(msg)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        msg = f"cannot create output folder {path}: {e.strerror}"
+        raise InputError(msg) from e
+    return path
+
+
+def refuse_existing_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.exists():
+        msg = f"output file {path} already exists; choose another path"
+        raise InputError(msg)
+    return path

@@ -1,0 +1,165 @@
+"""The prune job: units -> criteria -> latency table -> measured search -> surgery ->
+fine-tune -> fold -> export -> final interleaved measurement -> report."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from compressor.criteria import ScoringContext, get_criterion, score_units
+from compressor.data import load_data
+from compressor.errors import InputError, UnreachableTargetError
+from compressor.finetune import accuracy, train
+from compressor.flops import count_cost
+from compressor.fold import FOLD_RTOL, check_equivalent, fold_batchnorm
+from compressor.latency import Deployment, measure_latency_table
+from compressor.machine import machine_info
+from compressor.profiles import load_profile
+from compressor.search import most_removable
+from compressor.surgery import remove_units
+from compressor.targets import Measured, Target, margin_from, search_under_target
+from compressor.units import find_units
+from compressor.zoo import LoadedModel, load_model, save_checkpoint
+
+
+@dataclass
+class PruneConfig:
+    """Everything `compressor prune` takes; round-trips to a dict for the report."""
+
+    model: str
+    data: str
+    profile: str
+    out: str
+    target_ms: float | None = None
+    target_speedup: float | None = None
+    criterion: str = "cka"
+    calibration_size: int = 512
+    finetune_epochs: int = 4
+    finetune_lr: float = 0.02
+    min_blocks_per_stage: int = 1
+    max_trials: int = 8
+    seed: int = 0
+
+
+def _timed_pair(deployment: Deployment, base: Path, candidate: Path, policy) -> Measured:
+    result = deployment.time([base, candidate], policy)
+    return Measured(result.stats[0].median, result.stats[1].median, result.speedup_spread(),
+                    result.stats[1].noisy)
+
+
+def prune(config: PruneConfig, log: Callable[[str], None] = print) -> dict:
+    """Run the whole job; returns the report dict (also written to `config.out`)."""
+    target = Target(config.target_ms, config.target_speedup)
+    get_criterion(config.criterion)
+    out = Path(config.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        msg = f"output {out} already exists and is not empty; choose a new --out"
+        raise InputError(msg)
+    profile = load_profile(config.profile)
+    data = load_data(config.data)
+    loaded = load_model(config.model, data)
+    if tuple(loaded.input_shape) != tuple(data.input_shape):
+        msg = f"model expects inputs {loaded.input_shape}, data {config.data} gives {data.input_shape}"
+        raise InputError(msg)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
+    try:
+        report = _run(config, target, profile, data, loaded, out, work, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _run(config, target, profile, data, loaded: LoadedModel, out: Path, work: Path, log) -> dict:
+    t_start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    model = loaded.model.eval()
+    deployment = Deployment(profile, loaded.input_shape)
+    x = deployment.example
+    units = find_units(model, x)
+    if not units:
+        msg = f"{config.model}: no removable residual units found in its traced graph"
+        raise InputError(msg)
+    log(f"{len(units)} removable units in {loaded.arch}: "
+        f"{sum(u.kind == 'identity' for u in units)} identity, {sum(u.kind == 'projection' for u in units)} projection")
+
+    # reachability first: the unpruned model against the most that may be removed
+    baseline_path = deployment.export(model, work / "baseline.onnx")
+    floor_model = remove_units(model, most_removable(units, config.min_blocks_per_stage), x)
+    floor_path = deployment.export(floor_model, work / "floor.onnx")
+    reach = _timed_pair(deployment, baseline_path, floor_path, profile.search_policy)
+    margin = margin_from(reach.spread)
+    log(f"baseline {reach.baseline_ms:.3f} ms; fastest reachable {reach.candidate_ms:.3f} ms "
+        f"({reach.speedup:.2f}x) with {config.min_blocks_per_stage} block(s) kept per stage")
+    goal = target.goal_ms(reach.baseline_ms)
+    if reach.candidate_ms > goal:
+        msg = (f"target {target.describe()} is unreachable on {profile.name}: the fastest reachable "
+               f"latency is {reach.candidate_ms:.3f} ms ({reach.speedup:.2f}x; unpruned {reach.baseline_ms:.3f} ms)")
+        raise UnreachableTargetError(msg)
+
+    log(f"scoring units with {config.criterion} on {config.calibration_size} calibration images")
+    calibration = data.loader("train", batch_size=128, limit=config.calibration_size, seed=config.seed)
+    importance = score_units(config.criterion, ScoringContext(model, units, calibration, config.seed))
+
+    log("measuring the latency table (each unit removed, exported, timed interleaved)")
+    table = measure_latency_table(model, units, deployment, loaded.arch, work)
+    table.save(out / "latency_table.json")
+
+    def measure(removed: tuple[str, ...]) -> Measured:
+        chosen = [u for u in units if u.name in removed]
+        path = deployment.export(remove_units(model, chosen, x), work / "candidate.onnx")
+        m = _timed_pair(deployment, baseline_path, path, profile.search_policy)
+        log(f"  candidate -{len(removed)} units: predicted {table.predict(removed):.3f} ms, "
+            f"measured {m.candidate_ms:.3f} ms vs {m.baseline_ms:.3f} ms ({m.speedup:.2f}x)")
+        return m
+
+    log(f"searching for {target.describe()} (aiming {margin:.0%} under it)")
+    result = search_under_target(units, importance, table.savings_ms, table.baseline_ms, target, measure,
+                                 margin, config.min_blocks_per_stage, config.max_trials)
+    chosen_trial = result.best or (min(result.trials, key=lambda t: t.measured.candidate_ms)
+                                   if result.trials else None)
+    if chosen_trial is None:
+        msg = f"no removal set reaches {target.describe()} by the latency table"
+        raise UnreachableTargetError(msg)
+    removed = [u for u in units if u.name in chosen_trial.choice.removed]
+    pruned = remove_units(model, removed, x)
+
+    log(f"fine-tuning {len(removed)}-unit-smaller model by distillation for {config.finetune_epochs} epochs")
+    train(pruned, data.loader("train", batch_size=32, shuffle=True, seed=config.seed), config.finetune_epochs,
+          config.finetune_lr, teacher=model, desc="fine-tune")
+
+    folded, folds = fold_batchnorm(pruned)
+    fold_error = check_equivalent(pruned, folded, x, FOLD_RTOL, "BatchNorm folding")
+    model_path = deployment.exporter.export(folded, x, out / "model.onnx", profile.opset)
+    base_folded, _ = fold_batchnorm(model)
+    final_baseline = deployment.exporter.export(base_folded, x, out / "baseline.onnx", profile.opset)
+    val_x = torch.cat([b[0] for b in data.loader("val", batch_size=64, limit=64)])
+    onnx_error = deployment.validate(model_path, pruned, val_x)
+    onnx_error_base = deployment.validate(final_baseline, model, val_x)
+
+    log(f"final measurement ({profile.report_policy.min_runs} runs / {profile.report_policy.min_time_s:g} s "
+        "per model, interleaved)")
+    final = deployment.time([final_baseline, model_path], profile.report_policy)
+    pruned_loaded = LoadedModel(pruned, loaded.arch, loaded.num_classes, loaded.input_shape,
+                                f"pruned from {loaded.source}", [u.name for u in removed])
+    save_checkpoint(out / "model.pt", pruned_loaded, profile=profile.name, criterion=config.criterion)
+
+    from compressor.report import build_report, write_report
+
+    report = build_report(
+        config=asdict(config), target=target, profile=profile, machine=machine_info(), loaded=loaded,
+        units=units, removed=removed, importance=importance, table=table, search=result,
+        final=final, costs=(count_cost(model, x), count_cost(pruned, x)),
+        accuracy=(accuracy(model, data.loader("val")), accuracy(pruned, data.loader("val"))),
+        checks={"fold_max_rel_error": fold_error, "folds": folds, "fold_tolerance_rel": FOLD_RTOL,
+                "onnx_max_abs_error": onnx_error, "onnx_baseline_max_abs_error": onnx_error_base,
+                "onnx_tolerance": {"atol": deployment.exporter.atol, "rtol": deployment.exporter.rtol}},
+        seconds=time.perf_counter() - t_start)
+    write_report(report, out, final)
+    return report

@@ -1,0 +1,149 @@
+"""report.json, report.md and speedup.png for a prune run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from compressor.fileio import atomic_write, atomic_write_text
+from compressor.timing import Interleaved, LatencyStats
+
+FLOP_CONVENTION = "FLOPs = 2 x multiply-adds (torch FlopCounterMode, conv + matmul only); MACs = FLOPs / 2"
+
+
+def _latency(stats: LatencyStats) -> dict:
+    return {"median": stats.median, "p90": stats.p90, "iqr": stats.iqr, "n": stats.n, "noisy": stats.noisy,
+            "min": stats.min, "p99": stats.p99, "cold_ms": stats.cold_ms, "warning": stats.warning}
+
+
+def _prediction_error(trials) -> dict:
+    """MAPE and share within 10% of the table's prediction over every measured candidate,
+    with the prediction rescaled to the candidate's own interleaved baseline."""
+    errors = []
+    for t in trials:
+        predicted = t.predicted_ms / (t.predicted_ms + t.choice.predicted_saving_ms) * t.measured.baseline_ms
+        errors.append(abs(predicted - t.measured.candidate_ms) / t.measured.candidate_ms)
+    if not errors:
+        return {"candidates": 0}
+    e = np.asarray(errors)
+    return {"candidates": len(e), "mape": float(e.mean()), "within_10pct": float((e <= 0.10).mean())}
+
+
+def build_report(*, config, target, profile, machine, loaded, units, removed, importance, table, search,
+                 final: Interleaved, costs, accuracy, checks, seconds) -> dict:
+    base_cost, pruned_cost = costs
+    base_stats, pruned_stats = final.stats
+    speedup = final.speedup()
+    goal_ms = target.goal_ms(base_stats.median)
+    met = pruned_stats.median <= goal_ms
+
+    def side(cost, stats, acc) -> dict:
+        return {"flops": cost.flops, "macs": cost.macs, "params": cost.params,
+                "latency_ms": _latency(stats), "accuracy": acc}
+
+    return {
+        "model": loaded.arch, "source": loaded.source, "data": config["data"],
+        "baseline": side(base_cost, base_stats, accuracy[0]),
+        "pruned": side(pruned_cost, pruned_stats, accuracy[1]),
+        "removed_units": [u.name for u in removed],
+        "removed_unit_kinds": {u.name: u.kind for u in removed},
+        "units": [{"name": u.name, "kind": u.kind, "stage": u.stage, "importance": importance[u.name],
+                   "saving_ms": table.savings_ms[u.name]} for u in units],
+        "target_ms": goal_ms, "target_speedup": target.speedup, "target_met": met,
+        "target_judged_on": ("interleaved rounds against the unpruned model" if target.speedup
+                             else "protocol median of the pruned model (interleaved with the baseline)"),
+        "speedup_measured": speedup, "speedup_flops": base_cost.flops / pruned_cost.flops,
+        "speedup_fidelity": speedup / (base_cost.flops / pruned_cost.flops),
+        "speedup_round_spread": final.speedup_spread(),
+        "criterion": config["criterion"], "profile": {**profile.to_dict(), "machine": machine},
+        "search": {"margin": search.margin, "table_baseline_ms": table.baseline_ms,
+                   "trials": [{"removed": list(t.choice.removed), "predicted_ms": t.predicted_ms,
+                               "measured_ms": t.measured.candidate_ms,
+                               "baseline_ms": t.measured.baseline_ms, "speedup": t.measured.speedup,
+                               "passed": t.passed} for t in search.trials],
+                   "table_error": _prediction_error(search.trials)},
+        "checks": checks, "flop_convention": FLOP_CONVENTION, "config": config,
+        "seconds": seconds,
+    }
+
+
+def render_markdown(r: dict) -> str:
+    b, p = r["baseline"], r["pruned"]
+    lat = "latency_ms"
+    rows = [
+        ("FLOPs (2/MAC)", f"{b['flops'] / 1e6:.2f} M", f"{p['flops'] / 1e6:.2f} M"),
+        ("MACs", f"{b['macs'] / 1e6:.2f} M", f"{p['macs'] / 1e6:.2f} M"),
+        ("parameters", f"{b['params']:,}", f"{p['params']:,}"),
+        ("latency median (ms)", f"{b[lat]['median']:.3f}", f"{p[lat]['median']:.3f}"),
+        ("latency p90 (ms)", f"{b[lat]['p90']:.3f}", f"{p[lat]['p90']:.3f}"),
+        ("latency IQR (ms)", f"{b[lat]['iqr']:.3f}", f"{p[lat]['iqr']:.3f}"),
+        ("timed runs", str(b[lat]["n"]), str(p[lat]["n"])),
+        ("validation accuracy (%)", f"{b['accuracy']:.2f}", f"{p['accuracy']:.2f}"),
+    ]
+    prof = r["profile"]
+    lines = [
+        f"# Pruning report: {r['model']} on {r['data']}",
+        "",
+        f"Profile **{prof['name']}** ({prof['runtime']}, {prof['device']}, {prof['threads']} threads, "
+        f"batch {prof['batch']}) on {prof['machine']['cpu']} ({prof['machine']['logical_cores']} logical cores), "
+        f"{prof['machine']['date']}.",
+        "",
+        "| | baseline | pruned |", "|---|---:|---:|",
+        *[f"| {name} | {x} | {y} |" for name, x, y in rows],
+        "",
+        f"- Measured speedup: **{r['speedup_measured']:.2f}x** (interleaved rounds; per-round spread "
+        f"{r['speedup_round_spread']:.1%}); FLOP-estimated: {r['speedup_flops']:.2f}x; "
+        f"measured / estimated = {r['speedup_fidelity']:.2f}.",
+        f"- Target: {r['target_speedup'] or ''}{'x speedup' if r['target_speedup'] else ''}"
+        f"{'' if r['target_speedup'] else str(round(r['target_ms'], 4)) + ' ms'} "
+        f"(= {r['target_ms']:.3f} ms here): **{'met' if r['target_met'] else 'MISSED'}**.",
+        f"- Criterion: {r['criterion']}; removed {len(r['removed_units'])} of {len(r['units'])} units: "
+        f"{', '.join(r['removed_units']) or 'none'}.",
+        f"- Lookup-table prediction error over {r['search']['table_error'].get('candidates', 0)} measured "
+        f"candidates: MAPE {r['search']['table_error'].get('mape', float('nan')):.1%}, within 10%: "
+        f"{r['search']['table_error'].get('within_10pct', float('nan')):.0%}.",
+        f"- Checks: BatchNorm folding max relative error {r['checks']['fold_max_rel_error']:.2e} "
+        f"(tolerance {r['checks']['fold_tolerance_rel']:g}); ONNX vs torch max |diff| "
+        f"{r['checks']['onnx_max_abs_error']:.2e} (atol {r['checks']['onnx_tolerance']['atol']:g} + "
+        f"rtol {r['checks']['onnx_tolerance']['rtol']:g}).",
+        f"- {r['flop_convention']}.",
+        "",
+        "Re-time both models yourself: `baseline.onnx` and `model.onnx` in this folder.",
+        "",
+    ]
+    warnings = [f"{k}: {r[k]['latency_ms']['warning']}" for k in ("baseline", "pruned")
+                if r[k]["latency_ms"]["warning"]]
+    if warnings:
+        lines += ["Noise warnings: " + "; ".join(warnings), ""]
+    return "\n".join(lines)
+
+
+def plot_speedup(r: dict, final: Interleaved, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    ax1.boxplot([final.stats[0].samples, final.stats[1].samples], showfliers=False)
+    ax1.set_xticks([1, 2], ["baseline", "pruned"])
+    ax1.set_ylabel("latency per inference (ms)")
+    ax1.set_title(f"{r['profile']['name']}: {final.stats[0].n} + {final.stats[1].n} runs")
+    ax2.bar(["FLOP estimate", "measured"], [r["speedup_flops"], r["speedup_measured"]],
+            color=["#999999", "#1f77b4"])
+    if r["target_speedup"]:
+        ax2.axhline(r["target_speedup"], color="red", linestyle="--", label="target")
+        ax2.legend()
+    ax2.set_ylabel("speedup over unpruned (x)")
+    ax2.set_title(f"{r['model']}: {len(r['removed_units'])} units removed")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def write_report(report: dict, out: Path, final: Interleaved) -> None:
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", render_markdown(report))
+    plot_speedup(report, final, out / "speedup.png")

@@ -1,0 +1,214 @@
+"""Find the removable residual units of a model by tracing its graph.
+
+A unit is a submodule whose forward computes ``act(branch(x) + shortcut(x))``
+(``act`` optional, elementwise) where ``shortcut`` is the identity or a child
+submodule (a projection). Removing it means the branch outputs zero, so the
+unit becomes ``act(shortcut(x))``. Nothing here is specific to an
+architecture: any module that torch.fx can trace works.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from compressor.errors import InputError
+
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+ADD_METHODS = {"add", "add_"}
+ACTIVATION_MODULES: dict[type[nn.Module], str] = {
+    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
+    nn.GELU: "gelu", nn.Sigmoid: "sigmoid",
+}
+ACTIVATION_FUNCTIONS = {
+    torch.relu: "relu", nn.functional.relu: "relu", nn.functional.relu6: "relu6",
+    nn.functional.silu: "silu", nn.functional.hardswish: "hardswish", nn.functional.gelu: "gelu",
+    torch.sigmoid: "sigmoid",
+}
+ACTIVATION_BUILDERS: dict[str, type[nn.Module]] = {v: k for k, v in ACTIVATION_MODULES.items()}
+# ops that keep the sign of their input: a ReLU before them still bounds their output
+SIGN_PRESERVING_MODULES = (nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+                           nn.Dropout)
+# post-add activation a is a no-op on inputs produced by activation p: a(p(x)) == p(x)
+IDEMPOTENT_AFTER = {("relu", "relu"), ("relu", "relu6"), ("relu6", "relu6")}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A removable residual block.
+
+    name: qualified module path ("layer2.0"); kind: "identity" or "projection";
+    shortcut: the projection's path relative to the block; post_add: activations
+    applied after the add that the replacement keeps; stage: the block's output
+    shape, e.g. "32x16x16" (units of one stage share it); order: position in the graph.
+    """
+
+    name: str
+    kind: str
+    stage: str
+    order: int
+    shortcut: str | None = None
+    post_add: tuple[str, ...] = ()
+
+    @property
+    def removable_to(self) -> str:
+        return "its projection shortcut" if self.kind == "projection" else "identity"
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """symbolic_trace with a clear error for modules fx cannot trace."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as e:  # fx raises many types (TraceError, TypeError, ...)
+        msg = f"cannot trace {type(model).__name__} with torch.fx: {type(e).__name__}: {e}"
+        raise InputError(msg) from e
+
+
+def _activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The activation name a node applies, or None if it is not a known activation."""
+    if node.op == "call_module":
+        return ACTIVATION_MODULES.get(type(modules[node.target]))
+    if node.op == "call_function":
+        return ACTIVATION_FUNCTIONS.get(node.target)
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return "relu"
+    return None
+
+
+def _through_identity(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
+    """Skip nn.Identity calls (e.g. a shortcut that is an Identity module)."""
+    while node.op == "call_module" and isinstance(modules[node.target], nn.Identity):
+        node = node.all_input_nodes[0]
+    return node
+
+
+def _is_add(node: fx.Node) -> bool:
+    return ((node.op == "call_function" and node.target in ADD_FUNCTIONS)
+            or (node.op == "call_method" and node.target in ADD_METHODS))
+
+
+def _ancestors(node: fx.Node, stop: fx.Node) -> list[fx.Node]:
+    """All nodes between `stop` (exclusive) and `node` (inclusive)."""
+    seen: dict[fx.Node, None] = {}
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n is stop or n in seen:
+            continue
+        seen[n] = None
+        stack.extend(a for a in n.all_input_nodes)
+    return list(seen)
+
+
+@dataclass(frozen=True)
+class _BlockShape:
+    kind: str
+    shortcut: str | None
+    post_add: tuple[str, ...]
+
+
+def _analyse_block(block: nn.Module) -> _BlockShape | None:
+    """Recognise ``act(branch(x) + shortcut(x))`` in a block's own traced graph."""
+    try:
+        graph = fx.symbolic_trace(block).graph
+    except Exception:
+        return None
+    modules = dict(block.named_modules())
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    outputs = [n for n in graph.nodes if n.op == "output"]
+    if len(placeholders) != 1 or len(outputs) != 1 or not isinstance(outputs[0].args[0], fx.Node):
+        return None
+    x, node = placeholders[0], outputs[0].args[0]
+    post: list[str] = []
+    while not _is_add(node):
+        act = _activation_of(node, modules)
+        if act is None or len(node.all_input_nodes) != 1:
+            return None
+        post.append(act)
+        node = node.all_input_nodes[0]
+    operands = [_through_identity(a, modules) for a in node.args[:2] if isinstance(a, fx.Node)]
+    if len(operands) != 2 or any(k != "alpha" for k in node.kwargs):
+        return None
+    if x in operands:
+        return _BlockShape("identity", None, tuple(reversed(post)))
+    chains = sorted((_ancestors(a, x) for a in operands), key=len)
+    shortcut_nodes, branch_nodes = chains
+    if any(n.op != "call_module" for n in shortcut_nodes) or set(shortcut_nodes) & set(branch_nodes):
+        return None
+    heads = {str(n.target).split(".")[0] for n in shortcut_nodes}
+    if len(heads) != 1:
+        return None
+    head = heads.pop()
+    leaves = [n for n, m in block.get_submodule(head).named_modules() if not list(m.children())]
+    if len(leaves) != len(shortcut_nodes):
+        return None
+    return _BlockShape("projection", head, tuple(reversed(post)))
+
+
+def _producer_activation(gm: fx.GraphModule, block_nodes: set[fx.Node]) -> str | None | bool:
+    """Activation producing the block's single external input; False if not single-input."""
+    modules = dict(gm.named_modules())
+    external = {a for n in block_nodes for a in n.all_input_nodes if a not in block_nodes}
+    external = {a for a in external if a.op != "get_attr"}
+    if len(external) != 1:
+        return False
+    source = external.pop()
+    while (source.op == "call_module" and isinstance(modules[source.target], SIGN_PRESERVING_MODULES)
+           and len(source.all_input_nodes) == 1):
+        source = source.all_input_nodes[0]
+    return _activation_of(source, modules)
+
+
+def find_units(model: nn.Module, example_input: torch.Tensor) -> list[Unit]:
+    """Every removable residual block of `model`, in graph order.
+
+    A post-add activation is dropped from the replacement when the block's input
+    was produced by an activation that makes it a no-op (ReLU after ReLU), so
+    an identity unit becomes a true nn.Identity.
+    """
+    gm = trace(model)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example_input)
+    model.train(was_training)
+    units: dict[str, Unit] = {}
+    nodes = list(gm.graph.nodes)
+    for node in nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        if not _is_add(node) or not stack:
+            continue
+        path = list(stack)[-1]
+        if path in units:
+            continue
+        shape = _analyse_block(model.get_submodule(path))
+        if shape is None:
+            continue
+        block_nodes = {n for n in nodes if path in (n.meta.get("nn_module_stack") or {})}
+        producer = _producer_activation(gm, block_nodes)
+        if producer is False:
+            continue
+        users_outside = [n for n in block_nodes if any(u not in block_nodes for u in n.users)]
+        if len(users_outside) != 1:
+            continue
+        meta = users_outside[0].meta.get("tensor_meta")
+        stage = "x".join(str(d) for d in meta.shape[1:]) if meta is not None else "?"
+        post = shape.post_add
+        if shape.kind == "identity" and all((p, producer) in IDEMPOTENT_AFTER for p in post):
+            post = ()
+        units[path] = Unit(path, shape.kind, stage, len(units), shape.shortcut, post)
+    return list(units.values())
+
+
+def units_by_name(units: list[Unit], names: list[str]) -> list[Unit]:
+    """Look units up by name; unknown names are an InputError naming the known ones."""
+    table = {u.name: u for u in units}
+    missing = [n for n in names if n not in table]
+    if missing:
+        msg = f"unknown unit(s) {', '.join(missing)}; removable units: {', '.join(table)}"
+        raise InputError(msg)
+    return [table[n] for n in names]
