@@ -28,6 +28,7 @@ class Profile:
     input_shape: tuple[int, int, int] | None = None
     opset: int = 17
     description: str = ""
+    runtime_options: dict = field(default_factory=dict)
     search_policy: TimingPolicy = field(default_factory=TimingPolicy)
     report_policy: TimingPolicy = field(default_factory=lambda: TimingPolicy(200, 5.0))
     source: str = ""
@@ -42,7 +43,7 @@ class Profile:
             "precision": self.precision, "threads": self.resolved_threads, "batch": self.batch,
             "input_shape": list(self.input_shape) if self.input_shape else None, "opset": self.opset,
             "search_policy": vars(self.search_policy), "report_policy": vars(self.report_policy),
-            "source": self.source,
+            "runtime_options": self.runtime_options, "source": self.source,
         }
 
 
@@ -100,11 +101,16 @@ def parse_profile(text: str, source: str) -> Profile:
                               or not all(isinstance(d, int) and d > 0 for d in shape)):
         msg = f"profile field 'input_shape' must be [C, H, W] of positive integers, got {shape!r}"
         raise InputError(msg)
+    options = raw.get("runtime_options") or {}
+    if not isinstance(options, dict):
+        msg = "profile field 'runtime_options' must be a mapping"
+        raise InputError(msg)
     return Profile(
         name=str(raw["name"]), runtime=str(raw["runtime"]), device=str(raw.get("device", "cpu")),
         precision=str(raw.get("precision", "fp32")), threads=_positive_int(raw, "threads", None),
         batch=_positive_int(raw, "batch", 1), input_shape=tuple(shape) if shape else None,
         opset=_positive_int(raw, "opset", 17), description=str(raw.get("description", "")),
+        runtime_options=options,
         search_policy=_policy(raw, "search", TimingPolicy()),
         report_policy=_policy(raw, "report", TimingPolicy(200, 5.0)), source=source,
     )

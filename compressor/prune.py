@@ -120,8 +120,9 @@ def _run(config, target, profile, data, loaded: LoadedModel, out: Path, work: Pa
         return m
 
     log(f"searching for {target.describe()} (aiming {margin:.0%} under it)")
+    floor_saving = sum(table.savings_ms[u.name] for u in most_removable(units, config.min_blocks_per_stage))
     result = search_under_target(units, importance, table.savings_ms, table.baseline_ms, target, measure,
-                                 margin, config.min_blocks_per_stage, config.max_trials)
+                                 margin, (floor_saving, reach), config.min_blocks_per_stage, config.max_trials)
     chosen_trial = result.best or (min(result.trials, key=lambda t: t.measured.candidate_ms)
                                    if result.trials else None)
     if chosen_trial is None:

@@ -84,50 +84,65 @@ def meets(target: Target, m: Measured, margin: float) -> bool:
     return m.candidate_ms <= target.ms * (1 - margin)
 
 
+def required_fraction(target: Target, baseline_ms: float, margin: float) -> float:
+    """The fraction of the baseline latency that must go to meet `target` with `margin`."""
+    return 1.0 - target.goal_ms(baseline_ms) * (1 - margin) / baseline_ms
+
+
 def search_under_target(units: Sequence[Unit], importance: dict[str, float], savings_ms: dict[str, float],
                         table_baseline_ms: float, target: Target,
                         measure: Callable[[tuple[str, ...]], Measured], margin: float,
+                        calibration: tuple[float, Measured] | None = None,
                         min_per_stage: int = 1, max_trials: int = 8) -> SearchResult:
-    """Choose by the table, measure, correct the required saving by the measured gap, repeat.
+    """Choose by the table, measure, recalibrate the table, repeat.
 
-    Keeps the passing candidate with the least importance lost; refines a pass
-    that overshoots by more than OVERSHOOT_BAND, so no more model is removed
-    than the target needs.
+    Sums of single-unit savings are biased (on this machine removing one
+    block saves more than its share), so the table's predicted fraction of
+    latency saved is scaled by c = measured / predicted fraction, taken from
+    the last measured candidate (first: `calibration`, a predicted saving in ms
+    with its measurement). Keeps the passing candidate with the least
+    importance lost and refines a pass that overshoots by more than
+    OVERSHOOT_BAND, so no more of the model is removed than the target needs.
     """
     result = SearchResult(None, margin=margin)
-    goal = target.goal_ms(table_baseline_ms) * (1 - margin)
-    required = table_baseline_ms - goal
-    low, high = 0.0, float("inf")  # required savings known to fail / to pass
-    seen: dict[tuple[str, ...], Trial] = {}
+    scale = 1.0
+    if calibration is not None:
+        predicted, m = calibration
+        if predicted > 0:
+            scale = max(0.2, (1 - m.candidate_ms / m.baseline_ms) / (predicted / table_baseline_ms))
+    baseline_ms = calibration[1].baseline_ms if calibration else table_baseline_ms
+    low, high = 0.0, float("inf")  # required savings (ms, table frame) known to fail / to pass
+    required = table_baseline_ms * required_fraction(target, baseline_ms, margin) / scale
+    seen: set[tuple[str, ...]] = set()
     for _ in range(max_trials):
         choice = choose_units(units, importance, savings_ms, required, min_per_stage)
         if choice is None:
-            break
+            if required > low:
+                low = required
+            if high == float("inf"):
+                break
+            required = (low + high) / 2
+            continue
         if choice.removed in seen:
-            trial = seen[choice.removed]
-        else:
-            measured = measure(choice.removed)
-            trial = Trial(choice, table_baseline_ms - choice.predicted_saving_ms, measured,
-                          meets(target, measured, margin))
-            seen[choice.removed] = trial
-            result.trials.append(trial)
-        m = trial.measured
+            break
+        seen.add(choice.removed)
+        m = measure(choice.removed)
+        trial = Trial(choice, table_baseline_ms - choice.predicted_saving_ms, m, meets(target, m, margin))
+        result.trials.append(trial)
+        need = required_fraction(target, m.baseline_ms, margin)
+        got = 1 - m.candidate_ms / m.baseline_ms
         if trial.passed:
             high = min(high, required)
             if result.best is None or choice.importance_lost < result.best.choice.importance_lost:
                 result.best = trial
+            if got - need <= OVERSHOOT_BAND:
+                break
         else:
             low = max(low, required)
-        # the measured gap, in the table's frame of milliseconds
-        goal_measured = target.goal_ms(m.baseline_ms) * (1 - margin)
-        gap = (m.candidate_ms - goal_measured) * table_baseline_ms / m.baseline_ms
-        overshoot = trial.passed and gap < -OVERSHOOT_BAND * goal
-        if trial.passed and not overshoot:
-            break
-        proposal = required + gap
+        if choice.predicted_saving_ms > 0 and got > 0:
+            scale = max(0.2, got / (choice.predicted_saving_ms / table_baseline_ms))
+        proposal = table_baseline_ms * need / scale
         if not low < proposal < high:
-            proposal = (low + high) / 2 if high < float("inf") else required + abs(gap) + 0.01 * goal
-        if abs(proposal - required) < 1e-4 * table_baseline_ms:
-            break
+            proposal = (low + high) / 2 if high < float("inf") else max(proposal, low * 1.05)
         required = proposal
     return result

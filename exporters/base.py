@@ -40,7 +40,8 @@ class Runtime(ABC):
     artifact_format: str
 
     @abstractmethod
-    def open(self, artifact: Path, threads: int) -> Session: ...
+    def open(self, artifact: Path, threads: int, options: dict | None = None) -> Session:
+        """Load `artifact` with `threads` intra-op threads and runtime-specific `options`."""
 
 
 class Exporter(ABC):
