@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from compressor.errors import CompressorError, TargetMissedError
 
@@ -42,8 +41,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
          f"({report['speedup_measured']:.2f}x measured, {report['speedup_flops']:.2f}x by FLOPs), "
          f"accuracy {b['accuracy']:.2f} -> {p['accuracy']:.2f}%; report in {args.out}/report.md")
     if not report["target_met"]:
-        raise TargetMissedError(f"target missed in the final measurement: {report['pruned']['latency_ms']['median']:.3f}"
-                                f" ms > {report['target_ms']:.3f} ms")
+        median = report["pruned"]["latency_ms"]["median"]
+        msg = f"target missed in the final measurement: {median:.3f} ms > {report['target_ms']:.3f} ms"
+        raise TargetMissedError(msg)
     return 0
 
 
@@ -88,12 +88,12 @@ def cmd_units(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from compressor.data import load_data
-    from compressor.finetune import accuracy, train
-    from compressor.fileio import refuse_existing_file
-    from compressor.zoo import LoadedModel, build, save_checkpoint
-
     import torch
+
+    from compressor.data import load_data
+    from compressor.fileio import refuse_existing_file
+    from compressor.finetune import accuracy, train
+    from compressor.zoo import LoadedModel, build, save_checkpoint
 
     out = refuse_existing_file(args.out)
     data = load_data(args.data)

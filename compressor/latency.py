@@ -99,9 +99,10 @@ def measure_latency_table(model: nn.Module, units: list[Unit], deployment: Deplo
                           name: str, workdir: Path | None = None) -> LatencyTable:
     """Export the model and each single-unit removal, time all in interleaved rounds."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        paths = [deployment.export(model, Path(tmp) / f"baseline{deployment.exporter.suffix}")]
+        suffix = deployment.exporter.suffix
+        paths = [deployment.export(model, Path(tmp) / f"baseline{suffix}")]
         for i, unit in enumerate(tqdm(units, desc="export candidates", disable=None, leave=False)):
-            paths.append(deployment.export(remove_units(model, [unit]), Path(tmp) / f"unit{i}{deployment.exporter.suffix}"))
+            paths.append(deployment.export(remove_units(model, [unit]), Path(tmp) / f"unit{i}{suffix}"))
         result = deployment.time(paths, deployment.profile.search_policy)
     base = result.stats[0]
     savings = {u.name: base.median - s.median for u, s in zip(units, result.stats[1:], strict=True)}

@@ -113,8 +113,10 @@ def search_under_target(units: Sequence[Unit], importance: dict[str, float], sav
     baseline_ms = calibration[1].baseline_ms if calibration else table_baseline_ms
     low, high = 0.0, float("inf")  # required savings (ms, table frame) known to fail / to pass
     required = table_baseline_ms * required_fraction(target, baseline_ms, margin) / scale
-    seen: set[tuple[str, ...]] = set()
-    for _ in range(max_trials):
+    seen: dict[tuple[str, ...], bool] = {}  # measured sets -> passed
+    for _ in range(20 * max_trials):  # choices that repeat a measured set cost no trial
+        if len(result.trials) >= max_trials:
+            break
         choice = choose_units(units, importance, savings_ms, required, min_per_stage)
         if choice is None:
             if required > low:
@@ -124,11 +126,14 @@ def search_under_target(units: Sequence[Unit], importance: dict[str, float], sav
             required = (low + high) / 2
             continue
         if choice.removed in seen:
-            break
-        seen.add(choice.removed)
+            if seen[choice.removed] or required >= high:
+                break
+            required += 0.01 * table_baseline_ms  # a failed set again: ask for a little more
+            continue
         m = measure(choice.removed)
         trial = Trial(choice, table_baseline_ms - choice.predicted_saving_ms, m, meets(target, m, margin))
         result.trials.append(trial)
+        seen[choice.removed] = trial.passed
         need = required_fraction(target, m.baseline_ms, margin)
         got = 1 - m.candidate_ms / m.baseline_ms
         if trial.passed:

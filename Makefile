@@ -1,0 +1,27 @@
+# Two entry points, each installing what it needs into .venv first:
+#   make demo   prune the built-in default (resnet56 on digits32) to a 2x measured speedup
+#   make test   lint and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+STAMP := $(VENV)/.installed-stamp
+DEMO_OUT ?= runs/r56-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: install demo test bench
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/compressor prune --model resnet56 --data digits32 --profile ort-cpu \
+		--target-speedup 2 --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/speedup_vs_flops.py

@@ -1,0 +1,110 @@
+"""The knapsack choice against brute force, and the measured search loop on a known latency model."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from compressor.search import BINS, choose_units, most_removable, removable_limits
+from compressor.targets import Measured, Target, search_under_target
+from compressor.units import Unit
+
+
+def _units(n: int, stages: int = 3) -> list[Unit]:
+    return [Unit(f"u{i}", "identity", f"s{i % stages}", i) for i in range(n)]
+
+
+def _brute_force(units, importance, savings, required, min_per_stage):
+    limits = removable_limits(units, min_per_stage)
+    best = None
+    for r in range(len(units) + 1):
+        for subset in itertools.combinations(units, r):
+            counts = {}
+            for u in subset:
+                counts[u.stage] = counts.get(u.stage, 0) + 1
+            if any(c > limits[s] for s, c in counts.items()):
+                continue
+            if sum(savings[u.name] for u in subset) >= required:
+                cost = sum(importance[u.name] for u in subset)
+                if best is None or cost < best:
+                    best = cost
+    return best
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_choice_matches_brute_force(seed):
+    rng = random.Random(seed)
+    units = _units(10)
+    importance = {u.name: rng.random() for u in units}
+    savings = {u.name: rng.uniform(0.05, 1.0) for u in units}
+    required = rng.uniform(0.3, 3.0)
+    choice = choose_units(units, importance, savings, required, min_per_stage=1)
+    best = _brute_force(units, importance, savings, required, 1)
+    slack = len(units) * sum(savings.values()) / BINS  # savings are rounded to bins
+    if choice is None:
+        assert best is None or _brute_force(units, importance, savings, required + slack, 1) is None
+        return
+    assert choice.predicted_saving_ms >= required - slack
+    counts = {}
+    for name in choice.removed:
+        stage = next(u.stage for u in units if u.name == name)
+        counts[stage] = counts.get(stage, 0) + 1
+    assert all(c <= 3 for c in counts.values())  # 4 or 3 per stage, one kept
+    relaxed = _brute_force(units, importance, savings, required - slack, 1)
+    assert relaxed is not None and choice.importance_lost <= (best if best is not None else 1e9) + 1e-9
+    assert choice.importance_lost >= relaxed - 1e-9
+
+
+def test_equal_importance_keeps_as_much_model_as_possible():
+    units = _units(6, stages=1)
+    importance = {u.name: 0.0 for u in units}
+    savings = {u.name: 1.0 for u in units}
+    choice = choose_units(units, importance, savings, 2.5, min_per_stage=1)
+    assert len(choice.removed) == 3
+
+
+def test_infeasible_and_trivial_requirements():
+    units = _units(4, stages=2)
+    importance = {u.name: 1.0 for u in units}
+    savings = {u.name: 1.0 for u in units}
+    assert choose_units(units, importance, savings, 3.0, min_per_stage=1) is None  # only 2 removable
+    assert choose_units(units, importance, savings, 0.0).removed == ()
+    assert [u.name for u in most_removable(units, 1)] == ["u2", "u3"]
+
+
+def _latency_model(baseline: float, savings: dict[str, float], bias: float):
+    """A runtime whose real saving is `bias` times the table's, plus a fixed overhead."""
+    def measure(removed):
+        saved = bias * sum(savings[n] for n in removed)
+        return Measured(baseline, max(baseline - saved, 0.05), spread=0.02)
+    return measure
+
+
+@pytest.mark.parametrize("bias", [0.6, 0.8, 1.0, 1.3])
+def test_search_meets_target_without_overshooting(bias):
+    units = _units(27)
+    rng = random.Random(3)
+    savings = {u.name: rng.uniform(0.04, 0.07) for u in units}
+    importance = {u.name: rng.random() for u in units}
+    baseline = 1.6
+    target = Target(speedup=1.8)
+    measure = _latency_model(baseline, savings, bias)
+    floor = most_removable(units, 1)
+    floor_saving = sum(savings[u.name] for u in floor)
+    result = search_under_target(units, importance, savings, baseline, target, measure, margin=0.02,
+                                 calibration=(floor_saving, measure(tuple(u.name for u in floor))))
+    assert result.best is not None
+    speedup = result.best.measured.speedup
+    assert speedup >= 1.8 * 1.02
+    assert speedup <= 1.8 * 1.12  # keeps model where the target allows
+    assert len(result.trials) <= 8
+
+
+def test_target_validation():
+    from compressor.errors import InputError
+
+    for bad in ({"speedup": 1.0}, {"speedup": -2.0}, {"ms": 0.0}, {"ms": -1.0}, {}, {"ms": 1.0, "speedup": 2.0}):
+        with pytest.raises(InputError):
+            Target(**bad)

@@ -1,0 +1,134 @@
+"""Units are found by tracing; removing them gives a real, smaller module that equals
+the original with the removed branches zeroed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compressor.errors import InputError
+from compressor.surgery import remove_units
+from compressor.units import find_units, units_by_name
+from compressor.zoo import LoadedModel, build, load_checkpoint, save_checkpoint
+from tests.conftest import randomise_batchnorm
+
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(("arch", "count", "projections"), [
+    ("resnet20", 9, ["layer2.0", "layer3.0"]),
+    ("resnet56", 27, ["layer2.0", "layer3.0"]),
+    ("resnet18", 8, ["layer2.0", "layer3.0", "layer4.0"]),
+    ("resnet50", 16, ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]),
+    ("mobilenet_v2", 10, []),
+])
+def test_units_found_by_tracing(arch, count, projections):
+    units = find_units(build(arch, 10), X)
+    assert len(units) == count
+    assert [u.name for u in units if u.kind == "projection"] == projections
+    assert [u.order for u in units] == list(range(count))
+
+
+def test_cifar_stages_group_units_by_output_shape():
+    units = find_units(build("resnet20", 10), X)
+    assert [u.stage for u in units] == ["16x32x32"] * 3 + ["32x16x16"] * 3 + ["64x8x8"] * 3
+
+
+class ScaledBody(nn.Module):
+    """A user's block written differently: functional relu, shortcut named `skip`."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU(),
+                                  nn.Conv2d(cout, cout, 3, 1, 1), nn.BatchNorm2d(cout))
+        self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride), nn.BatchNorm2d(cout))
+                     if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        shortcut = x if self.skip is None else self.skip(x)
+        return F.relu(shortcut + self.body(x))
+
+
+class UserNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList([ScaledBody(8, 8, 1), ScaledBody(8, 16, 2), ScaledBody(16, 16, 1)])
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_users_own_resnet_like_module():
+    units = find_units(UserNet().eval(), X)
+    assert [(u.name, u.kind, u.shortcut) for u in units] == [
+        ("blocks.0", "identity", None), ("blocks.1", "projection", "skip"), ("blocks.2", "identity", None)]
+
+
+def test_plain_cnn_has_no_units():
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    plain(X)
+    assert find_units(plain, X) == []
+
+
+def _zero_branch(model: nn.Module, name: str) -> None:
+    """Zero the last BatchNorm of a block's residual branch: the branch then outputs 0."""
+    block = model.get_submodule(name)
+    bns = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.BatchNorm2d)
+           and not n.startswith(("shortcut", "downsample", "skip"))]
+    last = bns[-1][1]
+    last.weight.data.zero_()
+    last.bias.data.zero_()
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet18", "resnet50", "mobilenet_v2", "user"])
+def test_removal_equals_zeroed_branch(arch):
+    model = UserNet() if arch == "user" else build(arch, 10)
+    model = randomise_batchnorm(model)
+    units = find_units(model, X)
+    chosen = units[:: max(1, len(units) // 3)]  # identity and projection units alike
+    zeroed = randomise_batchnorm(UserNet() if arch == "user" else build(arch, 10))
+    zeroed.load_state_dict(model.state_dict())
+    for unit in chosen:
+        _zero_branch(zeroed, unit.name)
+    pruned = remove_units(zeroed, chosen, X)
+    with torch.no_grad():
+        expected, got = zeroed(X), pruned(X)
+    # the removed branch contributed exactly 0; only fp32 round-off of the remaining ops differs
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_identity_unit_becomes_identity_and_projection_its_shortcut():
+    model = build("resnet20", 10)
+    units = units_by_name(find_units(model, X), ["layer1.1", "layer2.0"])
+    pruned = remove_units(model, units, X)
+    assert isinstance(pruned.get_submodule("layer1.1"), nn.Identity)
+    replacement = pruned.get_submodule("layer2.0")
+    convs = [m for m in replacement.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 and convs[0].kernel_size == (1, 1) and convs[0].stride == (2, 2)
+
+
+def test_unknown_unit_name_lists_the_known_ones():
+    units = find_units(build("resnet20", 10), X)
+    with pytest.raises(InputError, match="layer1.0"):
+        units_by_name(units, ["layer9.9"])
+
+
+def test_pruned_checkpoint_round_trip(tmp_path):
+    model = randomise_batchnorm(build("resnet20", 10))
+    units = find_units(model, X)
+    pruned = remove_units(model, [units[1], units[3]], X)
+    loaded = LoadedModel(pruned, "resnet20", 10, (3, 32, 32), "test", [units[1].name, units[3].name])
+    path = save_checkpoint(tmp_path / "m.pt", loaded)
+    raw = torch.load(path, weights_only=True)
+    assert raw["removed_units"] == ["layer1.1", "layer2.0"]
+    again = load_checkpoint(path)
+    with torch.no_grad():
+        assert torch.equal(again.model(X), pruned.eval()(X))
