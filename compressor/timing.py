@@ -130,17 +130,22 @@ def measure_interleaved(runs: Sequence[Callable[[], object]], policy: TimingPoli
 
     Each round runs every model `burst` times back to back; rounds continue until
     every model has `min_runs` samples and the rounds took `min_time_s` x models.
+    While any model's IQR/median exceeds the re-measure gate, all are measured
+    again (up to `max_repeats` times); those still above it are flagged noisy.
     """
     colds = [warm_up(run, policy) for run in runs]
-    samples: list[list[float]] = [[] for _ in runs]
-    rounds: list[list[float]] = [[] for _ in runs]
-    t_end = time.perf_counter() + policy.min_time_s * len(runs)
-    while len(samples[0]) < policy.min_runs or time.perf_counter() < t_end:
-        for i, run in enumerate(runs):
-            chunk = [_timed(run) for _ in range(burst)]
-            samples[i] += chunk
-            rounds[i].append(float(np.median(chunk)))
-    stats = [LatencyStats.from_samples(s, c, policy) for s, c in zip(samples, colds, strict=True)]
+    for _ in range(max(1, policy.max_repeats)):
+        samples: list[list[float]] = [[] for _ in runs]
+        rounds: list[list[float]] = [[] for _ in runs]
+        t_end = time.perf_counter() + policy.min_time_s * len(runs)
+        while len(samples[0]) < policy.min_runs or time.perf_counter() < t_end:
+            for i, run in enumerate(runs):
+                chunk = [_timed(run) for _ in range(burst)]
+                samples[i] += chunk
+                rounds[i].append(float(np.median(chunk)))
+        stats = [LatencyStats.from_samples(s, c, policy) for s, c in zip(samples, colds, strict=True)]
+        if all(s.relative_iqr <= policy.remeasure_iqr for s in stats):
+            break
     for s in stats:
         s.noisy = s.relative_iqr > policy.remeasure_iqr
     return Interleaved(stats, rounds)
