@@ -86,9 +86,11 @@ def load_digits32(_: str = "") -> DataBundle:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles CIFAR's python-format batches, refusing anything but numpy arrays."""
 
-    _allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar")}
+    _allowed = {(f"numpy{core}.{module}", name)
+                for core in (".core", "._core")
+                for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                                     ("numeric", "_frombuffer"))}
+    _allowed |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) in self._allowed:
@@ -114,15 +116,29 @@ class _ImageArrayDataset(Dataset):
         return (x - self.mean) / self.std, int(self.labels[i])
 
 
+def _check_labels(images: np.ndarray, labels: np.ndarray, num_classes: int | None, where: str) -> None:
+    """Images and labels must pair up, and labels must be class indices."""
+    if len(images) != len(labels):
+        msg = f"{where}: {len(images)} images but {len(labels)} labels"
+        raise InputError(msg)
+    if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0
+                        or (num_classes is not None and labels.max() >= num_classes)):
+        allowed = f"0..{num_classes - 1}" if num_classes else "non-negative integers"
+        msg = f"{where}: labels must be class indices {allowed}"
+        raise InputError(msg)
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with path.open("rb") as f:
             batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
         data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        return data, np.asarray(batch[b"labels"])
-    except (pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError) as e:
+        labels = np.asarray(batch[b"labels"])
+    except (pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError, IndexError) as e:
         msg = f"{path} is not a CIFAR-10 python-format batch ({type(e).__name__})"
         raise InputError(msg) from e
+    _check_labels(data, labels, 10, str(path))
+    return data, labels
 
 
 def load_cifar10(directory: str) -> DataBundle:
@@ -181,15 +197,27 @@ def load_npz(file: str) -> DataBundle:
         msg = f"npz file not found: {path}"
         raise InputError(msg)
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            msg = f"{path} is a single array, not an npz with x_train, y_train, x_val, y_val"
+            raise InputError(msg)
+        with npz:
             arrays = {k: npz[k] for k in ("x_train", "y_train", "x_val", "y_val")}
-    except (KeyError, ValueError, OSError) as e:
-        msg = f"{path} is not an npz with x_train, y_train, x_val, y_val: {e}"
+    except InputError:
+        raise
+    except Exception as e:  # numpy raises KeyError, ValueError, OSError, BadZipFile, EOFError ...
+        msg = f"{path} is not an npz with x_train, y_train, x_val, y_val: {type(e).__name__}: {e}"
         raise InputError(msg) from e
-    x_train = torch.tensor(arrays["x_train"], dtype=torch.float32)
-    if x_train.ndim != 4:
-        msg = f"{path}: x_train must be N x C x H x W, got shape {tuple(x_train.shape)}"
+    for split in ("train", "val"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim != 4 or not np.issubdtype(x.dtype, np.number):
+            msg = f"{path}: x_{split} must be numeric N x C x H x W, got shape {x.shape} ({x.dtype})"
+            raise InputError(msg)
+        _check_labels(x, y, None, f"{path} ({split})")
+    if arrays["x_train"].shape[1:] != arrays["x_val"].shape[1:]:
+        msg = f"{path}: x_train and x_val image shapes differ"
         raise InputError(msg)
+    x_train = torch.tensor(arrays["x_train"], dtype=torch.float32)
     y_train = torch.tensor(arrays["y_train"], dtype=torch.long)
     val = TensorDataset(torch.tensor(arrays["x_val"], dtype=torch.float32),
                         torch.tensor(arrays["y_val"], dtype=torch.long))

@@ -48,10 +48,14 @@ class Deployment:
         """Run `artifact` on `x` and compare with torch; returns the largest |difference|."""
         with torch.no_grad():
             expected = model.eval()(x).numpy()
+        batch = self.profile.batch
+        usable = len(x) // batch * batch  # the artifact has a static batch size
+        if usable == 0:
+            msg = f"validation needs at least {batch} inputs for the profile's batch size"
+            raise InputError(msg)
         session = self.open(artifact)
-        got = np.concatenate([session.run(x[i:i + 1].numpy()) for i in range(len(x))]) \
-            if self.profile.batch == 1 else session.run(x.numpy())
-        return self.exporter.check_close(got, expected, str(artifact))
+        got = np.concatenate([session.run(x[i:i + batch].numpy()) for i in range(0, usable, batch)])
+        return self.exporter.check_close(got, expected[:usable], str(artifact))
 
     def open(self, artifact: Path):
         session = self.runtime.open(artifact, self.profile.resolved_threads, self.profile.runtime_options)

@@ -64,20 +64,31 @@ def _positive_int(raw: dict, key: str, default: int | None) -> int | None:
 
 def _policy(raw: dict, level: str, default: TimingPolicy) -> TimingPolicy:
     timing = raw.get("timing") or {}
-    if not isinstance(timing, dict):
-        msg = "profile field 'timing' must be a mapping"
+    floors = timing.get(level) or {} if isinstance(timing, dict) else None
+    if not isinstance(timing, dict) or not isinstance(floors, dict):
+        msg = f"profile field 'timing' and 'timing.{level}' must be mappings"
         raise InputError(msg)
     shared = {k: v for k, v in timing.items() if not isinstance(v, dict)}
-    floors = timing.get(level) or {}
     merged = {**vars(default), **shared, **floors}
-    try:
-        policy = TimingPolicy.from_dict(merged)
-        if policy.min_runs < 1 or policy.min_time_s < 0 or policy.warmup_runs < 0:
-            raise ValueError
-    except (TypeError, ValueError) as e:
-        msg = f"profile timing.{level} has invalid values: {floors or shared}"
-        raise InputError(msg) from e
+    for key, value in merged.items():
+        expected = int if key in ("min_runs", "warmup_runs", "max_repeats") else (int, float)
+        if key in TimingPolicy.__dataclass_fields__ and (
+                isinstance(value, bool) or not isinstance(value, expected) or value < 0):
+            msg = f"profile timing value {key!r} must be a non-negative number, got {value!r}"
+            raise InputError(msg)
+    policy = TimingPolicy.from_dict(merged)
+    if policy.min_runs < 1:
+        msg = f"profile timing.{level}.min_runs must be at least 1"
+        raise InputError(msg)
     return policy
+
+
+def _name(raw: dict, key: str, source: str) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or not value.strip():
+        msg = f"profile {source}: field {key!r} must be a non-empty string, got {value!r}"
+        raise InputError(msg)
+    return value
 
 
 def parse_profile(text: str, source: str) -> Profile:
@@ -98,7 +109,7 @@ def parse_profile(text: str, source: str) -> Profile:
         raise InputError(msg)
     shape = raw.get("input_shape")
     if shape is not None and (not isinstance(shape, list) or len(shape) != 3
-                              or not all(isinstance(d, int) and d > 0 for d in shape)):
+                              or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
         msg = f"profile field 'input_shape' must be [C, H, W] of positive integers, got {shape!r}"
         raise InputError(msg)
     options = raw.get("runtime_options") or {}
@@ -106,7 +117,7 @@ def parse_profile(text: str, source: str) -> Profile:
         msg = "profile field 'runtime_options' must be a mapping"
         raise InputError(msg)
     return Profile(
-        name=str(raw["name"]), runtime=str(raw["runtime"]), device=str(raw.get("device", "cpu")),
+        name=_name(raw, "name", source), runtime=_name(raw, "runtime", source), device=str(raw.get("device", "cpu")),
         precision=str(raw.get("precision", "fp32")), threads=_positive_int(raw, "threads", None),
         batch=_positive_int(raw, "batch", 1), input_shape=tuple(shape) if shape else None,
         opset=_positive_int(raw, "opset", 17), description=str(raw.get("description", "")),

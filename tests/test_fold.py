@@ -1,0 +1,187 @@
+"""BatchNorm folding: exact on zoo models, refused where the conv output is shared, gone from ONNX."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from compressor.errors import ValidationError
+from compressor.fold import FOLD_RTOL, check_equivalent, fold_batchnorm
+from compressor.zoo import build
+from exporters import get_exporter
+
+
+def _randomise_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model.eval()
+
+
+def _count(model, kind):
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+def _input(shape=(2, 3, 32, 32), seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet18", "mobilenet_v2"])
+def test_zoo_models_fold_completely_and_exactly(arch):
+    model = _randomise_bn(build(arch, 10))
+    n_bn = _count(model, nn.BatchNorm2d)
+    assert n_bn > 0
+    x = _input()
+    with torch.no_grad():
+        expected = model(x)
+    folded, count = fold_batchnorm(model)
+    assert count == n_bn
+    assert _count(folded, nn.BatchNorm2d) == 0
+    with torch.no_grad():
+        got = folded(x)
+    rel = float((got - expected).abs().max() / expected.abs().max())
+    assert rel <= 1e-4
+    # folding works on a copy: the original keeps its BatchNorms and its output
+    assert _count(model, nn.BatchNorm2d) == n_bn
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+def test_fold_with_example_input_checks_itself():
+    model = _randomise_bn(build("resnet20", 10))
+    folded, count = fold_batchnorm(model, _input())
+    assert count == _count(model, nn.BatchNorm2d)
+    assert not folded.training
+
+
+class SharedConv(nn.Module):
+    """conv -> bn, but the conv's output also feeds the residual add: not foldable."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        c = self.conv(x)
+        return self.bn(c) + c
+
+
+class ReusedConv(nn.Module):
+    """The same conv is called twice; folding its BN would change the first call too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.conv(self.bn(self.conv(x)))
+
+
+class MixedFoldable(nn.Module):
+    """One foldable pair (conv_a -> bn_a) next to a shared one (conv_b feeds bn_b and the add)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.conv_b = nn.Conv2d(4, 4, 1)
+        self.bn_b = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn_a(self.conv_a(x)))
+        z = self.conv_b(y)
+        return self.bn_b(z) * z
+
+
+@pytest.mark.parametrize("cls", [SharedConv, ReusedConv])
+def test_bn_after_shared_conv_is_not_folded(cls):
+    torch.manual_seed(0)
+    model = _randomise_bn(cls())
+    x = _input((2, 3, 8, 8))
+    with torch.no_grad():
+        expected = model(x)
+    folded, count = fold_batchnorm(model)
+    assert count == 0
+    assert isinstance(folded.bn, nn.BatchNorm2d)
+    assert torch.equal(folded.conv.weight, model.conv.weight)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), expected, atol=1e-6)
+
+
+def test_only_the_foldable_pair_is_folded():
+    torch.manual_seed(0)
+    model = _randomise_bn(MixedFoldable())
+    x = _input((2, 3, 8, 8))
+    folded, count = fold_batchnorm(model, x)
+    assert count == 1
+    assert isinstance(folded.bn_a, nn.Identity)
+    assert isinstance(folded.bn_b, nn.BatchNorm2d)
+
+
+def test_bn_without_running_stats_is_not_folded():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, track_running_stats=False)).eval()
+    folded, count = fold_batchnorm(model)
+    assert count == 0
+    assert isinstance(folded[1], nn.BatchNorm2d)
+
+
+def test_linear_bn1d_is_folded():
+    torch.manual_seed(0)
+    model = _randomise_bn(nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.BatchNorm1d(5)))
+    x = _input((4, 3, 2, 2))
+    folded, count = fold_batchnorm(model, x)
+    assert count == 1
+    assert isinstance(folded[2], nn.Identity)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+def test_check_equivalent_rejects_a_changed_model():
+    torch.manual_seed(0)
+    model = _randomise_bn(build("resnet20", 10))
+    folded, _ = fold_batchnorm(model)
+    with torch.no_grad():
+        folded.fc.bias.add_(1.0)
+    with pytest.raises(ValidationError, match="BatchNorm folding"):
+        check_equivalent(model, folded, _input(), FOLD_RTOL, "BatchNorm folding")
+
+
+def _onnx_ops(path):
+    return [node.op_type for node in onnx.load(str(path)).graph.node]
+
+
+def test_exported_folded_model_has_no_batchnorm(tmp_path):
+    model = _randomise_bn(build("resnet20", 10))
+    folded, _ = fold_batchnorm(model)
+    x = _input((1, 3, 32, 32))
+    path = get_exporter("onnx").export(folded, x, tmp_path / "folded.onnx", 17)
+    ops = _onnx_ops(path)
+    assert "BatchNormalization" not in ops
+    assert ops.count("Conv") == _count(model, nn.Conv2d)
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_exported_unfoldable_batchnorm_stays_in_onnx(tmp_path):
+    # control for the test above: a BN with no conv before it does reach the ONNX graph
+    model = _randomise_bn(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1)))
+    folded, count = fold_batchnorm(model)
+    assert count == 0
+    path = get_exporter("onnx").export(folded, _input((1, 3, 4, 4)), tmp_path / "bn.onnx", 17)
+    assert "BatchNormalization" in _onnx_ops(path)

@@ -1,0 +1,175 @@
+"""The timing protocol: statistics, run/time floors, cold start, re-measuring, interleaving."""
+
+import time
+
+import numpy as np
+import pytest
+
+from compressor.timing import Interleaved, LatencyStats, TimingPolicy, measure, measure_interleaved
+
+
+def _busy(ms):
+    """Spin for `ms` milliseconds: steadier than sleep, so IQR/median stays near 0."""
+    end = time.perf_counter_ns() + int(ms * 1e6)
+    while time.perf_counter_ns() < end:
+        pass
+
+
+class Counter:
+    def __init__(self, durations_ms=None):
+        self.calls = 0
+        self.durations_ms = durations_ms
+
+    def __call__(self):
+        if self.durations_ms is not None:
+            _busy(self.durations_ms[self.calls % len(self.durations_ms)])
+        self.calls += 1
+
+
+# exact warm-up: one cold run, then exactly `warmup_runs` (warmup_s=0 adds none)
+EXACT = dict(warmup_runs=2, warmup_s=0.0)
+
+
+def test_from_samples_known_values():
+    stats = LatencyStats.from_samples([5, 1, 9, 3, 7, 2, 8, 4, 6], cold_ms=12.5)
+    assert stats.median == 5
+    assert stats.min == 1
+    assert stats.p90 == pytest.approx(8.2)
+    assert stats.p99 == pytest.approx(8.92)
+    assert stats.iqr == pytest.approx(4.0)  # q75 7 - q25 3
+    assert stats.n == 9
+    assert stats.cold_ms == 12.5
+    assert stats.relative_iqr == pytest.approx(0.8)
+    assert stats.warning is not None and "IQR/median" in stats.warning
+    assert stats.noisy is False
+    assert sorted(stats.samples) == list(range(1, 10))
+
+
+def test_from_samples_warning_threshold():
+    quiet = LatencyStats.from_samples([100, 100, 104, 108, 108])  # IQR 8 / median 104 = 7.7%
+    loud = LatencyStats.from_samples([100, 100, 106, 112, 112])  # IQR 12 / median 106 = 11.3%
+    assert quiet.iqr == pytest.approx(8.0)
+    assert quiet.warning is None
+    assert loud.iqr == pytest.approx(12.0)
+    assert loud.warning is not None
+    strict = LatencyStats.from_samples([100, 100, 104, 108, 108], policy=TimingPolicy(warn_iqr=0.05))
+    assert strict.warning is not None
+
+
+def test_from_samples_constant():
+    stats = LatencyStats.from_samples([2.0] * 4)
+    assert (stats.median, stats.min, stats.p90, stats.iqr, stats.relative_iqr) == (2.0, 2.0, 2.0, 0.0, 0.0)
+    assert stats.warning is None
+
+
+def test_to_dict_drops_samples_unless_asked():
+    stats = LatencyStats.from_samples([1.0, 2.0, 3.0])
+    assert "samples" not in stats.to_dict()
+    assert stats.to_dict()["median"] == 2.0
+    assert stats.to_dict(with_samples=True)["samples"] == [1.0, 2.0, 3.0]
+
+
+def test_policy_from_dict_ignores_unknown_keys():
+    policy = TimingPolicy.from_dict({"min_runs": 3, "min_time_s": 0.5, "colour": "blue"})
+    assert policy == TimingPolicy(min_runs=3, min_time_s=0.5)
+
+
+def test_measure_run_floor_decides_for_slow_function():
+    run = Counter([2.0])  # 30 runs x 2 ms = 60 ms > the 20 ms time floor
+    policy = TimingPolicy(min_runs=30, min_time_s=0.02, remeasure_iqr=10.0, **EXACT)
+    stats = measure(run, policy)
+    assert stats.n == 30
+    assert run.calls == 1 + 2 + 30
+    assert stats.min >= 2.0  # each run spins at least 2 ms (preemption can only add)
+
+
+def test_measure_time_floor_decides_for_cheap_function():
+    run = Counter()
+    policy = TimingPolicy(min_runs=30, min_time_s=0.05, warmup_runs=3, warmup_s=0.01, remeasure_iqr=1e9)
+    t0 = time.perf_counter()
+    stats = measure(run, policy)
+    elapsed = time.perf_counter() - t0
+    assert elapsed >= 0.05 + 0.01
+    assert stats.n > 30  # a no-op runs far more than 30 times in 50 ms
+    assert run.calls > stats.n + 3  # cold start + the warm-up ran too
+    assert len(stats.samples) == stats.n
+
+
+def test_measure_records_cold_start():
+    durations = [25.0] + [0.5] * 1000  # the first call is slow, the rest are fast
+    run = Counter(durations)
+    stats = measure(run, TimingPolicy(min_runs=30, min_time_s=0.01, remeasure_iqr=10.0, **EXACT))
+    assert stats.cold_ms >= 25.0
+    assert stats.median < 5.0
+    assert max(stats.samples) < 25.0  # the cold run is not among the samples
+
+
+def test_measure_steady_function_is_measured_once():
+    run = Counter([0.5])
+    # a gate of 100% IQR/median: spinning stays far below it even on a busy machine
+    policy = TimingPolicy(min_runs=30, min_time_s=0.0, max_repeats=3, remeasure_iqr=1.0, **EXACT)
+    stats = measure(run, policy)
+    assert run.calls == 1 + 2 + 30
+    assert stats.noisy is False
+
+
+def test_measure_remeasures_noisy_function_and_flags_it():
+    run = Counter([0.2, 1.5])  # alternating: IQR/median ~150%, far above the 25% gate
+    policy = TimingPolicy(min_runs=30, min_time_s=0.0, max_repeats=3, **EXACT)
+    stats = measure(run, policy)
+    assert run.calls == 1 + 2 + 3 * 30
+    assert stats.n == 30
+    assert stats.relative_iqr > policy.remeasure_iqr
+    assert stats.noisy is True
+    assert stats.warning is not None
+
+
+def test_interleaved_alternates_bursts():
+    log = []
+
+    def make(tag):
+        def run():
+            log.append(tag)
+            _busy(0.1)
+        return run
+
+    policy = TimingPolicy(min_runs=30, min_time_s=0.01, remeasure_iqr=10.0, **EXACT)
+    result = measure_interleaved([make("A"), make("B")], policy, burst=5)
+    warm = 1 + 2
+    assert log[:warm] == ["A"] * warm
+    assert log[warm:2 * warm] == ["B"] * warm
+    timed = log[2 * warm:]
+    assert len(timed) % 10 == 0
+    bursts = [timed[i:i + 5] for i in range(0, len(timed), 5)]
+    assert bursts == [[t] * 5 for t in "AB" * (len(bursts) // 2)]
+    n = len(timed) // 2
+    for stats in result.stats:
+        assert stats.n == n >= 30
+        assert stats.cold_ms is not None
+    assert [len(r) for r in result.round_medians] == [n // 5, n // 5]
+
+
+def test_interleaved_meets_time_floor_times_models():
+    policy = TimingPolicy(min_runs=5, min_time_s=0.03, warmup_runs=1, warmup_s=0.0)
+    t0 = time.perf_counter()
+    result = measure_interleaved([lambda: None, lambda: None, lambda: None], policy, burst=5)
+    assert time.perf_counter() - t0 >= 0.09
+    assert len(result.stats) == 3
+    assert result.stats[0].n == result.stats[1].n == result.stats[2].n > 5
+
+
+def test_interleaved_speedup_of_twice_slower_function():
+    policy = TimingPolicy(min_runs=30, min_time_s=0.05, warmup_runs=2, warmup_s=0.01)
+    result = measure_interleaved([lambda: time.sleep(0.002), lambda: time.sleep(0.001)], policy)
+    assert 1.5 < result.speedup() < 2.5
+    assert 0.4 < result.speedup(1, 0) < 0.67
+    assert result.speedup() == pytest.approx(result.stats[0].median / result.stats[1].median)
+
+
+def test_speedup_spread_known_rounds():
+    stats = [LatencyStats.from_samples([1.0]), LatencyStats.from_samples([1.0])]
+    result = Interleaved(stats, [[1, 2, 3, 4, 5], [1, 1, 1, 1, 1]])
+    assert result.speedup_spread() == pytest.approx(2 / 3)  # (q75 4 - q25 2) / median 3
+    steady = Interleaved(stats, [[2, 4, 6], [1, 2, 3]])
+    assert steady.speedup_spread() == 0.0
+    assert np.isfinite(steady.speedup_spread(1, 0))
