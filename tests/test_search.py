@@ -108,3 +108,13 @@ def test_target_validation():
     for bad in ({"speedup": 1.0}, {"speedup": -2.0}, {"ms": 0.0}, {"ms": -1.0}, {}, {"ms": 1.0, "speedup": 2.0}):
         with pytest.raises(InputError):
             Target(**bad)
+
+
+def test_ms_target_is_judged_on_candidate_median_with_margin():
+    from compressor.targets import meets
+
+    target = Target(ms=1.0)
+    assert meets(target, Measured(2.0, 0.97, 0.02), margin=0.02)
+    assert not meets(target, Measured(2.0, 0.99, 0.02), margin=0.02)
+    assert target.goal_ms(5.0) == 1.0
+    assert Target(speedup=2.0).goal_ms(5.0) == 2.5
