@@ -25,6 +25,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {text}")
+    return value
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from compressor.prune import PruneConfig, prune
 
@@ -32,7 +39,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, profile=args.profile, out=args.out,
         target_ms=args.target_ms, target_speedup=args.target_speedup, criterion=args.criterion,
         calibration_size=args.calibration_size, finetune_epochs=args.finetune_epochs,
-        finetune_lr=args.finetune_lr, min_blocks_per_stage=args.min_blocks_per_stage, seed=args.seed)
+        finetune_lr=args.finetune_lr, min_blocks_per_stage=args.min_blocks_per_stage, seed=args.seed,
+        latency_table=args.latency_table)
     report = prune(config, log=_log)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -121,10 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--target-speedup", type=float, help="speedup over the unpruned model (x)")
     p.add_argument("--criterion", default="cka", help="unit importance criterion (default: cka)")
     p.add_argument("--out", required=True, help="new output folder (refused if not empty)")
-    p.add_argument("--finetune-epochs", type=int, default=4, help="distillation epochs (default: 4)")
+    p.add_argument("--finetune-epochs", type=_non_negative_int, default=4, help="distillation epochs (default: 4)")
     p.add_argument("--finetune-lr", type=float, default=0.02)
     p.add_argument("--calibration-size", type=_positive_int, default=512, help="images for scoring")
-    p.add_argument("--min-blocks-per-stage", type=int, default=1, help="units each stage keeps")
+    p.add_argument("--min-blocks-per-stage", type=_non_negative_int, default=1, help="units each stage keeps")
+    p.add_argument("--latency-table", help="reuse a table from `compressor profile` instead of measuring")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print report.json to stdout")
     p.set_defaults(run=cmd_prune)

@@ -18,7 +18,7 @@ from compressor.errors import InputError, UnreachableTargetError
 from compressor.finetune import accuracy, train
 from compressor.flops import count_cost
 from compressor.fold import FOLD_RTOL, check_equivalent, fold_batchnorm
-from compressor.latency import Deployment, measure_latency_table
+from compressor.latency import Deployment, LatencyTable, measure_latency_table
 from compressor.machine import machine_info
 from compressor.profiles import load_profile
 from compressor.search import most_removable
@@ -45,12 +45,35 @@ class PruneConfig:
     min_blocks_per_stage: int = 1
     max_trials: int = 8
     seed: int = 0
+    latency_table: str | None = None  # reuse a table from `compressor profile` (same model, profile)
 
 
 def _timed_pair(deployment: Deployment, base: Path, candidate: Path, policy) -> Measured:
     result = deployment.time([base, candidate], policy)
     return Measured(result.stats[0].median, result.stats[1].median, result.speedup_spread(),
                     result.stats[1].noisy)
+
+
+def reuse_latency_table(path: str, units: list, deployment: Deployment, log: Callable[[str], None]) -> LatencyTable:
+    """A saved table, refused unless it was measured for these units, this profile and input shape."""
+    table = LatencyTable.load(path)
+    profile = deployment.profile
+    problems = []
+    if set(table.savings_ms) != {u.name for u in units}:
+        problems.append("its units differ from the model's")
+    if table.profile.get("name") != profile.name or table.profile.get("runtime") != profile.runtime:
+        problems.append(f"it was measured on profile {table.profile.get('name')!r}, not {profile.name!r}")
+    if list(table.input_shape) != list(deployment.input_shape):
+        problems.append(f"its input shape {table.input_shape} is not {list(deployment.input_shape)}")
+    if problems:
+        msg = f"latency table {path} does not fit this run: {'; '.join(problems)}"
+        raise InputError(msg)
+    here = machine_info()
+    if (table.machine.get("cpu"), table.machine.get("logical_cores")) != (here["cpu"], here["logical_cores"]):
+        log(f"warning: latency table {path} was measured on {table.machine.get('cpu')}, "
+            f"this machine is {here['cpu']}; candidates are still measured here")
+    log(f"reusing latency table {path} (measured {table.machine.get('date')})")
+    return table
 
 
 def prune(config: PruneConfig, log: Callable[[str], None] = print) -> dict:
@@ -89,6 +112,7 @@ def _run(config, target, profile, data, loaded: LoadedModel, out: Path, work: Pa
     log(f"{len(units)} removable units in {loaded.arch}: "
         f"{sum(u.kind == 'identity' for u in units)} identity, {sum(u.kind == 'projection' for u in units)} projection")
 
+    table = reuse_latency_table(config.latency_table, units, deployment, log) if config.latency_table else None
     # reachability first: the unpruned model against the most that may be removed
     baseline_path = deployment.export(model, work / "baseline.onnx")
     floor_model = remove_units(model, most_removable(units, config.min_blocks_per_stage), x)
@@ -107,8 +131,9 @@ def _run(config, target, profile, data, loaded: LoadedModel, out: Path, work: Pa
     calibration = data.loader("train", batch_size=128, limit=config.calibration_size, seed=config.seed)
     importance = score_units(config.criterion, ScoringContext(model, units, calibration, config.seed))
 
-    log("measuring the latency table (each unit removed, exported, timed interleaved)")
-    table = measure_latency_table(model, units, deployment, loaded.arch, work)
+    if table is None:
+        log("measuring the latency table (each unit removed, exported, timed interleaved)")
+        table = measure_latency_table(model, units, deployment, loaded.arch, work)
     table.save(out / "latency_table.json")
 
     def measure(removed: tuple[str, ...]) -> Measured:

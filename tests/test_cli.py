@@ -120,3 +120,16 @@ def test_units_command_lists_units(capsys):
     assert main(["units", "--model", "resnet20", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["kind"] for r in rows].count("projection") == 2
+
+
+def test_latency_table_for_another_model_or_profile_is_refused(tmp_path, capsys, fast_profile):
+    from compressor.latency import LatencyTable
+
+    table = LatencyTable("resnet20", [1, 3, 32, 32], {"name": "ort-cpu", "runtime": "onnxruntime"},
+                         {"cpu": "x"}, 1.0, {f"layer1.{i}": 0.1 for i in range(3)})
+    path = table.save(tmp_path / "lut.json")
+    line = _run_error(_prune_args(tmp_path / "out", fast_profile, **{"--latency-table": str(path)}), capsys)
+    assert "does not fit" in line and "units differ" in line and "ort-cpu" in line
+    (tmp_path / "broken.json").write_text("{not json")
+    line = _run_error(_prune_args(tmp_path / "out2", **{"--latency-table": str(tmp_path / "broken.json")}), capsys)
+    assert "not a latency table" in line
