@@ -13,17 +13,18 @@ from pathlib import Path
 import torch
 
 from compressor.criteria import ScoringContext, get_criterion, score_units
-from compressor.data import load_data
+from compressor.data import DataBundle, load_data
 from compressor.errors import InputError, UnreachableTargetError
 from compressor.finetune import accuracy, train
 from compressor.flops import count_cost
 from compressor.fold import FOLD_RTOL, check_equivalent, fold_batchnorm
 from compressor.latency import Deployment, LatencyTable, measure_latency_table
 from compressor.machine import machine_info
-from compressor.profiles import load_profile
+from compressor.profiles import Profile, load_profile
 from compressor.search import most_removable
 from compressor.surgery import remove_units
 from compressor.targets import Measured, Target, margin_from, search_under_target
+from compressor.timing import TimingPolicy
 from compressor.units import find_units
 from compressor.zoo import LoadedModel, load_model, save_checkpoint
 
@@ -48,7 +49,7 @@ class PruneConfig:
     latency_table: str | None = None  # reuse a table from `compressor profile` (same model, profile)
 
 
-def _timed_pair(deployment: Deployment, base: Path, candidate: Path, policy) -> Measured:
+def _timed_pair(deployment: Deployment, base: Path, candidate: Path, policy: TimingPolicy) -> Measured:
     result = deployment.time([base, candidate], policy)
     return Measured(result.stats[0].median, result.stats[1].median, result.speedup_spread(),
                     result.stats[1].noisy)
@@ -99,7 +100,8 @@ def prune(config: PruneConfig, log: Callable[[str], None] = print) -> dict:
     return report
 
 
-def _run(config, target, profile, data, loaded: LoadedModel, out: Path, work: Path, log) -> dict:
+def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle, loaded: LoadedModel,
+         out: Path, work: Path, log: Callable[[str], None]) -> dict:
     t_start = time.perf_counter()
     torch.manual_seed(config.seed)
     model = loaded.model.eval()
@@ -162,9 +164,8 @@ def _run(config, target, profile, data, loaded: LoadedModel, out: Path, work: Pa
 
     folded, folds = fold_batchnorm(pruned)
     fold_error = check_equivalent(pruned, folded, x, FOLD_RTOL, "BatchNorm folding")
-    model_path = deployment.exporter.export(folded, x, out / "model.onnx", profile.opset)
-    base_folded, _ = fold_batchnorm(model)
-    final_baseline = deployment.exporter.export(base_folded, x, out / "baseline.onnx", profile.opset)
+    model_path = deployment.export(pruned, out / "model.onnx")
+    final_baseline = deployment.export(model, out / "baseline.onnx")
     val_x = torch.cat([b[0] for b in data.loader("val", batch_size=64, limit=64)])
     onnx_error = deployment.validate(model_path, pruned, val_x)
     onnx_error_base = deployment.validate(final_baseline, model, val_x)
