@@ -15,7 +15,7 @@ from compressor.search import Choice, choose_units
 from compressor.units import Unit
 
 MIN_MARGIN, MAX_MARGIN = 0.01, 0.05
-OVERSHOOT_BAND = 0.04  # a passing candidate faster than target by more than this is refined
+OVERSHOOT_BAND = 0.06  # a pass more than this fraction under the aimed latency is refined
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,9 @@ def search_under_target(units: Sequence[Unit], importance: dict[str, float], sav
     latency saved is scaled by c = measured / predicted fraction, taken from
     the last measured candidate (first: `calibration`, a predicted saving in ms
     with its measurement). Keeps the passing candidate with the least
-    importance lost and refines a pass that overshoots by more than
-    OVERSHOOT_BAND, so no more of the model is removed than the target needs.
+    importance lost and refines a pass whose latency is more than
+    OVERSHOOT_BAND under the aimed one, so no more of the model is removed
+    than the target needs.
     """
     result = SearchResult(None, margin=margin)
     scale = 1.0
@@ -140,7 +141,8 @@ def search_under_target(units: Sequence[Unit], importance: dict[str, float], sav
             high = min(high, required)
             if result.best is None or choice.importance_lost < result.best.choice.importance_lost:
                 result.best = trial
-            if got - need <= OVERSHOOT_BAND:
+            aimed_ms = m.baseline_ms * (1 - need)
+            if m.candidate_ms >= aimed_ms * (1 - OVERSHOOT_BAND):
                 break
         else:
             low = max(low, required)

@@ -11,8 +11,7 @@ from compressor.criteria.cka import linear_cka
 from compressor.errors import InputError
 from compressor.units import find_units
 from compressor.zoo import build
-from tests.conftest import randomise_batchnorm
-from tests.test_units import _zero_branch
+from tests.helpers import randomise_batchnorm, zero_branch
 
 X = torch.randn(1, 3, 32, 32)
 
@@ -43,7 +42,7 @@ def test_cka_cached_equals_naive(digits):
 @pytest.mark.parametrize("criterion", ["cka", "magnitude"])
 def test_zeroed_block_is_least_important(digits, criterion):
     model = randomise_batchnorm(build("resnet20", 10))
-    _zero_branch(model, "layer2.2")
+    zero_branch(model, "layer2.2")
     if criterion == "magnitude":  # magnitude sees weights: zero the branch's convs too
         for m in model.get_submodule("layer2.2").modules():
             if isinstance(m, nn.Conv2d):

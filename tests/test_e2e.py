@@ -12,6 +12,7 @@ import torch
 
 from compressor.cli import main
 from compressor.zoo import load_checkpoint
+from tests.helpers import FAST_PROFILE
 
 REPORT_KEYS = {"flops", "macs", "params", "latency_ms", "accuracy"}
 LATENCY_KEYS = {"median", "p90", "iqr", "n", "noisy"}
@@ -21,8 +22,6 @@ LATENCY_KEYS = {"median", "p90", "iqr", "n", "noisy"}
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "r56"
     profile = out.parent / "fast.yaml"
-    from tests.conftest import FAST_PROFILE
-
     profile.write_text(FAST_PROFILE)
     code = main(["prune", "--model", "resnet56", "--data", "digits32", "--profile", str(profile),
                  "--target-speedup", "1.5", "--out", str(out), "--finetune-epochs", "1",

@@ -11,19 +11,7 @@ from compressor.profiles import load_profile
 from compressor.zoo import build
 from exporters import get_exporter, get_runtime
 from exporters.onnx import OnnxExporter
-
-
-def _randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-    return model.eval()
+from tests.helpers import randomise_batchnorm
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +22,7 @@ def deployment():
 @pytest.fixture(scope="module")
 def resnet20():
     torch.manual_seed(0)
-    return _randomise_bn(build("resnet20", 10))
+    return randomise_batchnorm(build("resnet20", 10))
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +58,7 @@ def test_session_settings_follow_profile(deployment, exported):
 
 def test_validate_detects_a_different_model(deployment, exported):
     torch.manual_seed(1)
-    other = _randomise_bn(build("resnet20", 10), seed=7)
+    other = randomise_batchnorm(build("resnet20", 10), seed=7)
     with pytest.raises(ValidationError, match="logits"):
         deployment.validate(exported, other, _x(2))
 
@@ -173,7 +161,7 @@ def test_profile_with_unknown_runtime_is_refused_by_deployment(tmp_path):
 
 def _small_net():
     torch.manual_seed(0)
-    return _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.BatchNorm2d(4), nn.ReLU(),
+    return randomise_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.BatchNorm2d(4), nn.ReLU(),
                                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)))
 
 

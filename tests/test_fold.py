@@ -10,19 +10,7 @@ from compressor.errors import ValidationError
 from compressor.fold import FOLD_RTOL, check_equivalent, fold_batchnorm
 from compressor.zoo import build
 from exporters import get_exporter
-
-
-def _randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-    return model.eval()
+from tests.helpers import randomise_batchnorm
 
 
 def _count(model, kind):
@@ -35,7 +23,7 @@ def _input(shape=(2, 3, 32, 32), seed=1):
 
 @pytest.mark.parametrize("arch", ["resnet20", "resnet18", "mobilenet_v2"])
 def test_zoo_models_fold_completely_and_exactly(arch):
-    model = _randomise_bn(build(arch, 10))
+    model = randomise_batchnorm(build(arch, 10))
     n_bn = _count(model, nn.BatchNorm2d)
     assert n_bn > 0
     x = _input()
@@ -55,7 +43,7 @@ def test_zoo_models_fold_completely_and_exactly(arch):
 
 
 def test_fold_with_example_input_checks_itself():
-    model = _randomise_bn(build("resnet20", 10))
+    model = randomise_batchnorm(build("resnet20", 10))
     folded, count = fold_batchnorm(model, _input())
     assert count == _count(model, nn.BatchNorm2d)
     assert not folded.training
@@ -105,7 +93,7 @@ class MixedFoldable(nn.Module):
 @pytest.mark.parametrize("cls", [SharedConv, ReusedConv])
 def test_bn_after_shared_conv_is_not_folded(cls):
     torch.manual_seed(0)
-    model = _randomise_bn(cls())
+    model = randomise_batchnorm(cls())
     x = _input((2, 3, 8, 8))
     with torch.no_grad():
         expected = model(x)
@@ -119,7 +107,7 @@ def test_bn_after_shared_conv_is_not_folded(cls):
 
 def test_only_the_foldable_pair_is_folded():
     torch.manual_seed(0)
-    model = _randomise_bn(MixedFoldable())
+    model = randomise_batchnorm(MixedFoldable())
     x = _input((2, 3, 8, 8))
     folded, count = fold_batchnorm(model, x)
     assert count == 1
@@ -137,7 +125,7 @@ def test_bn_without_running_stats_is_not_folded():
 
 def test_linear_bn1d_is_folded():
     torch.manual_seed(0)
-    model = _randomise_bn(nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.BatchNorm1d(5)))
+    model = randomise_batchnorm(nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.BatchNorm1d(5)))
     x = _input((4, 3, 2, 2))
     folded, count = fold_batchnorm(model, x)
     assert count == 1
@@ -148,7 +136,7 @@ def test_linear_bn1d_is_folded():
 
 def test_check_equivalent_rejects_a_changed_model():
     torch.manual_seed(0)
-    model = _randomise_bn(build("resnet20", 10))
+    model = randomise_batchnorm(build("resnet20", 10))
     folded, _ = fold_batchnorm(model)
     with torch.no_grad():
         folded.fc.bias.add_(1.0)
@@ -161,7 +149,7 @@ def _onnx_ops(path):
 
 
 def test_exported_folded_model_has_no_batchnorm(tmp_path):
-    model = _randomise_bn(build("resnet20", 10))
+    model = randomise_batchnorm(build("resnet20", 10))
     folded, _ = fold_batchnorm(model)
     x = _input((1, 3, 32, 32))
     path = get_exporter("onnx").export(folded, x, tmp_path / "folded.onnx", 17)
@@ -180,7 +168,7 @@ def test_exported_folded_model_has_no_batchnorm(tmp_path):
 
 def test_exported_unfoldable_batchnorm_stays_in_onnx(tmp_path):
     # control for the test above: a BN with no conv before it does reach the ONNX graph
-    model = _randomise_bn(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1)))
+    model = randomise_batchnorm(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1)))
     folded, count = fold_batchnorm(model)
     assert count == 0
     path = get_exporter("onnx").export(folded, _input((1, 3, 4, 4)), tmp_path / "bn.onnx", 17)

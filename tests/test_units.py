@@ -12,7 +12,7 @@ from compressor.errors import InputError
 from compressor.surgery import remove_units
 from compressor.units import find_units, units_by_name
 from compressor.zoo import LoadedModel, build, load_checkpoint, save_checkpoint
-from tests.conftest import randomise_batchnorm
+from tests.helpers import randomise_batchnorm, zero_branch
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -77,16 +77,6 @@ def test_plain_cnn_has_no_units():
     assert find_units(plain, X) == []
 
 
-def _zero_branch(model: nn.Module, name: str) -> None:
-    """Zero the last BatchNorm of a block's residual branch: the branch then outputs 0."""
-    block = model.get_submodule(name)
-    bns = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.BatchNorm2d)
-           and not n.startswith(("shortcut", "downsample", "skip"))]
-    last = bns[-1][1]
-    last.weight.data.zero_()
-    last.bias.data.zero_()
-
-
 @pytest.mark.parametrize("arch", ["resnet20", "resnet18", "resnet50", "mobilenet_v2", "user"])
 def test_removal_equals_zeroed_branch(arch):
     model = UserNet() if arch == "user" else build(arch, 10)
@@ -96,7 +86,7 @@ def test_removal_equals_zeroed_branch(arch):
     zeroed = randomise_batchnorm(UserNet() if arch == "user" else build(arch, 10))
     zeroed.load_state_dict(model.state_dict())
     for unit in chosen:
-        _zero_branch(zeroed, unit.name)
+        zero_branch(zeroed, unit.name)
     pruned = remove_units(zeroed, chosen, X)
     with torch.no_grad():
         expected, got = zeroed(X), pruned(X)

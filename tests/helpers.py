@@ -1,0 +1,45 @@
+"""Shared test helpers: hand-set weights with known answers, a fast timing profile."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FAST_PROFILE = """\
+name: ort-cpu-fast
+description: ONNX Runtime CPU with short timing floors, for tests only
+runtime: onnxruntime
+device: cpu
+threads: null
+batch: 1
+opset: 17
+runtime_options: {allow_spinning: false}
+timing:
+  search: {min_runs: 20, min_time_s: 0.15}
+  report: {min_runs: 40, min_time_s: 0.4}
+  warmup_runs: 3
+  warmup_s: 0.05
+"""
+
+
+def randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters, so folds and removals are tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+    return model.eval()
+
+
+def zero_branch(model: nn.Module, name: str) -> None:
+    """Zero the last BatchNorm of a block's residual branch: the branch then outputs 0."""
+    block = model.get_submodule(name)
+    bns = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.BatchNorm2d)
+           and not n.startswith(("shortcut", "downsample", "skip"))]
+    last = bns[-1][1]
+    last.weight.data.zero_()
+    last.bias.data.zero_()
