@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from compressor.surgery import remove_units, replacement_for
+from compressor.surgery import replacement_for
 from compressor.units import Unit, trace
 
 
@@ -75,6 +75,9 @@ class SuffixRunner:
             self._inputs[unit.name] = block_input
             self.suffixes[unit.name] = _subgraph(gm, block_output, [features, output])
         self.prefix = _subgraph(gm, None, [features, output, *self._inputs.values()])
+        modules = dict(gm.named_modules())
+        linears = [n.target for n in nodes if n.op == "call_module" and isinstance(modules[n.target], nn.Linear)]
+        self._classifier = self.model.get_submodule(linears[-1]) if linears else None
 
     @torch.no_grad()
     def capture(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -85,15 +88,46 @@ class SuffixRunner:
     def removed(self, unit: Unit, block_input: torch.Tensor,
                 x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and logits without `unit`; `x` (the model input) is used only by the fallback."""
+        return self.with_block(unit, self.replacements[unit.name], block_input, x)
+
+    @torch.no_grad()
+    def with_block(self, unit: Unit, module: nn.Module, block_input: torch.Tensor,
+                   x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and logits with `unit` replaced by `module`, run from the cached block input."""
         suffix = self.suffixes[unit.name]
         if suffix is not None:
-            return suffix(self.replacements[unit.name](block_input))
-        return self.naive(unit, x)
+            return suffix(module(block_input))
+        return self.naive_with_block(unit, module, x)
 
     @torch.no_grad()
     def naive(self, unit: Unit, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Full forward pass of the model with `unit` removed (no caching)."""
-        return features_and_logits(remove_units(self.model, [unit]))(x)
+        return self.naive_with_block(unit, self.replacements[unit.name], x)
+
+    @torch.no_grad()
+    def naive_with_block(self, unit: Unit, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full forward pass of the model with `unit` swapped for `module` (restored afterwards)."""
+        original = self.model.get_submodule(unit.name)
+        self.model.set_submodule(unit.name, module)
+        try:
+            return self.full(x)
+        finally:
+            self.model.set_submodule(unit.name, original)
+
+    @torch.no_grad()
+    def full(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, logits) of the model as it is now, by a hook on the classifier's input."""
+        captured: list[torch.Tensor] = []
+        classifier = self._classifier
+        if classifier is None:
+            logits = self.model(x)
+            return logits, logits
+        handle = classifier.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+        try:
+            logits = self.model(x)
+        finally:
+            handle.remove()
+        return captured[-1], logits
 
 
 def _output_node(gm: fx.GraphModule) -> fx.Node:

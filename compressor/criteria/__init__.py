@@ -1,7 +1,8 @@
 """Unit-importance criteria behind one registry and one signature.
 
 A criterion maps a ScoringContext to {unit name: importance}; higher = keep.
-Each documents its cost in forward/backward passes over the calibration set.
+Each registers its cost in forward/backward passes over the calibration set
+(N = calibration images, U = units), shown by `compressor score`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -26,15 +26,20 @@ class ScoringContext:
     calibration: DataLoader
     seed: int = 0
     use_cache: bool = True  # prefix caching where the criterion supports it
+    repeats: int = 3  # seeds averaged by stochastic criteria (SR-init)
 
 
 Criterion = Callable[[ScoringContext], dict[str, float]]
 CRITERIA: dict[str, Criterion] = {}
+COSTS: dict[str, str] = {}
 
 
-def register(name: str) -> Callable[[Criterion], Criterion]:
+def register(name: str, cost: str) -> Callable[[Criterion], Criterion]:
+    """Add a criterion under `name`; `cost` says what it runs, in passes over the calibration set."""
+
     def add(fn: Criterion) -> Criterion:
         CRITERIA[name] = fn
+        COSTS[name] = cost
         return fn
 
     return add
@@ -49,9 +54,8 @@ def get_criterion(name: str) -> Criterion:
 
 def score_units(name: str, ctx: ScoringContext) -> dict[str, float]:
     """Importance of every unit under criterion `name` (higher = keep)."""
-    with torch.no_grad():
-        ctx.model.eval()
+    ctx.model.eval()
     return get_criterion(name)(ctx)
 
 
-from compressor.criteria import cka, magnitude, random  # noqa: E402,F401  (registration)
+from compressor.criteria import cka, entropy, magnitude, random, sr_init, taylor  # noqa: E402,F401  (registration)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from compressor.criteria import ScoringContext, register
-from compressor.suffix import SuffixRunner, features_and_logits
+from compressor.suffix import SuffixRunner
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -22,10 +22,9 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(num / den) if den > 0 else 0.0
 
 
-@register("cka")
+@register("cka", cost="1 forward pass + U suffix passes (about U/2 full passes); naive: U + 1")
 def cka_importance(ctx: ScoringContext) -> dict[str, float]:
     runner = SuffixRunner(ctx.model, ctx.units)
-    full = features_and_logits(ctx.model)
     base: list[torch.Tensor] = []
     removed: dict[str, list[torch.Tensor]] = {u.name: [] for u in ctx.units}
     with torch.no_grad():
@@ -33,7 +32,7 @@ def cka_importance(ctx: ScoringContext) -> dict[str, float]:
             if ctx.use_cache:
                 features, _, inputs = runner.capture(x)
             else:
-                features, inputs = full(x)[0], {}
+                features, inputs = runner.full(x)[0], {}
             base.append(features.flatten(1))
             for unit in ctx.units:
                 out = (runner.removed(unit, inputs[unit.name], x) if ctx.use_cache

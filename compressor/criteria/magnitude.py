@@ -1,28 +1,54 @@
-"""Weight magnitude of a unit's residual branch: mean |w| over its conv and linear weights
-(L1 normalised by parameter count). Cost: no forward pass."""
+"""Weight magnitude of a unit's residual branch, normalised by parameter count:
+`magnitude` = mean |w| (L1 / n), `magnitude_l2` = sqrt(mean w^2) (L2 / sqrt(n)),
+over the branch's conv and linear weights. Cost: no forward pass."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from compressor.criteria import ScoringContext, register
+from compressor.units import Unit
+
+WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def branch_weights(block: nn.Module, shortcut: str | None) -> list[torch.Tensor]:
-    """Conv/linear weights of `block` that are not in its shortcut submodule."""
+def branch_parameters(block: nn.Module, shortcut: str | None, weights_only: bool = True) -> list[torch.Tensor]:
+    """Parameters of `block` outside its shortcut: conv/linear weights, or all of them."""
     skip = f"{shortcut}." if shortcut else None
-    return [m.weight for name, m in block.named_modules()
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
-            and not (skip and (name + ".").startswith(skip))]
+    found = []
+    for name, module in block.named_modules():
+        if skip and (name + ".").startswith(skip):
+            continue
+        if weights_only:
+            if isinstance(module, WEIGHTED):
+                found.append(module.weight)
+        else:
+            found += list(module.parameters(recurse=False))
+    return found
 
 
-@register("magnitude")
-def magnitude_importance(ctx: ScoringContext) -> dict[str, float]:
+def _per_unit(ctx: ScoringContext, reduce: callable) -> dict[str, float]:
     scores = {}
     for unit in ctx.units:
-        weights = branch_weights(ctx.model.get_submodule(unit.name), unit.shortcut)
-        total = sum(w.abs().sum().item() for w in weights)
+        weights = branch_parameters(ctx.model.get_submodule(unit.name), unit.shortcut)
         count = sum(w.numel() for w in weights)
-        scores[unit.name] = total / count if count else 0.0
+        scores[unit.name] = reduce(weights, count) if count else 0.0
     return scores
+
+
+@register("magnitude", cost="no forward pass (weights only)")
+def magnitude_l1(ctx: ScoringContext) -> dict[str, float]:
+    return _per_unit(ctx, lambda ws, n: sum(w.abs().sum().item() for w in ws) / n)
+
+
+@register("magnitude_l2", cost="no forward pass (weights only)")
+def magnitude_l2(ctx: ScoringContext) -> dict[str, float]:
+    return _per_unit(ctx, lambda ws, n: math.sqrt(sum(w.pow(2).sum().item() for w in ws) / n))
+
+
+def unit_parameters(model: nn.Module, unit: Unit) -> list[torch.Tensor]:
+    """All parameters of the unit's residual branch (what removing the unit deletes)."""
+    return branch_parameters(model.get_submodule(unit.name), unit.shortcut, weights_only=False)

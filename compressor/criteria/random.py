@@ -1,4 +1,5 @@
-"""Random importance with a seed: the baseline every criterion must beat. Cost: none."""
+"""Random importance with a seed (ScoringContext.seed): the baseline every criterion must beat.
+Cost: none."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from compressor.criteria import ScoringContext, register
 
 
-@register("random")
+@register("random", cost="none")
 def random_importance(ctx: ScoringContext) -> dict[str, float]:
     g = torch.Generator().manual_seed(ctx.seed)
     values = torch.rand(len(ctx.units), generator=g, dtype=torch.float64)

@@ -1,0 +1,83 @@
+"""Entropy-guided importance (EGP, Liao et al. 2023): how often each rectifier is on.
+
+For every activation node (ReLU-like module or function) the input is tapped;
+per channel p = share of positive values over batch and spatial positions,
+H(p) = -(p log2 p + (1 - p) log2 (1 - p)) bits, layer entropy = mean over
+channels. H = 0: the activation is always on (linear) or always off (dead).
+A unit's importance is the mean entropy of the activations inside it (0 if it
+has none): low entropy marks a block that is nearly linear, hence removable or
+foldable. `activation_entropies` exposes the per-activation values, which the
+folding work uses to pick activations to linearise.
+
+Cost: 1 forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+from torch.utils.data import DataLoader
+
+from compressor.criteria import ScoringContext, register
+from compressor.suffix import _subgraph
+from compressor.units import _activation_of, trace
+
+
+def binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    """H(p) in bits, with H(0) = H(1) = 0."""
+    p = p.double()
+    q = 1 - p
+    terms = torch.where(p > 0, -p * torch.log2(p.clamp_min(1e-300)), 0.0)
+    return terms + torch.where(q > 0, -q * torch.log2(q.clamp_min(1e-300)), 0.0)
+
+
+def _activation_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    modules = dict(gm.named_modules())
+    return [n for n in gm.graph.nodes if _activation_of(n, modules) in ("relu", "relu6")
+            and len(n.all_input_nodes) == 1]
+
+
+def _node_name(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_module" else node.name
+
+
+@torch.no_grad()
+def activation_entropies(model: nn.Module, loader: DataLoader) -> dict[str, dict]:
+    """Per rectifier: {"entropy": mean bits over channels, "unit_path": module path, "channels": C}.
+
+    Keys are module paths (call_module) or fx node names (functional calls); a
+    module called twice (e.g. torchvision's shared `relu`) appears under each call's node name.
+    """
+    gm = trace(model.eval())
+    nodes = _activation_nodes(gm)
+    if not nodes:
+        return {}
+    calls: dict[str, int] = {}
+    for n in nodes:
+        calls[_node_name(n)] = calls.get(_node_name(n), 0) + 1
+    names = [_node_name(n) if calls[_node_name(n)] == 1 else n.name for n in nodes]
+    tap = _subgraph(gm, None, [n.all_input_nodes[0] for n in nodes])
+    positive: list[torch.Tensor | None] = [None] * len(nodes)
+    counts = [0] * len(nodes)
+    for x, *_ in loader:
+        for i, pre in enumerate(tap(x)):
+            flat = pre.transpose(0, 1).reshape(pre.shape[1], -1) if pre.dim() > 1 else pre.reshape(1, -1)
+            on = (flat > 0).sum(1).double()
+            positive[i] = on if positive[i] is None else positive[i] + on
+            counts[i] += flat.shape[1]
+    result = {}
+    for name, node, on, count in zip(names, nodes, positive, counts, strict=True):
+        stack = list(node.meta.get("nn_module_stack") or {})
+        result[name] = {"entropy": float(binary_entropy(on / count).mean()), "channels": len(on),
+                        "module_stack": stack}
+    return result
+
+
+@register("entropy", cost="1 forward pass")
+def entropy_importance(ctx: ScoringContext) -> dict[str, float]:
+    layers = activation_entropies(ctx.model, ctx.calibration)
+    scores = {}
+    for unit in ctx.units:
+        inside = [v["entropy"] for v in layers.values() if unit.name in v["module_stack"]]
+        scores[unit.name] = sum(inside) / len(inside) if inside else 0.0
+    return scores
