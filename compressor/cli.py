@@ -116,6 +116,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from compressor.agreement import ScoreConfig, parse_criteria, plot_heatmap, score_model
+    from compressor.criteria import CRITERIA
+    from compressor.errors import InputError
+    from compressor.fileio import atomic_write_text, refuse_existing_file
+
+    criteria = parse_criteria(args.criterion, list(CRITERIA))
+    outputs = [refuse_existing_file(p).resolve() for p in (args.heatmap, args.out) if p]
+    if len(set(outputs)) < len(outputs):
+        msg = "--heatmap and --out name the same file"
+        raise InputError(msg)
+    config = ScoreConfig(model=args.model, data=args.data, criteria=criteria, profile=args.profile, k=args.k,
+                         calibration_size=args.calibration_size, seed=args.seed)
+    scored = score_model(config, log=_log)
+    document = json.dumps(scored.report, indent=2, allow_nan=False)
+    if args.json:
+        print(document)
+    else:
+        print(scored.text)
+    if args.out:
+        written = atomic_write_text(args.out, document + "\n")
+        _log(f"JSON written to {written}")
+    if args.heatmap:
+        title = f"{args.model} on {args.data}, {args.calibration_size} calibration images"
+        _log(f"heatmap written to {plot_heatmap(scored.agreement, args.heatmap, title=title)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compressor", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-ms", type=float, help="median latency to reach (ms)")
     target.add_argument("--target-speedup", type=float, help="speedup over the unpruned model (x)")
-    p.add_argument("--criterion", default="cka", help="unit importance criterion (default: cka)")
+    p.add_argument("--criterion", default="cka",
+                   help="unit importance: cka, sr_init, entropy, taylor, magnitude, magnitude_l2, random "
+                        "(default: cka)")
     p.add_argument("--out", required=True, help="new output folder (refused if not empty)")
     p.add_argument("--finetune-epochs", type=_non_negative_int, default=4, help="distillation epochs (default: 4)")
     p.add_argument("--finetune-lr", type=float, default=0.02)
@@ -150,6 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_units)
+
+    p = sub.add_parser("score", help="score every unit under several criteria and compare their rankings")
+    p.add_argument("--model", required=True, help="zoo name (e.g. resnet56) or checkpoint file")
+    p.add_argument("--data", required=True, help="digits32 | cifar10:DIR | imagefolder:DIR | npz:FILE")
+    p.add_argument("--criterion", required=True, help="comma-separated criteria, e.g. cka,magnitude,random")
+    p.add_argument("--profile", help="also measure each unit's latency saving (ms) on this profile")
+    p.add_argument("--k", type=_positive_int, help="size of the least-important sets compared (default: units / 3)")
+    p.add_argument("--calibration-size", type=_positive_int, default=512, help="images for scoring")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heatmap", help="PNG of the agreement matrices (refused if it exists)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON to stdout")
+    p.add_argument("--out", help="JSON file to write (refused if it exists)")
+    p.set_defaults(run=cmd_score)
 
     p = sub.add_parser("train", help="train a zoo model on a data source (our own training code)")
     p.add_argument("--model", required=True)
