@@ -248,6 +248,7 @@ class ScoreConfig:
     k: int | None = None
     calibration_size: int = 512
     seed: int = 0
+    repeats: int = 3  # SR-init seeds
 
 
 @dataclass
@@ -292,7 +293,8 @@ def score_model(config: ScoreConfig, log: Callable[[str], None] = print) -> Scor
     for name in config.criteria:
         log(f"scoring {len(units)} units with {name} on {config.calibration_size} calibration images")
         torch.manual_seed(config.seed)
-        by_unit = score_units(name, ScoringContext(model, units, calibration, config.seed))
+        by_unit = score_units(name, ScoringContext(model, units, calibration, config.seed,
+                                                              repeats=config.repeats))
         scores[name] = {u.name: float(by_unit[u.name]) for u in units}
     savings = None
     if profile is not None:

@@ -40,7 +40,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         target_ms=args.target_ms, target_speedup=args.target_speedup, criterion=args.criterion,
         calibration_size=args.calibration_size, finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr, min_blocks_per_stage=args.min_blocks_per_stage, seed=args.seed,
-        latency_table=args.latency_table)
+        latency_table=args.latency_table, repeats=args.repeats)
     report = prune(config, log=_log)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -128,7 +128,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         msg = "--heatmap and --out name the same file"
         raise InputError(msg)
     config = ScoreConfig(model=args.model, data=args.data, criteria=criteria, profile=args.profile, k=args.k,
-                         calibration_size=args.calibration_size, seed=args.seed)
+                         calibration_size=args.calibration_size, seed=args.seed, repeats=args.repeats)
     scored = score_model(config, log=_log)
     document = json.dumps(scored.report, indent=2, allow_nan=False)
     if args.json:
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-size", type=_positive_int, default=512, help="images for scoring")
     p.add_argument("--min-blocks-per-stage", type=_non_negative_int, default=1, help="units each stage keeps")
     p.add_argument("--latency-table", help="reuse a table from `compressor profile` instead of measuring")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="seeds averaged by sr_init (default: 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print report.json to stdout")
     p.set_defaults(run=cmd_prune)
@@ -189,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_positive_int, help="size of the least-important sets compared (default: units / 3)")
     p.add_argument("--calibration-size", type=_positive_int, default=512, help="images for scoring")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=_positive_int, default=3, help="seeds averaged by sr_init (default: 3)")
     p.add_argument("--heatmap", help="PNG of the agreement matrices (refused if it exists)")
     p.add_argument("--json", action="store_true", help="print the result as JSON to stdout")
     p.add_argument("--out", help="JSON file to write (refused if it exists)")

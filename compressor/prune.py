@@ -47,6 +47,7 @@ class PruneConfig:
     max_trials: int = 8
     seed: int = 0
     latency_table: str | None = None  # reuse a table from `compressor profile` (same model, profile)
+    repeats: int = 3  # SR-init seeds
 
 
 def _timed_pair(deployment: Deployment, base: Path, candidate: Path, policy: TimingPolicy) -> Measured:
@@ -131,7 +132,8 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
 
     log(f"scoring units with {config.criterion} on {config.calibration_size} calibration images")
     calibration = data.loader("train", batch_size=128, limit=config.calibration_size, seed=config.seed)
-    importance = score_units(config.criterion, ScoringContext(model, units, calibration, config.seed))
+    importance = score_units(config.criterion, ScoringContext(model, units, calibration, config.seed,
+                                                                 repeats=config.repeats))
 
     if table is None:
         log("measuring the latency table (each unit removed, exported, timed interleaved)")
