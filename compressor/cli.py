@@ -144,6 +144,70 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from compressor.data import load_data
+    from compressor.errors import InputError
+    from compressor.fold import fold_batchnorm
+    from compressor.zoo import load_model
+    from exporters import EXPORTERS, get_exporter
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in EXPORTERS]
+    if not formats or unknown:
+        msg = f"unknown export format {', '.join(unknown) or repr(args.format)}; known: {', '.join(sorted(EXPORTERS))}"
+        raise InputError(msg)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        msg = f"output {out} exists and is not a folder"
+        raise InputError(msg)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        msg = f"cannot create output folder {out}: {e.strerror or e}"
+        raise InputError(msg) from e
+    if not os.access(out, os.W_OK | os.X_OK):
+        msg = f"output folder {out} is not writable"
+        raise InputError(msg)
+    options = {"onnx": {"dynamic_batch": args.dynamic_batch, "simplify": args.simplify},
+               "tensorrt": {"workspace_mb": args.workspace_mb, "dynamic_batch": args.dynamic_batch}}
+    exporters = [get_exporter(f, precision=args.precision if f in ("openvino", "tensorrt") else "fp32",
+                              **options.get(f, {})) for f in formats]
+    loaded = load_model(args.model, load_data(args.data) if args.data else None)
+    shape = tuple(args.input_shape) if args.input_shape else loaded.input_shape
+    x = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(0))
+    folded, folds = fold_batchnorm(loaded.model.eval(), x)
+    _log(f"{loaded.arch}: {folds} BatchNorm layers folded; input {list(x.shape)}")
+    written = {}
+    for exporter in exporters:
+        target = exporter.artifact_path(out / args.name)
+        candidates = exporter.artifact_files(target)
+        if exporter.name == "tensorrt":
+            candidates.append(exporter.bundle_path(target))
+        clash = [p for p in candidates if p.exists()]
+        if clash:
+            msg = f"{clash[0]} already exists; choose a new --out or --name"
+            raise InputError(msg)
+        try:
+            path = exporter.export(folded, x, target, args.opset)
+        except OSError as e:
+            msg = f"cannot write {target}: {e.strerror or e}"
+            raise InputError(msg) from e
+        outcome = getattr(exporter, "outcome", "") or (f"wrote {path}, validated against torch (atol "
+                                                       f"{exporter.atol:g} + rtol {exporter.rtol:g})")
+        _log(f"{exporter.name} ({exporter.precision}): {outcome}")
+        written[exporter.name] = {"path": str(path), "precision": exporter.precision, "outcome": outcome,
+                                  "files": [str(p) for p in exporter.artifact_files(path)] if path.is_file()
+                                  else sorted(str(p) for p in path.iterdir())}
+    if args.json:
+        print(json.dumps(written, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compressor", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +269,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("export", help="export a model to ONNX, OpenVINO IR, TensorRT (or a device bundle), torch")
+    p.add_argument("--model", required=True, help="zoo name (e.g. resnet56) or checkpoint file")
+    p.add_argument("--format", required=True, help="comma-separated: onnx,openvino,tensorrt,torch")
+    p.add_argument("--out", required=True, help="output folder (created; existing artifacts are refused)")
+    p.add_argument("--data", help="data source a zoo model is trained on (sets weights and input shape)")
+    p.add_argument("--name", default="model", help="artifact file stem (default: model)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="openvino: fp16 = FP16-compressed weights; tensorrt: fp16/int8 builder flags")
+    p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size of the exported input (default: 1)")
+    p.add_argument("--input-shape", type=_positive_int, nargs=3, metavar=("C", "H", "W"),
+                   help="input shape (default: the model's)")
+    p.add_argument("--dynamic-batch", action="store_true", help="ONNX/TensorRT: symbolic batch axis")
+    p.add_argument("--simplify", action="store_true", help="ONNX: simplify with onnxslim")
+    p.add_argument("--workspace-mb", type=_positive_int, default=1024, help="TensorRT builder workspace (MiB)")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    p.set_defaults(run=cmd_export)
     return parser
 
 

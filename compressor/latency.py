@@ -34,13 +34,13 @@ class Deployment:
     def __init__(self, profile: Profile, input_shape: tuple[int, ...]) -> None:
         self.profile = profile
         self.runtime = get_runtime(profile.runtime)
-        self.exporter = get_exporter(self.runtime.artifact_format)
+        self.exporter = get_exporter(self.runtime.artifact_format, precision=profile.precision)
         self.input_shape = (profile.batch, *(profile.input_shape or input_shape))
         self.example = torch.randn(*self.input_shape, generator=torch.Generator().manual_seed(0))
         self.sessions: list = []
 
     def export(self, model: nn.Module, path: Path) -> Path:
-        """Fold BatchNorm, export, and return the artifact path."""
+        """Fold BatchNorm, export, and return the artifact path (`path` with the exporter's suffix)."""
         folded, _ = fold_batchnorm(model)
         return self.exporter.export(folded, self.example, path, self.profile.opset)
 

@@ -27,6 +27,7 @@ from compressor.targets import Measured, Target, margin_from, search_under_targe
 from compressor.timing import TimingPolicy
 from compressor.units import find_units
 from compressor.zoo import LoadedModel, load_model, save_checkpoint
+from exporters import get_exporter
 
 
 @dataclass
@@ -117,9 +118,10 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
 
     table = reuse_latency_table(config.latency_table, units, deployment, log) if config.latency_table else None
     # reachability first: the unpruned model against the most that may be removed
-    baseline_path = deployment.export(model, work / "baseline.onnx")
+    suffix = deployment.exporter.suffix
+    baseline_path = deployment.export(model, work / f"baseline{suffix}")
     floor_model = remove_units(model, most_removable(units, config.min_blocks_per_stage), x)
-    floor_path = deployment.export(floor_model, work / "floor.onnx")
+    floor_path = deployment.export(floor_model, work / f"floor{suffix}")
     reach = _timed_pair(deployment, baseline_path, floor_path, profile.search_policy)
     margin = margin_from(reach.spread)
     log(f"baseline {reach.baseline_ms:.3f} ms; fastest reachable {reach.candidate_ms:.3f} ms "
@@ -142,7 +144,7 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
 
     def measure(removed: tuple[str, ...]) -> Measured:
         chosen = [u for u in units if u.name in removed]
-        path = deployment.export(remove_units(model, chosen, x), work / "candidate.onnx")
+        path = deployment.export(remove_units(model, chosen, x), work / f"candidate{suffix}")
         m = _timed_pair(deployment, baseline_path, path, profile.search_policy)
         log(f"  candidate -{len(removed)} units: predicted {table.predict(removed):.3f} ms, "
             f"measured {m.candidate_ms:.3f} ms vs {m.baseline_ms:.3f} ms ({m.speedup:.2f}x)")
@@ -166,11 +168,15 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
 
     folded, folds = fold_batchnorm(pruned)
     fold_error = check_equivalent(pruned, folded, x, FOLD_RTOL, "BatchNorm folding")
-    model_path = deployment.export(pruned, out / "model.onnx")
-    final_baseline = deployment.export(model, out / "baseline.onnx")
+    model_path = deployment.export(pruned, out / f"model{suffix}")
+    final_baseline = deployment.export(model, out / f"baseline{suffix}")
+    if deployment.exporter.name != "onnx":  # model.onnx and baseline.onnx always, for re-timing anywhere
+        onnx = get_exporter("onnx")
+        onnx.export(folded, x, out / "model.onnx", profile.opset)
+        onnx.export(fold_batchnorm(model)[0], x, out / "baseline.onnx", profile.opset)
     val_x = torch.cat([b[0] for b in data.loader("val", batch_size=64, limit=64)])
-    onnx_error = deployment.validate(model_path, pruned, val_x)
-    onnx_error_base = deployment.validate(final_baseline, model, val_x)
+    artifact_error = deployment.validate(model_path, pruned, val_x)
+    artifact_error_base = deployment.validate(final_baseline, model, val_x)
 
     log(f"final measurement ({profile.report_policy.min_runs} runs / {profile.report_policy.min_time_s:g} s "
         "per model, interleaved)")
@@ -187,8 +193,10 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
         final=final, costs=(count_cost(model, x), count_cost(pruned, x)),
         accuracy=(accuracy(model, data.loader("val")), accuracy(pruned, data.loader("val"))),
         checks={"fold_max_rel_error": fold_error, "folds": folds, "fold_tolerance_rel": FOLD_RTOL,
-                "onnx_max_abs_error": onnx_error, "onnx_baseline_max_abs_error": onnx_error_base,
-                "onnx_tolerance": {"atol": deployment.exporter.atol, "rtol": deployment.exporter.rtol}},
+                "artifact_format": deployment.exporter.name, "artifacts": [model_path.name, final_baseline.name],
+                "artifact_max_abs_error": artifact_error, "artifact_baseline_max_abs_error": artifact_error_base,
+                "artifact_tolerance": {"atol": deployment.exporter.atol, "rtol": deployment.exporter.rtol,
+                                       "range_rtol": deployment.exporter.range_rtol}},
         seconds=time.perf_counter() - t_start)
     write_report(report, out, final)
     return report

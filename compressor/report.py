@@ -105,12 +105,13 @@ def render_markdown(r: dict) -> str:
         f"candidates: MAPE {r['search']['table_error'].get('mape', float('nan')):.1%}, within 10%: "
         f"{r['search']['table_error'].get('within_10pct', float('nan')):.0%}.",
         f"- Checks: BatchNorm folding max relative error {r['checks']['fold_max_rel_error']:.2e} "
-        f"(tolerance {r['checks']['fold_tolerance_rel']:g}); ONNX vs torch max |diff| "
-        f"{r['checks']['onnx_max_abs_error']:.2e} (atol {r['checks']['onnx_tolerance']['atol']:g} + "
-        f"rtol {r['checks']['onnx_tolerance']['rtol']:g}).",
+        f"(tolerance {r['checks']['fold_tolerance_rel']:g}); {r['checks']['artifact_format']} vs torch max |diff| "
+        f"{r['checks']['artifact_max_abs_error']:.2e} (atol {r['checks']['artifact_tolerance']['atol']:g} + "
+        f"rtol {r['checks']['artifact_tolerance']['rtol']:g}).",
         f"- {r['flop_convention']}.",
         "",
-        "Re-time both models yourself: `baseline.onnx` and `model.onnx` in this folder.",
+        f"Re-time both models yourself: `{r['checks']['artifacts'][1]}` and `{r['checks']['artifacts'][0]}` "
+        "in this folder (and `baseline.onnx`, `model.onnx` on any ONNX runtime).",
         "",
     ]
     warnings = [f"{k}: {r[k]['latency_ms']['warning']}" for k in ("baseline", "pruned")

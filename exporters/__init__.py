@@ -9,13 +9,19 @@ from __future__ import annotations
 import importlib
 
 from compressor.errors import InputError
-from exporters.base import Exporter, Runtime, Session
+from exporters.base import Exporter, MissingBackendError, Runtime, Session
 
 EXPORTERS: dict[str, str] = {
     "onnx": "exporters.onnx:OnnxExporter",
+    "openvino": "exporters.openvino:OpenVinoExporter",
+    "tensorrt": "exporters.tensorrt:TensorRTExporter",
+    "torch": "exporters.torch_eager:TorchExporter",
 }
 RUNTIMES: dict[str, str] = {
     "onnxruntime": "exporters.onnxruntime:OnnxRuntime",
+    "openvino": "exporters.openvino:OpenVinoRuntime",
+    "tensorrt": "exporters.tensorrt:TensorRTRuntime",
+    "torch": "exporters.torch_eager:TorchRuntime",
 }
 
 
@@ -27,12 +33,15 @@ def _resolve(registry: dict[str, str], name: str, what: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def get_exporter(name: str) -> Exporter:
-    return _resolve(EXPORTERS, name, "export format")()
+def get_exporter(name: str, **options: object) -> Exporter:
+    """An exporter by format name; `options` (precision, ...) go to its constructor."""
+    return _resolve(EXPORTERS, name, "export format")(**options)
 
 
 def get_runtime(name: str) -> Runtime:
     return _resolve(RUNTIMES, name, "runtime")()
 
 
-__all__ = ["EXPORTERS", "RUNTIMES", "Exporter", "Runtime", "Session", "get_exporter", "get_runtime"]
+__all__ = [
+    "EXPORTERS", "RUNTIMES", "Exporter", "MissingBackendError", "Runtime", "Session", "get_exporter", "get_runtime",
+]

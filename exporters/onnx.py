@@ -1,14 +1,15 @@
-"""ONNX export with torch.onnx (TorchScript exporter: fast, static shapes), checked by onnx.checker."""
+"""ONNX export with torch.onnx (TorchScript exporter: fast), onnx.checker, optional onnxslim,
+external data for large models; validated in ONNX Runtime before it is written."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
-import torch
+from exporters.base import Exporter, Staging, as_numpy, reference_output, require
 
-from compressor.fileio import atomic_write
-from exporters.base import Exporter
+# protobuf refuses messages over 2 GiB; store weights beside the graph well before that
+EXTERNAL_DATA_BYTES = 1 << 30
 
 
 class OnnxExporter(Exporter):
@@ -18,23 +19,85 @@ class OnnxExporter(Exporter):
     different order than torch (fused BatchNorm, its own conv kernels), which
     moves fp32 results by ~1e-6 relative per layer over ~50 layers; a wrong
     graph differs by O(1).
+
+    `dynamic_batch` makes axis 0 of input and output symbolic ("batch");
+    `simplify` runs onnxslim; a model whose weights exceed `external_data_bytes`
+    keeps them in `<name>.data` beside the graph.
     """
 
     name = "onnx"
     suffix = ".onnx"
-    atol = 1e-4
-    rtol = 1e-3
+    TOLERANCES = {"fp32": (1e-4, 1e-3, 0.0)}
 
-    def export(self, model: torch.nn.Module, example_input: torch.Tensor, path: Path,
-               opset: int = 17) -> Path:
+    def __init__(self, precision: str = "fp32", dynamic_batch: bool = False, simplify: bool = False,
+                 external_data_bytes: int = EXTERNAL_DATA_BYTES) -> None:
+        super().__init__(precision)
+        self.dynamic_batch = dynamic_batch
+        self.simplify = simplify
+        self.external_data_bytes = external_data_bytes
+
+    def artifact_files(self, path: Path) -> list[Path]:
+        data = Path(f"{path}.data")
+        return [data, Path(path)] if data.exists() else [Path(path)]
+
+    def export(self, model, example_input, path: Path, opset: int = 17) -> Path:
+        """`model` is an nn.Module or the path of an ONNX file (then re-checked and re-validated)."""
+        from exporters.onnxruntime import OnnxRuntimeSession
+
+        path = self.artifact_path(path)
+        with Staging(path) as stage:
+            staged = stage.dir / path.name
+            names = self.write(model, example_input, staged, opset)
+            x = as_numpy(example_input)
+            got = OnnxRuntimeSession(staged, 1).run(x)
+            self.check_close(got, reference_output(model, x), str(path))
+            stage.commit(names)
+        return path
+
+    def write(self, model, example_input, staged: Path, opset: int) -> list[str]:
+        """Write and check the ONNX file at `staged`; returns the file names written (graph last)."""
         import onnx
+        import torch
 
-        def write(tmp: Path) -> None:
+        proto = None
+        if isinstance(model, (str, Path)):
+            proto = onnx.load(str(model))  # with its external data, if any
+        else:
+            axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if self.dynamic_batch else None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(model.eval(), (example_input,), str(tmp), dynamo=False,
-                                  opset_version=opset, input_names=["input"],
-                                  output_names=["logits"], do_constant_folding=True)
-            onnx.checker.check_model(str(tmp), full_check=True)
+                torch.onnx.export(model.eval(), (example_input,), str(staged), dynamo=False,
+                                  opset_version=opset, input_names=["input"], output_names=["logits"],
+                                  dynamic_axes=axes, do_constant_folding=True)
+            if self.simplify or sum(p.stat().st_size for p in staged.parent.iterdir()) > self.external_data_bytes:
+                proto = onnx.load(str(staged))
+        names = [staged.name]
+        if proto is not None:
+            if self.simplify:
+                onnxslim = require("onnxslim", "ONNX simplification", "install it with `pip install onnxslim`")
+                proto = onnxslim.slim(proto)
+            for leftover in staged.parent.iterdir():  # per-tensor files torch may have written
+                leftover.unlink()
+            if _weight_bytes(proto) > self.external_data_bytes:
+                data = f"{staged.name}.data"
+                onnx.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=data, size_threshold=1024)
+                names = [data, staged.name]
+            else:
+                onnx.save_model(proto, str(staged))
+        onnx.checker.check_model(str(staged), full_check=True)
+        return names
 
-        return atomic_write(path, write)
+
+def _weight_bytes(proto) -> int:
+    """Bytes of the graph's initializers (what external data would hold)."""
+    import numpy as np
+    from onnx import helper
+
+    total = 0
+    for t in proto.graph.initializer:
+        if t.raw_data:
+            total += len(t.raw_data)
+        else:
+            total += int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total

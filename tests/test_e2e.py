@@ -53,7 +53,8 @@ def test_report_fields(run):
     assert report["criterion"] == "cka"
     assert report["profile"]["name"] == "ort-cpu-fast" and report["profile"]["machine"]["cpu"]
     assert report["target_ms"] == pytest.approx(report["baseline"]["latency_ms"]["median"] / 1.5)
-    assert report["checks"]["onnx_max_abs_error"] <= 1e-4 + 1e-3 * 20
+    assert report["checks"]["artifact_format"] == "onnx"
+    assert report["checks"]["artifact_max_abs_error"] <= 1e-4 + 1e-3 * 20
     assert report["pruned"]["accuracy"] > 80  # one distillation epoch on digits32
 
 

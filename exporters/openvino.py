@@ -1,0 +1,131 @@
+"""OpenVINO IR (.xml + .bin) through OpenVINO's own converter, run on the CPU device.
+
+The IR is converted from the ONNX graph (`openvino.convert_model` on the file
+OnnxExporter writes and validates): its PyTorch frontend gives the same graph
+here but takes ~5 s per ResNet-56 against ~1 s, and the latency table exports
+every candidate. Sessions follow MEASURE.md: PERFORMANCE_HINT=LATENCY, one
+synchronous infer request, INFERENCE_NUM_THREADS = the profile's threads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from compressor.errors import InputError
+from exporters.base import Exporter, Runtime, Session, Staging, as_numpy, reference_output, require
+
+HINT = "install it with `pip install openvino` (or `pip install compressor[openvino]`)"
+
+
+def _openvino():
+    return require("openvino", "the OpenVINO backend", HINT)
+
+
+class OpenVinoExporter(Exporter):
+    """IR with FP32 weights, or FP16-compressed weights (`precision="fp16"`).
+
+    Inference runs in fp32 on the CPU either way (INFERENCE_PRECISION_HINT=f32;
+    OpenVINO would otherwise pick bf16 on CPUs that have it, an error of O(1)
+    on unnormalised logits). FP32: same tolerance as ONNX (atol 1e-4 + rtol 1e-3; another summation order).
+    FP16 weights are rounded to an 11-bit mantissa (up to 4.9e-4 relative per
+    weight); the error this leaves in the output scales with the activations:
+    measured on every zoo model (random BatchNorm statistics) it stays under
+    8e-4 of max|logits|, so atol 1e-4 + rtol 1e-2 + 4e-3 * max|logits| (5x
+    margin); a wrong graph differs by O(1) of the range.
+    """
+
+    name = "openvino"
+    suffix = ".xml"
+    TOLERANCES = {"fp32": (1e-4, 1e-3, 0.0), "fp16": (1e-4, 1e-2, 4e-3)}
+
+    def artifact_files(self, path: Path) -> list[Path]:
+        return [Path(path).with_suffix(".bin"), Path(path)]
+
+    def export(self, model, example_input, path: Path, opset: int = 17) -> Path:
+        """`model` is an nn.Module or an ONNX file; writes `<stem>.xml` and `<stem>.bin`.
+
+        Both are built and validated in a private folder, then renamed into
+        place, the .bin first, so a finished .xml always has its own .bin.
+        """
+        from exporters.onnx import OnnxExporter
+
+        ov = _openvino()
+        path = self.artifact_path(path)
+        with Staging(path) as stage:
+            source = model
+            if not isinstance(model, (str, Path)):
+                source = stage.dir / "source.onnx"
+                OnnxExporter().write(model, example_input, source, opset)
+            try:
+                converted = ov.convert_model(str(source))
+            except Exception as e:  # OpenVINO raises its own OpConversionFailure, RuntimeError, ...
+                msg = f"OpenVINO cannot convert {source}: {str(e).strip().splitlines()[0][:200]}"
+                raise InputError(msg) from e
+            xml = stage.dir / path.name
+            ov.save_model(converted, str(xml), compress_to_fp16=self.precision == "fp16")
+            x = as_numpy(example_input)
+            got = OpenVinoSession(xml, 1).run(x)
+            self.check_close(got, reference_output(model, x), str(path))
+            stage.commit([xml.with_suffix(".bin").name, xml.name])
+        return path
+
+
+class OpenVinoSession(Session):
+    """One compiled model on the CPU device with one synchronous infer request."""
+
+    def __init__(self, artifact: Path, threads: int, options: dict | None = None) -> None:
+        ov = _openvino()
+        artifact = Path(artifact)
+        weights = artifact.with_suffix(".bin")
+        if not artifact.is_file() or not weights.is_file():
+            msg = f"OpenVINO IR {artifact} needs both {artifact.name} and {weights.name}; not found"
+            raise InputError(msg)
+        with artifact.open("rb") as f:
+            head = f.read(256).lstrip()
+        if not head.startswith((b"<?xml", b"<net")):
+            msg = f"OpenVINO cannot load {artifact}: not an IR .xml file"
+            raise InputError(msg)
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads),
+                  "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1}
+        config.update({str(k).upper(): v for k, v in (options or {}).items()})
+        core = ov.Core()
+        try:
+            self.compiled = core.compile_model(core.read_model(str(artifact), str(weights)), "CPU", config)
+        except Exception as e:  # OpenVINO raises RuntimeError for a bad .xml or a short .bin
+            lines = [ln for ln in str(e).splitlines() if ln.strip() and not ln.startswith(("Exception", "Check"))]
+            detail = (lines[-1] if lines else str(e).strip().splitlines()[0])[:200]
+            msg = f"OpenVINO cannot load {artifact}: {detail}"
+            raise InputError(msg) from e
+        self.request = self.compiled.create_infer_request()
+        self.settings = {"runtime": "openvino", "version": ov.get_version(), "device": "CPU",
+                         "inference": "synchronous, one infer request"}
+        for key in ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS", "INFERENCE_PRECISION_HINT",
+                    "ENABLE_CPU_PINNING", *(str(k).upper() for k in (options or {}))):
+            try:
+                value = self.compiled.get_property(key)
+                self.settings[key.lower()] = value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+            except Exception:  # a property this plugin version does not report
+                self.settings[key.lower()] = str(config.get(key))
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        out = self.request.infer({0: np.ascontiguousarray(x, np.float32)}, share_inputs=False)
+        return np.array(out[self.compiled.output(0)])
+
+    def prepare(self, x: np.ndarray) -> None:
+        ov = _openvino()
+        self._input = np.ascontiguousarray(x, np.float32)
+        self.request.set_input_tensor(ov.Tensor(self._input, shared_memory=True))
+
+    def __call__(self) -> object:
+        self.request.infer()
+        return self.request.get_output_tensor(0)
+
+
+class OpenVinoRuntime(Runtime):
+    name = "openvino"
+    artifact_format = "openvino"
+
+    def open(self, artifact: Path, threads: int, options: dict | None = None) -> Session:
+        return OpenVinoSession(artifact, threads, options)

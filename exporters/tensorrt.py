@@ -1,0 +1,260 @@
+"""TensorRT: a real engine where `tensorrt` and an NVIDIA GPU are present, else a device bundle.
+
+Either way the ONNX file is exported and validated in ONNX Runtime against
+torch first. With TensorRT here, the engine is built, validated and timed by
+exporters/trt_build.py (the TensorRT Python API). Without it, the same file
+goes into a bundle as build_engine.py, beside model.onnx, reference.npz
+(inputs + ONNX Runtime outputs), trtexec.sh and bundle.json, to be built and
+checked on the device. `outcome` says which happened. Nothing is faked: no
+engine and no timing is ever reported without TensorRT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from compressor.errors import InputError, ValidationError
+from exporters.base import (
+    Exporter,
+    MissingBackendError,
+    Runtime,
+    Session,
+    Staging,
+    as_numpy,
+    reference_output,
+)
+
+BUILD_SCRIPT = Path(__file__).with_name("trt_build.py")
+OPSETS = range(9, 21)  # what the ONNX parsers of TensorRT 8.6 - 10.x accept
+REFERENCE_SAMPLES = 4
+HINT = ("TensorRT needs an NVIDIA GPU and NVIDIA's libraries; on a machine without them "
+        "`compressor export --format tensorrt` writes a device bundle to build there")
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """(usable, reason): `tensorrt` imports and the CUDA runtime sees a GPU."""
+    from exporters import trt_build
+
+    try:
+        trt = trt_build.load_tensorrt()
+        trt_build.Cuda()
+    except trt_build.BuildError as e:
+        return False, str(e)
+    return True, f"TensorRT {trt.__version__} with an NVIDIA GPU"
+
+
+def check_onnx_for_tensorrt(path: Path) -> dict:
+    """What TensorRT needs from the ONNX file: a supported opset, float32 inputs, static shapes
+    (or a dynamic batch only, given an optimisation profile), standard-domain operators."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    problems = []
+    if opset not in OPSETS:
+        problems.append(f"opset {opset} is outside what TensorRT parses ({OPSETS.start}-{OPSETS.stop - 1})")
+    inputs = {}
+    for tensor in model.graph.input:
+        shape = tensor.type.tensor_type.shape.dim
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in shape]
+        inputs[tensor.name] = dims
+        if tensor.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            problems.append(f"input {tensor.name!r} is not float32")
+        if any(not isinstance(d, int) for d in dims[1:]):
+            problems.append(f"input {tensor.name!r} has dynamic dimensions beyond the batch: {dims}")
+    custom = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    if custom:
+        problems.append(f"operators from custom domains need TensorRT plugins: {', '.join(custom)}")
+    if problems:
+        msg = f"{path} is not ready for TensorRT: {'; '.join(problems)}"
+        raise InputError(msg)
+    dynamic = any(not isinstance(d[0], int) for d in inputs.values() if d)
+    return {"opset": opset, "inputs": inputs, "outputs": [o.name for o in model.graph.output],
+            "dynamic_batch": dynamic}
+
+
+class TensorRTExporter(Exporter):
+    """Engine (.engine) or device bundle (`<stem>-tensorrt-bundle/`).
+
+    Tolerances: fp32 (TF32 off) atol 1e-4 + rtol 1e-3 + 1e-5*max|logits|
+    (other kernels, other summation order); fp16 activations round to an
+    11-bit mantissa at every layer: atol 1e-3 + rtol 2e-2 + 1e-2*max|logits|;
+    int8: atol 1e-2 + rtol 0.1 + 0.1*max|logits| catches a broken engine only;
+    judge int8 by accuracy.
+    """
+
+    name = "tensorrt"
+    suffix = ".engine"
+    TOLERANCES = {"fp32": (1e-4, 1e-3, 1e-5), "fp16": (1e-3, 2e-2, 1e-2), "int8": (1e-2, 1e-1, 1e-1)}
+
+    def __init__(self, precision: str = "fp32", workspace_mb: int = 1024, dynamic_batch: bool = False) -> None:
+        super().__init__(precision)
+        self.workspace_mb = workspace_mb
+        self.dynamic_batch = dynamic_batch
+        self.outcome = ""
+
+    def bundle_path(self, path: Path) -> Path:
+        path = self.artifact_path(path)
+        return path.with_name(f"{path.stem}-tensorrt-bundle")
+
+    def export(self, model, example_input, path: Path, opset: int = 17) -> Path:
+        """The engine's path when TensorRT is usable here, else the bundle folder's path."""
+        from exporters.onnx import OnnxExporter
+        from exporters.onnxruntime import OnnxRuntimeSession
+
+        path = self.artifact_path(path)
+        x = as_numpy(example_input)
+        with Staging(path) as stage:
+            onnx_path = stage.dir / "model.onnx"
+            onnx_exporter = OnnxExporter(dynamic_batch=self.dynamic_batch)
+            onnx_exporter.write(model, example_input, onnx_path, opset)
+            facts = check_onnx_for_tensorrt(onnx_path)
+            rng = np.random.default_rng(0)
+            inputs = np.stack([x] + [rng.standard_normal(x.shape, dtype=np.float32)
+                                     for _ in range(REFERENCE_SAMPLES - 1)])
+            session = OnnxRuntimeSession(onnx_path, 1)
+            outputs = np.stack([session.run(xi) for xi in inputs])
+            for xi, got in zip(inputs, outputs, strict=True):  # the reference itself is checked against torch
+                onnx_exporter.check_close(got, reference_output(model, xi), f"{path} (ONNX for TensorRT)")
+            usable, reason = tensorrt_status()
+            if usable:
+                return self._engine(stage, path, onnx_path, inputs, outputs, reason)
+            return self._bundle(stage, path, facts, inputs, outputs, opset, reason)
+
+    def _flags(self) -> tuple[bool, bool]:
+        return self.precision in ("fp16", "int8"), self.precision == "int8"
+
+    def _engine(self, stage: Staging, path: Path, onnx_path: Path, inputs: np.ndarray, outputs: np.ndarray,
+                reason: str) -> Path:
+        from exporters import trt_build
+
+        trt, cuda = trt_build.load_tensorrt(), trt_build.Cuda()
+        fp16, int8 = self._flags()
+        staged = stage.dir / path.name
+        try:
+            trt_build.build_engine(trt, str(onnx_path), str(staged), fp16, int8, self.workspace_mb,
+                                   str(stage.dir / "timing.cache"), inputs, cuda)
+            runner = trt_build.EngineRunner(trt, str(staged), inputs.shape[1:], cuda)
+            trt_build.validate(runner, inputs, {"logits": outputs}, self.atol, self.rtol, self.range_rtol)
+        except trt_build.BuildError as e:
+            raise InputError(str(e)) from e
+        except trt_build.MismatchError as e:
+            raise ValidationError(f"{path}: {e}") from e
+        stage.commit([staged.name])
+        self.outcome = f"built TensorRT engine {path} ({reason}) and validated it against ONNX Runtime"
+        return path
+
+    def _bundle(self, stage: Staging, path: Path, facts: dict, inputs: np.ndarray, outputs: np.ndarray,
+                opset: int, reason: str) -> Path:
+        import onnx
+
+        final = self.bundle_path(path)
+        if final.exists() and (not final.is_dir() or any(final.iterdir())):
+            msg = f"bundle folder {final} already exists and is not empty; choose a new output"
+            raise InputError(msg)
+        folder = stage.dir / final.name
+        folder.mkdir()
+        shutil.move(str(stage.dir / "model.onnx"), folder / "model.onnx")
+        shutil.copyfile(BUILD_SCRIPT, folder / "build_engine.py")
+        np.savez(folder / "reference.npz", input=inputs, logits=outputs)
+        fp16, int8 = self._flags()
+        tol = f"--atol {self.atol:g} --rtol {self.rtol:g} --range-rtol {self.range_rtol:g}"
+        build = ("python3 build_engine.py --onnx model.onnx --engine model.engine"
+                 f"{' --fp16' if fp16 else ''}{' --int8' if int8 else ''} --workspace-mb {self.workspace_mb} "
+                 f"--timing-cache timing.cache --inputs reference.npz --outputs reference.npz {tol} "
+                 "--report engine_report.json")
+        shape = "x".join(str(d) for d in inputs.shape[1:])
+        shapes = (f" --minShapes=input:1x{'x'.join(str(d) for d in inputs.shape[2:])} --optShapes=input:{shape}"
+                  f" --maxShapes=input:{shape}" if facts["dynamic_batch"] else "")
+        trtexec = ("trtexec --onnx=model.onnx --saveEngine=model.engine"
+                   f"{' --fp16' if fp16 else ''}{' --int8' if int8 else ''}"
+                   f" --memPoolSize=workspace:{self.workspace_mb} --timingCacheFile=timing.cache{shapes}"
+                   " --warmUp=500 --iterations=200 --duration=5")
+        (folder / "trtexec.sh").write_text(
+            "#!/bin/sh\n# Build and time with trtexec (workspace in MiB); it reports GPU compute and host latency\n"
+            "# separately. trtexec does not compare outputs: build_engine.py does (see README.txt).\n"
+            f"cd \"$(dirname \"$0\")\"\n{trtexec} \"$@\"\n")
+        os.chmod(folder / "trtexec.sh", 0o755)
+        (folder / "README.txt").write_text(
+            f"TensorRT device bundle: no engine was built here ({reason}).\n\n"
+            "On the device (TensorRT 8.5+, NVIDIA GPU, numpy), in this folder:\n\n"
+            f"  {build}\n\nbuilds model.engine, checks it against reference.npz (ONNX Runtime outputs of model.onnx,\n"
+            "themselves checked against torch) and times GPU compute and host-to-host latency separately.\n"
+            f"Or with trtexec (no output check): sh trtexec.sh\n")
+        manifest = {
+            "format": "compressor-tensorrt-bundle", "version": 1, "engine_built": False, "reason": reason,
+            "precision": self.precision, "fp16": fp16, "int8": int8, "workspace_mb": self.workspace_mb,
+            "onnx": {"file": "model.onnx", "opset": facts["opset"], "inputs": facts["inputs"],
+                     "outputs": facts["outputs"], "dynamic_batch": facts["dynamic_batch"],
+                     "onnx_version": onnx.__version__},
+            "reference": {"file": "reference.npz", "inputs": "input", "outputs": ["logits"],
+                          "samples": int(len(inputs)), "source": "onnxruntime, checked against torch"},
+            "tolerance": {"atol": self.atol, "rtol": self.rtol, "range_rtol": self.range_rtol},
+            "build_command": build, "trtexec_command": trtexec, "requested_opset": opset,
+        }
+        (folder / "bundle.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        for f in folder.iterdir():
+            os.chmod(f, 0o755 if f.suffix in (".sh", ".py") else 0o644)
+        os.chmod(folder, 0o755)
+        os.replace(folder, final)
+        self.outcome = (f"TensorRT is not usable here ({reason}); no engine was built. Wrote a device bundle "
+                        f"{final}: build and validate it on the device with `{build}`")
+        return final
+
+
+class TensorRTSession(Session):
+    """An engine run host-to-host (copy in, compute, copy out) per timed call."""
+
+    def __init__(self, artifact: Path, threads: int, options: dict | None = None) -> None:
+        from exporters import trt_build
+
+        try:
+            self.trt, self.cuda = trt_build.load_tensorrt(), trt_build.Cuda()
+        except trt_build.BuildError as e:
+            raise MissingBackendError(f"{e}. {HINT}") from e
+        if not Path(artifact).is_file():
+            msg = f"TensorRT engine not found: {artifact}"
+            raise InputError(msg)
+        self.artifact = Path(artifact)
+        self.runner = None
+        self.settings = {"runtime": "tensorrt", "version": self.trt.__version__, "timed": "host-to-host"}
+
+    def _runner(self, shape: tuple[int, ...]):
+        from exporters import trt_build
+
+        if self.runner is None:
+            try:
+                self.runner = trt_build.EngineRunner(self.trt, str(self.artifact), shape, self.cuda)
+            except trt_build.BuildError as e:
+                raise InputError(f"TensorRT cannot load {self.artifact}: {e}") from e
+        return self.runner
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        out = self._runner(x.shape).infer(x)
+        return out[self.runner.outputs[0]]
+
+    def prepare(self, x: np.ndarray) -> None:
+        self._runner(x.shape)
+        self._input = np.ascontiguousarray(x, np.float32)
+
+    def __call__(self) -> object:
+        return self.runner.infer(self._input)
+
+
+class TensorRTRuntime(Runtime):
+    name = "tensorrt"
+    artifact_format = "tensorrt"
+
+    def __init__(self) -> None:
+        usable, reason = tensorrt_status()
+        if not usable:
+            msg = f"the tensorrt runtime is not usable here: {reason}. {HINT}"
+            raise MissingBackendError(msg)
+
+    def open(self, artifact: Path, threads: int, options: dict | None = None) -> Session:
+        return TensorRTSession(artifact, threads, options)

@@ -1,0 +1,86 @@
+"""Torch eager reference runtime: the model as a torch.export program (.pt2), run eagerly.
+
+A .pt2 is a real, re-loadable artifact that needs no pickle execution
+(`torch.export.load`) and no TorchScript; its `.module()` runs the exported
+ATen graph op by op in eager mode. Reference only (MEASURE.md):
+torch.set_num_threads(threads), inference_mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from compressor.errors import InputError
+from exporters.base import Exporter, Runtime, Session, Staging, as_numpy, reference_output
+
+
+class TorchExporter(Exporter):
+    """fp32 torch.export program; the same kernels as torch, so atol 1e-5 + rtol 1e-4
+    (only the decomposition of a few ops can change the summation order)."""
+
+    name = "torch"
+    suffix = ".pt2"
+    TOLERANCES = {"fp32": (1e-5, 1e-4, 0.0)}
+
+    def export(self, model, example_input, path: Path, opset: int = 17) -> Path:
+        """`opset` is ignored; an ONNX file is refused (torch cannot import ONNX)."""
+        import torch
+
+        if isinstance(model, (str, Path)):
+            msg = "the torch format exports an nn.Module, not an ONNX file"
+            raise InputError(msg)
+        path = self.artifact_path(path)
+        with Staging(path) as stage:
+            staged = stage.dir / path.name
+            program = torch.export.export(model.eval(), (example_input,))
+            torch.export.save(program, str(staged))
+            x = as_numpy(example_input)
+            got = TorchSession(staged, 1).run(x)
+            self.check_close(got, reference_output(model, x), str(path))
+            stage.commit([staged.name])
+        return path
+
+
+class TorchSession(Session):
+    def __init__(self, artifact: Path, threads: int, options: dict | None = None) -> None:
+        import torch
+
+        try:
+            self.module = torch.export.load(str(artifact)).module()
+        except Exception as e:  # zipfile.BadZipFile, RuntimeError, FileNotFoundError, ...
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = f"torch cannot load {artifact} as a torch.export program: {first[:200]}"
+            raise InputError(msg) from e
+        self.threads = threads
+        self.settings = {"runtime": "torch", "version": torch.__version__, "mode": "eager (torch.export program)",
+                         "num_threads": threads, "inference_mode": True}
+        self._input = None
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            return self.module(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+
+    def prepare(self, x: np.ndarray) -> None:
+        import torch
+
+        torch.set_num_threads(self.threads)
+        self._input = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+
+    def __call__(self) -> object:
+        import torch
+
+        with torch.inference_mode():
+            return self.module(self._input)
+
+
+class TorchRuntime(Runtime):
+    name = "torch"
+    artifact_format = "torch"
+
+    def open(self, artifact: Path, threads: int, options: dict | None = None) -> Session:
+        return TorchSession(artifact, threads, options)
