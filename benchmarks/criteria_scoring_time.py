@@ -25,7 +25,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from compressor.criteria import COSTS, CRITERIA, ScoringContext, score_units
 from compressor.data import load_data
 from compressor.fileio import atomic_write_text
-from compressor.machine import machine_info
+from compressor.machine import machine_info, source_revision
 from compressor.units import find_units
 from compressor.zoo import ZOO, load_model
 
@@ -199,17 +198,6 @@ def write_outputs(result: dict, out: Path) -> None:
 # ---------------------------------------------------------------------------- main
 
 
-def _git_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True,
-                               cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("-dirty" if dirty else "")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="resnet56,resnet20",
@@ -255,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "benchmark": "criteria_scoring_time",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]), "git_commit": _git_commit(),
+        "command": shlex.join([sys.executable, *sys.argv]), "git_commit": source_revision(Path(__file__).parent),
         "machine": machine_info(), "torch_threads": torch.get_num_threads(), "data": DATA,
         "calibration_size": args.calibration_size, "batch_size": args.batch_size, "calibration_seed": 0,
         "repeats": args.repeats, "sr_init_repeats": args.sr_init_repeats,

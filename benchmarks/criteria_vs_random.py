@@ -28,7 +28,6 @@ import datetime as dt
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ from torch.nn import functional as F
 from compressor.criteria import COSTS, CRITERIA, ScoringContext, score_units
 from compressor.data import DataBundle, load_data
 from compressor.fileio import atomic_write_text
-from compressor.machine import machine_info
+from compressor.machine import machine_info, source_revision
 from compressor.search import removable_limits
 from compressor.surgery import remove_units
 from compressor.units import Unit, find_units
@@ -315,17 +314,6 @@ def write_outputs(result: dict, out: Path) -> None:
 # ---------------------------------------------------------------------------- main
 
 
-def _git_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True,
-                               cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("-dirty" if dirty else "")
-
-
 def _parse_k(spec: str) -> tuple[str, list[int]]:
     model, _, ks = spec.partition("=")
     try:
@@ -375,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "benchmark": "criteria_vs_random",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]), "git_commit": _git_commit(),
+        "command": shlex.join([sys.executable, *sys.argv]), "git_commit": source_revision(Path(__file__).parent),
         "machine": machine_info(), "data": DATA, "calibration_size": args.calibration_size,
         "calibration_seed": 0, "val_size": len(data.val), "min_per_stage": args.min_per_stage,
         "random_sets": args.random_sets, "criteria": args.criteria, "chance_accuracy": 100.0 / data.num_classes,

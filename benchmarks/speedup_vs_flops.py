@@ -24,7 +24,6 @@ import copy
 import datetime as dt
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from compressor.fileio import atomic_write, atomic_write_text
 from compressor.finetune import accuracy
 from compressor.flops import count_cost
 from compressor.latency import Deployment, measure_latency_table
-from compressor.machine import machine_info
+from compressor.machine import machine_info, source_revision
 from compressor.profiles import Profile, load_profile
 from compressor.prune import PruneConfig, prune
 from compressor.units import find_units
@@ -334,17 +333,6 @@ def write_outputs(result: dict, out: Path) -> None:
 # ---------------------------------------------------------------------------- main
 
 
-def _git_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True,
-                               cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("-dirty" if dirty else "")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="resnet20,resnet56,resnet110",
@@ -379,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "speedup_vs_flops",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]), "git_commit": _git_commit(),
+        "command": shlex.join([sys.executable, *sys.argv]), "git_commit": source_revision(Path(__file__).parent),
         "machine": machine_info(), "profile": PROFILE, "profile_settings": profile.to_dict(), "data": DATA,
         "criterion": CRITERION, "finetune_epochs": args.finetune_epochs, "flop_convention": FLOP_NOTE,
         "flop_match_tolerance": FLOP_ACCEPT, "rows": [],

@@ -277,9 +277,6 @@ def score_model(config: ScoreConfig, log: Callable[[str], None] = print) -> Scor
         profile = load_profile(config.profile)
     data = load_data(config.data)
     loaded = load_model(config.model, data)
-    if tuple(loaded.input_shape) != tuple(data.input_shape):
-        msg = f"model expects inputs {loaded.input_shape}, data {config.data} gives {data.input_shape}"
-        raise InputError(msg)
     model = loaded.model.eval()
     units = find_units(model, loaded.example_input())
     if not units:

@@ -90,9 +90,6 @@ def prune(config: PruneConfig, log: Callable[[str], None] = print) -> dict:
     profile = load_profile(config.profile)
     data = load_data(config.data)
     loaded = load_model(config.model, data)
-    if tuple(loaded.input_shape) != tuple(data.input_shape):
-        msg = f"model expects inputs {loaded.input_shape}, data {config.data} gives {data.input_shape}"
-        raise InputError(msg)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
     try:

@@ -158,13 +158,19 @@ def pretrained_on(arch: str, data: object, epochs: int = PRETRAIN_EPOCHS) -> Loa
 
 
 def load_model(spec: str, data: object | None = None) -> LoadedModel:
-    """A zoo name (trained on `data` when given) or a checkpoint path."""
+    """A zoo name (trained on `data` when given) or a checkpoint path; with `data`, the model
+    must take the data's input shape (InputError otherwise)."""
     if spec in ZOO:
-        if data is not None:
-            return pretrained_on(spec, data)
-        size = ZOO[spec].input_size
-        return LoadedModel(build(spec, 10), spec, 10, (3, size, size), f"{spec} (untrained)")
-    if spec.endswith((".pt", ".pth")) or os.sep in spec or Path(spec).exists():
-        return load_checkpoint(spec)
-    msg = f"unknown model {spec!r}; zoo: {', '.join(ZOO)} (or a checkpoint file)"
-    raise InputError(msg)
+        if data is None:
+            size = ZOO[spec].input_size
+            return LoadedModel(build(spec, 10), spec, 10, (3, size, size), f"{spec} (untrained)")
+        loaded = pretrained_on(spec, data)
+    elif spec.endswith((".pt", ".pth")) or os.sep in spec or Path(spec).exists():
+        loaded = load_checkpoint(spec)
+    else:
+        msg = f"unknown model {spec!r}; zoo: {', '.join(ZOO)} (or a checkpoint file)"
+        raise InputError(msg)
+    if data is not None and tuple(loaded.input_shape) != tuple(data.input_shape):
+        msg = f"model expects inputs {loaded.input_shape}, data {data.spec} gives {tuple(data.input_shape)}"
+        raise InputError(msg)
+    return loaded
