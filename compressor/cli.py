@@ -208,6 +208,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from compressor.gate import BenchConfig, run_bench
+    from compressor.profiles import load_profile
+
+    config = BenchConfig(artifact=args.artifact, profile=load_profile(args.profile), baseline=args.baseline,
+                         against=args.against, threshold=args.threshold, save_baseline=args.save_baseline,
+                         allow_foreign_baseline=args.allow_foreign_baseline, runs=args.runs,
+                         min_time_s=args.min_time, out=args.out)
+    result = run_bench(config)
+    if args.json:
+        print(json.dumps(result.report, indent=2))
+        _log(result.text)
+    else:
+        print(result.text)
+    for key, what in (("saved_baseline", "baseline"), ("out", "report")):
+        if key in result.report:
+            _log(f"{what} written to {result.report[key]}")
+    return result.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compressor", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -287,6 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace-mb", type=_positive_int, default=1024, help="TensorRT builder workspace (MiB)")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("bench", help="time an exported artifact and gate it against a baseline (asv's rule)")
+    p.add_argument("--artifact", required=True, help="exported artifact: .onnx (onnxruntime) or .xml (openvino)")
+    p.add_argument("--profile", required=True, help="built-in profile name (ort-cpu) or YAML path")
+    p.add_argument("--baseline", help="baseline JSON from --save-baseline to compare with")
+    p.add_argument("--against", help="another artifact timed interleaved with --artifact, as the reference")
+    p.add_argument("--threshold", type=float, default=1.10,
+                   help="regression if median ratio exceeds this AND Mann-Whitney p < 0.002 (default: 1.10)")
+    p.add_argument("--save-baseline", help="write this measurement as a baseline JSON (refused if it exists)")
+    p.add_argument("--allow-foreign-baseline", action="store_true",
+                   help="compare with a baseline from another profile or machine (flagged in the report)")
+    p.add_argument("--runs", type=_positive_int, help="minimum timed runs (default: the profile's report floor)")
+    p.add_argument("--min-time", type=float, help="minimum timed seconds (default: the profile's report floor)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON to stdout")
+    p.add_argument("--out", help="report JSON file to write (refused if it exists)")
+    p.set_defaults(run=cmd_bench)
     return parser
 
 
