@@ -145,13 +145,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import os
-    from pathlib import Path
 
     import torch
 
     from compressor.data import load_data
     from compressor.errors import InputError
+    from compressor.fileio import check_output_dir, make_output_dir
     from compressor.fold import fold_batchnorm
     from compressor.zoo import load_model
     from exporters import EXPORTERS, get_exporter
@@ -161,18 +160,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not formats or unknown:
         msg = f"unknown export format {', '.join(unknown) or repr(args.format)}; known: {', '.join(sorted(EXPORTERS))}"
         raise InputError(msg)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        msg = f"output {out} exists and is not a folder"
-        raise InputError(msg)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        msg = f"cannot create output folder {out}: {e.strerror or e}"
-        raise InputError(msg) from e
-    if not os.access(out, os.W_OK | os.X_OK):
-        msg = f"output folder {out} is not writable"
-        raise InputError(msg)
+    out = make_output_dir(check_output_dir(args.out, must_be_empty=False))
     options = {"onnx": {"dynamic_batch": args.dynamic_batch, "simplify": args.simplify},
                "tensorrt": {"workspace_mb": args.workspace_mb, "dynamic_batch": args.dynamic_batch}}
     exporters = [get_exporter(f, precision=args.precision if f in ("openvino", "tensorrt") else "fp32",

@@ -36,17 +36,29 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def new_output_dir(path: str | Path) -> Path:
-    """An output folder that holds nothing yet: refuse to overwrite what the user has."""
+def check_output_dir(path: str | Path, must_be_empty: bool) -> Path:
+    """Refuse an output folder that is a file, or (when `must_be_empty`) that already holds something."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not path.is_dir():
+        msg = f"output {path} exists and is not a folder"
+        raise InputError(msg)
+    if must_be_empty and path.exists() and any(path.iterdir()):
         msg = f"output {path} already exists and is not empty; choose a new --out"
         raise InputError(msg)
+    return path
+
+
+def make_output_dir(path: str | Path) -> Path:
+    """Create the output folder (and parents); InputError if that fails or it is not writable."""
+    path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        msg = f"cannot create output folder {path}: {e.strerror}"
+        msg = f"cannot create output folder {path}: {e.strerror or e}"
         raise InputError(msg) from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        msg = f"output folder {path} is not writable"
+        raise InputError(msg)
     return path
 
 

@@ -15,6 +15,7 @@ import torch
 from compressor.criteria import ScoringContext, get_criterion, score_units
 from compressor.data import DataBundle, load_data
 from compressor.errors import InputError, UnreachableTargetError
+from compressor.fileio import check_output_dir, make_output_dir
 from compressor.finetune import accuracy, train
 from compressor.flops import count_cost
 from compressor.fold import FOLD_RTOL, check_equivalent, fold_batchnorm
@@ -83,14 +84,11 @@ def prune(config: PruneConfig, log: Callable[[str], None] = print) -> dict:
     """Run the whole job; returns the report dict (also written to `config.out`)."""
     target = Target(config.target_ms, config.target_speedup)
     get_criterion(config.criterion)
-    out = Path(config.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        msg = f"output {out} already exists and is not empty; choose a new --out"
-        raise InputError(msg)
+    out = check_output_dir(config.out, must_be_empty=True)
     profile = load_profile(config.profile)
     data = load_data(config.data)
     loaded = load_model(config.model, data)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
     try:
         report = _run(config, target, profile, data, loaded, out, work, log)
