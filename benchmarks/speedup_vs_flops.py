@@ -1,281 +1,325 @@
-"""Measured vs FLOP-estimated speedup: our depth pruning against Torch-Pruning L1 channel pruning.
+"""Measured vs FLOP-estimated speedup per backend: depth pruning against Torch-Pruning.
 
-For each model and target speedup this script
+For each model and FLOP-speedup level this script
 
-1. prunes with compressor's Python API (criterion cka, profile ort-cpu, data digits32,
-   no fine-tuning by default) into a temporary folder;
-2. prunes the same unpruned model with Torch-Pruning (magnitude/L1 channel importance,
-   uniform per-layer ratio, final classifier ignored, no fine-tuning), the ratio found by
-   bisection so that its FLOPs match our pruned model's FLOPs;
-3. exports unpruned, ours and TP to ONNX (BatchNorm folded) and times all three in one
-   interleaved measurement (the profile's report policy) on ONNX Runtime;
-4. writes speedup_vs_flops.json, .md and .png into --out.
+1. removes residual units with compressor's surgery: the set of least importance
+   (criterion `magnitude`, data-free) whose FLOP saving reaches the level, chosen by the
+   same knapsack as `compressor prune` (with FLOPs in place of measured milliseconds, so
+   one pruned model is compared across every backend);
+2. prunes the unpruned model with Torch-Pruning's L1 channel pruning at round_to 1, 8 and
+   16, each at the ratio whose FLOPs match ours (bisection), and on a grid of ratios;
+3. per backend (torch eager, ONNX Runtime, OpenVINO; TensorRT where tensorrt and a GPU
+   exist) exports every model (BatchNorm folded) and times all of them in ONE interleaved
+   measurement (the profile's search policy);
+4. from the grid, interpolates per round_to the ratio at which Torch-Pruning's latency
+   equals ours, prunes at that ratio, and verifies it in a second interleaved measurement
+   (baseline, ours, TP at matched latency): how many FLOPs TP must cut to be as fast;
+5. writes speedup_vs_flops.json, .md and .png into --out after every model.
 
 Speedup fidelity = measured speedup / FLOP-estimated speedup (1.0: latency follows FLOPs).
+CIFAR ResNets are our digits32-trained weights; resnet18 and mobilenet_v2 at 224x224 are
+random-init with randomised BatchNorm statistics (latency does not depend on the values).
 
-    .venv/bin/python benchmarks/speedup_vs_flops.py --models resnet20,resnet56,resnet110 \
-        --targets 1.5,2,3 --out benchmarks/results
+    .venv/bin/python benchmarks/speedup_vs_flops.py --out benchmarks/results
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
+import importlib.util
 import json
 import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from tp_reference import METHOD, ROUND_TO, TPModel, tp_matching_flops, tp_prune  # benchmarks/, beside this file
 
-from compressor.data import DataBundle, load_data
-from compressor.errors import CompressorError, UnreachableTargetError
+from compressor.criteria import ScoringContext, score_units
+from compressor.data import load_data
 from compressor.fileio import atomic_write, atomic_write_text
-from compressor.finetune import accuracy
 from compressor.flops import count_cost
-from compressor.latency import Deployment, measure_latency_table
+from compressor.latency import Deployment
 from compressor.machine import machine_info, source_revision
-from compressor.profiles import Profile, load_profile
-from compressor.prune import PruneConfig, prune
+from compressor.profiles import load_profile
+from compressor.search import choose_units
+from compressor.surgery import remove_units
 from compressor.units import find_units
-from compressor.zoo import ZOO, LoadedModel, load_checkpoint, load_model
+from compressor.zoo import ZOO, LoadedModel, build, load_model
 
-DATA = "digits32"
-PROFILE = "ort-cpu"
-CRITERION = "cka"
-FLOP_TOLERANCE = 0.01  # bisection stops within 1% of our FLOPs; > 3% is flagged in the results
-FLOP_ACCEPT = 0.03
-MAX_BISECTIONS = 18
-MAX_TP_RATIO = 0.9
+BACKENDS = {"torch-cpu": "torch eager", "ort-cpu": "ONNX Runtime", "openvino-cpu": "OpenVINO",
+            "tensorrt-gpu-fp16": "TensorRT"}
+GRID = (0.25, 0.45, 0.65, 0.8)  # Torch-Pruning ratios timed to find its ratio at our latency
+GRID_NOTE = (f"Matched latency: TP timed at ratios {', '.join(map(str, GRID))} and at its matched-FLOPs ratio, "
+             "the ratio at our latency interpolated linearly, pruned and timed again.")
 FLOP_NOTE = "FLOPs = 2 x multiply-adds (torch FlopCounterMode, conv + matmul only), batch 1"
+CIFAR_DATA = "digits32"
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-# ---------------------------------------------------------------------------- Torch-Pruning
+def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics for a random-init model (so folding is not an identity)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
 
 
-def _classifier_layers(model: nn.Module) -> list[nn.Module]:
-    """The final nn.Linear (the classifier), which channel pruning must leave whole."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1:]
+def prepare(name: str) -> tuple[LoadedModel, str]:
+    """The model to prune and where its weights come from."""
+    size = ZOO[name].input_size
+    if size == 32:
+        return load_model(name, load_data(CIFAR_DATA)), f"trained on {CIFAR_DATA} by compressor"
+    model = randomise_batchnorm(build(name, 1000))
+    return LoadedModel(model, name, 1000, (3, size, size), "random init"), "random init, BatchNorm randomised"
 
 
-def tp_prune(model: nn.Module, example: torch.Tensor, ratio: float) -> nn.Module:
-    """A copy of `model` with `ratio` of the channels of every prunable group removed by
-    Torch-Pruning, ranked by L1 weight magnitude (local pruning, default round_to)."""
-    import torch_pruning as tp
+@dataclass
+class Level:
+    """Our pruned model at one FLOP-speedup level."""
 
-    pruned = copy.deepcopy(model).eval()
-    if ratio <= 0:
-        return pruned
-    pruner_cls = getattr(tp.pruner, "BasePruner", None) or tp.pruner.MagnitudePruner
-    pruner = pruner_cls(pruned, example, importance=tp.importance.MagnitudeImportance(p=1),
-                        pruning_ratio=ratio, ignored_layers=_classifier_layers(pruned))
-    pruner.step()
-    return pruned.eval()
+    target: float
+    removed: list[str]
+    model: nn.Module
+    flops: int
 
 
-def tp_matching_flops(model: nn.Module, example: torch.Tensor, target_flops: int
-                      ) -> tuple[nn.Module, float, int, list[tuple[float, int]]]:
-    """Bisect Torch-Pruning's ratio until its FLOPs are within FLOP_TOLERANCE of `target_flops`.
-
-    Returns (model, ratio, its FLOPs, every (ratio, FLOPs) tried); the closest ratio seen if
-    none is within (FLOPs move in steps: each group loses whole channels of 16, 32 or 64).
-    """
-    lo, hi = 0.0, MAX_TP_RATIO
-    best: tuple[float, nn.Module, float, int] | None = None  # (mismatch, model, ratio, flops)
-    tried: list[tuple[float, int]] = []
-    while len(tried) < MAX_BISECTIONS:
-        ratio = (lo + hi) / 2
-        candidate = tp_prune(model, example, ratio)
-        flops = count_cost(candidate, example).flops
-        tried.append((ratio, flops))
-        mismatch = abs(flops / target_flops - 1)
-        if best is None or mismatch < best[0]:
-            best = (mismatch, candidate, ratio, flops)
-        if mismatch <= FLOP_TOLERANCE:
-            break
-        if flops > target_flops:
-            lo = ratio
-        else:
-            hi = ratio
-    assert best is not None
-    _, candidate, ratio, flops = best
-    return candidate, ratio, flops, tried
+def our_levels(loaded: LoadedModel, x: torch.Tensor, targets: list[float]) -> tuple[list[Level], list[dict]]:
+    """Least-magnitude unit sets reaching each FLOP speedup; unreachable levels are listed apart."""
+    model = loaded.model
+    units = find_units(model, x)
+    importance = score_units("magnitude", ScoringContext(model, units, calibration=None))
+    base = count_cost(model, x).flops
+    savings = {u.name: float(base - count_cost(remove_units(model, [u], x), x).flops) for u in units}
+    levels, skipped = [], []
+    for target in targets:
+        choice = choose_units(units, importance, savings, base * (1 - 1 / target), min_per_stage=1)
+        if choice is None:
+            best = base / (base - sum(max(v, 0) for v in savings.values()))
+            skipped.append({"target": target, "reason": f"unreachable by removing units (at most ~{best:.2f}x)"})
+            continue
+        chosen = [u for u in units if u.name in choice.removed]
+        pruned = remove_units(model, chosen, x)
+        levels.append(Level(target, list(choice.removed), pruned, count_cost(pruned, x).flops))
+    return levels, skipped
 
 
-# ---------------------------------------------------------------------------- one row
+def backend_available(profile_name: str) -> str | None:
+    """None if the backend can run here, else why not."""
+    if profile_name.startswith("tensorrt"):
+        if importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available():
+            return "needs an NVIDIA GPU and the tensorrt package (neither is on this machine)"
+    return None
 
 
-def _latency(stats) -> dict:
-    return stats.to_dict()
+def crossing_ratio(points: list[tuple[float, float]], latency: float) -> float | None:
+    """The ratio at which latency(ratio) (piecewise linear through `points`) first drops to `latency`."""
+    pts = sorted(points)
+    for (r0, l0), (r1, l1) in zip(pts, pts[1:], strict=False):
+        if l0 >= latency >= l1 and l0 != l1:
+            return r0 + (r1 - r0) * (l0 - latency) / (l0 - l1)
+    if pts and pts[0][1] <= latency:
+        return pts[0][0]
+    return None
 
 
-def run_ours(model_name: str, target: float, finetune_epochs: int, workdir: Path, latency_table: Path,
-             prune_log: Callable[[str], None]) -> tuple[dict, nn.Module]:
-    """Our pruning through the Python API; returns (report dict, pruned model)."""
-    out = workdir / "run"
-    config = PruneConfig(model=model_name, data=DATA, profile=PROFILE, out=str(out), target_speedup=target,
-                         criterion=CRITERION, finetune_epochs=finetune_epochs, latency_table=str(latency_table))
-    report = prune(config, log=prune_log)
-    return report, load_checkpoint(out / "model.pt").model.eval()
+def time_models(dep: Deployment, models: list[tuple[str, nn.Module]], workdir: Path) -> dict[str, dict]:
+    """Export every model and time them all in one interleaved measurement; stats by name."""
+    paths = [dep.export(m, workdir / f"{i:02d}-{name.replace(' ', '_')}") for i, (name, m) in enumerate(models)]
+    timed = dep.time(paths, dep.profile.search_policy)
+    return {name: {"latency_ms": timed.stats[i].to_dict(), "speedup": timed.speedup(0, i),
+                   "speedup_round_spread": timed.speedup_spread(0, i) if i else 0.0}
+            for i, (name, _) in enumerate(models)}
 
 
-def measure_row(model_name: str, target: float, loaded: LoadedModel, data: DataBundle, profile: Profile,
-                base_cost, base_accuracy: float, finetune_epochs: int, latency_table: Path) -> dict:
-    """Prune both ways, time all three models interleaved; one result row."""
-    t0 = time.perf_counter()
-    row: dict = {"model": model_name, "target_speedup": target}
+def run_backend(profile_name: str, loaded: LoadedModel, x: torch.Tensor, base_flops: int, levels: list[Level],
+                tp_flops: dict[tuple[float, int], TPModel], grid: dict[tuple[int, float], TPModel]) -> dict:
+    """Both interleaved measurements of one model on one backend; the backend's part of the results."""
+    profile = load_profile(profile_name)
+    dep = Deployment(profile, loaded.input_shape)
     with tempfile.TemporaryDirectory(prefix="speedup-vs-flops-") as tmp:
         work = Path(tmp)
-        log(f"[{model_name} {target:g}x] compressor prune ({CRITERION}, {PROFILE}, "
-            f"{finetune_epochs} fine-tune epochs)")
-        try:
-            report, ours = run_ours(model_name, target, finetune_epochs, work, latency_table,
-                                    lambda s: log(f"    {s}"))
-        except UnreachableTargetError as e:
-            log(f"[{model_name} {target:g}x] unreachable: {e}")
-            return {**row, "status": "unreachable", "message": str(e),
-                    "seconds": time.perf_counter() - t0}
-        except CompressorError as e:
-            log(f"[{model_name} {target:g}x] prune failed: {type(e).__name__}: {e}")
-            return {**row, "status": "error", "message": f"{type(e).__name__}: {e}",
-                    "seconds": time.perf_counter() - t0}
+        models: list[tuple[str, nn.Module]] = [("baseline", loaded.model)]
+        models += [(f"ours {lv.target:g}", lv.model) for lv in levels]
+        models += [(f"tp {t:g} r{r}", m.model) for (t, r), m in tp_flops.items()]
+        models += [(f"grid r{r} {ratio:g}", m.model) for (r, ratio), m in grid.items()]
+        log(f"    {BACKENDS[profile_name]}: exporting and timing {len(models)} models interleaved")
+        first = time_models(dep, models, work / "first")
+        base_ms = first["baseline"]["latency_ms"]["median"]
+        matched: list[tuple[str, nn.Module]] = [("baseline", loaded.model)]
+        crossings: dict[tuple[float, int], dict] = {}
+        for lv in levels:
+            ours_ms = first[f"ours {lv.target:g}"]["latency_ms"]["median"]
+            matched.append((f"ours {lv.target:g}", lv.model))
+            for r in ROUND_TO:
+                points = [(ratio, first[f"grid r{r} {ratio:g}"]["latency_ms"]["median"]) for ratio in GRID]
+                at_flops = tp_flops[(lv.target, r)]
+                points.append((at_flops.ratio, first[f"tp {lv.target:g} r{r}"]["latency_ms"]["median"]))
+                points.append((0.0, base_ms))
+                ratio = crossing_ratio(points, ours_ms)
+                if ratio is None:
+                    fastest = min(points, key=lambda p: p[1])
+                    crossings[(lv.target, r)] = {"reached": False, "fastest_ratio": fastest[0],
+                                                 "fastest_vs_ours": fastest[1] / ours_ms}
+                    continue
+                tp_model = tp_prune(loaded.model, x, ratio, r)
+                crossings[(lv.target, r)] = {"reached": True, "ratio": ratio,
+                                             "flops": count_cost(tp_model, x).flops}
+                matched.append((f"tp@lat {lv.target:g} r{r}", tp_model))
+        log(f"    {BACKENDS[profile_name]}: verifying Torch-Pruning at our latency ({len(matched)} models)")
+        second = time_models(dep, matched, work / "second")
+    rows = []
+    for lv in levels:
+        ours = first[f"ours {lv.target:g}"]
+        flop_x = base_flops / lv.flops
+        row = {"target": lv.target, "ours": {"speedup_flops": flop_x, "speedup_measured": ours["speedup"],
+                                             "speedup_fidelity": ours["speedup"] / flop_x, **ours}, "tp": {}}
+        verified_ours = second[f"ours {lv.target:g}"]["latency_ms"]["median"]
+        for r in ROUND_TO:
+            m = tp_flops[(lv.target, r)]
+            t = first[f"tp {lv.target:g} r{r}"]
+            tp_flop_x = base_flops / m.flops
+            at_latency = crossings[(lv.target, r)]
+            if at_latency["reached"]:
+                v = second[f"tp@lat {lv.target:g} r{r}"]
+                at_latency.update({"speedup_flops": base_flops / at_latency["flops"],
+                                   "speedup_measured": v["speedup"], "latency_ms": v["latency_ms"],
+                                   "latency_vs_ours": v["latency_ms"]["median"] / verified_ours})
+            row["tp"][f"round_to_{r}"] = {
+                "matched_flops": {"speedup_flops": tp_flop_x, "speedup_measured": t["speedup"],
+                                  "speedup_fidelity": t["speedup"] / tp_flop_x, "flops_vs_ours": m.flops / lv.flops - 1,
+                                  **t, **m.describe()},
+                "matched_latency": at_latency,
+            }
+        rows.append(row)
+    grid_out = [{"round_to": r, "ratio": ratio, "flops": m.flops, "speedup_flops": base_flops / m.flops,
+                 **first[f"grid r{r} {ratio:g}"]} for (r, ratio), m in grid.items()]
+    return {"profile": profile.to_dict(), "baseline": first["baseline"], "rows": rows, "grid": grid_out,
+            "verification_baseline": second["baseline"]}
 
-        dep = Deployment(profile, loaded.input_shape)
-        x = dep.example
-        base = loaded.model.eval()
-        ours_cost = count_cost(ours, x)
 
-        log(f"[{model_name} {target:g}x] Torch-Pruning L1 ratio bisection to "
-            f"{ours_cost.flops / 1e6:.2f} MFLOPs")
-        tp_model, tp_ratio, tp_flops, tried = tp_matching_flops(base, x, ours_cost.flops)
-        tp_cost = count_cost(tp_model, x)
-        mismatch = tp_flops / ours_cost.flops - 1
-        log(f"    ratio {tp_ratio:.4f} after {len(tried)} steps: {tp_flops / 1e6:.2f} MFLOPs ({mismatch:+.1%})")
-        tp_accuracy = accuracy(tp_model, data.loader("val"))
-
-        paths = [dep.export(base, work / "baseline.onnx"), dep.export(ours, work / "ours.onnx"),
-                 dep.export(tp_model, work / "tp.onnx")]
-        # the exported graphs must compute what the torch models compute
-        val_x = torch.cat([b[0] for b in data.loader("val", batch_size=16, limit=16)])
-        onnx_errors = [dep.validate(p, m, val_x) for p, m in zip(paths, (base, ours, tp_model), strict=True)]
-        policy = profile.report_policy
-        log(f"[{model_name} {target:g}x] interleaved timing of baseline, ours, TP "
-            f"({policy.min_runs} runs / {policy.min_time_s:g} s per model)")
-        timed = dep.time(paths, policy)
-
-    def side(cost, stats_index: int, acc: float) -> dict:
-        measured = timed.speedup(0, stats_index) if stats_index else 1.0
-        flop_x = base_cost.flops / cost.flops
-        return {"flops": cost.flops, "params": cost.params, "accuracy": acc,
-                "latency_ms": _latency(timed.stats[stats_index]),
-                "speedup_flops": flop_x, "speedup_measured": measured, "speedup_fidelity": measured / flop_x,
-                **({"speedup_round_spread": timed.speedup_spread(0, stats_index)} if stats_index else {})}
-
-    ours_side = side(ours_cost, 1, report["pruned"]["accuracy"])
-    ours_side.update({
-        "removed_units": len(report["removed_units"]), "units_total": len(report["units"]),
-        "removed_unit_names": report["removed_units"],
-        "prune_report": {  # what the prune run itself measured (its own final 2-model interleaving)
-            "speedup_measured": report["speedup_measured"], "speedup_flops": report["speedup_flops"],
-            "target_met": report["target_met"],
-            "baseline": {"flops": report["baseline"]["flops"], "accuracy": report["baseline"]["accuracy"]},
-            "pruned": {"flops": report["pruned"]["flops"], "accuracy": report["pruned"]["accuracy"]},
-            "seconds": report["seconds"],
-        },
-    })
-    tp_side = side(tp_cost, 2, tp_accuracy)
-    tp_side.update({"pruning_ratio": tp_ratio, "bisection": [{"ratio": r, "flops": f} for r, f in tried],
-                    "flops_vs_ours": mismatch,
-                    "flops_matched": abs(mismatch) <= FLOP_ACCEPT, "finetuned": False,
-                    "method": "torch_pruning BasePruner, MagnitudeImportance(p=1), local uniform ratio, "
-                              "final Linear ignored, round_to=None"})
-    row.update({
-        "status": "ok",
-        "baseline": side(base_cost, 0, base_accuracy),
-        "ours": ours_side, "tp": tp_side,
-        "onnx_max_abs_error": {"baseline": onnx_errors[0], "ours": onnx_errors[1], "tp": onnx_errors[2]},
-        "timing_policy": vars(policy),
-        "seconds": time.perf_counter() - t0,
-    })
-    log(f"[{model_name} {target:g}x] ours {ours_side['speedup_flops']:.2f}x FLOPs / "
-        f"{ours_side['speedup_measured']:.2f}x measured; TP {tp_side['speedup_flops']:.2f}x / "
-        f"{tp_side['speedup_measured']:.2f}x ({row['seconds']:.0f} s)")
-    return row
+def run_model(name: str, targets: list[float], backends: list[str]) -> dict:
+    t0 = time.perf_counter()
+    loaded, weights = prepare(name)
+    x = torch.randn(1, *loaded.input_shape, generator=torch.Generator().manual_seed(0))
+    base = count_cost(loaded.model, x)
+    log(f"[{name}] {base.flops / 1e6:.1f} MFLOPs; choosing unit sets for {targets}")
+    levels, skipped = our_levels(loaded, x, targets)
+    tp_flops: dict[tuple[float, int], TPModel] = {}
+    for lv in levels:
+        for r in ROUND_TO:
+            tp_flops[(lv.target, r)] = tp_matching_flops(loaded.model, x, lv.flops, r)
+            m = tp_flops[(lv.target, r)]
+            log(f"    {lv.target:g}x: ours {base.flops / lv.flops:.2f}x FLOPs ({len(lv.removed)} units); "
+                f"TP round_to {r} ratio {m.ratio:.3f} -> {base.flops / m.flops:.2f}x"
+                f"{'' if m.matched else ' (FLOPs not matched)'}")
+    grid = {(r, ratio): TPModel(m, ratio, r, count_cost(m, x).flops)
+            for r in ROUND_TO for ratio in GRID for m in [tp_prune(loaded.model, x, ratio, r)]}
+    result = {"model": name, "weights": weights, "input_shape": list(loaded.input_shape), "flops": base.flops,
+              "params": base.params, "levels": [{"target": lv.target, "removed_units": lv.removed,
+                                                 "flops": lv.flops} for lv in levels],
+              "skipped_levels": skipped, "backends": {}}
+    for profile_name in backends:
+        why_not = backend_available(profile_name)
+        if why_not:
+            result["backends"][profile_name] = {"skipped": why_not}
+            continue
+        result["backends"][profile_name] = run_backend(profile_name, loaded, x, base.flops, levels, tp_flops, grid)
+    result["seconds"] = time.perf_counter() - t0
+    return result
 
 
 # ---------------------------------------------------------------------------- output
 
 
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
 def render_markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
-        "# Speedup fidelity: depth pruning (compressor) vs channel pruning (Torch-Pruning)",
+        "# Measured vs FLOP-estimated speedup per backend: depth pruning vs Torch-Pruning",
         "",
         f"Machine: {m['cpu']} ({m['logical_cores']} logical / {m['physical_cores']} physical cores), "
         f"{m['system']}, Python {m['python']}, "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f"; {result['date']}.",
         "",
-        f"Profile {result['profile']}, data {result['data']}, criterion {result['criterion']}, "
-        f"fine-tuning {result['finetune_epochs']} epochs (ours) / none (TP). "
-        "Speedups from one interleaved ONNX Runtime measurement of baseline, ours and TP per row; "
-        "ratio = measured / FLOP-estimated speedup.",
+        "Ours: residual units removed (least `magnitude` importance reaching the FLOP level, no fine-tuning). "
+        "TP: Torch-Pruning L1 channel pruning at matched FLOPs with round_to 1, 8, 16. "
+        "Each model x backend is one interleaved measurement; ratio = measured / FLOP-estimated speedup.",
         "",
-        "| model | target | ours FLOP x | ours measured x | ours ratio "
-        "| TP FLOP x | TP measured x | TP ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "## At matched FLOPs",
+        "",
+        "| model | level | backend | ours FLOP x | ours measured x | ours ratio "
+        "| TP r1 measured x (ratio) | TP r8 measured x (ratio) | TP r16 measured x (ratio) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in result["rows"]:
-        head = f"| {r['model']} | {r['target_speedup']:g}x"
-        if r["status"] != "ok":
-            lines.append(f"{head} | {r['status']} | | | | | |")
-            continue
-        o, t = r["ours"], r["tp"]
-        lines.append(f"{head} | {o['speedup_flops']:.2f} | {o['speedup_measured']:.2f} | "
-                     f"{o['speedup_fidelity']:.2f} | {t['speedup_flops']:.2f} | "
-                     f"{t['speedup_measured']:.2f} | {t['speedup_fidelity']:.2f} |")
+    for model in result["models"]:
+        for backend, b in model["backends"].items():
+            if "skipped" in b:
+                lines.append(f"| {model['model']} | | {BACKENDS[backend]} | skipped: {b['skipped']} | | | | | |")
+                continue
+            for row in b["rows"]:
+                o = row["ours"]
+                tps = []
+                for r in ROUND_TO:
+                    t = row["tp"][f"round_to_{r}"]["matched_flops"]
+                    flag = "" if t["matched"] else f", FLOPs {t['flops_vs_ours']:+.0%}"
+                    tps.append(f"{t['speedup_measured']:.2f} ({t['speedup_fidelity']:.2f}{flag})")
+                lines.append(f"| {model['model']} | {row['target']:g}x | {BACKENDS[backend]} | "
+                             f"{o['speedup_flops']:.2f} | {o['speedup_measured']:.2f} | {o['speedup_fidelity']:.2f} | "
+                             + " | ".join(tps) + " |")
     lines += [
         "",
-        "| model | target | units removed | TP channel ratio | TP FLOPs vs ours "
-        "| baseline ms | ours ms | TP ms | acc. baseline | acc. ours | acc. TP (no fine-tune) "
-        "| prune run: measured x (its own final measurement) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "## At matched measured latency",
+        "",
+        "The FLOP cut Torch-Pruning needs to be as fast as our pruned model (ratio interpolated from a grid, "
+        "then the TP model at that ratio verified in a second interleaved measurement: TP/ours latency).",
+        "",
+        "| model | level | backend | ours FLOP x | TP r1 FLOP x (TP/ours ms) | TP r8 FLOP x (TP/ours ms) "
+        "| TP r16 FLOP x (TP/ours ms) |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
-    for r in result["rows"]:
-        if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['target_speedup']:g}x | {r['status']}: "
-                         f"{r['message'].replace('|', '/')} | | | | | | | | | |")
-            continue
-        b, o, t = r["baseline"], r["ours"], r["tp"]
-        flag = "" if t["flops_matched"] else " (not matched)"
-        lines.append(
-            f"| {r['model']} | {r['target_speedup']:g}x | {o['removed_units']}/{o['units_total']} | "
-            f"{t['pruning_ratio']:.3f} | {t['flops_vs_ours']:+.1%}{flag} | {b['latency_ms']['median']:.3f} | "
-            f"{o['latency_ms']['median']:.3f} | {t['latency_ms']['median']:.3f} | {b['accuracy']:.1f} | "
-            f"{o['accuracy']:.1f} | {t['accuracy']:.1f} | {o['prune_report']['speedup_measured']:.2f}"
-            f"{'' if o['prune_report']['target_met'] else ' (target missed)'} |")
-    noisy = [f"{r['model']} {r['target_speedup']:g}x {k}" for r in result["rows"] if r["status"] == "ok"
-             for k in ("baseline", "ours", "tp") if r[k]["latency_ms"]["noisy"]]
+    for model in result["models"]:
+        for backend, b in model["backends"].items():
+            if "skipped" in b:
+                continue
+            for row in b["rows"]:
+                cells = []
+                for r in ROUND_TO:
+                    t = row["tp"][f"round_to_{r}"]["matched_latency"]
+                    cells.append(f"{t['speedup_flops']:.2f} ({t['latency_vs_ours']:.2f})" if t["reached"] else
+                                 f"not reached (fastest: ratio {t['fastest_ratio']:g}, "
+                                 f"{t['fastest_vs_ours']:.2f}x our latency)")
+                lines.append(f"| {model['model']} | {row['target']:g}x | {BACKENDS[backend]} | "
+                             f"{row['ours']['speedup_flops']:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "## Models", ""]
+    for model in result["models"]:
+        skipped = "; ".join(f"{s['target']:g}x {s['reason']}" for s in model["skipped_levels"])
+        base = {BACKENDS[k]: v["baseline"]["latency_ms"]["median"] for k, v in model["backends"].items()
+                if "skipped" not in v}
+        lines.append(f"- {model['model']} ({'x'.join(map(str, model['input_shape']))}, {model['weights']}): "
+                     f"{model['flops'] / 1e6:.1f} MFLOPs; unpruned "
+                     + ", ".join(f"{k} {v:.3f} ms" for k, v in base.items())
+                     + (f"; skipped levels: {skipped}" if skipped else "") + f"; {model['seconds']:.0f} s.")
+    noisy = [f"{model['model']} {BACKENDS[k]}" for model in result["models"] for k, b in model["backends"].items()
+             if "skipped" not in b and any(r["ours"]["latency_ms"]["noisy"] for r in b["rows"])]
     lines += [
         "",
         f"- {result['flop_convention']}.",
-        "- TP: Torch-Pruning magnitude (L1) channel pruning, one uniform ratio per layer group, "
-        "classifier kept, ratio bisected so its FLOPs match ours (FLOPs move in steps of whole channels, "
-        f"so a match within {FLOP_ACCEPT:.0%} is not always possible: 'not matched' rows); "
-        "accuracy without fine-tuning.",
-        "- Target: the prune job's target speedup; units are removed whole, so the reached speedup "
-        "(columns above) can overshoot it.",
-        "- Accuracy: % on the digits32 validation split (360 images).",
-        f"- Noisy measurements (IQR/median above the profile's gate): {', '.join(noisy) or 'none'}.",
+        f"- TP: {METHOD}. {GRID_NOTE} FLOP matches worse than 3% are shown with their mismatch.",
+        f"- Noisy measurements (IQR/median above 25% after re-measuring): {', '.join(noisy) or 'none'}.",
         "",
         f"Command: `{result['command']}`",
         "",
@@ -289,36 +333,41 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["status"] == "ok"]
-    fig, ax = plt.subplots(figsize=(6, 5))
-    models = sorted({r["model"] for r in rows}, key=lambda n: (len(n), n))
-    colors = {name: f"C{i}" for i, name in enumerate(models)}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
+    colors = {k: f"C{i}" for i, k in enumerate(BACKENDS)}
+    markers = {1: "^", 8: "s", 16: "D"}
     top = 1.0
-    methods = (("ours", "o", "depth (compressor)"), ("tp", "^", "channel L1 (Torch-Pruning)"))
-    for method, marker, label in methods:
-        for name in models:
-            pts = [(r[method]["speedup_flops"], r[method]["speedup_measured"])
-                   for r in rows if r["model"] == name]
-            if not pts:
+    seen: set[str] = set()
+    for model in result["models"]:
+        for backend, b in model["backends"].items():
+            if "skipped" in b:
                 continue
-            xs, ys = zip(*pts, strict=True)
-            top = max(top, *xs, *ys)
-            ax.scatter(xs, ys, marker=marker, color=colors[name], s=55,
-                       facecolors=colors[name] if method == "ours" else "none", label=f"{name}: {label}")
-            for r in rows:
-                if r["model"] == name:
-                    ax.annotate(f"{r['target_speedup']:g}x", (r[method]["speedup_flops"],
-                                r[method]["speedup_measured"]), textcoords="offset points", xytext=(5, -9),
-                                fontsize=7, color=colors[name])
+            for row in b["rows"]:
+                o = row["ours"]
+                label = f"{BACKENDS[backend]}"
+                axes[0].scatter(o["speedup_flops"], o["speedup_measured"], color=colors[backend], s=40,
+                                label=label if label not in seen else None)
+                seen.add(label)
+                top = max(top, o["speedup_flops"], o["speedup_measured"])
+                for r in ROUND_TO:
+                    t = row["tp"][f"round_to_{r}"]["matched_flops"]
+                    key = f"{BACKENDS[backend]}, round_to {r}"
+                    axes[1].scatter(t["speedup_flops"], t["speedup_measured"], color=colors[backend],
+                                    marker=markers[r], facecolors="none", s=40,
+                                    label=key if key not in seen else None)
+                    seen.add(key)
+                    top = max(top, t["speedup_flops"], t["speedup_measured"])
     top *= 1.08
-    ax.plot([1, top], [1, top], color="grey", linestyle="--", linewidth=1, label="measured = FLOP estimate")
-    ax.set_xlim(0.9, top)
-    ax.set_ylim(0.5, top)
-    ax.set_xlabel("FLOP-estimated speedup (x)")
-    ax.set_ylabel(f"measured speedup on {result['profile']} (x)")
-    ax.set_title("Measured vs FLOP-estimated speedup")
-    ax.legend(fontsize=7, loc="upper left")
-    ax.grid(alpha=0.3)
+    for ax, title in zip(axes, ("depth pruning (compressor)", "channel L1 (Torch-Pruning), matched FLOPs"),
+                         strict=True):
+        ax.plot([1, top], [1, top], color="grey", linestyle="--", linewidth=1, label="measured = FLOP estimate")
+        ax.set_xlim(0.9, top)
+        ax.set_ylim(0.3, top)
+        ax.set_xlabel("FLOP-estimated speedup (x)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0].set_ylabel("measured speedup, batch 1 (x)")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
@@ -333,62 +382,50 @@ def write_outputs(result: dict, out: Path) -> None:
 # ---------------------------------------------------------------------------- main
 
 
+def _list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="resnet20,resnet56,resnet110",
+    parser.add_argument("--models", default="resnet20,resnet56,resnet110,resnet18,mobilenet_v2",
                         help="comma-separated zoo names (default: %(default)s)")
     parser.add_argument("--targets", default="1.5,2,3",
-                        help="comma-separated target speedups (default: %(default)s)")
+                        help="comma-separated FLOP-speedup levels (default: %(default)s)")
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help="comma-separated profiles (default: %(default)s; TensorRT is skipped without a GPU)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
                         help="output folder (default: benchmarks/results)")
-    parser.add_argument("--finetune-epochs", type=int, default=0,
-                        help="fine-tuning epochs of our pruned model (default: %(default)s)")
     args = parser.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in args.models if m not in ZOO]
-    if not args.models or unknown:
-        parser.error(f"unknown model(s) {unknown}; zoo: {', '.join(ZOO)}")
+    args.models = _list(args.models)
+    if not args.models or any(m not in ZOO for m in args.models):
+        parser.error(f"unknown model in {args.models}; zoo: {', '.join(ZOO)}")
+    args.backends = _list(args.backends)
+    if not args.backends or any(b not in BACKENDS for b in args.backends):
+        parser.error(f"--backends must be among {', '.join(BACKENDS)}")
     try:
-        args.targets = [float(t) for t in args.targets.split(",") if t.strip()]
+        args.targets = [float(t) for t in _list(args.targets)]
     except ValueError:
         parser.error(f"--targets must be comma-separated numbers, got {args.targets!r}")
     if not args.targets or any(not t > 1 for t in args.targets):
-        parser.error("every target speedup must be greater than 1")
-    if args.finetune_epochs < 0:
-        parser.error("--finetune-epochs must be >= 0")
+        parser.error("every level must be greater than 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
-    profile = load_profile(PROFILE)
-    data = load_data(DATA)
     result = {
         "benchmark": "speedup_vs_flops",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]), "git_commit": source_revision(Path(__file__).parent),
-        "machine": machine_info(), "profile": PROFILE, "profile_settings": profile.to_dict(), "data": DATA,
-        "criterion": CRITERION, "finetune_epochs": args.finetune_epochs, "flop_convention": FLOP_NOTE,
-        "flop_match_tolerance": FLOP_ACCEPT, "rows": [],
+        "machine": machine_info(), "flop_convention": FLOP_NOTE, "tp_method": METHOD, "tp_grid": list(GRID),
+        "models": [],
     }
-    tables = tempfile.TemporaryDirectory(prefix="latency-tables-")
-    for model_name in args.models:
-        loaded = load_model(model_name, data)  # trains and caches on first use, before prune loads it
-        deployment = Deployment(profile, loaded.input_shape)
-        base_cost = count_cost(loaded.model, deployment.example)
-        base_accuracy = accuracy(loaded.model, data.loader("val"))
-        log(f"[{model_name}] latency table, measured once and shared by every target")
-        units = find_units(loaded.model, deployment.example)
-        table_path = measure_latency_table(loaded.model, units, deployment, model_name).save(
-            Path(tables.name) / f"{model_name}.json")
-        for target in args.targets:
-            row = measure_row(model_name, target, loaded, data, profile, base_cost, base_accuracy,
-                              args.finetune_epochs, table_path)
-            result["rows"].append(row)
-            result["seconds"] = time.perf_counter() - t0
-            write_outputs(result, args.out)  # after every row, so an interrupted run keeps what it has
-    write_outputs(result, args.out)
+    for name in args.models:
+        result["models"].append(run_model(name, args.targets, args.backends))
+        result["seconds"] = time.perf_counter() - t0
+        write_outputs(result, args.out)  # after every model, so an interrupted run keeps what it has
     log(f"wrote {args.out / 'speedup_vs_flops.json'}, .md, .png in {time.perf_counter() - t0:.0f} s")
     print(render_markdown(result))
     return 0

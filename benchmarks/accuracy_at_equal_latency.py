@@ -1,0 +1,183 @@
+"""Accuracy at equal measured latency: our depth-pruned model against Torch-Pruning's.
+
+For each model x backend:
+
+1. `compressor prune` (the product, Python API) to --target-speedup on the backend's
+   profile, with its usual distillation fine-tuning (--epochs);
+2. Torch-Pruning L1 channel pruning at round_to 1, 8 and 16, its ratio bisected on
+   *measured* latency (each step timed interleaved against our pruned model) until it is
+   as fast as ours (within 3%);
+3. the TP models fine-tuned exactly like ours (same loop, epochs, learning rate,
+   distillation from the unpruned model);
+4. one final interleaved measurement of baseline, ours and every TP model (report policy),
+   and accuracy on the held-out split (top-1 agreement with the unpruned model where the
+   data has no labels).
+
+Writes accuracy_at_equal_latency.json and .md into --out after every model x backend.
+
+    .venv/bin/python benchmarks/accuracy_at_equal_latency.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tp_reference import METHOD, ROUND_TO, bisect_ratio  # benchmarks/, beside this file
+
+from compressor.data import DataBundle, load_data
+from compressor.fileio import atomic_write_text
+from compressor.finetune import accuracy, train
+from compressor.flops import count_cost
+from compressor.latency import Deployment
+from compressor.machine import machine_info, source_revision
+from compressor.profiles import load_profile
+from compressor.prune import PruneConfig, prune
+from compressor.zoo import load_checkpoint, load_model
+
+LATENCY_TOLERANCE = 0.03  # TP's ratio bisection stops within 3% of our measured latency
+CASES = {  # model -> (data, target speedup)
+    "resnet56": ("digits32", 2.0),
+    "efficientnet_lite0": ("photos", 1.3),
+}
+PROFILES = ("ort-cpu", "openvino-cpu")
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def quality(model: nn.Module, reference: nn.Module, data: DataBundle) -> dict:
+    """Held-out accuracy (%) where the data has labels, else top-1 agreement with `reference` (%)."""
+    if getattr(data, "labelled", True):
+        return {"metric": "top-1 accuracy (%)", "value": accuracy(model, data.loader("val"))}
+    from compressor.fidelity import fidelity
+
+    f = fidelity(model, reference, data.loader("val"))
+    return {"metric": "top-1 agreement with the unpruned model (%)", "value": f.top1_agreement, **vars(f)}
+
+
+def run_case(name: str, data_spec: str, target: float, profile_name: str, epochs: int, lr: float) -> dict:
+    t0 = time.perf_counter()
+    data = load_data(data_spec)
+    loaded = load_model(name, data)
+    base = loaded.model.eval()
+    profile = load_profile(profile_name)
+    dep = Deployment(profile, loaded.input_shape)
+    x = dep.example
+    with tempfile.TemporaryDirectory(prefix="acc-at-latency-") as tmp:
+        work = Path(tmp)
+        log(f"[{name} {profile_name}] compressor prune to {target:g}x, {epochs} fine-tune epochs")
+        config = PruneConfig(model=name, data=data_spec, profile=profile_name, out=str(work / "run"),
+                             target_speedup=target, finetune_epochs=epochs, finetune_lr=lr)
+        report = prune(config, log=lambda s: log(f"    {s}"))
+        ours = load_checkpoint(work / "run" / "model.pt").model.eval()
+        ours_path = dep.export(ours, work / "ours")
+        tp_models: dict[int, tuple[nn.Module, dict]] = {}
+        for r in ROUND_TO:
+            def relative_latency(candidate: nn.Module, r: int = r) -> float:
+                path = dep.export(candidate, work / f"tp-r{r}")
+                timed = dep.time([ours_path, path], profile.search_policy)
+                return timed.stats[1].median / timed.stats[0].median
+
+            found = bisect_ratio(base, x, r, relative_latency, 1.0, LATENCY_TOLERANCE, steps=10)
+            log(f"    TP round_to {r}: ratio {found.ratio:.3f} at "
+                f"{found.tried[-1][1] if found.tried else float('nan'):.2f}x our latency "
+                f"({'matched' if found.matched else 'NOT matched'}); fine-tuning {epochs} epochs")
+            before = quality(found.model, base, data)
+            train(found.model, data.loader("train", batch_size=32, shuffle=True, seed=0), epochs, lr,
+                  teacher=base, desc=f"fine-tune TP r{r}")
+            tp_models[r] = (found.model.eval(), {"before_finetune": before, **found.describe()})
+        log(f"[{name} {profile_name}] final interleaved measurement: baseline, ours, TP r{ROUND_TO}")
+        paths = [dep.export(base, work / "baseline"), ours_path]
+        paths += [dep.export(m, work / f"tp-final-r{r}") for r, (m, _) in tp_models.items()]
+        final = dep.time(paths, profile.report_policy)
+    base_flops = count_cost(base, x).flops
+
+    def side(model: nn.Module, i: int) -> dict:
+        flops = count_cost(model, x).flops
+        return {"latency_ms": final.stats[i].to_dict(), "speedup_measured": final.speedup(0, i),
+                "flops": flops, "speedup_flops": base_flops / flops, "quality": quality(model, base, data)}
+
+    return {
+        "model": name, "data": data_spec, "profile": profile_name, "target_speedup": target,
+        "finetune": {"epochs": epochs, "lr": lr, "loop": "compressor.finetune.train, distillation from unpruned"},
+        "baseline": {**side(base, 0), "speedup_measured": 1.0},
+        "ours": {**side(ours, 1), "removed_units": report["removed_units"], "target_met": report["target_met"]},
+        "tp": {f"round_to_{r}": {**side(m, 2 + k), **info} for k, (r, (m, info)) in enumerate(tp_models.items())},
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def render_markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        "# Accuracy at equal measured latency: depth pruning (compressor) vs Torch-Pruning",
+        "",
+        f"Machine: {m['cpu']} ({m['logical_cores']} logical / {m['physical_cores']} physical cores), "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f"; {result['date']}.",
+        "",
+        "Both fine-tuned the same way (distillation from the unpruned model, same epochs and learning rate). "
+        "TP's ratio bisected on measured latency until within 3% of ours; latencies from one final "
+        "interleaved measurement per row (report policy).",
+        "",
+        "| model | backend | model variant | ms | measured x | FLOP x | quality before fine-tune | quality |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        head = f"| {row['model']} ({row['data']}) | {row['profile']}"
+        b, o = row["baseline"], row["ours"]
+        lines.append(f"{head} | unpruned | {b['latency_ms']['median']:.3f} | 1.00 | 1.00 | | "
+                     f"{b['quality']['value']:.2f} |")
+        lines.append(f"{head} | ours ({len(o['removed_units'])} units removed) | {o['latency_ms']['median']:.3f} | "
+                     f"{o['speedup_measured']:.2f} | {o['speedup_flops']:.2f} | | {o['quality']['value']:.2f} |")
+        for r in ROUND_TO:
+            t = row["tp"][f"round_to_{r}"]
+            flag = "" if t["matched"] else " (latency not matched)"
+            lines.append(f"{head} | TP round_to {r}, ratio {t['ratio']:.3f}{flag} | {t['latency_ms']['median']:.3f} | "
+                         f"{t['speedup_measured']:.2f} | {t['speedup_flops']:.2f} | "
+                         f"{t['before_finetune']['value']:.2f} | {t['quality']['value']:.2f} |")
+    metrics = sorted({row["ours"]["quality"]["metric"] for row in result["rows"]})
+    lines += ["", f"- Quality: {'; '.join(metrics)}, on the held-out split.", f"- TP: {METHOD}.",
+              "", f"Command: `{result['command']}`", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(CASES), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--profiles", default=",".join(PROFILES), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs for both (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=0.02, help="fine-tuning learning rate (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    if any(m not in CASES for m in models):
+        parser.error(f"--models must be among {', '.join(CASES)}")
+    t0 = time.perf_counter()
+    result = {"benchmark": "accuracy_at_equal_latency",
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "command": shlex.join([sys.executable, *sys.argv]),
+              "git_commit": source_revision(Path(__file__).parent), "machine": machine_info(), "rows": []}
+    for name in models:
+        data_spec, target = CASES[name]
+        for profile_name in args.profiles.split(","):
+            torch.manual_seed(0)
+            result["rows"].append(run_case(name, data_spec, target, profile_name, args.epochs, args.lr))
+            result["seconds"] = time.perf_counter() - t0
+            atomic_write_text(args.out / "accuracy_at_equal_latency.json", json.dumps(result, indent=2))
+            atomic_write_text(args.out / "accuracy_at_equal_latency.md", render_markdown(result))
+    print(render_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
