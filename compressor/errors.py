@@ -27,3 +27,11 @@ class TargetMissedError(CompressorError):
     """The final, longer measurement did not confirm the target (exit 1)."""
 
     exit_code = 1
+
+
+class MergeRefused(InputError):
+    """A fold or merge that cannot be done exactly (or at all); `reason` says why (exit 2)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

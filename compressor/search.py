@@ -1,8 +1,9 @@
 """Choose units to remove: least importance lost with predicted saving >= required.
 
 An exact knapsack over discretised savings (dynamic programming), with a
-per-stage floor on surviving units. Any unit kind with an importance and a
-measured saving fits.
+per-stage floor on surviving blocks. Any unit kind with an importance and a
+measured saving fits; the units of one block (remove it, merge it) are
+alternatives, of which at most one is taken.
 """
 
 from __future__ import annotations
@@ -25,39 +26,49 @@ class Choice:
 
 
 def removable_limits(units: Sequence[Unit], min_per_stage: int) -> dict[str, int]:
-    """How many units each stage may lose so that `min_per_stage` survive."""
+    """How many blocks each stage may lose so that `min_per_stage` survive (a merged block survives)."""
     counts: dict[str, int] = {}
     for u in units:
-        counts[u.stage] = counts.get(u.stage, 0) + 1
+        if u.kind != "merge":
+            counts[u.stage] = counts.get(u.stage, 0) + 1
     return {s: max(0, n - min_per_stage) for s, n in counts.items()}
 
 
-def _stage_table(sizes: list[int], costs: list[float], limit: int, nbins: int
-                 ) -> tuple[np.ndarray, list[tuple[int, ...]]]:
-    """0/1 knapsack over one stage: min importance for each exact saving bin using at most
-    `limit` items, and the items (indices) reaching it."""
+Option = tuple[int, float, int]  # (saving in bins, importance lost, 1 if it removes the block else 0)
+
+
+def _stage_table(groups: list[list[Option]], limit: int, nbins: int
+                 ) -> tuple[np.ndarray, list[tuple[tuple[int, int], ...]]]:
+    """Multiple-choice knapsack over one stage: each block is kept or takes one of its options
+    (removed, merged), with at most `limit` removals. Returns the least importance lost for each
+    exact saving bin and the (block, option) picks reaching it."""
     cost = np.full((limit + 1, nbins), np.inf)
     cost[0, 0] = 0.0
-    keep = np.zeros((len(sizes), limit + 1, nbins), dtype=bool)
-    for i, (size, importance) in enumerate(zip(sizes, costs, strict=True)):
-        for k in range(limit - 1, -1, -1):
-            candidate = cost[k, : nbins - size] + importance
-            better = candidate < cost[k + 1, size:]
-            cost[k + 1, size:][better] = candidate[better]
-            keep[i, k + 1, size:][better] = True
+    pick = np.full((len(groups), limit + 1, nbins), -1, dtype=np.int8)
+    for g, options in enumerate(groups):
+        new = cost.copy()
+        for o, (size, importance, removes) in enumerate(options):
+            for k in range(limit + 1 - removes):
+                candidate = cost[k, : nbins - size] + importance
+                better = candidate < new[k + removes, size:]
+                new[k + removes, size:][better] = candidate[better]
+                pick[g, k + removes, size:][better] = o
+        cost = new
     best_k = np.argmin(cost, axis=0)
     table = cost[best_k, np.arange(nbins)]
-    members: list[tuple[int, ...]] = []
+    members: list[tuple[tuple[int, int], ...]] = []
     for b in range(nbins):
         if not np.isfinite(table[b]):
             members.append(())
             continue
         k, bin_, taken = int(best_k[b]), b, []
-        for i in range(len(sizes) - 1, -1, -1):
-            if k > 0 and keep[i, k, bin_]:
-                taken.append(i)
-                bin_ -= sizes[i]
-                k -= 1
+        for g in range(len(groups) - 1, -1, -1):
+            o = int(pick[g, k, bin_])
+            if o >= 0:
+                taken.append((g, o))
+                size, _, removes = groups[g][o]
+                bin_ -= size
+                k -= removes
         members.append(tuple(taken))
     return table, members
 
@@ -81,11 +92,17 @@ def choose_units(units: Sequence[Unit], importance: dict[str, float], savings_ms
     need = int(np.ceil(required_ms / size - 1e-9))
     combined = np.full(nbins, np.inf)
     combined[0] = 0.0
-    origins: list[tuple[list[Unit], np.ndarray, list[tuple[int, ...]]]] = []
-    for stage, limit in removable_limits(units, min_per_stage).items():
-        members = [u for u in units if u.stage == stage]
-        sizes = [int(round(gains[u.name] / size)) for u in members]
-        table, picks = _stage_table(sizes, [importance[u.name] for u in members], limit, nbins)
+    origins: list[tuple[list[list[Unit]], np.ndarray, list[tuple[tuple[int, int], ...]]]] = []
+    limits = removable_limits(units, min_per_stage)
+    for stage in dict.fromkeys(u.stage for u in units):
+        blocks: dict[str, list[Unit]] = {}
+        for u in units:
+            if u.stage == stage:
+                blocks.setdefault(u.path, []).append(u)
+        members = list(blocks.values())
+        groups = [[(int(round(gains[u.name] / size)), importance[u.name], int(u.kind != "merge")) for u in options]
+                  for options in members]
+        table, picks = _stage_table(groups, limits.get(stage, 0), nbins)
         merged = np.full(nbins, np.inf)
         origin = np.zeros(nbins, dtype=int)
         for b2 in np.flatnonzero(np.isfinite(table)):
@@ -104,7 +121,7 @@ def choose_units(units: Sequence[Unit], importance: dict[str, float], savings_ms
     b = best
     for members, origin, picks in reversed(origins):
         b2 = int(origin[b])
-        chosen.update(members[i].name for i in picks[b2])
+        chosen.update(members[g][o].name for g, o in picks[b2])
         b -= b2
     removed = tuple(u.name for u in units if u.name in chosen)
     return Choice(removed, sum(importance[n] for n in removed), sum(savings_ms[n] for n in removed))
@@ -116,7 +133,7 @@ def most_removable(units: Sequence[Unit], min_per_stage: int, savings_ms: dict[s
     limits = removable_limits(units, min_per_stage)
     chosen: list[Unit] = []
     for stage, limit in limits.items():
-        members = [u for u in units if u.stage == stage]
+        members = [u for u in units if u.stage == stage and u.kind != "merge"]
         if savings_ms is not None:
             members.sort(key=lambda u: -savings_ms[u.name])
         else:

@@ -25,15 +25,21 @@ def replacement_for(block: nn.Module, unit: Unit) -> nn.Module:
 
 def remove_units(model: nn.Module, units: Iterable[Unit],
                  example_input: torch.Tensor | None = None) -> nn.Module:
-    """A copy of `model` with every unit in `units` replaced by its shortcut.
+    """A copy of `model` with every unit in `units` replaced by its shortcut, or, for a
+    "merge" unit, by its block linearised and merged into one conv.
 
     With `example_input`, the result is run once and must give an output of the
     same shape as the original (ValidationError otherwise).
     """
     pruned = copy.deepcopy(model)
     for unit in units:
-        block = pruned.get_submodule(unit.name)
-        pruned.set_submodule(unit.name, replacement_for(block, unit))
+        block = pruned.get_submodule(unit.path)
+        if unit.kind == "merge":
+            from compressor.merge_block import merge_block
+
+            pruned.set_submodule(unit.path, merge_block(block).module)
+        else:
+            pruned.set_submodule(unit.path, replacement_for(block, unit))
     if example_input is not None:
         check_same_output_shape(model, pruned, example_input)
     return pruned

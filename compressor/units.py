@@ -37,11 +37,15 @@ SIGN_PRESERVING_MODULES = (nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveA
 IDEMPOTENT_AFTER = {("relu", "relu"), ("relu", "relu6"), ("relu6", "relu6")}
 
 
+MERGE_SUFFIX = "/merge"  # a merge unit's name: its block's path + this
+
+
 @dataclass(frozen=True)
 class Unit:
-    """A removable residual block.
+    """A residual block the search may remove, or (kind "merge") linearise and merge into one conv.
 
-    name: qualified module path ("layer2.0"); kind: "identity" or "projection";
+    name: qualified module path ("layer2.0"; "layer2.0/merge" for a merge unit);
+    kind: "identity" or "projection" (removal to the shortcut), or "merge";
     shortcut: the projection's path relative to the block; post_add: activations
     applied after the add that the replacement keeps; stage: the block's output
     shape, e.g. "32x16x16" (units of one stage share it); order: position in the graph.
@@ -56,7 +60,14 @@ class Unit:
 
     @property
     def removable_to(self) -> str:
+        if self.kind == "merge":
+            return "one merged convolution"
         return "its projection shortcut" if self.kind == "projection" else "identity"
+
+    @property
+    def path(self) -> str:
+        """The block's module path."""
+        return self.name.removesuffix(MERGE_SUFFIX) if self.kind == "merge" else self.name
 
 
 def trace(model: nn.Module) -> fx.GraphModule:

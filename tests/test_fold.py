@@ -1,4 +1,5 @@
-"""BatchNorm folding: exact on zoo models, refused where the conv output is shared, gone from ONNX."""
+"""BatchNorm folding: exact on zoo models, BN -> conv where exact, refused where the conv output is shared
+or the padding would meet BN's shift, gone from ONNX for every zoo model."""
 
 import numpy as np
 import onnx
@@ -7,8 +8,8 @@ import torch
 from torch import nn
 
 from compressor.errors import ValidationError
-from compressor.fold import FOLD_RTOL, check_equivalent, fold_batchnorm
-from compressor.zoo import build
+from compressor.fold import FOLD_RTOL, apply_structure, check_equivalent, fold_batchnorm, fold_model
+from compressor.zoo import ZOO, build
 from exporters import get_exporter
 from tests.helpers import randomise_batchnorm
 
@@ -167,9 +168,107 @@ def test_exported_folded_model_has_no_batchnorm(tmp_path):
 
 
 def test_exported_unfoldable_batchnorm_stays_in_onnx(tmp_path):
-    # control for the test above: a BN with no conv before it does reach the ONNX graph
-    model = randomise_batchnorm(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1)))
-    folded, count = fold_batchnorm(model)
-    assert count == 0
-    path = get_exporter("onnx").export(folded, _input((1, 3, 4, 4)), tmp_path / "bn.onnx", 17)
+    # control for the tests above: a BN that cannot fold (its shift would meet the next conv's
+    # zero padding, and no conv precedes it) reaches the ONNX graph: torch.onnx does not fold it either
+    model = randomise_batchnorm(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3, padding=1)))
+    result = fold_model(model)
+    assert not result.folds
+    assert "padding would skip BN's shift" in result.left["0"]
+    path = get_exporter("onnx").export(result.model, _input((1, 3, 4, 4)), tmp_path / "bn.onnx", 17)
     assert "BatchNormalization" in _onnx_ops(path)
+
+
+@pytest.mark.parametrize(("conv", "shift"), [
+    (nn.Conv2d(3, 4, 1), True),  # no padding: exact with any shift
+    (nn.Conv2d(3, 4, 3, padding=1, padding_mode="replicate"), True),  # the copied border carries the shift
+    (nn.Conv2d(3, 6, 3, padding=1, groups=3), False),  # zero padding, but BN has no shift
+    (nn.Conv2d(3, 4, 3, stride=2, padding="valid", bias=False), True),
+])
+def test_bn_before_a_conv_folds_where_exact(tmp_path, conv, shift):
+    torch.manual_seed(0)
+    model = randomise_batchnorm(nn.Sequential(nn.BatchNorm2d(3), conv, nn.ReLU()))
+    if not shift:
+        model[0].running_mean.zero_()
+        model[0].bias.data.zero_()
+    x = _input((2, 3, 9, 9))
+    result = fold_model(model, x)
+    assert result.folds == [("bn->layer", "1", "0")] and not result.left
+    assert isinstance(result.model[0], nn.Identity) and result.model[1].bias is not None
+    assert result.max_rel_error <= 1e-5
+    path = get_exporter("onnx").export(result.model, x[:1], tmp_path / "m.onnx", 17)
+    assert "BatchNormalization" not in _onnx_ops(path)
+
+
+def test_bn_between_two_convs_folds_backwards_first():
+    torch.manual_seed(0)
+    model = randomise_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)))
+    result = fold_model(model, _input((2, 3, 8, 8)))
+    assert result.folds == [("layer<-bn", "0", "1")]
+
+
+def test_bn_before_a_1d_conv_folds():
+    torch.manual_seed(0)
+    model = randomise_batchnorm(nn.Sequential(nn.BatchNorm1d(3), nn.Conv1d(3, 5, 3, stride=2)))
+    x = torch.randn(2, 3, 11, generator=torch.Generator().manual_seed(0))
+    result = fold_model(model, x)
+    assert result.folds == [("bn->layer", "1", "0")] and result.max_rel_error <= 1e-5
+
+
+def test_leftover_batchnorms_say_why():
+    torch.manual_seed(0)
+    result = fold_model(randomise_batchnorm(SharedConv()))
+    assert result.left == {"bn": "conv also feeds add"}
+    result = fold_model(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3)).eval())
+    assert "no conv or linear layer" in result.left["1"]
+
+
+# ---- every zoo model: folds completely, exports to ONNX without BatchNormalization, agrees ----
+
+@pytest.mark.parametrize("arch", list(ZOO))
+def test_every_zoo_model_folds_and_exports_without_batchnorm(tmp_path, arch):
+    """Small inputs keep this fast: 32x32 for CIFAR models, 64x64 for the 224-pixel ones (all accept it)."""
+    import onnxruntime as ort
+
+    model = randomise_batchnorm(build(arch, 10))
+    size = 32 if ZOO[arch].input_size <= 32 else 64
+    x = _input((1, 3, size, size))
+    result = fold_model(model, x)
+    assert not result.left, result.left
+    assert len(result.folds) == _count(model, nn.modules.batchnorm._BatchNorm) > 0
+    assert result.max_rel_error <= FOLD_RTOL
+    path = get_exporter("onnx").export(result.model, x, tmp_path / f"{arch}.onnx", 17)
+    assert "BatchNormalization" not in _onnx_ops(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    # ONNX Runtime sums in its own order: ~1e-6 relative per layer; a wrong fold is off by O(1)
+    assert np.abs(got - expected).max() <= FOLD_RTOL * np.abs(expected).max()
+
+
+def test_folded_structure_rebuilds_the_architecture_for_the_state_dict():
+    model = randomise_batchnorm(build("mobilenet_v3_small", 10))
+    x = _input((1, 3, 64, 64))
+    result = fold_model(model, x, merge_exact=True)
+    rebuilt = apply_structure(build("mobilenet_v3_small", 10), result.structure)
+    rebuilt.load_state_dict(result.model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), result.model(x))
+
+
+# ---- exact conv merges (compressor fold) ----
+
+def test_exact_conv_pairs_merge_when_no_more_costly():
+    torch.manual_seed(0)
+    model = randomise_batchnorm(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1),  # 3x3 -> 1x1: exact, cheaper
+        nn.ReLU(),
+        nn.Conv2d(4, 2, 1), nn.Conv2d(2, 16, 1),  # a linear bottleneck: exact but merging costs more
+        nn.Conv2d(16, 16, 3, padding=1),  # biased 1x1 before a padded 3x3: not exact, kept
+    ))
+    x = _input((2, 3, 10, 10))
+    result = fold_model(model, x, merge_exact=True)
+    assert result.merges == [("0", "2")]
+    assert isinstance(result.model[0], nn.Identity) and result.model[2].kernel_size == (3, 3)
+    assert result.max_rel_error <= 1e-5
+    assert fold_model(model, x).merges == []  # fold_batchnorm and prune never merge

@@ -118,3 +118,57 @@ def test_ms_target_is_judged_on_candidate_median_with_margin():
     assert not meets(target, Measured(2.0, 0.99, 0.02), margin=0.02)
     assert target.goal_ms(5.0) == 1.0
     assert Target(speedup=2.0).goal_ms(5.0) == 2.5
+
+
+def _with_merges(units):
+    return units + [Unit(u.name + "/merge", "merge", u.stage, u.order) for u in units]
+
+
+def _brute_force_with_merges(units, importance, savings, required, min_per_stage):
+    """Every assignment of keep / remove / merge to each block."""
+    limits = removable_limits(units, min_per_stage)
+    best = None
+    for assignment in itertools.product((None, "remove", "merge"), repeat=len(units)):
+        removed = [u for u, a in zip(units, assignment, strict=True) if a == "remove"]
+        if any(sum(u.stage == s for u in removed) > limits[s] for s in limits):
+            continue
+        names = [u.name if a == "remove" else u.name + "/merge"
+                 for u, a in zip(units, assignment, strict=True) if a]
+        if sum(savings[n] for n in names) >= required:
+            cost = sum(importance[n] for n in names)
+            best = cost if best is None or cost < best else best
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_merge_and_remove_are_alternatives_matching_brute_force(seed):
+    rng = random.Random(seed)
+    blocks = _units(6, stages=2)
+    units = _with_merges(blocks)
+    importance = {u.name: rng.random() for u in units}
+    savings = {u.name: rng.uniform(0.1, 1.0) if u.kind != "merge" else rng.uniform(-0.2, 0.6) for u in units}
+    required = rng.uniform(0.5, 3.0)
+    choice = choose_units(units, importance, savings, required, min_per_stage=1)
+    expected = _brute_force_with_merges(blocks, importance, savings, required, 1)
+    if expected is None:
+        assert choice is None
+        return
+    assert choice is not None
+    paths = [u.path for u in units if u.name in choice.removed]
+    assert len(paths) == len(set(paths)), "a block was both removed and merged"
+    removed = [u for u in units if u.name in choice.removed and u.kind != "merge"]
+    assert all(sum(u.stage == s for u in removed) <= lim for s, lim in removable_limits(blocks, 1).items())
+    assert sum(savings[n] for n in choice.removed) >= required * (1 - 1e-3) - sum(savings.values()) / BINS * 7
+    assert choice.importance_lost <= expected + 1e-9 + 1e-6 * len(units)
+
+
+def test_merges_do_not_count_against_the_blocks_kept_per_stage():
+    blocks = [Unit(f"b{i}", "identity", "s", i) for i in range(3)]
+    units = _with_merges(blocks)
+    importance = {u.name: (0.0 if u.kind == "merge" else 1.0) for u in units}
+    savings = {u.name: 1.0 for u in units}
+    # three blocks, at least one kept: only two removals allowed, but all three may merge
+    choice = choose_units(units, importance, savings, 3.0, min_per_stage=1)
+    assert choice is not None and sorted(choice.removed) == ["b0/merge", "b1/merge", "b2/merge"]
+    floor = most_removable(units, 1)
+    assert len(floor) == 2 and all(u.kind != "merge" for u in floor)

@@ -1,0 +1,80 @@
+"""Linearise-and-merge as a second unit kind for the search.
+
+A merge unit turns one residual block into a single convolution (its inner
+activations removed, its linear ops and identity shortcut composed; see
+merge_block.py). Like a removal it is a pruning step: its accuracy cost is scored
+by the criterion (the model with the block merged, against the original) and its
+latency saving is measured on the runtime (latency.py), so the search weighs
+"remove this block" against "merge this block" under one target. A block is
+either kept, removed or merged (search.py keeps the choices exclusive).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compressor.criteria import ScoringContext
+from compressor.errors import InputError, MergeRefused
+from compressor.units import MERGE_SUFFIX, Unit
+
+# criteria that score a block *replaced* by another module, so merges and removals share one scale
+REPLACEMENT_CRITERIA = ("cka", "random")
+
+
+def find_merge_units(model: nn.Module, units: list[Unit]) -> tuple[list[Unit], dict[str, str]]:
+    """A merge unit for every residual unit whose block merges into one conv; the others
+    with the reason they were refused."""
+    from compressor.merge_block import merge_block
+
+    merges: list[Unit] = []
+    refused: dict[str, str] = {}
+    for unit in units:
+        try:
+            merge_block(model.get_submodule(unit.name))
+        except MergeRefused as e:
+            refused[unit.name] = e.reason
+            continue
+        merges.append(Unit(unit.name + MERGE_SUFFIX, "merge", unit.stage, unit.order, unit.shortcut, unit.post_add))
+    return merges, refused
+
+
+def with_merge_units(model: nn.Module, units: list[Unit]) -> list[Unit]:
+    """`units` and the merge units of their blocks (for rebuilding a checkpoint)."""
+    return units + find_merge_units(model, units)[0]
+
+
+def check_criterion(name: str) -> None:
+    if name not in REPLACEMENT_CRITERIA:
+        msg = (f"merge units need a criterion that scores a replaced block ({', '.join(REPLACEMENT_CRITERIA)}); "
+               f"got {name!r}")
+        raise InputError(msg)
+
+
+def score_merge_units(criterion: str, ctx: ScoringContext, merges: list[Unit]) -> dict[str, float]:
+    """Importance of each merge unit (higher = keep the block as it is), on the scale the
+    criterion gives removals: cka = 1 - linear CKA of penultimate features with the block
+    merged; random = seeded uniform."""
+    check_criterion(criterion)
+    if criterion == "random":
+        g = torch.Generator().manual_seed(ctx.seed + 1)
+        return {u.name: float(torch.rand(1, generator=g)) for u in merges}
+    from compressor.criteria.cka import linear_cka
+    from compressor.merge_block import merge_block
+    from compressor.suffix import SuffixRunner
+    from compressor.units import units_by_name
+
+    blocks = units_by_name(ctx.units, [u.path for u in merges])
+    runner = SuffixRunner(ctx.model, blocks)
+    merged = {u.path: merge_block(ctx.model.get_submodule(u.path)).module.eval() for u in merges}
+    base: list[torch.Tensor] = []
+    outputs: dict[str, list[torch.Tensor]] = {u.name: [] for u in merges}
+    with torch.no_grad():
+        for x, *_ in ctx.calibration:
+            features, _, inputs = runner.capture(x)
+            base.append(features.flatten(1))
+            for unit, block in zip(merges, blocks, strict=True):
+                out = runner.with_block(block, merged[unit.path], inputs[block.name], x)
+                outputs[unit.name].append(out[0].flatten(1))
+    reference = torch.cat(base)
+    return {name: 1.0 - linear_cka(reference, torch.cat(f)) for name, f in outputs.items()}
