@@ -78,3 +78,41 @@ def score_merge_units(criterion: str, ctx: ScoringContext, merges: list[Unit]) -
                 outputs[unit.name].append(out[0].flatten(1))
     reference = torch.cat(base)
     return {name: 1.0 - linear_cka(reference, torch.cat(f)) for name, f in outputs.items()}
+
+
+@torch.no_grad()
+def verify_merges(model: nn.Module, merges: list[Unit], x: torch.Tensor, min_size: int = 16) -> dict[str, dict]:
+    """Check each merged block against its linearised original (merge_block.check_merge:
+    the interior within MERGE_RTOL, else ValidationError; the border ring's error reported).
+
+    Each block gets a seeded random input of its real shape, at least `min_size` pixels
+    across so that a merge's border leaves an interior (the blocks are convolutional).
+    """
+    from compressor.merge_block import check_merge, merge_block
+
+    shapes: dict[str, torch.Size] = {}
+
+    def recorder(path: str):
+        def record(_: nn.Module, args: tuple) -> None:
+            shapes.setdefault(path, args[0].shape)
+        return record
+
+    hooks = [model.get_submodule(u.path).register_forward_pre_hook(recorder(u.path)) for u in merges]
+    try:
+        model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    g = torch.Generator().manual_seed(0)
+    checks = {}
+    for unit in merges:
+        n, c, h, w = shapes[unit.path]
+        block_input = torch.randn(1, c, max(h, min_size), max(w, min_size), generator=g)
+        block = model.get_submodule(unit.path)
+        merged = merge_block(block)
+        check = check_merge(block, merged, block_input)
+        checks[unit.name] = {"exact": merged.exact, "border_px": merged.border, "interior_max_rel_error":
+                             check.interior_rel, "border_max_abs_error": check.border_abs,
+                             "border_max_rel_error": check.border_rel, "tolerance_rel": check.tolerance,
+                             "kernel": list(merged.merged.conv.kernel_size), "notes": list(merged.merged.notes)}
+    return checks
