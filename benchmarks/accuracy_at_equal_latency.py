@@ -27,6 +27,7 @@ import shlex
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -61,8 +62,8 @@ def quality(model: nn.Module, reference: nn.Module, data: DataBundle) -> dict:
         return {"metric": "top-1 accuracy (%)", "value": accuracy(model, data.loader("val"))}
     from compressor.fidelity import fidelity
 
-    f = fidelity(model, reference, data.loader("val"))
-    return {"metric": "top-1 agreement with the unpruned model (%)", "value": f.top1_agreement, **vars(f)}
+    f = fidelity(reference, model, data.loader("val"))
+    return {"metric": "top-1 agreement with the unpruned model (%)", "value": f.top1_agreement, **asdict(f)}
 
 
 def run_case(name: str, data_spec: str, target: float, profile_name: str, epochs: int, lr: float) -> dict:
