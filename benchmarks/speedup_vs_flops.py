@@ -373,10 +373,10 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict, out: Path) -> None:
-    atomic_write_text(out / "speedup_vs_flops.json", json.dumps(result, indent=2))
-    atomic_write_text(out / "speedup_vs_flops.md", render_markdown(result))
-    plot(result, out / "speedup_vs_flops.png")
+def write_outputs(result: dict, out: Path, name: str = "speedup_vs_flops") -> None:
+    atomic_write_text(out / f"{name}.json", json.dumps(result, indent=2))
+    atomic_write_text(out / f"{name}.md", render_markdown(result))
+    plot(result, out / f"{name}.png")
 
 
 # ---------------------------------------------------------------------------- main
@@ -396,6 +396,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated profiles (default: %(default)s; TensorRT is skipped without a GPU)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
                         help="output folder (default: benchmarks/results)")
+    parser.add_argument("--name", default="speedup_vs_flops",
+                        help="base name of the .json/.md/.png results (default: %(default)s)")
     args = parser.parse_args(argv)
     args.models = _list(args.models)
     if not args.models or any(m not in ZOO for m in args.models):
@@ -425,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         result["models"].append(run_model(name, args.targets, args.backends))
         result["seconds"] = time.perf_counter() - t0
-        write_outputs(result, args.out)  # after every model, so an interrupted run keeps what it has
-    log(f"wrote {args.out / 'speedup_vs_flops.json'}, .md, .png in {time.perf_counter() - t0:.0f} s")
+        write_outputs(result, args.out, args.name)  # after every model, so an interrupted run keeps what it has
+    log(f"wrote {args.out / args.name}.json, .md, .png in {time.perf_counter() - t0:.0f} s")
     print(render_markdown(result))
     return 0
 

@@ -40,14 +40,20 @@ class Deployment:
         self.sessions: list = []
 
     def export(self, model: nn.Module, path: Path) -> Path:
-        """Fold BatchNorm, export, and return the artifact path (`path` with the exporter's suffix)."""
-        folded, _ = fold_batchnorm(model)
+        """Merge linearised blocks, fold BatchNorm, export, and return the artifact path (`path`
+        with the exporter's suffix)."""
+        from compressor.merge_units import merge_linearised
+
+        folded, _ = fold_batchnorm(merge_linearised(model))
         return self.exporter.export(folded, self.example, path, self.profile.opset)
 
     def validate(self, artifact: Path, model: nn.Module, x: torch.Tensor) -> float:
-        """Run `artifact` on `x` and compare with torch; returns the largest |difference|."""
+        """Run `artifact` on `x` and compare with torch (linearised blocks merged, as exported);
+        returns the largest |difference|."""
+        from compressor.merge_units import merge_linearised
+
         with torch.no_grad():
-            expected = model.eval()(x).numpy()
+            expected = merge_linearised(model).eval()(x).numpy()
         batch = self.profile.batch
         usable = len(x) // batch * batch  # the artifact has a static batch size
         if usable == 0:

@@ -22,6 +22,38 @@ from compressor.units import MERGE_SUFFIX, Unit
 REPLACEMENT_CRITERIA = ("cka", "random")
 
 
+class LinearisedBlock(nn.Module):
+    """A block with its inner activations removed, BatchNorms still in place: what surgery puts in
+    for a merge unit, so fine-tuning trains it in its original parameterisation (distilling into
+    the merged conv directly diverged here: without BatchNorm its outputs start ~100x too large).
+    `merge_linearised` turns it into the single conv before export."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        from compressor.merge_block import linearise
+
+        self.block = linearise(block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+def merge_linearised(model: nn.Module) -> nn.Module:
+    """`model` itself if it has no LinearisedBlock, else a copy with each merged into one conv
+    (exact inside the merge's border ring; merge_block.check_merge)."""
+    import copy
+
+    from compressor.merge_block import merge_block
+
+    names = [name for name, m in model.named_modules() if isinstance(m, LinearisedBlock)]
+    if not names:
+        return model
+    merged = copy.deepcopy(model)
+    for name in names:
+        merged.set_submodule(name, merge_block(merged.get_submodule(name).block).module)
+    return merged.train(model.training)
+
+
 def find_merge_units(model: nn.Module, units: list[Unit]) -> tuple[list[Unit], dict[str, str]]:
     """A merge unit for every residual unit whose block merges into one conv; the others
     with the reason they were refused."""

@@ -26,7 +26,8 @@ def replacement_for(block: nn.Module, unit: Unit) -> nn.Module:
 def remove_units(model: nn.Module, units: Iterable[Unit],
                  example_input: torch.Tensor | None = None) -> nn.Module:
     """A copy of `model` with every unit in `units` replaced by its shortcut, or, for a
-    "merge" unit, by its block linearised and merged into one conv.
+    "merge" unit, by its block linearised (merge_units.LinearisedBlock; merged into one
+    conv by merge_units.merge_linearised, which export does).
 
     With `example_input`, the result is run once and must give an output of the
     same shape as the original (ValidationError otherwise).
@@ -35,9 +36,9 @@ def remove_units(model: nn.Module, units: Iterable[Unit],
     for unit in units:
         block = pruned.get_submodule(unit.path)
         if unit.kind == "merge":
-            from compressor.merge_block import merge_block
+            from compressor.merge_units import LinearisedBlock
 
-            pruned.set_submodule(unit.path, merge_block(block).module)
+            pruned.set_submodule(unit.path, LinearisedBlock(block))
         else:
             pruned.set_submodule(unit.path, replacement_for(block, unit))
     if example_input is not None:

@@ -8,7 +8,13 @@ from torch import nn
 
 from compressor.criteria import ScoringContext, score_units
 from compressor.errors import InputError
-from compressor.merge_units import find_merge_units, score_merge_units, verify_merges
+from compressor.merge_units import (
+    LinearisedBlock,
+    find_merge_units,
+    merge_linearised,
+    score_merge_units,
+    verify_merges,
+)
 from compressor.surgery import remove_units
 from compressor.units import find_units
 from compressor.zoo import build
@@ -48,10 +54,17 @@ def test_merged_model_keeps_its_shape_and_blocks_become_one_conv():
     x = _x()
     units = find_units(model, x)
     merges, _ = find_merge_units(model, units)
-    merged = remove_units(model, merges[:3], x)
+    linearised = remove_units(model, merges[:3], x)
+    assert all(isinstance(linearised.get_submodule(m.path), LinearisedBlock) for m in merges[:3])
+    merged = merge_linearised(linearised)
     for m in merges[:3]:
         convs = [c for c in merged.get_submodule(m.path).modules() if isinstance(c, nn.Conv2d)]
         assert len(convs) == 1 and convs[0].kernel_size in ((5, 5), (7, 7))
+    assert merge_linearised(model) is model  # nothing to merge: the model itself
+    # the merged model equals the linearised one away from each merge's border ring
+    with torch.no_grad():
+        a, b = linearised(x), merged(x)
+    assert a.shape == b.shape and not torch.allclose(a, b, atol=1e-6)
     checks = verify_merges(model, merges, x)
     assert all(c["interior_max_rel_error"] <= 1e-5 for c in checks.values())
     assert all(c["border_px"] == 1 and not c["exact"] for c in checks.values())
