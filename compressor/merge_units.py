@@ -113,15 +113,17 @@ def score_merge_units(criterion: str, ctx: ScoringContext, merges: list[Unit]) -
 
 
 @torch.no_grad()
-def verify_merges(model: nn.Module, merges: list[Unit], x: torch.Tensor, min_size: int = 16) -> dict[str, dict]:
-    """Check each merged block against its linearised original (merge_block.check_merge:
-    the interior within MERGE_RTOL, else ValidationError; the border ring's error reported).
+def verify_merges(model: nn.Module, x: torch.Tensor, min_size: int = 16) -> dict[str, dict]:
+    """Check the merge of every LinearisedBlock in `model` (merge_block.check_merge: the merged
+    conv within MERGE_RTOL of the linearised block inside its border ring, else ValidationError;
+    the ring's error reported). Keys: the blocks' module paths.
 
     Each block gets a seeded random input of its real shape, at least `min_size` pixels
     across so that a merge's border leaves an interior (the blocks are convolutional).
     """
     from compressor.merge_block import check_merge, merge_block
 
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, LinearisedBlock)}
     shapes: dict[str, torch.Size] = {}
 
     def recorder(path: str):
@@ -129,22 +131,23 @@ def verify_merges(model: nn.Module, merges: list[Unit], x: torch.Tensor, min_siz
             shapes.setdefault(path, args[0].shape)
         return record
 
-    hooks = [model.get_submodule(u.path).register_forward_pre_hook(recorder(u.path)) for u in merges]
+    hooks = [m.register_forward_pre_hook(recorder(name)) for name, m in blocks.items()]
+    training = model.training
     try:
         model.eval()(x)
     finally:
+        model.train(training)
         for h in hooks:
             h.remove()
     g = torch.Generator().manual_seed(0)
     checks = {}
-    for unit in merges:
-        n, c, h, w = shapes[unit.path]
+    for name, block in blocks.items():
+        _, c, h, w = shapes[name]
         block_input = torch.randn(1, c, max(h, min_size), max(w, min_size), generator=g)
-        block = model.get_submodule(unit.path)
-        merged = merge_block(block)
-        check = check_merge(block, merged, block_input)
-        checks[unit.name] = {"exact": merged.exact, "border_px": merged.border, "interior_max_rel_error":
-                             check.interior_rel, "border_max_abs_error": check.border_abs,
-                             "border_max_rel_error": check.border_rel, "tolerance_rel": check.tolerance,
-                             "kernel": list(merged.merged.conv.kernel_size), "notes": list(merged.merged.notes)}
+        merged = merge_block(block.block)
+        check = check_merge(block.block, merged, block_input)
+        checks[name] = {"exact": merged.exact, "border_px": merged.border,
+                        "interior_max_rel_error": check.interior_rel, "border_max_abs_error": check.border_abs,
+                        "border_max_rel_error": check.border_rel, "tolerance_rel": check.tolerance,
+                        "kernel": list(merged.merged.conv.kernel_size), "notes": list(merged.merged.notes)}
     return checks
