@@ -1,7 +1,9 @@
-"""Data sources, named by a spec string: digits32, cifar10:DIR, imagefolder:DIR, npz:FILE.
+"""Data sources, named by a spec string: digits32, photos, cifar10:DIR, imagefolder:DIR, npz:FILE.
 
 Nothing is downloaded: every source reads what is bundled with an installed
-package or what the user points at on disk.
+package or what the user points at on disk. Sources of RGB photos (photos,
+imagefolder) can be rebuilt for a model's resolution and normalisation
+(`DataBundle.fit_to`); the others are fixed and the model must fit them.
 """
 
 from __future__ import annotations
@@ -19,17 +21,66 @@ from compressor.errors import InputError
 
 SPLIT_SEED = 0
 VAL_FRACTION = 0.2
+UNLABELLED = -1  # the label of every item of an unlabelled source
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Per-channel normalisation of RGB inputs on the 0..255 scale: (x - mean) / std."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Preprocessing:
+        return cls(tuple(float(v) for v in raw["mean"]), tuple(float(v) for v in raw["std"]))
+
+
+# torchvision's ImageNet statistics (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225), on 0..255
+IMAGENET_PREPROCESSING = Preprocessing((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+
+def _as_is(batch: object) -> object:
+    """collate_fn for datasets whose __getitems__ already returns a batch."""
+    return batch
+
+
+# rebuilds a source's (train, val) at H = W = size pixels with a normalisation
+Rebuild = Callable[[int, Preprocessing], tuple[Dataset, Dataset]]
 
 
 @dataclass
 class DataBundle:
-    """A train/validation pair with what a model needs to know about it."""
+    """A train/validation pair with what a model needs to know about it.
+
+    labelled: False for sources without labels (every label is UNLABELLED, -1):
+    they serve distillation and fidelity, never accuracy. preprocessing: the
+    normalisation the images carry, where it is a fixed one; rebuild: set for
+    sources that can be rebuilt at another resolution and normalisation.
+    """
 
     spec: str
     train: Dataset
     val: Dataset
     num_classes: int
     input_shape: tuple[int, int, int]  # C, H, W
+    labelled: bool = True
+    preprocessing: Preprocessing | None = None
+    rebuild: Rebuild | None = None
+
+    def fit_to(self, size: int, preprocessing: Preprocessing) -> bool:
+        """Rebuild in place at H = W = `size` pixels with `preprocessing`, if this source can;
+        returns whether the bundle now matches (False: a fixed source that does not)."""
+        if self.input_shape[1:] == (size, size) and self.preprocessing == preprocessing:
+            return True
+        if self.rebuild is None:
+            return False
+        self.train, self.val = self.rebuild(size, preprocessing)
+        self.input_shape = (self.input_shape[0], size, size)
+        self.preprocessing = preprocessing
+        return True
 
     def loader(self, split: str, batch_size: int = 128, shuffle: bool = False,
                limit: int | None = None, seed: int = 0) -> DataLoader:
@@ -40,7 +91,10 @@ class DataBundle:
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
             dataset = Subset(dataset, order[:limit].tolist())
         generator = torch.Generator().manual_seed(seed)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+        base = dataset.dataset if isinstance(dataset, Subset) else dataset
+        collate = _as_is if getattr(base, "collates_itself", False) else None
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                          collate_fn=collate)
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float = VAL_FRACTION,
@@ -162,32 +216,44 @@ def load_cifar10(directory: str) -> DataBundle:
                       _ImageArrayDataset(x_val, y_val, mean, std), 10, (3, 32, 32))
 
 
-def load_imagefolder(directory: str, image_size: int = 224) -> DataBundle:
-    """A torchvision ImageFolder tree; uses train/ and val/ if present, else a stratified split."""
+def _imagefolder_splits(root: Path, size: int, preprocessing: Preprocessing) -> tuple[Dataset, Dataset, int]:
+    """(train, val, classes) of an ImageFolder tree, resized and centre-cropped to `size` pixels."""
     from torchvision import datasets, transforms
 
-    root = Path(directory)
-    if not root.is_dir():
-        msg = f"image folder not found: {root}"
-        raise InputError(msg)
     transform = transforms.Compose([
-        transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(),
-        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
+        transforms.Normalize([m / 255 for m in preprocessing.mean], [s / 255 for s in preprocessing.std]),
     ])
     try:
         if (root / "train").is_dir() and (root / "val").is_dir():
             train = datasets.ImageFolder(str(root / "train"), transform)
             val = datasets.ImageFolder(str(root / "val"), transform)
-            num_classes = len(train.classes)
-        else:
-            full = datasets.ImageFolder(str(root), transform)
-            train_idx, val_idx = stratified_split(np.asarray(full.targets))
-            train, val = Subset(full, train_idx.tolist()), Subset(full, val_idx.tolist())
-            num_classes = len(full.classes)
+            return train, val, len(train.classes)
+        full = datasets.ImageFolder(str(root), transform)
     except (FileNotFoundError, ValueError) as e:
         msg = f"{root} is not an image folder with one subfolder per class: {e}"
         raise InputError(msg) from e
-    return DataBundle(f"imagefolder:{root}", train, val, num_classes, (3, image_size, image_size))
+    train_idx, val_idx = stratified_split(np.asarray(full.targets))
+    return Subset(full, train_idx.tolist()), Subset(full, val_idx.tolist()), len(full.classes)
+
+
+def load_imagefolder(directory: str, image_size: int = 224) -> DataBundle:
+    """A torchvision ImageFolder tree; uses train/ and val/ if present, else a stratified split.
+
+    Resized and centre-cropped to `image_size` pixels with ImageNet normalisation
+    until a model asks for another (DataBundle.fit_to).
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        msg = f"image folder not found: {root}"
+        raise InputError(msg)
+    train, val, num_classes = _imagefolder_splits(root, image_size, IMAGENET_PREPROCESSING)
+
+    def rebuild(size: int, preprocessing: Preprocessing) -> tuple[Dataset, Dataset]:
+        return _imagefolder_splits(root, size, preprocessing)[:2]
+
+    return DataBundle(f"imagefolder:{root}", train, val, num_classes, (3, image_size, image_size),
+                      preprocessing=IMAGENET_PREPROCESSING, rebuild=rebuild)
 
 
 def load_npz(file: str) -> DataBundle:
@@ -226,21 +292,32 @@ def load_npz(file: str) -> DataBundle:
                       tuple(x_train.shape[1:]))
 
 
+def load_photos(_: str = "") -> DataBundle:
+    """scikit-image's bundled photos as seeded crops, split by source photo (compressor.photos)."""
+    from compressor.photos import load_photos as build
+
+    return build()
+
+
 DATA_SOURCES: dict[str, Callable[[str], DataBundle]] = {
     "digits32": load_digits32,
+    "photos": load_photos,
     "cifar10": load_cifar10,
     "imagefolder": load_imagefolder,
     "npz": load_npz,
 }
 
 
+NO_PATH = ("digits32", "photos")  # sources bundled with an installed package
+
+
 def load_data(spec: str) -> DataBundle:
-    """Load a data source from its spec, e.g. "digits32" or "cifar10:/data/cifar-10-batches-py"."""
+    """Load a data source from its spec, e.g. "digits32", "photos" or "cifar10:/data/cifar-10-batches-py"."""
     kind, _, arg = spec.partition(":")
     if kind not in DATA_SOURCES:
         msg = f"unknown data source {spec!r}; known: {', '.join(sorted(DATA_SOURCES))}"
         raise InputError(msg)
-    if kind != "digits32" and not arg:
+    if kind not in NO_PATH and not arg:
         msg = f"data source {kind!r} needs a path: {kind}:PATH"
         raise InputError(msg)
     return DATA_SOURCES[kind](arg)

@@ -1,4 +1,8 @@
-"""Training loops: supervised training of zoo models and distillation fine-tuning."""
+"""Training loops: supervised training of zoo models and distillation fine-tuning.
+
+Unlabelled items carry label -1 (compressor.data.UNLABELLED): a batch of them is
+fine-tuned by pure distillation from the teacher, and never counted in accuracy.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,41 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from compressor.errors import InputError
+
 
 @torch.no_grad()
 def accuracy(model: nn.Module, loader: DataLoader) -> float:
-    """Top-1 accuracy in percent."""
+    """Top-1 accuracy in percent over the labelled items; InputError if every item is unlabelled."""
     model.eval()
-    correct = total = 0
+    correct = total = unlabelled = 0
     for x, y in loader:
-        correct += (model(x).argmax(1) == y).sum().item()
-        total += len(y)
+        labelled = y >= 0
+        unlabelled += int((~labelled).sum())
+        if labelled.all():
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
+        elif labelled.any():
+            correct += (model(x[labelled]).argmax(1) == y[labelled]).sum().item()
+            total += int(labelled.sum())
+    if total == 0 and unlabelled:
+        msg = "no labelled images to compute accuracy on"
+        raise InputError(msg)
     return 100.0 * correct / max(total, 1)
+
+
+@torch.no_grad()
+def teacher_labelled(loader: DataLoader, teacher: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's batches with every unlabelled item (-1) labelled by the teacher's top-1,
+    for criteria that need labels (sr_init, taylor) on an unlabelled source."""
+    teacher.eval()
+    batches = []
+    for x, y in loader:
+        missing = y < 0
+        if missing.any():
+            y = torch.where(missing, teacher(x).argmax(1), y)
+        batches.append((x, y))
+    return batches
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -35,11 +64,15 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
           teacher: nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.7,
-          weight_decay: float = 5e-4, desc: str = "train") -> nn.Module:
+          weight_decay: float = 5e-4, desc: str = "train", freeze_batchnorm: bool = False) -> nn.Module:
     """SGD (momentum 0.9, Nesterov), linear warm-up then a per-step cosine schedule.
 
     With a `teacher`, the loss is distillation from its logits mixed with the
-    labels; without one, plain cross-entropy.
+    labels (pure distillation for a batch with unlabelled items); without one,
+    plain cross-entropy, which needs labels (InputError otherwise). With
+    `freeze_batchnorm`, BatchNorm layers normalise with their running statistics
+    and keep them (their affine parameters still learn): for fine-tuning on
+    few images, whose statistics would overwrite the pretrained ones.
     """
     if epochs <= 0:
         return model
@@ -59,14 +92,22 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
     with tqdm(total=steps, desc=desc, unit="step", disable=None, leave=False) as bar:
         for _ in range(epochs):
             model.train()
+            if freeze_batchnorm:
+                for m in model.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
             for x, y in loader:
+                labels = y if bool((y >= 0).all()) else None
+                if teacher is None and labels is None:
+                    msg = "cannot train on unlabelled images without a teacher to distil from"
+                    raise InputError(msg)
                 logits = model(x)
                 if teacher is None:
-                    loss = F.cross_entropy(logits, y)
+                    loss = F.cross_entropy(logits, labels)
                 else:
                     with torch.no_grad():
                         target = teacher(x)
-                    loss = distillation_loss(logits, target, y, temperature, alpha)
+                    loss = distillation_loss(logits, target, labels, temperature, alpha)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()

@@ -7,10 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
+from compressor.fidelity import Fidelity
 from compressor.fileio import atomic_write, atomic_write_text
 from compressor.timing import Interleaved, LatencyStats
 
 FLOP_CONVENTION = "FLOPs = 2 x multiply-adds (torch FlopCounterMode, conv + matmul only); MACs = FLOPs / 2"
+FIDELITY_UNITS = {"top1_agreement": "%", "top5_overlap": "% (mean |top5 ∩ top5'| / 5)",
+                  "kl_divergence": "nats per image, KL(unpruned || pruned)",
+                  "feature_cka": "linear CKA of penultimate features, 0..1", "accuracy": "%"}
 
 
 def _latency(stats: LatencyStats) -> dict:
@@ -32,12 +36,16 @@ def _prediction_error(trials) -> dict:
 
 
 def build_report(*, config, target, profile, machine, loaded, units, removed, importance, table, search,
-                 final: Interleaved, costs, accuracy, checks, seconds) -> dict:
+                 final: Interleaved, costs, fidelity: tuple[Fidelity, Fidelity], checks, seconds) -> dict:
+    """The report dict; `fidelity` is (before, after) fine-tuning on the held-out split. Accuracy
+    (top-1, %) is None where that split is unlabelled."""
     base_cost, pruned_cost = costs
     base_stats, pruned_stats = final.stats
     speedup = final.speedup()
     goal_ms = target.goal_ms(base_stats.median)
     met = pruned_stats.median <= goal_ms
+    before, after = fidelity
+    accuracy = [a.top1 if a is not None else None for a in (after.original_accuracy, after.pruned_accuracy)]
 
     def side(cost, stats, acc) -> dict:
         return {"flops": cost.flops, "macs": cost.macs, "params": cost.params,
@@ -57,6 +65,10 @@ def build_report(*, config, target, profile, machine, loaded, units, removed, im
         "speedup_measured": speedup, "speedup_flops": base_cost.flops / pruned_cost.flops,
         "speedup_fidelity": speedup / (base_cost.flops / pruned_cost.flops),
         "speedup_round_spread": final.speedup_spread(),
+        "fidelity": {"split": "val (held out: never used for scoring or fine-tuning)", "images": after.images,
+                     "labelled": after.original_accuracy is not None,
+                     "before_finetune": before.to_dict(), "after_finetune": after.to_dict(),
+                     "definitions": FIDELITY_UNITS},
         "criterion": config["criterion"], "profile": {**profile.to_dict(), "machine": machine},
         "search": {"margin": search.margin, "table_baseline_ms": table.baseline_ms,
                    "trials": [{"removed": list(t.choice.removed), "predicted_ms": t.predicted_ms,
@@ -80,8 +92,9 @@ def render_markdown(r: dict) -> str:
         ("latency p90 (ms)", f"{b[lat]['p90']:.3f}", f"{p[lat]['p90']:.3f}"),
         ("latency IQR (ms)", f"{b[lat]['iqr']:.3f}", f"{p[lat]['iqr']:.3f}"),
         ("timed runs", str(b[lat]["n"]), str(p[lat]["n"])),
-        ("validation accuracy (%)", f"{b['accuracy']:.2f}", f"{p['accuracy']:.2f}"),
     ]
+    if b["accuracy"] is not None:
+        rows.append(("validation accuracy (%)", f"{b['accuracy']:.2f}", f"{p['accuracy']:.2f}"))
     prof = r["profile"]
     lines = [
         f"# Pruning report: {r['model']} on {r['data']}",
@@ -110,6 +123,7 @@ def render_markdown(r: dict) -> str:
         f"rtol {r['checks']['artifact_tolerance']['rtol']:g}).",
         f"- {r['flop_convention']}.",
         "",
+        *render_fidelity(r["fidelity"]),
         f"Re-time both models yourself: `{r['checks']['artifacts'][1]}` and `{r['checks']['artifacts'][0]}` "
         "in this folder (and `baseline.onnx`, `model.onnx` on any ONNX runtime).",
         "",
@@ -119,6 +133,25 @@ def render_markdown(r: dict) -> str:
     if warnings:
         lines += ["Noise warnings: " + "; ".join(warnings), ""]
     return "\n".join(lines)
+
+
+def render_fidelity(f: dict) -> list[str]:
+    """Markdown table: the pruned model against the unpruned one on the held-out split."""
+    before, after = f["before_finetune"], f["after_finetune"]
+    rows = [
+        ("top-1 agreement (%)", "top1_agreement", ".2f"), ("top-5 overlap (%)", "top5_overlap", ".2f"),
+        ("KL(unpruned ‖ pruned) (nats/image)", "kl_divergence", ".4f"),
+        ("linear CKA, penultimate features", "feature_cka", ".4f"),
+    ]
+    lines = [f"Fidelity to the unpruned model on the held-out split ({f['images']} images, never used for "
+             f"scoring or fine-tuning{'' if f['labelled'] else '; unlabelled, so no accuracy'}):", "",
+             "| | before fine-tuning | after fine-tuning |", "|---|---:|---:|"]
+    lines += [f"| {name} | {before[key]:{spec}} | {after[key]:{spec}} |" for name, key, spec in rows]
+    if f["labelled"]:
+        for which, label in (("original_accuracy", "unpruned"), ("pruned_accuracy", "pruned")):
+            for k in ("top1", "top5"):
+                lines.append(f"| {label} top-{k[-1]} accuracy (%) | {before[which][k]:.2f} | {after[which][k]:.2f} |")
+    return [*lines, ""]
 
 
 def plot_speedup(r: dict, final: Interleaved, path: Path) -> None:

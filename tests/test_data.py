@@ -353,3 +353,90 @@ def test_loader_limit_is_a_fixed_subset(digits):
     assert len(a) == 40
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+# ---------------------------------------------------------------- photos (unlabelled)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return load_data("photos")
+
+
+def test_photos_shapes_and_labels(photos):
+    from compressor.photos import TRAIN_CROPS, VAL_CROPS
+
+    assert photos.spec == "photos" and not photos.labelled
+    assert photos.input_shape == (3, 224, 224)
+    assert (len(photos.train), len(photos.val)) == (TRAIN_CROPS, VAL_CROPS)
+    x, y = photos.train[0]
+    assert tuple(x.shape) == (3, 224, 224) and x.dtype == torch.float32
+    assert y == -1
+    xb, yb = next(iter(photos.loader("val", batch_size=8, limit=20, seed=1)))
+    assert tuple(xb.shape) == (8, 3, 224, 224)
+    assert yb.tolist() == [-1] * 8
+
+
+def test_photos_split_by_source_photo(photos):
+    from compressor.photos import TRAIN_PHOTOS, VAL_PHOTOS
+
+    train, val = set(photos.train.crop_sources), set(photos.val.crop_sources)
+    assert train == set(TRAIN_PHOTOS) and val == set(VAL_PHOTOS)
+    assert not train & val
+    assert "cat" not in train | val  # the same photo as chelsea
+
+
+def test_photos_are_deterministic(photos):
+    again = load_data("photos")
+    assert torch.equal(again.train.images, photos.train.images)
+    assert torch.equal(again.val.images, photos.val.images)
+    assert not torch.equal(photos.train.images[0], photos.train.images[1])
+
+
+def test_photos_refit_to_a_model_resolution_and_normalisation(photos):
+    from compressor.data import Preprocessing
+
+    bundle = load_data("photos")
+    lite = Preprocessing((127.0,) * 3, (128.0,) * 3)
+    assert bundle.fit_to(240, lite)
+    assert bundle.input_shape == (3, 240, 240)
+    x, _ = bundle.val[3]
+    assert tuple(x.shape) == (3, 240, 240)
+    pixels = x * 128 + 127  # the same crop, rendered at 240 px, back on 0..255
+    assert pixels.min() >= -1e-3 and pixels.max() <= 255 + 1e-3
+    assert bundle.val.crop_sources == photos.val.crop_sources
+    assert bundle.fit_to(224, photos.preprocessing)
+    assert torch.equal(bundle.val.images, photos.val.images)
+
+
+def test_fixed_sources_do_not_refit(digits):
+    from compressor.data import IMAGENET_PREPROCESSING
+
+    assert not digits.fit_to(224, IMAGENET_PREPROCESSING)
+    assert digits.input_shape == (3, 32, 32)
+
+
+def test_grey_photos_become_rgb():
+    from compressor.photos import read_photo
+
+    camera = read_photo("camera")
+    assert camera.shape[0] == 3 and camera.dtype == torch.uint8
+    assert torch.equal(camera[0], camera[1]) and torch.equal(camera[1], camera[2])
+
+
+def test_unlabelled_batches_distil_and_have_no_accuracy():
+    from compressor.finetune import accuracy, train
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 8, 8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.full((32,), -1)), batch_size=16)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4)).eval()
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4))
+    with pytest.raises(InputError, match="no labelled images"):
+        accuracy(teacher, loader)
+    with pytest.raises(InputError, match="without a teacher"):
+        train(student, loader, epochs=1, lr=0.1)
+    before = torch.nn.functional.mse_loss(student(x), teacher(x)).item()
+    train(student, loader, epochs=20, lr=0.05, teacher=teacher)
+    with torch.no_grad():
+        assert torch.nn.functional.mse_loss(student(x), teacher(x)).item() < before / 2

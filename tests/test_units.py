@@ -23,6 +23,8 @@ X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     ("resnet18", 8, ["layer2.0", "layer3.0", "layer4.0"]),
     ("resnet50", 16, ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]),
     ("mobilenet_v2", 10, []),
+    ("efficientnet_lite0", 9, []),  # MBConv: x + project(...) with no activation after the add
+    ("efficientnet_lite2", 14, []),
 ])
 def test_units_found_by_tracing(arch, count, projections):
     units = find_units(build(arch, 10), X)
@@ -77,7 +79,7 @@ def test_plain_cnn_has_no_units():
     assert find_units(plain, X) == []
 
 
-@pytest.mark.parametrize("arch", ["resnet20", "resnet18", "resnet50", "mobilenet_v2", "user"])
+@pytest.mark.parametrize("arch", ["resnet20", "resnet18", "resnet50", "mobilenet_v2", "efficientnet_lite0", "user"])
 def test_removal_equals_zeroed_branch(arch):
     model = UserNet() if arch == "user" else build(arch, 10)
     model = randomise_batchnorm(model)

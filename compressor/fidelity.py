@@ -1,0 +1,109 @@
+"""How closely a pruned model follows the original on the same images.
+
+Label-free, so they hold on unlabelled data (photos): top-1 agreement (%),
+top-5 overlap (mean |top5 ∩ top5'| / 5, %), KL(original || pruned) in nats
+per image, and linear CKA of the penultimate features (1 = the same up to a
+rotation and scale). On labelled items also top-1 / top-5 accuracy (%) of both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from compressor.criteria.cka import linear_cka
+from compressor.suffix import features_and_logits
+
+TOP_K = 5
+
+
+@dataclass
+class Outputs:
+    """A model's penultimate features and logits on every item of a loader, with the labels (-1: none)."""
+
+    features: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, loader: DataLoader) -> Outputs:
+    """One pass of `model` (traced, eval mode) over `loader`."""
+    traced = features_and_logits(model.eval())
+    features, logits, labels = [], [], []
+    for x, y in loader:
+        f, out = traced(x)
+        features.append(f.flatten(1).float())
+        logits.append(out.float())
+        labels.append(torch.as_tensor(y))
+    return Outputs(torch.cat(features), torch.cat(logits), torch.cat(labels))
+
+
+@dataclass
+class Accuracy:
+    """Top-1 and top-k accuracy in percent over `images` labelled items."""
+
+    top1: float
+    top5: float
+    images: int
+
+
+@dataclass
+class Fidelity:
+    """Pruned vs original on the same `images`; accuracy only where items are labelled."""
+
+    images: int
+    top1_agreement: float  # % of images whose top-1 class is the same
+    top5_overlap: float  # mean |top5 ∩ top5'| / 5, % (k = the class count if below 5)
+    kl_divergence: float  # KL(original || pruned) of the softmax outputs, nats, mean per image
+    feature_cka: float  # linear CKA of the penultimate features, 0..1
+    original_accuracy: Accuracy | None = None
+    pruned_accuracy: Accuracy | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> Accuracy | None:
+    labelled = labels >= 0
+    n = int(labelled.sum())
+    if n == 0:
+        return None
+    logits, labels = logits[labelled], labels[labelled]
+    top1 = (logits.argmax(1) == labels).float().mean().item()
+    topk = (logits.topk(k, 1).indices == labels[:, None]).any(1).float().mean().item()
+    return Accuracy(100.0 * top1, 100.0 * topk, n)
+
+
+def compare(reference: Outputs, pruned: Outputs) -> Fidelity:
+    """Fidelity of `pruned` to `reference`, both computed on the same items in the same order."""
+    if reference.logits.shape != pruned.logits.shape:
+        msg = f"outputs differ in shape: {tuple(reference.logits.shape)} vs {tuple(pruned.logits.shape)}"
+        raise ValueError(msg)
+    a, b = reference.logits.double(), pruned.logits.double()
+    k = min(TOP_K, a.shape[1])
+    top_a, top_b = a.topk(k, 1).indices, b.topk(k, 1).indices
+    overlap = (top_a[:, :, None] == top_b[:, None, :]).any(2).double().sum(1) / k
+    log_a, log_b = F.log_softmax(a, 1), F.log_softmax(b, 1)
+    kl = (log_a.exp() * (log_a - log_b)).sum(1)
+    return Fidelity(
+        images=len(a),
+        top1_agreement=100.0 * (top_a[:, 0] == top_b[:, 0]).double().mean().item(),
+        top5_overlap=100.0 * overlap.mean().item(),
+        kl_divergence=max(0.0, kl.mean().item()),
+        feature_cka=linear_cka(reference.features, pruned.features),
+        original_accuracy=_accuracy(reference.logits, reference.labels, k),
+        pruned_accuracy=_accuracy(pruned.logits, reference.labels, k),
+    )
+
+
+def fidelity(original: nn.Module, pruned: nn.Module, loader: DataLoader,
+             reference: Outputs | None = None) -> Fidelity:
+    """Fidelity of `pruned` to `original` on `loader` (not shuffled); pass `reference`
+    (= outputs(original, loader)) to reuse the original's pass across several pruned models."""
+    reference = outputs(original, loader) if reference is None else reference
+    return compare(reference, outputs(pruned, loader))
