@@ -47,7 +47,7 @@ from compressor.flops import count_cost
 from compressor.latency import Deployment
 from compressor.machine import machine_info, source_revision
 from compressor.profiles import load_profile
-from compressor.search import choose_units
+from compressor.search import choose_units, most_removable
 from compressor.surgery import remove_units
 from compressor.units import find_units
 from compressor.zoo import ZOO, LoadedModel, build, load_model
@@ -105,8 +105,10 @@ def our_levels(loaded: LoadedModel, x: torch.Tensor, targets: list[float]) -> tu
     for target in targets:
         choice = choose_units(units, importance, savings, base * (1 - 1 / target), min_per_stage=1)
         if choice is None:
-            best = base / (base - sum(max(v, 0) for v in savings.values()))
-            skipped.append({"target": target, "reason": f"unreachable by removing units (at most ~{best:.2f}x)"})
+            floor = remove_units(model, most_removable(units, 1), x)
+            best = base / count_cost(floor, x).flops
+            skipped.append({"target": target,
+                            "reason": f"unreachable with one block kept per stage (at most {best:.2f}x)"})
             continue
         chosen = [u for u in units if u.name in choice.removed]
         pruned = remove_units(model, chosen, x)

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from compressor.errors import CompressorError, TargetMissedError
@@ -42,14 +43,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
         target_ms=args.target_ms, target_speedup=args.target_speedup, criterion=args.criterion,
         calibration_size=args.calibration_size, finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr, min_blocks_per_stage=args.min_blocks_per_stage, seed=args.seed,
-        latency_table=args.latency_table, repeats=args.repeats)
+        latency_table=args.latency_table, repeats=args.repeats, merge=args.merge)
     report = prune(config, log=_log)
     if args.json:
         print(json.dumps(report, indent=2))
     b, p = report["baseline"], report["pruned"]
+    quality = f"top-1 agreement {report['fidelity']['after_finetune']['top1_agreement']:.1f}%"
+    if b["accuracy"] is not None and p["accuracy"] is not None:
+        quality = f"accuracy {b['accuracy']:.2f} -> {p['accuracy']:.2f}%, {quality}"
     _log(f"{report['model']}: {b['latency_ms']['median']:.3f} -> {p['latency_ms']['median']:.3f} ms "
          f"({report['speedup_measured']:.2f}x measured, {report['speedup_flops']:.2f}x by FLOPs), "
-         f"accuracy {b['accuracy']:.2f} -> {p['accuracy']:.2f}%; report in {args.out}/report.md")
+         f"{quality}; report in {args.out}/report.md")
     if not report["target_met"]:
         median = report["pruned"]["latency_ms"]["median"]
         msg = f"target missed in the final measurement: {median:.3f} ms > {report['target_ms']:.3f} ms"
@@ -208,7 +212,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
     from compressor.errors import MergeRefused, ValidationError
     from compressor.fileio import check_output_dir, make_output_dir
     from compressor.fold import FOLD_RTOL, fold_model
-    from compressor.zoo import LoadedModel, load_model, save_checkpoint
+    from compressor.zoo import load_model, save_checkpoint
     from exporters import get_exporter
 
     out = check_output_dir(args.out, must_be_empty=True)
@@ -226,8 +230,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
         graph = onnx.load(str(staged), load_external_data=False).graph
         if any(node.op_type == "BatchNormalization" for node in graph.node):
             raise ValidationError("the exported ONNX still has BatchNormalization nodes after folding")
-        folded = LoadedModel(result.model, loaded.arch, loaded.num_classes, loaded.input_shape,
-                             f"folded from {loaded.source}", loaded.removed_units)
+        folded = replace(loaded, model=result.model, source=f"folded from {loaded.source}")
         save_checkpoint(out / "model.pt", folded, folded_structure=result.structure,
                         fold_max_rel_error=result.max_rel_error, fold_tolerance_rel=FOLD_RTOL)
         written = [p.name for p in exporter.artifact_files(staged)]
@@ -278,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="remove residual units until a measured latency target is met")
     p.add_argument("--model", required=True, help="zoo name (e.g. resnet56) or checkpoint file")
-    p.add_argument("--data", required=True, help="digits32 | cifar10:DIR | imagefolder:DIR | npz:FILE")
+    p.add_argument("--data", required=True, help="digits32 | photos | cifar10:DIR | imagefolder:DIR | npz:FILE")
     p.add_argument("--profile", required=True, help="built-in profile name (ort-cpu) or YAML path")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-ms", type=float, help="median latency to reach (ms)")
@@ -288,9 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: cka)")
     p.add_argument("--out", required=True, help="new output folder (refused if not empty)")
     p.add_argument("--finetune-epochs", type=_non_negative_int, default=4, help="distillation epochs (default: 4)")
-    p.add_argument("--finetune-lr", type=float, default=0.02)
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="fine-tuning learning rate (default: 0.02; 0.002 with BatchNorm statistics frozen "
+                        "for pretrained models such as efficientnet_lite0)")
     p.add_argument("--calibration-size", type=_positive_int, default=512, help="images for scoring")
-    p.add_argument("--min-blocks-per-stage", type=_non_negative_int, default=1, help="units each stage keeps")
+    p.add_argument("--min-blocks-per-stage", type=_non_negative_int, default=1,
+                   help="blocks each stage keeps, counting a stage's blocks that are not units (default: 1)")
+    p.add_argument("--merge", action="store_true",
+                   help="also offer 'linearise and merge into one conv' for each block (criterion cka or random)")
     p.add_argument("--latency-table", help="reuse a table from `compressor profile` instead of measuring")
     p.add_argument("--repeats", type=_positive_int, default=3, help="seeds averaged by sr_init (default: 3)")
     p.add_argument("--seed", type=int, default=0)

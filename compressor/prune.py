@@ -26,6 +26,13 @@ from compressor.flops import count_cost
 from compressor.fold import FOLD_RTOL, check_equivalent, fold_batchnorm
 from compressor.latency import Deployment, LatencyTable, measure_latency_table
 from compressor.machine import machine_info
+from compressor.merge_units import (
+    check_criterion,
+    find_merge_units,
+    merge_linearised,
+    score_merge_units,
+    verify_merges,
+)
 from compressor.profiles import Profile, load_profile
 from compressor.search import most_removable
 from compressor.surgery import remove_units
@@ -62,6 +69,7 @@ class PruneConfig:
     freeze_batchnorm: bool | None = None  # None: frozen exactly when PRETRAINED_FINETUNE_LR is chosen
     min_blocks_per_stage: int = 1
     max_trials: int = 8
+    merge: bool = False  # also offer "linearise and merge" units (criterion cka or random)
     seed: int = 0
     latency_table: str | None = None  # reuse a table from `compressor profile` (same model, profile)
     repeats: int = 3  # SR-init seeds
@@ -132,8 +140,16 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
         raise InputError(msg)
     log(f"{len(units)} removable units in {loaded.arch}: "
         f"{sum(u.kind == 'identity' for u in units)} identity, {sum(u.kind == 'projection' for u in units)} projection")
+    merges: list = []
+    if config.merge:
+        check_criterion(config.criterion)
+        merges, refused = find_merge_units(model, units)
+        log(f"{len(merges)} blocks can also be linearised and merged into one conv"
+            + "".join(f"; {name} cannot: {why}" for name, why in list(refused.items())[:3])
+            + (f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""))
+    candidates = units + merges
 
-    table = reuse_latency_table(config.latency_table, units, deployment, log) if config.latency_table else None
+    table = reuse_latency_table(config.latency_table, candidates, deployment, log) if config.latency_table else None
     # reachability first: the unpruned model against the most that may be removed
     suffix = deployment.exporter.suffix
     baseline_path = deployment.export(model, work / f"baseline{suffix}")
@@ -154,16 +170,18 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
     if not data.labelled and config.criterion in NEEDS_LABELS:
         log(f"{data.spec} is unlabelled: {config.criterion} scores against the unpruned model's top-1")
         calibration = teacher_labelled(calibration, model)
-    importance = score_units(config.criterion, ScoringContext(model, units, calibration, config.seed,
-                                                                 repeats=config.repeats))
+    context = ScoringContext(model, units, calibration, config.seed, repeats=config.repeats)
+    importance = score_units(config.criterion, context)
+    if merges:
+        importance.update(score_merge_units(config.criterion, context, merges))
 
     if table is None:
         log("measuring the latency table (each unit removed, exported, timed interleaved)")
-        table = measure_latency_table(model, units, deployment, loaded.arch, work)
+        table = measure_latency_table(model, candidates, deployment, loaded.arch, work)
     table.save(out / "latency_table.json")
 
     def measure(removed: tuple[str, ...]) -> Measured:
-        chosen = [u for u in units if u.name in removed]
+        chosen = [u for u in candidates if u.name in removed]
         path = deployment.export(remove_units(model, chosen, x), work / f"candidate{suffix}")
         m = _timed_pair(deployment, baseline_path, path, profile.search_policy)
         log(f"  candidate -{len(removed)} units: predicted {table.predict(removed):.3f} ms, "
@@ -172,18 +190,18 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
 
     log(f"searching for {target.describe()} (aiming {margin:.0%} under it)")
     floor_saving = sum(table.savings_ms[u.name] for u in most_removable(units, config.min_blocks_per_stage))
-    result = search_under_target(units, importance, table.savings_ms, table.baseline_ms, target, measure,
+    result = search_under_target(candidates, importance, table.savings_ms, table.baseline_ms, target, measure,
                                  margin, (floor_saving, reach), config.min_blocks_per_stage, config.max_trials)
     chosen_trial = result.best or (min(result.trials, key=lambda t: t.measured.candidate_ms)
                                    if result.trials else None)
     if chosen_trial is None:
         msg = f"no removal set reaches {target.describe()} by the latency table"
         raise UnreachableTargetError(msg)
-    removed = [u for u in units if u.name in chosen_trial.choice.removed]
-    pruned = remove_units(model, removed, x)
+    removed = [u for u in candidates if u.name in chosen_trial.choice.removed]
+    pruned = remove_units(model, removed, x)  # merged blocks linearised, BatchNorm kept for fine-tuning
     val = data.loader("val")
     reference = outputs(model, val)
-    before = fidelity(model, pruned, val, reference)
+    before = fidelity(model, merge_linearised(pruned), val, reference)
     log(f"held-out fidelity before fine-tuning: top-1 agreement {before.top1_agreement:.1f}%, "
         f"KL {before.kl_divergence:.4f} nats, CKA {before.feature_cka:.3f}")
 
@@ -193,12 +211,14 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
         f"(lr {lr:g}{', BatchNorm statistics frozen' if freeze else ''})")
     train(pruned, data.loader("train", batch_size=32, shuffle=True, seed=config.seed), config.finetune_epochs,
           lr, teacher=model, desc="fine-tune", freeze_batchnorm=freeze)
-    after = fidelity(model, pruned, val, reference)
+    merge_checks = verify_merges(pruned, x)  # the deployed merge of each linearised block, interior exact
+    deployed = merge_linearised(pruned)  # what is exported: linearised blocks merged into one conv
+    after = fidelity(model, deployed, val, reference)
     log(f"held-out fidelity after fine-tuning: top-1 agreement {after.top1_agreement:.1f}%, "
         f"KL {after.kl_divergence:.4f} nats, CKA {after.feature_cka:.3f}")
 
-    folded, folds = fold_batchnorm(pruned)
-    fold_error = check_equivalent(pruned, folded, x, FOLD_RTOL, "BatchNorm folding")
+    folded, folds = fold_batchnorm(deployed)
+    fold_error = check_equivalent(deployed, folded, x, FOLD_RTOL, "BatchNorm folding")
     model_path = deployment.export(pruned, out / f"model{suffix}")
     final_baseline = deployment.export(model, out / f"baseline{suffix}")
     if deployment.exporter.name != "onnx":  # model.onnx and baseline.onnx always, for re-timing anywhere
@@ -220,10 +240,11 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
 
     report = build_report(
         config=asdict(config), target=target, profile=profile, machine=machine_info(), loaded=loaded,
-        units=units, removed=removed, importance=importance, table=table, search=result,
-        final=final, costs=(count_cost(model, x), count_cost(pruned, x)),
+        units=candidates, removed=removed, importance=importance, table=table, search=result,
+        final=final, costs=(count_cost(model, x), count_cost(deployed, x)),
         fidelity=(before, after),
         checks={"fold_max_rel_error": fold_error, "folds": folds, "fold_tolerance_rel": FOLD_RTOL,
+                "merges": merge_checks,
                 "artifact_format": deployment.exporter.name, "artifacts": [model_path.name, final_baseline.name],
                 "artifact_max_abs_error": artifact_error, "artifact_baseline_max_abs_error": artifact_error_base,
                 "artifact_tolerance": {"atol": deployment.exporter.atol, "rtol": deployment.exporter.rtol,

@@ -26,12 +26,15 @@ class Choice:
 
 
 def removable_limits(units: Sequence[Unit], min_per_stage: int) -> dict[str, int]:
-    """How many blocks each stage may lose so that `min_per_stage` survive (a merged block survives)."""
+    """How many units each stage may lose so that `min_per_stage` blocks survive, counting a
+    merged block and a stage's block that is not a unit (Unit.anchored) as survivors."""
     counts: dict[str, int] = {}
+    anchors: dict[str, int] = {}
     for u in units:
         if u.kind != "merge":
             counts[u.stage] = counts.get(u.stage, 0) + 1
-    return {s: max(0, n - min_per_stage) for s, n in counts.items()}
+            anchors[u.stage] = int(u.anchored)
+    return {s: max(0, n - max(0, min_per_stage - anchors[s])) for s, n in counts.items()}
 
 
 Option = tuple[int, float, int]  # (saving in bins, importance lost, 1 if it removes the block else 0)

@@ -10,7 +10,7 @@ architecture: any module that torch.fx can trace works.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx, nn
@@ -57,6 +57,7 @@ class Unit:
     order: int
     shortcut: str | None = None
     post_add: tuple[str, ...] = ()
+    anchored: bool = False  # its stage also has a block that is not a unit (that block always stays)
 
     @property
     def removable_to(self) -> str:
@@ -212,7 +213,32 @@ def find_units(model: nn.Module, example_input: torch.Tensor) -> list[Unit]:
         if shape.kind == "identity" and all((p, producer) in IDEMPOTENT_AFTER for p in post):
             post = ()
         units[path] = Unit(path, shape.kind, stage, len(units), shape.shortcut, post)
-    return list(units.values())
+    anchored = _anchored_stages(list(units.values()), nodes)
+    return [replace(u, anchored=u.stage in anchored) for u in units.values()]
+
+
+def _anchored_stages(units: list[Unit], nodes: list[fx.Node]) -> set[str]:
+    """Stages whose first unit is fed, at the stage's shape, by a sibling block that is not a
+    unit (EfficientNet's and MobileNetV2's first, non-residual block of a stage): that block
+    survives any removal, so the stage keeps a block even with all its units gone."""
+    firsts: dict[str, Unit] = {}
+    for u in units:
+        firsts.setdefault(u.stage, u)
+    names = {u.name for u in units}
+    anchored = set()
+    for stage, first in firsts.items():
+        inside = {n for n in nodes if first.name in (n.meta.get("nn_module_stack") or {})}
+        feeds = [a for n in inside for a in n.all_input_nodes if a not in inside]
+        if not feeds:
+            continue
+        meta = feeds[0].meta.get("tensor_meta")
+        if meta is None or "x".join(str(d) for d in meta.shape[1:]) != stage:
+            continue
+        parent, depth = first.name.rpartition(".")[0], first.name.count(".")
+        for path in feeds[0].meta.get("nn_module_stack") or {}:
+            if path.count(".") == depth and path.rpartition(".")[0] == parent and path not in names:
+                anchored.add(stage)
+    return anchored
 
 
 def units_by_name(units: list[Unit], names: list[str]) -> list[Unit]:

@@ -121,7 +121,7 @@ def save_checkpoint(path: str | Path, loaded: LoadedModel, **extra: object) -> P
 def load_checkpoint(path: str | Path) -> LoadedModel:
     """Load a checkpoint written by save_checkpoint; removed units are removed again."""
     from compressor.surgery import remove_units
-    from compressor.units import find_units, units_by_name
+    from compressor.units import MERGE_SUFFIX, find_units, units_by_name
 
     path = Path(path)
     if not path.is_file():
@@ -143,7 +143,12 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
                          Preprocessing.from_dict(preprocessing) if preprocessing else None)
     if loaded.removed_units:
         x = loaded.example_input()
-        units = units_by_name(find_units(loaded.model, x), loaded.removed_units)
+        units = find_units(loaded.model, x)
+        if any(name.endswith(MERGE_SUFFIX) for name in loaded.removed_units):
+            from compressor.merge_units import with_merge_units
+
+            units = with_merge_units(loaded.model, units)
+        units = units_by_name(units, loaded.removed_units)
         loaded.model = remove_units(loaded.model, units)
     try:
         loaded.model.load_state_dict(payload["state_dict"])

@@ -72,3 +72,32 @@ def test_checkpoint_and_onnx_agree(run, digits):
     graph = onnx.load(out / "model.onnx").graph
     assert not [n for n in graph.node if n.op_type == "BatchNormalization"]
     assert len(graph.node) < len(onnx.load(out / "baseline.onnx").graph.node)
+
+
+def test_prune_with_merge_units(tmp_path, digits):
+    """--merge: every block is offered both removed and merged; the table measures both; the
+    written ONNX is the merged model and matches the checkpoint with its blocks merged."""
+    from compressor.merge_units import merge_linearised
+
+    profile = tmp_path / "fast.yaml"
+    profile.write_text(FAST_PROFILE)
+    out = tmp_path / "merge"
+    code = main(["prune", "--model", "resnet56", "--data", "digits32", "--profile", str(profile),
+                 "--target-speedup", "1.3", "--out", str(out), "--finetune-epochs", "1",
+                 "--calibration-size", "64", "--merge"])
+    report = json.loads((out / "report.json").read_text())
+    assert code == (0 if report["target_met"] else 1)
+    kinds = [u["kind"] for u in report["units"]]
+    assert kinds.count("merge") == 27 and len(kinds) == 54
+    table = json.loads((out / "latency_table.json").read_text())
+    assert sum(name.endswith("/merge") for name in table["savings_ms"]) == 27
+    merged = [n for n in report["removed_units"] if n.endswith("/merge")]
+    assert set(report["checks"]["merges"]) == {n.removesuffix("/merge") for n in merged}
+    assert all(c["interior_max_rel_error"] <= 1e-5 for c in report["checks"]["merges"].values())
+    deployed = merge_linearised(load_checkpoint(out / "model.pt").model).eval()
+    x = torch.cat([b[0] for b in digits.loader("val", batch_size=8, limit=8)])
+    with torch.no_grad():
+        expected = deployed(x).numpy()
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = np.concatenate([session.run(None, {"input": x[i:i + 1].numpy()})[0] for i in range(len(x))])
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)

@@ -92,3 +92,20 @@ def test_merges_need_a_criterion_that_scores_a_replacement():
     merges, _ = find_merge_units(model, units)
     with pytest.raises(InputError, match="merge units need"):
         score_merge_units("magnitude", ScoringContext(model, units, _calibration()), merges)
+
+
+def test_a_checkpoint_with_merged_blocks_round_trips(tmp_path):
+    from compressor.zoo import LoadedModel, load_checkpoint, save_checkpoint
+
+    model = randomise_batchnorm(build("resnet20", 10))
+    x = _x()
+    units = find_units(model, x)
+    merges, _ = find_merge_units(model, units)
+    chosen = [units[0], merges[4]]
+    pruned = remove_units(model, chosen, x)
+    save_checkpoint(tmp_path / "m.pt", LoadedModel(pruned, "resnet20", 10, (3, 32, 32), "test",
+                                                   [u.name for u in chosen]))
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert isinstance(loaded.model.get_submodule(merges[4].path), LinearisedBlock)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), pruned.eval()(x))

@@ -124,3 +124,21 @@ def test_pruned_checkpoint_round_trip(tmp_path):
     again = load_checkpoint(path)
     with torch.no_grad():
         assert torch.equal(again.model(X), pruned.eval()(X))
+
+
+def test_stages_fed_by_a_block_that_is_not_a_unit_are_anchored():
+    """MobileNetV2's first block of a stage has no residual, so it stays whatever is removed:
+    every unit of such a stage may go; a CIFAR ResNet's stages have no such block."""
+    from compressor.search import removable_limits
+
+    mnv2 = build("mobilenet_v2", 10).eval()
+    units = find_units(mnv2, torch.randn(1, 3, 64, 64))
+    assert units and all(u.anchored for u in units)
+    counts = {}
+    for u in units:
+        counts[u.stage] = counts.get(u.stage, 0) + 1
+    assert removable_limits(units, 1) == counts
+    resnet = build("resnet20", 10).eval()
+    units = find_units(resnet, torch.randn(1, 3, 32, 32))
+    assert not any(u.anchored for u in units)
+    assert removable_limits(units, 1) == {"16x32x32": 2, "32x16x16": 2, "64x8x8": 2}
