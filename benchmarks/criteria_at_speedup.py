@@ -35,6 +35,7 @@ from compressor.criteria import CRITERIA, ScoringContext, score_units
 from compressor.data import load_data
 from compressor.fidelity import fidelity, outputs
 from compressor.fileio import atomic_write_text
+from compressor.finetune import teacher_labelled
 from compressor.latency import Deployment, measure_latency_table
 from compressor.machine import machine_info, source_revision
 from compressor.predictor import Observation, fit_calibration
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"floor ({len(floor)} units removed): {reach.speedup():.2f}x; calibration scale {calibration.scale:.2f}")
 
         calib = data.loader("train", batch_size=64, limit=args.calibration_size, seed=0)
+        if not data.labelled:  # sr_init and taylor read labels: the unpruned model's top-1 instead
+            calib = teacher_labelled(calib, base)
         scores: dict[str, dict[str, float]] = {}
         for name in criteria:
             t = time.perf_counter()

@@ -286,6 +286,10 @@ def score_model(config: ScoreConfig, log: Callable[[str], None] = print) -> Scor
         msg = f"--k must be between 1 and the number of units ({len(units)}), got {config.k}"
         raise InputError(msg)
     calibration = data.loader("train", batch_size=128, limit=config.calibration_size, seed=config.seed)
+    if not data.labelled:  # sr_init and taylor read labels: the unpruned model's top-1 instead
+        from compressor.finetune import teacher_labelled
+
+        calibration = teacher_labelled(calibration, model)
     scores: dict[str, dict[str, float]] = {}
     for name in config.criteria:
         log(f"scoring {len(units)} units with {name} on {config.calibration_size} calibration images")
