@@ -33,6 +33,7 @@ from compressor.merge_units import (
     score_merge_units,
     verify_merges,
 )
+from compressor.predictor import Observation, fit_calibration
 from compressor.profiles import Profile, load_profile
 from compressor.search import most_removable
 from compressor.surgery import remove_units
@@ -189,7 +190,9 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
         return m
 
     log(f"searching for {target.describe()} (aiming {margin:.0%} under it)")
-    floor_saving = sum(table.savings_ms[u.name] for u in most_removable(units, config.min_blocks_per_stage))
+    floor_units = [u.name for u in most_removable(units, config.min_blocks_per_stage)]
+    floor_saving = sum(table.savings_ms[name] for name in floor_units)
+    calibration = fit_calibration([Observation.measured(table, floor_units, reach.baseline_ms, reach.candidate_ms)])
     result = search_under_target(candidates, importance, table.savings_ms, table.baseline_ms, target, measure,
                                  margin, (floor_saving, reach), config.min_blocks_per_stage, config.max_trials)
     chosen_trial = result.best or (min(result.trials, key=lambda t: t.measured.candidate_ms)
@@ -249,6 +252,6 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
                 "artifact_max_abs_error": artifact_error, "artifact_baseline_max_abs_error": artifact_error_base,
                 "artifact_tolerance": {"atol": deployment.exporter.atol, "rtol": deployment.exporter.rtol,
                                        "range_rtol": deployment.exporter.range_rtol}},
-        seconds=time.perf_counter() - t_start)
+        seconds=time.perf_counter() - t_start, calibration=calibration)
     write_report(report, out, final)
     return report

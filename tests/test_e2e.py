@@ -56,6 +56,9 @@ def test_report_fields(run):
     assert report["checks"]["artifact_format"] == "onnx"
     assert report["checks"]["artifact_max_abs_error"] <= 1e-4 + 1e-3 * 20
     assert report["pruned"]["accuracy"] > 80  # one distillation epoch on digits32
+    error = report["search"]["table_error"]
+    assert error["candidates"] == len(report["search"]["trials"]) >= 1
+    assert 0 <= error["calibrated"]["mape"] and error["calibrated"]["kind"] == "scale"
 
 
 def test_checkpoint_and_onnx_agree(run, digits):
