@@ -115,6 +115,8 @@ def prune(config: PruneConfig, log: Callable[[str], None] = print) -> dict:
     """Run the whole job; returns the report dict (also written to `config.out`)."""
     target = Target(config.target_ms, config.target_speedup)
     get_criterion(config.criterion)
+    if config.merge:
+        check_criterion(config.criterion)
     out = check_output_dir(config.out, must_be_empty=True)
     profile = load_profile(config.profile)
     data = load_data(config.data)
@@ -143,7 +145,6 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
         f"{sum(u.kind == 'identity' for u in units)} identity, {sum(u.kind == 'projection' for u in units)} projection")
     merges: list = []
     if config.merge:
-        check_criterion(config.criterion)
         merges, refused = find_merge_units(model, units)
         log(f"{len(merges)} blocks can also be linearised and merged into one conv"
             + "".join(f"; {name} cannot: {why}" for name, why in list(refused.items())[:3])
