@@ -140,7 +140,8 @@ class TestTorch(BackendContract):
 
 
 ZOO_MODELS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-              "resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small"]
+              "resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
+              "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 
 
 def test_every_zoo_model_is_tested():
