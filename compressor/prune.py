@@ -39,7 +39,7 @@ from compressor.search import most_removable
 from compressor.surgery import remove_units
 from compressor.targets import Measured, Target, margin_from, search_under_target
 from compressor.timing import TimingPolicy
-from compressor.units import find_units
+from compressor.units import Unit, find_units
 from compressor.zoo import LoadedModel, load_model, save_checkpoint
 from exporters import get_exporter
 
@@ -143,7 +143,7 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
         raise InputError(msg)
     log(f"{len(units)} removable units in {loaded.arch}: "
         f"{sum(u.kind == 'identity' for u in units)} identity, {sum(u.kind == 'projection' for u in units)} projection")
-    merges: list = []
+    merges: list[Unit] = []
     if config.merge:
         merges, refused = find_merge_units(model, units)
         log(f"{len(merges)} blocks can also be linearised and merged into one conv"
@@ -193,7 +193,8 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
     log(f"searching for {target.describe()} (aiming {margin:.0%} under it)")
     floor_units = [u.name for u in most_removable(units, config.min_blocks_per_stage)]
     floor_saving = sum(table.savings_ms[name] for name in floor_units)
-    calibration = fit_calibration([Observation.measured(table, floor_units, reach.baseline_ms, reach.candidate_ms)])
+    table_calibration = fit_calibration([Observation.measured(table, floor_units, reach.baseline_ms,
+                                                              reach.candidate_ms)])
     result = search_under_target(candidates, importance, table.savings_ms, table.baseline_ms, target, measure,
                                  margin, (floor_saving, reach), config.min_blocks_per_stage, config.max_trials)
     chosen_trial = result.best or (min(result.trials, key=lambda t: t.measured.candidate_ms)
@@ -253,6 +254,6 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
                 "artifact_max_abs_error": artifact_error, "artifact_baseline_max_abs_error": artifact_error_base,
                 "artifact_tolerance": {"atol": deployment.exporter.atol, "rtol": deployment.exporter.rtol,
                                        "range_rtol": deployment.exporter.range_rtol}},
-        seconds=time.perf_counter() - t_start, calibration=calibration)
+        seconds=time.perf_counter() - t_start, calibration=table_calibration)
     write_report(report, out, final)
     return report
