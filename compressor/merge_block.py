@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from compressor.errors import InputError, MergeRefused, ValidationError
 from compressor.merge import MERGE_RTOL, Merged, add_identity, add_parallel, as_merged, bn_as_conv, compose
-from compressor.units import ACTIVATION_BUILDERS, ACTIVATION_FUNCTIONS, ACTIVATION_MODULES, ADD_FUNCTIONS, ADD_METHODS
+from compressor.units import ACTIVATION_BUILDERS, activation_of, is_add
 
 PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout2d)  # no-ops in eval mode
 
@@ -74,18 +74,11 @@ class _Plan:
 
 
 def _activation(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    if node.op == "call_module":
-        return ACTIVATION_MODULES.get(type(modules[node.target]))
-    if node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS and set(node.kwargs) <= {"inplace"}:
-        return ACTIVATION_FUNCTIONS[node.target]
-    if node.op == "call_method" and node.target in ("relu", "relu_"):
-        return "relu"
-    return None
-
-
-def _is_add(node: fx.Node) -> bool:
-    return ((node.op == "call_function" and node.target in ADD_FUNCTIONS)
-            or (node.op == "call_method" and node.target in ADD_METHODS))
+    """units.activation_of, but a function call with arguments other than `inplace` is not
+    taken as a plain activation (e.g. gelu(approximate=...)): the merge stays conservative."""
+    if node.op == "call_function" and set(node.kwargs) - {"inplace"}:
+        return None
+    return activation_of(node, modules)
 
 
 def _plan(block: nn.Module) -> _Plan:
@@ -146,7 +139,7 @@ def _linear_map(plan: _Plan) -> Merged:
                 op = module if type(module) is nn.Conv2d else bn_as_conv(module)
                 src = maps[_single_input(node)]
                 maps[node] = as_merged(op) if src is None else compose(src, op)
-            elif _is_add(node) and len(node.args) == 2 and not node.kwargs and all(
+            elif is_add(node) and len(node.args) == 2 and not node.kwargs and all(
                     isinstance(a, fx.Node) for a in node.args):
                 maps[node] = _add(maps[node.args[0]], maps[node.args[1]], node)
             else:

@@ -80,7 +80,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         raise InputError(msg) from e
 
 
-def _activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+def activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     """The activation name a node applies, or None if it is not a known activation."""
     if node.op == "call_module":
         return ACTIVATION_MODULES.get(type(modules[node.target]))
@@ -98,7 +98,7 @@ def _through_identity(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
     return node
 
 
-def _is_add(node: fx.Node) -> bool:
+def is_add(node: fx.Node) -> bool:
     return ((node.op == "call_function" and node.target in ADD_FUNCTIONS)
             or (node.op == "call_method" and node.target in ADD_METHODS))
 
@@ -136,8 +136,8 @@ def _analyse_block(block: nn.Module) -> _BlockShape | None:
         return None
     x, node = placeholders[0], outputs[0].args[0]
     post: list[str] = []
-    while not _is_add(node):
-        act = _activation_of(node, modules)
+    while not is_add(node):
+        act = activation_of(node, modules)
         if act is None or len(node.all_input_nodes) != 1:
             return None
         post.append(act)
@@ -172,7 +172,7 @@ def _producer_activation(gm: fx.GraphModule, block_nodes: set[fx.Node]) -> str |
     while (source.op == "call_module" and isinstance(modules[source.target], SIGN_PRESERVING_MODULES)
            and len(source.all_input_nodes) == 1):
         source = source.all_input_nodes[0]
-    return _activation_of(source, modules)
+    return activation_of(source, modules)
 
 
 def find_units(model: nn.Module, example_input: torch.Tensor) -> list[Unit]:
@@ -192,7 +192,7 @@ def find_units(model: nn.Module, example_input: torch.Tensor) -> list[Unit]:
     nodes = list(gm.graph.nodes)
     for node in nodes:
         stack = node.meta.get("nn_module_stack") or {}
-        if not _is_add(node) or not stack:
+        if not is_add(node) or not stack:
             continue
         path = list(stack)[-1]
         if path in units:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from compressor.criteria import ScoringContext, register
 from compressor.suffix import _subgraph
-from compressor.units import _activation_of, trace
+from compressor.units import activation_of, trace
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
 
 def _activation_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     modules = dict(gm.named_modules())
-    return [n for n in gm.graph.nodes if _activation_of(n, modules) in ("relu", "relu6")
+    return [n for n in gm.graph.nodes if activation_of(n, modules) in ("relu", "relu6")
             and len(n.all_input_nodes) == 1]
 
 
