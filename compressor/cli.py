@@ -43,7 +43,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         target_ms=args.target_ms, target_speedup=args.target_speedup, criterion=args.criterion,
         calibration_size=args.calibration_size, finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr, min_blocks_per_stage=args.min_blocks_per_stage, seed=args.seed,
-        latency_table=args.latency_table, repeats=args.repeats, merge=args.merge)
+        latency_table=args.latency_table, repeats=args.repeats, merge=args.merge, mimic=args.mimic)
     report = prune(config, log=_log)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-lr", type=float, default=None,
                    help="fine-tuning learning rate (default: 0.02; 0.002 with BatchNorm statistics frozen "
                         "for pretrained models such as efficientnet_lite0)")
+    p.add_argument("--mimic", action=argparse.BooleanOptionalAction, default=None,
+                   help="also match every kept block's output and the penultimate features while fine-tuning, "
+                        "with the unchanged prefix frozen (default: on for pretrained models)")
     p.add_argument("--calibration-size", type=_positive_int, default=512, help="images for scoring")
     p.add_argument("--min-blocks-per-stage", type=_non_negative_int, default=1,
                    help="blocks each stage keeps, counting a stage's blocks that are not units (default: 1)")
@@ -324,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", required=True, help="comma-separated criteria, e.g. cka,magnitude,random")
     p.add_argument("--profile", help="also measure each unit's latency saving (ms) on this profile")
     p.add_argument("--k", type=_positive_int, help="size of the least-important sets compared (default: units / 3)")
+    p.add_argument("--mimic", action=argparse.BooleanOptionalAction, default=None,
+                   help="also match every kept block's output and the penultimate features while fine-tuning, "
+                        "with the unchanged prefix frozen (default: on for pretrained models)")
     p.add_argument("--calibration-size", type=_positive_int, default=512, help="images for scoring")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=_positive_int, default=3, help="seeds averaged by sr_init (default: 3)")

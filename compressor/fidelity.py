@@ -4,6 +4,10 @@ Label-free, so they hold on unlabelled data (photos): top-1 agreement (%),
 top-5 overlap (mean |top5 ∩ top5'| / 5, %), KL(original || pruned) in nats
 per image, and linear CKA of the penultimate features (1 = the same up to a
 rotation and scale). On labelled items also top-1 / top-5 accuracy (%) of both.
+
+Top-1 agreement is also given over the items the original is confident about
+(its top-1 probability >= CONFIDENT): on crops that show no ImageNet class
+clearly, the original's own top-1 is a near tie, and any change flips it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from compressor.criteria.cka import linear_cka
 from compressor.suffix import features_and_logits
 
 TOP_K = 5
+CONFIDENT = 0.5  # the original's top-1 softmax probability for an item to count as confident
 
 
 @dataclass
@@ -61,6 +66,8 @@ class Fidelity:
     top5_overlap: float  # mean |top5 ∩ top5'| / 5, % (k = the class count if below 5)
     kl_divergence: float  # KL(original || pruned) of the softmax outputs, nats, mean per image
     feature_cka: float  # linear CKA of the penultimate features, 0..1
+    confident_images: int = 0  # items whose original top-1 probability is >= CONFIDENT
+    confident_agreement: float | None = None  # top-1 agreement over those, % (None: there are none)
     original_accuracy: Accuracy | None = None
     pruned_accuracy: Accuracy | None = None
 
@@ -90,12 +97,16 @@ def compare(reference: Outputs, pruned: Outputs) -> Fidelity:
     overlap = (top_a[:, :, None] == top_b[:, None, :]).any(2).double().sum(1) / k
     log_a, log_b = F.log_softmax(a, 1), F.log_softmax(b, 1)
     kl = (log_a.exp() * (log_a - log_b)).sum(1)
+    agree = top_a[:, 0] == top_b[:, 0]
+    confident = log_a.exp().max(1).values >= CONFIDENT
     return Fidelity(
         images=len(a),
-        top1_agreement=100.0 * (top_a[:, 0] == top_b[:, 0]).double().mean().item(),
+        top1_agreement=100.0 * agree.double().mean().item(),
         top5_overlap=100.0 * overlap.mean().item(),
         kl_divergence=max(0.0, kl.mean().item()),
         feature_cka=linear_cka(reference.features, pruned.features),
+        confident_images=int(confident.sum()),
+        confident_agreement=100.0 * agree[confident].double().mean().item() if confident.any() else None,
         original_accuracy=_accuracy(reference.logits, reference.labels, k),
         pruned_accuracy=_accuracy(pruned.logits, reference.labels, k),
     )

@@ -7,6 +7,7 @@ fine-tuned by pure distillation from the teacher, and never counted in accuracy.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from compressor.errors import InputError
+from compressor.mimic import MimicPlan, Taps, freeze, mimic_loss
 
 
 @torch.no_grad()
@@ -64,7 +66,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
           teacher: nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.7,
-          weight_decay: float = 5e-4, desc: str = "train", freeze_batchnorm: bool = False) -> nn.Module:
+          weight_decay: float = 5e-4, desc: str = "train", freeze_batchnorm: bool = False,
+          mimic: MimicPlan | None = None, mimic_weight: float = 1.0) -> nn.Module:
     """SGD (momentum 0.9, Nesterov), linear warm-up then a per-step cosine schedule.
 
     With a `teacher`, the loss is distillation from its logits mixed with the
@@ -72,11 +75,33 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
     plain cross-entropy, which needs labels (InputError otherwise). With
     `freeze_batchnorm`, BatchNorm layers normalise with their running statistics
     and keep them (their affine parameters still learn): for fine-tuning on
-    few images, whose statistics would overwrite the pretrained ones.
+    few images, whose statistics would overwrite the pretrained ones. With a
+    `mimic` plan (and a teacher), `mimic_weight` x the feature-mimicking loss
+    (compressor.mimic) is added and the plan's prefix parameters stay frozen.
     """
     if epochs <= 0:
         return model
-    optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
+    if mimic is not None and teacher is None:
+        msg = "feature mimicking needs a teacher"
+        raise InputError(msg)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    if mimic is not None:
+        freeze(model, mimic.frozen)
+    try:
+        _train(model, loader, epochs, lr, teacher, temperature, alpha, weight_decay, desc, freeze_batchnorm,
+               mimic, mimic_weight)
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable[name])
+    model.eval()
+    return model
+
+
+def _train(model: nn.Module, loader: DataLoader, epochs: int, lr: float, teacher: nn.Module | None,
+           temperature: float, alpha: float, weight_decay: float, desc: str, freeze_batchnorm: bool,
+           mimic: MimicPlan | None, mimic_weight: float) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True,
                                 weight_decay=weight_decay)
     steps = epochs * len(loader)
     warmup = max(1, min(len(loader), steps // 10))
@@ -89,7 +114,10 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
     if teacher is not None:
         teacher.eval()
-    with tqdm(total=steps, desc=desc, unit="step", disable=None, leave=False) as bar:
+    student_taps = Taps(model, mimic) if mimic is not None else None
+    teacher_taps = Taps(teacher, mimic) if mimic is not None else None
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=None, leave=False)
+    with student_taps or nullcontext(), teacher_taps or nullcontext(), bar:
         for _ in range(epochs):
             model.train()
             if freeze_batchnorm:
@@ -108,11 +136,11 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
                     with torch.no_grad():
                         target = teacher(x)
                     loss = distillation_loss(logits, target, labels, temperature, alpha)
+                    if student_taps is not None:
+                        loss = loss + mimic_weight * mimic_loss(student_taps.values, teacher_taps.values)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
                 schedule.step()
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    return model

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,7 @@ from compressor.merge_units import (
     score_merge_units,
     verify_merges,
 )
+from compressor.mimic import plan_mimic
 from compressor.predictor import Observation, fit_calibration
 from compressor.profiles import Profile, load_profile
 from compressor.search import most_removable
@@ -68,6 +70,7 @@ class PruneConfig:
     finetune_epochs: int = 4
     finetune_lr: float | None = None  # None: FINETUNE_LR, or PRETRAINED_FINETUNE_LR for pretrained models
     freeze_batchnorm: bool | None = None  # None: frozen exactly when PRETRAINED_FINETUNE_LR is chosen
+    mimic: bool | None = None  # also match block outputs (compressor.mimic); None: for pretrained models
     min_blocks_per_stage: int = 1
     max_trials: int = 8
     merge: bool = False  # also offer "linearise and merge" units (criterion cka or random)
@@ -76,11 +79,24 @@ class PruneConfig:
     repeats: int = 3  # SR-init seeds
 
 
-def finetune_settings(config: PruneConfig, loaded: LoadedModel) -> tuple[float, bool]:
-    """(learning rate, freeze BatchNorm) for fine-tuning: the config's, or the defaults for the model."""
-    if config.finetune_lr is None and loaded.preprocessing is not None:  # pretrained lineage
-        return PRETRAINED_FINETUNE_LR, True if config.freeze_batchnorm is None else config.freeze_batchnorm
-    return FINETUNE_LR if config.finetune_lr is None else config.finetune_lr, bool(config.freeze_batchnorm)
+class FinetuneSettings(NamedTuple):
+    lr: float
+    freeze_batchnorm: bool
+    mimic: bool
+
+
+def finetune_settings(config: PruneConfig, loaded: LoadedModel) -> FinetuneSettings:
+    """How to fine-tune: the config's choices, or the defaults for the model's lineage. A model with
+    its own (ImageNet) weights, fine-tuned on a few hundred crops of other photos, gets the gentle
+    learning rate, frozen BatchNorm statistics and feature mimicking; one trained here on labelled
+    data gets plain distillation mixed with its labels."""
+    pretrained = loaded.preprocessing is not None
+    mimic = pretrained if config.mimic is None else config.mimic
+    if config.finetune_lr is None and pretrained:
+        freeze = True if config.freeze_batchnorm is None else config.freeze_batchnorm
+        return FinetuneSettings(PRETRAINED_FINETUNE_LR, freeze, mimic)
+    lr = FINETUNE_LR if config.finetune_lr is None else config.finetune_lr
+    return FinetuneSettings(lr, bool(config.freeze_batchnorm), mimic)
 
 
 def _timed_pair(deployment: Deployment, base: Path, candidate: Path, policy: TimingPolicy) -> Measured:
@@ -210,12 +226,14 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
     log(f"held-out fidelity before fine-tuning: top-1 agreement {before.top1_agreement:.1f}%, "
         f"KL {before.kl_divergence:.4f} nats, CKA {before.feature_cka:.3f}")
 
-    lr, freeze = finetune_settings(config, loaded)
-    config = replace(config, finetune_lr=lr, freeze_batchnorm=freeze)  # the report shows what ran
+    lr, freeze, mimic = finetune_settings(config, loaded)
+    config = replace(config, finetune_lr=lr, freeze_batchnorm=freeze, mimic=mimic)  # the report shows what ran
+    plan = plan_mimic(pruned, removed, x) if mimic else None
     log(f"fine-tuning {len(removed)}-unit-smaller model by distillation for {config.finetune_epochs} epochs "
-        f"(lr {lr:g}{', BatchNorm statistics frozen' if freeze else ''})")
+        f"(lr {lr:g}{', BatchNorm statistics frozen' if freeze else ''}"
+        f"{', mimicking ' + plan.describe() if plan else ''})")
     train(pruned, data.loader("train", batch_size=32, shuffle=True, seed=config.seed), config.finetune_epochs,
-          lr, teacher=model, desc="fine-tune", freeze_batchnorm=freeze)
+          lr, teacher=model, desc="fine-tune", freeze_batchnorm=freeze, mimic=plan)
     merge_checks = verify_merges(pruned, x)  # the deployed merge of each linearised block, interior exact
     deployed = merge_linearised(pruned)  # what is exported: linearised blocks merged into one conv
     after = fidelity(model, deployed, val, reference)

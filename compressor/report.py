@@ -14,7 +14,9 @@ from compressor.timing import Interleaved, LatencyStats
 FLOP_CONVENTION = "FLOPs = 2 x multiply-adds (torch FlopCounterMode, conv + matmul only); MACs = FLOPs / 2"
 FIDELITY_UNITS = {"top1_agreement": "%", "top5_overlap": "% (mean |top5 ∩ top5'| / 5)",
                   "kl_divergence": "nats per image, KL(unpruned || pruned)",
-                  "feature_cka": "linear CKA of penultimate features, 0..1", "accuracy": "%"}
+                  "feature_cka": "linear CKA of penultimate features, 0..1", "accuracy": "%",
+                  "confident_agreement": "%, top-1 agreement over the images whose unpruned top-1 "
+                                         "probability is >= 0.5 (confident_images of them)"}
 
 
 def _latency(stats: LatencyStats) -> dict:
@@ -158,10 +160,17 @@ def render_fidelity(f: dict) -> list[str]:
              f"scoring or fine-tuning{'' if f['labelled'] else '; unlabelled, so no accuracy'}):", "",
              "| | before fine-tuning | after fine-tuning |", "|---|---:|---:|"]
     lines += [f"| {name} | {before[key]:{spec}} | {after[key]:{spec}} |" for name, key, spec in rows]
+    if after.get("confident_agreement") is not None:
+        lines.append(f"| top-1 agreement where the unpruned model is confident (%) | "
+                     f"{before['confident_agreement']:.2f} | {after['confident_agreement']:.2f} |")
     if f["labelled"]:
         for which, label in (("original_accuracy", "unpruned"), ("pruned_accuracy", "pruned")):
             for k in ("top1", "top5"):
                 lines.append(f"| {label} top-{k[-1]} accuracy (%) | {before[which][k]:.2f} | {after[which][k]:.2f} |")
+    if after.get("confident_agreement") is not None:
+        lines += ["", f"Confident: the unpruned model's top-1 probability is at least 0.5 "
+                      f"({after['confident_images']} of {f['images']} images). On the others its top-1 is "
+                      "close to a tie, and a small change to the model can flip it."]
     return [*lines, ""]
 
 

@@ -147,9 +147,10 @@ def test_pretrained_models_finetune_gently(lite0):
     from compressor.prune import FINETUNE_LR, PRETRAINED_FINETUNE_LR, PruneConfig, finetune_settings
 
     config = PruneConfig(model="efficientnet_lite0", data="photos", profile="ort-cpu", out="unused")
-    assert finetune_settings(config, lite0) == (PRETRAINED_FINETUNE_LR, True)
-    assert finetune_settings(replace(config, finetune_lr=0.01), lite0) == (0.01, False)
-    assert finetune_settings(config, replace(lite0, preprocessing=None)) == (FINETUNE_LR, False)
+    assert finetune_settings(config, lite0) == (PRETRAINED_FINETUNE_LR, True, True)
+    assert finetune_settings(replace(config, finetune_lr=0.01), lite0) == (0.01, False, True)
+    assert finetune_settings(replace(config, mimic=False), lite0).mimic is False
+    assert finetune_settings(config, replace(lite0, preprocessing=None)) == (FINETUNE_LR, False, False)
 
 
 def test_frozen_batchnorm_keeps_its_statistics():

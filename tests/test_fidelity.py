@@ -107,3 +107,16 @@ def test_report_lines_show_accuracy_only_when_labelled():
     assert "top-1 agreement" in text and "pruned top-1 accuracy" in text
     text = "\n".join(render_fidelity(section(unlabelled)))
     assert "accuracy (%)" not in text and "unlabelled" in text
+
+
+def test_confident_agreement_counts_only_confident_originals():
+    def logs(*p):
+        return [math.log(v) for v in p]
+
+    sure, unsure = logs(0.8, 0.1, 0.1), logs(0.4, 0.35, 0.25)  # top-1 probability 0.8 and 0.4
+    sure_flipped, unsure_flipped = logs(0.1, 0.8, 0.1), logs(0.35, 0.4, 0.25)
+    result = compare(_outputs([sure, sure, unsure, unsure]),
+                     _outputs([sure, sure_flipped, unsure_flipped, unsure_flipped]))
+    assert result.top1_agreement == 25.0
+    assert (result.confident_images, result.confident_agreement) == (2, 50.0)
+    assert compare(_outputs([unsure]), _outputs([unsure])).confident_agreement is None
