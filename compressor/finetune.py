@@ -120,10 +120,11 @@ def _train(model: nn.Module, loader: DataLoader, epochs: int, lr: float, teacher
     with student_taps or nullcontext(), teacher_taps or nullcontext(), bar:
         for _ in range(epochs):
             model.train()
-            if freeze_batchnorm:
-                for m in model.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.eval()
+            frozen = set(mimic.frozen) if mimic is not None else set()
+            for name, m in model.named_modules():
+                # frozen statistics: all of them, or those of the frozen prefix (it must stay the teacher's)
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and (freeze_batchnorm or f"{name}.weight" in frozen):
+                    m.eval()
             for x, y in loader:
                 labels = y if bool((y >= 0).all()) else None
                 if teacher is None and labels is None:

@@ -133,3 +133,12 @@ def test_latency_table_for_another_model_or_profile_is_refused(tmp_path, capsys,
     (tmp_path / "broken.json").write_text("{not json")
     line = _run_error(_prune_args(tmp_path / "out2", **{"--latency-table": str(tmp_path / "broken.json")}), capsys)
     assert "not a latency table" in line
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], None), (["--mimic"], True), (["--no-mimic"], False)])
+def test_prune_mimic_flag(flag, expected):
+    from compressor.cli import build_parser
+
+    args = build_parser().parse_args(["prune", "--model", "resnet20", "--data", "digits32", "--profile", "ort-cpu",
+                                      "--target-speedup", "1.5", "--out", "unused", *flag])
+    assert args.mimic is expected

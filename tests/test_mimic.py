@@ -77,3 +77,17 @@ def test_training_with_a_plan_keeps_the_prefix_and_lowers_the_feature_gap():
     assert not torch.equal(params["layer3.2.conv1.weight"], before["layer3.2.conv1.weight"])
     assert all(p.requires_grad for p in student.parameters())  # freezing lasts only while training
     assert gap() < 0.7 * before_gap
+
+
+def test_the_frozen_prefix_keeps_its_batchnorm_statistics():
+    model, x, units = _resnet20()
+    removed = units_by_name(units, ["layer3.1"])
+    student = remove_units(model, removed, x)
+    plan = plan_mimic(student, removed, x)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32) * 2 + 1,
+                                                                        torch.full((16,), -1)), batch_size=8)
+    prefix_bn, late_bn = student.layer2[0].bn1, student.layer3[2].bn1
+    prefix_stats, late_stats = prefix_bn.running_mean.clone(), late_bn.running_mean.clone()
+    train(student, loader, epochs=1, lr=0.001, teacher=model, mimic=plan)  # BatchNorm not frozen otherwise
+    assert torch.equal(prefix_bn.running_mean, prefix_stats)
+    assert not torch.equal(late_bn.running_mean, late_stats)
