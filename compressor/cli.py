@@ -327,9 +327,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", required=True, help="comma-separated criteria, e.g. cka,magnitude,random")
     p.add_argument("--profile", help="also measure each unit's latency saving (ms) on this profile")
     p.add_argument("--k", type=_positive_int, help="size of the least-important sets compared (default: units / 3)")
-    p.add_argument("--mimic", action=argparse.BooleanOptionalAction, default=None,
-                   help="also match every kept block's output and the penultimate features while fine-tuning, "
-                        "with the unchanged prefix frozen (default: on for pretrained models)")
     p.add_argument("--calibration-size", type=_positive_int, default=512, help="images for scoring")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=_positive_int, default=3, help="seeds averaged by sr_init (default: 3)")

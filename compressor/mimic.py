@@ -2,10 +2,12 @@
 
 Logit distillation alone gives the student one 1000-way distribution per
 image. Matching intermediate features as well gives it a target at every
-block boundary and spatial position, which is what recovers a depth-pruned
-pretrained model from a few hundred unlabelled crops (the idea of MiR, Wang
-et al. 2022, "Compressing models with few samples: mimicking then replacing",
-extended from the penultimate features to every kept block's output).
+block boundary and spatial position. The idea is MiR's (Wang et al. 2022,
+"Compressing models with few samples: mimicking then replacing"), extended
+from the penultimate features to every kept block's output. On
+EfficientNet-Lite0 with 1024 unlabelled crops it recovered more held-out
+agreement than logits alone, in a quarter of the time
+(benchmarks/recovery_at_speedup.py).
 
 The points matched are the blocks beside the units (the children of the
 units' parent modules: every block of `blocks`, `layer1`...) that run after
