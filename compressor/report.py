@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.fidelity import Fidelity
+from compressor.fidelity import CONFIDENT, Fidelity
 from compressor.fileio import atomic_write, atomic_write_text
 from compressor.timing import Interleaved, LatencyStats
 
@@ -16,7 +16,7 @@ FIDELITY_UNITS = {"top1_agreement": "%", "top5_overlap": "% (mean |top5 ∩ top5
                   "kl_divergence": "nats per image, KL(unpruned || pruned)",
                   "feature_cka": "linear CKA of penultimate features, 0..1", "accuracy": "%",
                   "confident_agreement": "%, top-1 agreement over the images whose unpruned top-1 "
-                                         "probability is >= 0.5 (confident_images of them)"}
+                                         f"probability is >= {CONFIDENT:g} (confident_images of them)"}
 
 
 def _latency(stats: LatencyStats) -> dict:
@@ -168,7 +168,7 @@ def render_fidelity(f: dict) -> list[str]:
             for k in ("top1", "top5"):
                 lines.append(f"| {label} top-{k[-1]} accuracy (%) | {before[which][k]:.2f} | {after[which][k]:.2f} |")
     if after.get("confident_agreement") is not None:
-        lines += ["", f"Confident: the unpruned model's top-1 probability is at least 0.5 "
+        lines += ["", f"Confident: the unpruned model's top-1 probability is at least {CONFIDENT:g} "
                       f"({after['confident_images']} of {f['images']} images). On the others its top-1 is "
                       "close to a tie, and a small change to the model can flip it."]
     return [*lines, ""]
