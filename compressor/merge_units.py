@@ -16,7 +16,7 @@ from torch import nn
 
 from compressor.criteria import ScoringContext
 from compressor.errors import InputError, MergeRefused
-from compressor.units import MERGE_SUFFIX, Unit
+from compressor.units import MERGE_SUFFIX, Unit, eval_pass
 
 # criteria that score a block *replaced* by another module, so merges and removals share one scale
 REPLACEMENT_CRITERIA = ("cka", "random")
@@ -131,14 +131,7 @@ def verify_merges(model: nn.Module, x: torch.Tensor, min_size: int = 16) -> dict
             shapes.setdefault(path, args[0].shape)
         return record
 
-    hooks = [m.register_forward_pre_hook(recorder(name)) for name, m in blocks.items()]
-    training = model.training
-    try:
-        model.eval()(x)
-    finally:
-        model.train(training)
-        for h in hooks:
-            h.remove()
+    eval_pass(model, x, [m.register_forward_pre_hook(recorder(name)) for name, m in blocks.items()])
     g = torch.Generator().manual_seed(0)
     checks = {}
     for name, block in blocks.items():

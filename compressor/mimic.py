@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
-from compressor.units import Unit
+from compressor.units import Unit, eval_pass
 
 PENULTIMATE = "<penultimate>"
 
@@ -39,7 +39,6 @@ def _parent(path: str) -> str:
     return path.rpartition(".")[0]
 
 
-@torch.no_grad()
 def execution_events(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
     """("start" | "end", module name) for every module call of one forward pass on `x`, in order."""
     events: list[tuple[str, str]] = []
@@ -47,13 +46,7 @@ def execution_events(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]
     for name, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(lambda _m, _a, n=name: events.append(("start", n))))
         handles.append(module.register_forward_hook(lambda _m, _a, _o, n=name: events.append(("end", n))))
-    training = model.training
-    try:
-        model.eval()(x)
-    finally:
-        model.train(training)
-        for h in handles:
-            h.remove()
+    eval_pass(model, x, handles)
     return events
 
 

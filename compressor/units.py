@@ -10,11 +10,13 @@ architecture: any module that torch.fx can trace works.
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils.hooks import RemovableHandle
 
 from compressor.errors import InputError
 
@@ -78,6 +80,19 @@ def trace(model: nn.Module) -> fx.GraphModule:
     except Exception as e:  # fx raises many types (TraceError, TypeError, ...)
         msg = f"cannot trace {type(model).__name__} with torch.fx: {type(e).__name__}: {e}"
         raise InputError(msg) from e
+
+
+@torch.no_grad()
+def eval_pass(model: nn.Module, x: torch.Tensor, hooks: Iterable[RemovableHandle] = ()) -> None:
+    """One forward pass of `model` on `x` in eval mode, for what `hooks` record; the model's
+    mode is restored and the hooks removed afterwards, also on error."""
+    training = model.training
+    try:
+        model.eval()(x)
+    finally:
+        model.train(training)
+        for h in hooks:
+            h.remove()
 
 
 def activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
