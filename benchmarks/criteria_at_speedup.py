@@ -31,16 +31,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from calibrated_table import calibrated_table  # benchmarks/, beside this file
+
 from compressor.criteria import CRITERIA, ScoringContext, score_units
 from compressor.data import load_data
 from compressor.fidelity import fidelity, outputs
 from compressor.fileio import atomic_write_text
 from compressor.finetune import teacher_labelled
-from compressor.latency import Deployment, measure_latency_table
+from compressor.latency import Deployment
 from compressor.machine import machine_info, source_revision
-from compressor.predictor import Observation, fit_calibration
 from compressor.profiles import load_profile
-from compressor.search import choose_units, most_removable
+from compressor.search import choose_units
 from compressor.surgery import remove_units
 from compressor.units import find_units
 from compressor.zoo import load_model
@@ -80,13 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{args.model}: {len(units)} units; measuring the latency table on {profile.name}")
     with tempfile.TemporaryDirectory(prefix="criteria-at-speedup-") as tmp:
         work = Path(tmp)
-        table = measure_latency_table(base, units, dep, args.model, work)
-        floor = [u.name for u in most_removable(units, args.min_per_stage)]
-        paths = [dep.export(base, work / "baseline"), dep.export(remove_units(base, most_removable(
-            units, args.min_per_stage), x), work / "floor")]
-        reach = dep.time(paths, profile.search_policy)
-        calibration = fit_calibration([Observation.measured(table, floor, reach.stats[0].median,
-                                                            reach.stats[1].median)])
+        measured_table = calibrated_table(base, units, dep, args.model, work, args.min_per_stage)
+        table, floor, reach, calibration = (measured_table.table, measured_table.floor, measured_table.reach,
+                                            measured_table.calibration)
         log(f"floor ({len(floor)} units removed): {reach.speedup():.2f}x; calibration scale {calibration.scale:.2f}")
 
         calib = data.loader("train", batch_size=64, limit=args.calibration_size, seed=0)

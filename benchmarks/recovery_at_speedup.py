@@ -33,19 +33,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from calibrated_table import calibrated_table  # benchmarks/, beside this file
+
 from compressor.criteria import ScoringContext, score_units
 from compressor.data import load_data
 from compressor.fidelity import Fidelity, fidelity, outputs
 from compressor.fileio import atomic_write_text
 from compressor.finetune import train
-from compressor.latency import Deployment, measure_latency_table
+from compressor.latency import Deployment
 from compressor.machine import machine_info, source_revision
 from compressor.mimic import plan_mimic
 from compressor.photos import load_photos
-from compressor.predictor import Observation, fit_calibration
 from compressor.profiles import load_profile
 from compressor.prune import PruneConfig, finetune_settings
-from compressor.search import choose_units, most_removable
+from compressor.search import choose_units
 from compressor.surgery import remove_units
 from compressor.units import find_units
 from compressor.zoo import load_model
@@ -91,12 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="recovery-at-speedup-") as tmp:
         work = Path(tmp)
         log(f"{args.model}: {len(units)} units; measuring the latency table on {profile.name}")
-        table = measure_latency_table(base, units, dep, args.model, work)
-        floor = most_removable(units, args.min_per_stage)
-        paths = [dep.export(base, work / "baseline"), dep.export(remove_units(base, floor, x), work / "floor")]
-        reach = dep.time(paths, profile.search_policy)
-        calibration = fit_calibration([Observation.measured(table, [u.name for u in floor],
-                                                            reach.stats[0].median, reach.stats[1].median)])
+        measured_table = calibrated_table(base, units, dep, args.model, work, args.min_per_stage)
+        table, calibration = measured_table.table, measured_table.calibration
         importance = score_units(args.criterion, ScoringContext(
             base, units, data.loader("train", batch_size=64, limit=512, seed=0)))
         sets: dict[float, list[str]] = {}

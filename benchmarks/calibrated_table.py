@@ -1,0 +1,37 @@
+"""The search's view of latency, for benchmarks that choose removal sets the way `prune` does:
+the latency table, the most removable set timed against the baseline (interleaved), and the
+table's calibration on that set (compressor.predictor, kind "scale")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from compressor.latency import Deployment, LatencyTable, measure_latency_table
+from compressor.predictor import Calibration, Observation, fit_calibration
+from compressor.search import most_removable
+from compressor.surgery import remove_units
+from compressor.timing import Interleaved
+from compressor.units import Unit
+
+
+@dataclass
+class CalibratedTable:
+    table: LatencyTable
+    floor: list[str]  # the most removable set's unit names
+    reach: Interleaved  # baseline (0) against the floor (1)
+    calibration: Calibration
+
+
+def calibrated_table(model: nn.Module, units: list[Unit], dep: Deployment, name: str, work: Path,
+                     min_per_stage: int) -> CalibratedTable:
+    """Measure the table and the floor in `work`, and calibrate the table on the floor."""
+    table = measure_latency_table(model, units, dep, name, work)
+    floor = most_removable(units, min_per_stage)
+    paths = [dep.export(model, work / "baseline"), dep.export(remove_units(model, floor, dep.example), work / "floor")]
+    reach = dep.time(paths, dep.profile.search_policy)
+    names = [u.name for u in floor]
+    calibration = fit_calibration([Observation.measured(table, names, reach.stats[0].median, reach.stats[1].median)])
+    return CalibratedTable(table, names, reach, calibration)
