@@ -43,7 +43,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         target_ms=args.target_ms, target_speedup=args.target_speedup, criterion=args.criterion,
         calibration_size=args.calibration_size, finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr, min_blocks_per_stage=args.min_blocks_per_stage, seed=args.seed,
-        latency_table=args.latency_table, repeats=args.repeats, merge=args.merge, mimic=args.mimic)
+        latency_table=args.latency_table, repeats=args.repeats, merge=args.merge, mimic=args.mimic,
+        selection=args.selection)
     report = prune(config, log=_log)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -297,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mimic", action=argparse.BooleanOptionalAction, default=None,
                    help="also match every kept block's output and the penultimate features while fine-tuning, "
                         "with the unchanged prefix frozen (default: on for pretrained models)")
+    p.add_argument("--selection", choices=("knapsack", "greedy"), default=None,
+                   help="how removal sets are proposed: knapsack over the criterion's single-unit scores, or "
+                        "greedy removal by the whole set's measured KL on 128 calibration images "
+                        "(default: greedy for pretrained models, knapsack otherwise)")
     p.add_argument("--calibration-size", type=_positive_int, default=512, help="images for scoring")
     p.add_argument("--min-blocks-per-stage", type=_non_negative_int, default=1,
                    help="blocks each stage keeps, counting a stage's blocks that are not units (default: 1)")

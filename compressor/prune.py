@@ -25,6 +25,7 @@ from compressor.fileio import check_output_dir, make_output_dir
 from compressor.finetune import teacher_labelled, train
 from compressor.flops import count_cost
 from compressor.fold import FOLD_RTOL, check_equivalent, fold_batchnorm
+from compressor.greedy import GreedyOrder, greedy_or
 from compressor.latency import Deployment, LatencyTable, measure_latency_table
 from compressor.machine import machine_info
 from compressor.merge_units import (
@@ -37,7 +38,7 @@ from compressor.merge_units import (
 from compressor.mimic import plan_mimic
 from compressor.predictor import Observation, fit_calibration
 from compressor.profiles import Profile, load_profile
-from compressor.search import most_removable
+from compressor.search import choose_units, most_removable
 from compressor.surgery import remove_units
 from compressor.targets import Measured, Target, margin_from, search_under_target
 from compressor.timing import TimingPolicy
@@ -71,12 +72,31 @@ class PruneConfig:
     finetune_lr: float | None = None  # None: FINETUNE_LR, or PRETRAINED_FINETUNE_LR for pretrained models
     freeze_batchnorm: bool | None = None  # None: frozen exactly when PRETRAINED_FINETUNE_LR is chosen
     mimic: bool | None = None  # also match block outputs (compressor.mimic); None: for pretrained models
+    selection: str | None = None  # "knapsack" or "greedy" (compressor.greedy); None: greedy for pretrained models
     min_blocks_per_stage: int = 1
     max_trials: int = 8
     merge: bool = False  # also offer "linearise and merge" units (criterion cka or random)
     seed: int = 0
     latency_table: str | None = None  # reuse a table from `compressor profile` (same model, profile)
     repeats: int = 3  # SR-init seeds
+
+
+# how the search proposes removal sets: the knapsack over the criterion's single-unit scores, or
+# greedy removal scored by the whole set's measured KL (compressor.greedy) on GREEDY_IMAGES images
+SELECTIONS = ("knapsack", "greedy")
+GREEDY_IMAGES = 128
+
+
+def selection_for(config: PruneConfig, loaded: LoadedModel) -> str:
+    """The config's selection, else greedy for a model with its own (ImageNet) weights, whose every
+    removal costs held-out fidelity that single-unit scores misjudge in combination, and the
+    knapsack for models trained here, where it is cheaper (greedy costs U + (U-1) + ... passes)."""
+    if config.selection is None:
+        return "greedy" if loaded.preprocessing is not None else "knapsack"
+    if config.selection not in SELECTIONS:
+        msg = f"unknown selection {config.selection!r}; known: {', '.join(SELECTIONS)}"
+        raise InputError(msg)
+    return config.selection
 
 
 class FinetuneSettings(NamedTuple):
@@ -137,6 +157,7 @@ def prune(config: PruneConfig, log: Callable[[str], None] = print) -> dict:
     profile = load_profile(config.profile)
     data = load_data(config.data)
     loaded = load_model(config.model, data)
+    selection_for(config, loaded)  # an unknown selection fails before any output is made
     make_output_dir(out)
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
     try:
@@ -206,13 +227,24 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
             f"measured {m.candidate_ms:.3f} ms vs {m.baseline_ms:.3f} ms ({m.speedup:.2f}x)")
         return m
 
+    selection = selection_for(config, loaded)
+    config = replace(config, selection=selection)
+    choose, order = None, None
+    if selection == "greedy":
+        images = torch.cat([b[0] for b in data.loader("train", batch_size=128, limit=GREEDY_IMAGES,
+                                                      seed=config.seed)])
+        order = GreedyOrder(model, candidates, table.savings_ms, images, config.min_blocks_per_stage, log)
+        choose = greedy_or(order, lambda required_ms: choose_units(
+            candidates, importance, table.savings_ms, required_ms, config.min_blocks_per_stage))
+        log(f"proposing sets greedily by their measured KL on {len(images)} calibration images")
     log(f"searching for {target.describe()} (aiming {margin:.0%} under it)")
     floor_units = [u.name for u in most_removable(units, config.min_blocks_per_stage)]
     floor_saving = sum(table.savings_ms[name] for name in floor_units)
     table_calibration = fit_calibration([Observation.measured(table, floor_units, reach.baseline_ms,
                                                               reach.candidate_ms)])
     result = search_under_target(candidates, importance, table.savings_ms, table.baseline_ms, target, measure,
-                                 margin, (floor_saving, reach), config.min_blocks_per_stage, config.max_trials)
+                                 margin, (floor_saving, reach), config.min_blocks_per_stage, config.max_trials,
+                                 choose)
     chosen_trial = result.best or (min(result.trials, key=lambda t: t.measured.candidate_ms)
                                    if result.trials else None)
     if chosen_trial is None:
@@ -272,6 +304,6 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
                 "artifact_max_abs_error": artifact_error, "artifact_baseline_max_abs_error": artifact_error_base,
                 "artifact_tolerance": {"atol": deployment.exporter.atol, "rtol": deployment.exporter.rtol,
                                        "range_rtol": deployment.exporter.range_rtol}},
-        seconds=time.perf_counter() - t_start, calibration=table_calibration)
+        seconds=time.perf_counter() - t_start, calibration=table_calibration, greedy=order)
     write_report(report, out, final)
     return report

@@ -46,9 +46,10 @@ def _prediction_error(trials, table=None, calibration=None) -> dict:
 
 def build_report(*, config, target, profile, machine, loaded, units, removed, importance, table, search,
                  final: Interleaved, costs, fidelity: tuple[Fidelity, Fidelity], checks, seconds,
-                 calibration=None) -> dict:
+                 calibration=None, greedy=None) -> dict:
     """The report dict; `fidelity` is (before, after) fine-tuning on the held-out split. Accuracy
-    (top-1, %) is None where that split is unlabelled."""
+    (top-1, %) is None where that split is unlabelled. `greedy`: the greedy.GreedyOrder the search
+    chose from, if any (its steps and the number of sets it evaluated)."""
     base_cost, pruned_cost = costs
     base_stats, pruned_stats = final.stats
     speedup = final.speedup()
@@ -85,7 +86,12 @@ def build_report(*, config, target, profile, machine, loaded, units, removed, im
                                "measured_ms": t.measured.candidate_ms,
                                "baseline_ms": t.measured.baseline_ms, "speedup": t.measured.speedup,
                                "passed": t.passed} for t in search.trials],
-                   "table_error": _prediction_error(search.trials, table, calibration)},
+                   "table_error": _prediction_error(search.trials, table, calibration),
+                   "selection": config.get("selection") or "knapsack",
+                   "greedy": None if greedy is None else {
+                       "images": len(greedy.x), "sets_evaluated": greedy.evaluations,
+                       "steps": [{"unit": s.unit, "table_saving_ms": s.saving_ms, "kl": s.kl}
+                                 for s in greedy.steps]}},
         "checks": checks, "flop_convention": FLOP_CONVENTION, "config": config,
         "seconds": seconds,
     }
@@ -122,7 +128,8 @@ def render_markdown(r: dict) -> str:
         f"- Target: {r['target_speedup'] or ''}{'x speedup' if r['target_speedup'] else ''}"
         f"{'' if r['target_speedup'] else str(round(r['target_ms'], 4)) + ' ms'} "
         f"(= {r['target_ms']:.3f} ms here): **{'met' if r['target_met'] else 'MISSED'}**.",
-        f"- Criterion: {r['criterion']}; removed {len(r['removed_units'])} of {len(r['units'])} units: "
+        f"- Criterion: {r['criterion']}; sets proposed by {r['search'].get('selection', 'knapsack')}; "
+        f"removed {len(r['removed_units'])} of {len(r['units'])} units: "
         f"{', '.join(r['removed_units']) or 'none'}.",
         f"- Lookup-table prediction error over {r['search']['table_error'].get('candidates', 0)} measured "
         f"candidates: MAPE {r['search']['table_error'].get('mape', float('nan')):.1%}, within 10%: "

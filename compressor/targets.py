@@ -93,7 +93,8 @@ def search_under_target(units: Sequence[Unit], importance: dict[str, float], sav
                         table_baseline_ms: float, target: Target,
                         measure: Callable[[tuple[str, ...]], Measured], margin: float,
                         calibration: tuple[float, Measured] | None = None,
-                        min_per_stage: int = 1, max_trials: int = 8) -> SearchResult:
+                        min_per_stage: int = 1, max_trials: int = 8,
+                        choose: Callable[[float], Choice | None] | None = None) -> SearchResult:
     """Choose by the table, measure, recalibrate the table, repeat.
 
     Sums of single-unit savings are biased (on this machine removing one
@@ -104,7 +105,14 @@ def search_under_target(units: Sequence[Unit], importance: dict[str, float], sav
     importance lost and refines a pass whose latency is more than
     OVERSHOOT_BAND under the aimed one, so no more of the model is removed
     than the target needs.
+
+    `choose(required_ms)` proposes a set saving at least `required_ms` by the table; the default is
+    the knapsack over `importance` (search.choose_units), another is greedy.GreedyOrder.choose.
     """
+    if choose is None:
+        def choose(required_ms: float) -> Choice | None:
+            return choose_units(units, importance, savings_ms, required_ms, min_per_stage)
+
     result = SearchResult(None, margin=margin)
     scale = 1.0
     if calibration is not None:
@@ -118,7 +126,7 @@ def search_under_target(units: Sequence[Unit], importance: dict[str, float], sav
     for _ in range(20 * max_trials):  # choices that repeat a measured set cost no trial
         if len(result.trials) >= max_trials:
             break
-        choice = choose_units(units, importance, savings_ms, required, min_per_stage)
+        choice = choose(required)
         if choice is None:
             if required > low:
                 low = required

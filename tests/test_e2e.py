@@ -104,3 +104,25 @@ def test_prune_with_merge_units(tmp_path, digits):
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     got = np.concatenate([session.run(None, {"input": x[i:i + 1].numpy()})[0] for i in range(len(x))])
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
+
+
+def test_prune_with_greedy_selection(tmp_path):
+    """--selection greedy: the search measures prefixes of the greedy order, and the report
+    records the order with each set's measured KL."""
+    profile = tmp_path / "fast.yaml"
+    profile.write_text(FAST_PROFILE)
+    out = tmp_path / "greedy"
+    code = main(["prune", "--model", "resnet56", "--data", "digits32", "--profile", str(profile),
+                 "--target-speedup", "1.2", "--out", str(out), "--finetune-epochs", "0",
+                 "--calibration-size", "64", "--selection", "greedy"])
+    report = json.loads((out / "report.json").read_text())
+    assert code == (0 if report["target_met"] else 1)
+    search = report["search"]
+    assert search["selection"] == "greedy" and report["config"]["selection"] == "greedy"
+    steps = search["greedy"]["steps"]
+    assert steps and search["greedy"]["images"] == 128
+    assert search["greedy"]["sets_evaluated"] == sum(27 - i for i in range(len(steps)))
+    prefixes = [{s["unit"] for s in steps[:k]} for k in range(1, len(steps) + 1)]
+    assert all(set(t["removed"]) in prefixes for t in search["trials"])
+    assert set(report["removed_units"]) in prefixes
+    assert "sets proposed by greedy" in (out / "report.md").read_text()
