@@ -20,7 +20,7 @@ import torch
 from compressor.criteria import ScoringContext, get_criterion, score_units
 from compressor.data import DataBundle, load_data
 from compressor.errors import InputError, UnreachableTargetError
-from compressor.fidelity import fidelity, outputs
+from compressor.fidelity import fidelity, outputs, shift_agreement
 from compressor.fileio import check_output_dir, make_output_dir
 from compressor.finetune import teacher_labelled, train
 from compressor.flops import count_cost
@@ -254,6 +254,8 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
     pruned = remove_units(model, removed, x)  # merged blocks linearised, BatchNorm kept for fine-tuning
     val = data.loader("val")
     reference = outputs(model, val)
+    stability = shift_agreement(model, val)
+    log(f"the unpruned model agrees with itself on {stability:.1f}% of the held-out images shifted by one pixel")
     before = fidelity(model, merge_linearised(pruned), val, reference)
     log(f"held-out fidelity before fine-tuning: top-1 agreement {before.top1_agreement:.1f}%, "
         f"KL {before.kl_divergence:.4f} nats, CKA {before.feature_cka:.3f}")
@@ -304,6 +306,7 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
                 "artifact_max_abs_error": artifact_error, "artifact_baseline_max_abs_error": artifact_error_base,
                 "artifact_tolerance": {"atol": deployment.exporter.atol, "rtol": deployment.exporter.rtol,
                                        "range_rtol": deployment.exporter.range_rtol}},
-        seconds=time.perf_counter() - t_start, calibration=table_calibration, greedy=order)
+        seconds=time.perf_counter() - t_start, calibration=table_calibration, greedy=order,
+        shift_agreement=stability)
     write_report(report, out, final)
     return report

@@ -16,7 +16,9 @@ FIDELITY_UNITS = {"top1_agreement": "%", "top5_overlap": "% (mean |top5 ∩ top5
                   "kl_divergence": "nats per image, KL(unpruned || pruned)",
                   "feature_cka": "linear CKA of penultimate features, 0..1", "accuracy": "%",
                   "confident_agreement": "%, top-1 agreement over the images whose unpruned top-1 "
-                                         f"probability is >= {CONFIDENT:g} (confident_images of them)"}
+                                         f"probability is >= {CONFIDENT:g} (confident_images of them)",
+                  "unpruned_shift_agreement": "%, the unpruned model's top-1 agreement with itself when every "
+                                              "image is rolled one pixel along its width"}
 
 
 def _latency(stats: LatencyStats) -> dict:
@@ -46,7 +48,7 @@ def _prediction_error(trials, table=None, calibration=None) -> dict:
 
 def build_report(*, config, target, profile, machine, loaded, units, removed, importance, table, search,
                  final: Interleaved, costs, fidelity: tuple[Fidelity, Fidelity], checks, seconds,
-                 calibration=None, greedy=None) -> dict:
+                 calibration=None, greedy=None, shift_agreement: float | None = None) -> dict:
     """The report dict; `fidelity` is (before, after) fine-tuning on the held-out split. Accuracy
     (top-1, %) is None where that split is unlabelled. `greedy`: the greedy.GreedyOrder the search
     chose from, if any (its steps and the number of sets it evaluated)."""
@@ -79,6 +81,7 @@ def build_report(*, config, target, profile, machine, loaded, units, removed, im
         "fidelity": {"split": "val (held out: never used for scoring or fine-tuning)", "images": after.images,
                      "labelled": after.original_accuracy is not None,
                      "before_finetune": before.to_dict(), "after_finetune": after.to_dict(),
+                     "unpruned_shift_agreement": shift_agreement,
                      "definitions": FIDELITY_UNITS},
         "criterion": config["criterion"], "profile": {**profile.to_dict(), "machine": machine},
         "search": {"margin": search.margin, "table_baseline_ms": table.baseline_ms,
@@ -178,6 +181,9 @@ def render_fidelity(f: dict) -> list[str]:
         lines += ["", f"Confident: the unpruned model's top-1 probability is at least {CONFIDENT:g} "
                       f"({after['confident_images']} of {f['images']} images). On the others its top-1 is "
                       "close to a tie, and a small change to the model can flip it."]
+    if f.get("unpruned_shift_agreement") is not None:
+        lines += ["", f"For scale: the unpruned model agrees with itself on {f['unpruned_shift_agreement']:.1f}% "
+                      "of these images when each is shifted by one pixel."]
     return [*lines, ""]
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from compressor.fidelity import Outputs, compare, fidelity, outputs
+from compressor.fidelity import Outputs, compare, fidelity, outputs, shift_agreement
 from compressor.report import render_fidelity
 
 
@@ -120,3 +120,27 @@ def test_confident_agreement_counts_only_confident_originals():
     assert result.top1_agreement == 25.0
     assert (result.confident_images, result.confident_agreement) == (2, 50.0)
     assert compare(_outputs([unsure]), _outputs([unsure])).confident_agreement is None
+
+
+class _Column(nn.Module):
+    """Classifies by which column of the image is brightest: a one-pixel roll moves every answer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(1, 2))  # batch x width: one class per column
+
+
+def test_shift_agreement_known_answers():
+    x = torch.zeros(6, 1, 4, 5)
+    x[torch.arange(6), 0, :, torch.tensor([0, 1, 2, 3, 4, 0])] = 1.0
+    loader = DataLoader(TensorDataset(x, torch.zeros(6)), batch_size=4)
+    assert shift_agreement(_Column(), loader) == 0.0  # every bright column moves
+    invariant = nn.Sequential(nn.Conv2d(1, 3, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # a roll changes nothing
+    assert shift_agreement(invariant, loader) == 100.0
+
+
+def test_report_gives_the_shift_reference_when_known():
+    f = {"images": 4, "labelled": False, "unpruned_shift_agreement": 87.5,
+         "before_finetune": compare(_outputs([[1.0, 0.0]]), _outputs([[1.0, 0.0]])).to_dict(),
+         "after_finetune": compare(_outputs([[1.0, 0.0]]), _outputs([[1.0, 0.0]])).to_dict()}
+    assert any("agrees with itself on 87.5%" in line for line in render_fidelity(f))
+    assert not any("agrees with itself" in line for line in render_fidelity({**f, "unpruned_shift_agreement": None}))
