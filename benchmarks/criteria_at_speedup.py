@@ -12,9 +12,14 @@ For one model and data source (default efficientnet_lite0 with its ImageNet weig
    level), and the same for --random-sets random importances;
 4. evaluates every set without fine-tuning on the held-out crops (held-out photos never
    seen in scoring): top-1 agreement with the unpruned model, top-5 overlap, KL;
+   The `greedy` row is the set that `prune --selection greedy` proposes (compressor.greedy:
+   removal one unit at a time by the measured KL of the whole set on --greedy-images crops);
+   with --all-sets-at L, every minimal allowed set reaching level L is also evaluated (the
+   best any selection could have done without fine-tuning);
 5. measures every criterion's set and a few random sets against the baseline in one
    interleaved measurement, so each row shows the speedup it really has;
-6. writes criteria_at_speedup.json and .md into --out.
+6. writes criteria_at_speedup.json and .md into --out, with the unpruned model's top-1
+   agreement with itself under a one-pixel shift (fidelity.shift_agreement) for scale.
 
     .venv/bin/python benchmarks/criteria_at_speedup.py --out benchmarks/results
 """
@@ -31,17 +36,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from calibrated_table import calibrated_table  # benchmarks/, beside this file
 
 from compressor.criteria import CRITERIA, ScoringContext, score_units
 from compressor.data import load_data
-from compressor.fidelity import fidelity, outputs
+from compressor.fidelity import fidelity, outputs, shift_agreement
 from compressor.fileio import atomic_write_text
 from compressor.finetune import teacher_labelled
+from compressor.greedy import GreedyOrder
 from compressor.latency import Deployment
 from compressor.machine import machine_info, source_revision
 from compressor.profiles import load_profile
-from compressor.search import choose_units
+from compressor.search import choose_units, removable_limits
 from compressor.surgery import remove_units
 from compressor.units import find_units
 from compressor.zoo import load_model
@@ -64,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-size", type=int, default=256)
     parser.add_argument("--min-per-stage", type=int, default=0,
                         help="units kept per stage (default 0: a stage's first, non-residual block always stays)")
+    parser.add_argument("--greedy-images", type=int, default=128, help="calibration crops greedy selection runs on")
+    parser.add_argument("--all-sets-at", default="", help="levels at which every minimal set is evaluated, e.g. 1.3")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     speedups = [float(s) for s in args.speedups.split(",")]
@@ -97,15 +106,25 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.random_sets):
             scores[f"random#{seed}"] = score_units("random", ScoringContext(base, units, calib, seed=seed))
 
+        greedy_x = torch.cat([b[0] for b in data.loader("train", batch_size=128, limit=args.greedy_images, seed=0)])
+        greedy = GreedyOrder(base, units, table.savings_ms, greedy_x, args.min_per_stage, log)
         val = data.loader("val", batch_size=64)
         reference = outputs(base, val)
+        stability = shift_agreement(base, val)
+        log(f"unpruned model vs itself shifted one pixel: {stability:.1f}% top-1 agreement")
+        all_sets_at = [float(v) for v in args.all_sets_at.split(",") if v]
         rows: list[dict] = []
         to_time: dict[tuple[str, ...], None] = {}
         for level in speedups:
             need = 1 - 1 / level
             required = calibration.required_saving_ms(table, need, 0)
-            for name, importance in scores.items():
-                choice = choose_units(units, importance, table.savings_ms, required, args.min_per_stage)
+            proposals = {name: choose_units(units, importance, table.savings_ms, required, args.min_per_stage)
+                         for name, importance in scores.items()}
+            proposals["greedy"] = greedy.choose(required)
+            if level in all_sets_at:
+                for i, s in enumerate(minimal_sets(units, table.savings_ms, required, args.min_per_stage)):
+                    proposals[f"all#{i}"] = s
+            for name, choice in proposals.items():
                 row = {"level": level, "criterion": name, "reachable": choice is not None}
                 if choice is None:
                     rows.append(row)
@@ -118,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                     "top1_agreement": f.top1_agreement, "top5_overlap": f.top5_overlap,
                     "kl_divergence": f.kl_divergence, "feature_cka": f.feature_cka})
                 rows.append(row)
+                if name.startswith("all#"):
+                    continue
                 is_random = name.startswith("random#")
                 if not is_random or int(name.split("#")[1]) < MEASURED_RANDOM:
                     to_time[tuple(removed)] = None
@@ -139,11 +160,33 @@ def main(argv: list[str] | None = None) -> int:
               "profile": profile.to_dict(), "units": names, "min_per_stage": args.min_per_stage,
               "calibration": calibration.to_dict(), "floor_speedup": reach.speedup(),
               "table": {"baseline_ms": table.baseline_ms, "savings_ms": table.savings_ms},
-              "scores": scores, "rows": rows, "seconds": time.perf_counter() - t0}
+              "scores": scores, "rows": rows, "unpruned_shift_agreement": stability,
+              "greedy": {"images": len(greedy_x), "sets_evaluated": greedy.evaluations,
+                         "steps": [vars(s) for s in greedy.steps]},
+              "seconds": time.perf_counter() - t0}
     atomic_write_text(args.out / "criteria_at_speedup.json", json.dumps(result, indent=2))
     atomic_write_text(args.out / "criteria_at_speedup.md", render_markdown(result, criteria, speedups))
     print(render_markdown(result, criteria, speedups))
     return 0
+
+
+def minimal_sets(units: list, savings_ms: dict[str, float], required_ms: float, min_per_stage: int):
+    """Every allowed removal set (stage floors kept) whose table saving reaches `required_ms` and from
+    which no unit can be dropped without falling short, as search.Choice objects."""
+    import itertools
+
+    from compressor.search import Choice
+
+    limits = removable_limits(units, min_per_stage)
+    for k in range(1, len(units) + 1):
+        for subset in itertools.combinations(units, k):
+            total = sum(savings_ms[u.name] for u in subset)
+            if total < required_ms or any(total - savings_ms[u.name] >= required_ms for u in subset):
+                continue
+            stages = [u.stage for u in subset]
+            if any(stages.count(st) > limits.get(st, 0) for st in set(stages)):
+                continue
+            yield Choice(tuple(u.name for u in subset), 0.0, total)
 
 
 def render_markdown(result: dict, criteria: list[str], speedups: list[float]) -> str:
@@ -158,7 +201,12 @@ def render_markdown(result: dict, criteria: list[str], speedups: list[float]) ->
         f"latency table calibrated on the most removable set (scale {result['calibration']['scale']:.2f}; "
         f"that set measured {result['floor_speedup']:.2f}x). No fine-tuning: top-1 agreement with the unpruned "
         "model on held-out crops (photos never used for scoring). 'measured x' is the set's speedup in one "
-        "interleaved measurement of every set against the baseline.",
+        "interleaved measurement of every set against the baseline. `greedy`: the set `prune --selection greedy` "
+        f"proposes, chosen by the whole set's KL on {result['greedy']['images']} calibration crops "
+        f"({result['greedy']['sets_evaluated']} sets evaluated for all levels). 'every minimal set': all allowed "
+        "sets reaching the level from which no unit can be dropped, evaluated the same way. For scale: the "
+        f"unpruned model agrees with itself on {result['unpruned_shift_agreement']:.1f}% of the held-out crops "
+        "when each is shifted by one pixel.",
         "",
         "| level | criterion | units removed | predicted x | measured x | top-1 agreement (%) | top-5 overlap (%) "
         "| KL (nats) |",
@@ -168,8 +216,9 @@ def render_markdown(result: dict, criteria: list[str], speedups: list[float]) ->
     for level in speedups:
         at = [r for r in rows if r["level"] == level]
         randoms = [r for r in at if r["criterion"].startswith("random#") and r["reachable"]]
+        every = [r for r in at if r["criterion"].startswith("all#")]
         for r in at:
-            if r["criterion"].startswith("random#"):
+            if r["criterion"].startswith(("random#", "all#")):
                 continue
             if not r["reachable"]:
                 lines.append(f"| {level:g}x | {r['criterion']} | unreachable | | | | | |")
@@ -188,6 +237,15 @@ def render_markdown(result: dict, criteria: list[str], speedups: list[float]) ->
                          f"{statistics.mean(agree):.1f} ± {sd:.1f} (max {max(agree):.1f}) | "
                          f"{statistics.mean(r['top5_overlap'] for r in randoms):.1f} | "
                          f"{statistics.mean(r['kl_divergence'] for r in randoms):.3f} |")
+        if every:
+            agree = [r["top1_agreement"] for r in every]
+            lines.append(f"| {level:g}x | every minimal set ({len(every)}) | "
+                         f"{min(len(r['removed']) for r in every)}-{max(len(r['removed']) for r in every)} | "
+                         f"{statistics.mean(r['predicted_speedup'] for r in every):.2f} | | "
+                         f"{statistics.mean(agree):.1f} ± {statistics.stdev(agree):.1f} (max {max(agree):.1f}) | "
+                         f"{statistics.mean(r['top5_overlap'] for r in every):.1f} | "
+                         f"{statistics.mean(r['kl_divergence'] for r in every):.3f} (min "
+                         f"{min(r['kl_divergence'] for r in every):.3f}) |")
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 

@@ -57,8 +57,11 @@ class GreedyOrder:
 
     A step takes, among the units still allowed (a stage keeps `min_per_stage` blocks; a block is
     removed or merged, not both; units saving nothing by the table are skipped), the one with the
-    least rise in KL per ms of table saving. `choose(required_ms)` is the shortest prefix saving
-    at least `required_ms`, as a search.Choice whose importance_lost is that set's KL.
+    least rise in KL per ms of table saving. `choose(required_ms)` completes the longest prefix
+    that saves too little with the one allowed unit, among those already evaluated at that step,
+    that reaches `required_ms` at the least KL; so the proposals are not only prefixes, and a
+    search stepping up its requirement finds sets between two prefixes. The result is a
+    search.Choice whose importance_lost is that set's KL.
     """
 
     def __init__(self, model: nn.Module, units: Sequence[Unit], savings_ms: dict[str, float],
@@ -72,8 +75,9 @@ class GreedyOrder:
         self.reference = logits_of(model, x)
         self.steps: list[Step] = []
         self.evaluations = 0
+        self._by_name = {u.name: u for u in self.units}
+        self._kls: list[dict[str, float]] = []  # per step: the KL of the prefix plus each allowed unit
         self._log = log
-        self._done = False
 
     def set_kl(self, removed: Sequence[Unit]) -> float:
         """KL (nats) of the model with `removed` taken out, from the unpruned model, on the calibration images."""
@@ -90,36 +94,47 @@ class GreedyOrder:
                 if u.path not in blocks and self.savings_ms[u.name] > 0
                 and (u.kind == "merge" or removed_per_stage.get(u.stage, 0) < self.limits.get(u.stage, 0))]
 
+    def _prefix(self, k: int) -> list[Unit]:
+        return [self._by_name[s.unit] for s in self.steps[:k]]
+
+    def _completions(self, k: int) -> dict[str, float]:
+        """KL of the first `k` steps plus each unit allowed after them (evaluated once)."""
+        if k == len(self._kls):
+            taken = self._prefix(k)
+            self._kls.append({u.name: self.set_kl([*taken, u]) for u in self._allowed(taken)})
+        return self._kls[k]
+
     def extend(self) -> bool:
         """Take one more step; False once nothing more may be removed."""
-        if self._done:
-            return False
-        by_name = {u.name: u for u in self.units}
-        taken = [by_name[s.unit] for s in self.steps]
-        candidates = self._allowed(taken)
-        if not candidates:
-            self._done = True
+        k = len(self.steps)
+        kls = self._completions(k)
+        if not kls:
             return False
         kl_now = self.steps[-1].kl if self.steps else 0.0
-        costs = {u.name: self.set_kl(taken + [u]) for u in candidates}
-        best = min(candidates, key=lambda u: ((costs[u.name] - kl_now) / self.savings_ms[u.name], u.order))
-        saving = (self.steps[-1].saving_ms if self.steps else 0.0) + self.savings_ms[best.name]
-        self.steps.append(Step(best.name, saving, costs[best.name]))
-        self._log(f"  greedy step {len(self.steps)}: {best.name} (KL {costs[best.name]:.4f} nats, "
-                  f"table saving {saving:.3f} ms; {len(candidates)} sets evaluated)")
+        saved = self.steps[-1].saving_ms if self.steps else 0.0
+        best = min(kls, key=lambda n: ((kls[n] - kl_now) / self.savings_ms[n], self._by_name[n].order))
+        self.steps.append(Step(best, saved + self.savings_ms[best], kls[best]))
+        self._log(f"  greedy step {k + 1}: {best} (KL {kls[best]:.4f} nats, table saving "
+                  f"{saved + self.savings_ms[best]:.3f} ms; {len(kls)} sets evaluated)")
         return True
 
     def choose(self, required_ms: float) -> Choice | None:
-        """The shortest prefix of the order whose table saving is >= `required_ms` (None if none is)."""
+        """The least-KL completion of the longest prefix saving under `required_ms` (None if none reaches it)."""
         if required_ms <= 0:
             return Choice((), 0.0, 0.0)
-        while not self.steps or self.steps[-1].saving_ms < required_ms:
-            if not self.extend():
+        k = 0
+        while True:
+            saved = self.steps[k - 1].saving_ms if k else 0.0
+            kls = self._completions(k)
+            reaching = [n for n in kls if saved + self.savings_ms[n] >= required_ms]
+            if reaching:
+                last = min(reaching, key=lambda n: (kls[n], self._by_name[n].order))
+                names = {u.name for u in self._prefix(k)} | {last}
+                removed = tuple(u.name for u in self.units if u.name in names)
+                return Choice(removed, kls[last], saved + self.savings_ms[last])
+            if k == len(self.steps) and not self.extend():
                 return None
-        k = next(i for i, s in enumerate(self.steps) if s.saving_ms >= required_ms) + 1
-        names = {s.unit for s in self.steps[:k]}
-        removed = tuple(u.name for u in self.units if u.name in names)
-        return Choice(removed, self.steps[k - 1].kl, self.steps[k - 1].saving_ms)
+            k += 1
 
 
 def greedy_or(order: GreedyOrder, fallback: Callable[[float], Choice | None]) -> Callable[[float], Choice | None]:

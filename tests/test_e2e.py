@@ -107,8 +107,8 @@ def test_prune_with_merge_units(tmp_path, digits):
 
 
 def test_prune_with_greedy_selection(tmp_path):
-    """--selection greedy: the search measures prefixes of the greedy order, and the report
-    records the order with each set's measured KL."""
+    """--selection greedy: the search measures prefixes of the greedy order, each completed by one
+    unit, and the report records the order with each set's measured KL."""
     profile = tmp_path / "fast.yaml"
     profile.write_text(FAST_PROFILE)
     out = tmp_path / "greedy"
@@ -121,8 +121,12 @@ def test_prune_with_greedy_selection(tmp_path):
     assert search["selection"] == "greedy" and report["config"]["selection"] == "greedy"
     steps = search["greedy"]["steps"]
     assert steps and search["greedy"]["images"] == 128
-    assert search["greedy"]["sets_evaluated"] == sum(27 - i for i in range(len(steps)))
-    prefixes = [{s["unit"] for s in steps[:k]} for k in range(1, len(steps) + 1)]
-    assert all(set(t["removed"]) in prefixes for t in search["trials"])
-    assert set(report["removed_units"]) in prefixes
+    assert search["greedy"]["sets_evaluated"] >= sum(27 - i for i in range(len(steps)))
+    prefixes = [{s["unit"] for s in steps[:k]} for k in range(len(steps) + 1)]
+
+    def completes_a_prefix(removed: list[str]) -> bool:
+        return any(p <= set(removed) and len(set(removed) - p) == 1 for p in prefixes)
+
+    assert all(completes_a_prefix(t["removed"]) for t in search["trials"])
+    assert completes_a_prefix(report["removed_units"])
     assert "sets proposed by greedy" in (out / "report.md").read_text()

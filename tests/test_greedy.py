@@ -71,17 +71,28 @@ def test_greedy_sees_what_single_unit_scores_add_up_wrong(inputs):
     assert set_kl(model, inputs, greedy.removed) < set_kl(model, inputs, knapsack) / 10
 
 
-def test_order_is_nested_and_lazy(inputs):
+def test_order_is_lazy_and_proposals_complete_a_prefix(inputs):
     order = GreedyOrder(Saturating().eval(), UNITS, SAVINGS, inputs, min_per_stage=0)
     assert order.choose(0.0).removed == ()
-    assert order.choose(0.5).removed == ("a",)
-    assert (len(order.steps), order.evaluations) == (1, 3)  # one step: every unit tried once
+    assert order.choose(0.5).removed == ("a",)  # any single unit reaches 0.5 ms: the least KL
+    assert (len(order.steps), order.evaluations) == (0, 3)  # every unit tried once, no step taken
     assert order.choose(3.0).removed == ("a", "b", "c")
     assert order.evaluations == 3 + 2 + 1
-    assert order.choose(2.0).removed == ("a", "c")  # a prefix: no new evaluations
+    assert [s.unit for s in order.steps] == ["a", "c"]
+    assert order.choose(2.0).removed == ("a", "c")  # a completed by c, already evaluated
     assert order.evaluations == 6
     assert order.choose(3.5) is None
     assert [s.saving_ms for s in order.steps] == [1.0, 2.0, 3.0]
+
+
+def test_completion_fills_the_gap_between_two_prefixes(inputs):
+    """Needing more than one step saves but less than two: the prefix is completed by the unit
+    that reaches the requirement at the least KL, not by the next step of the order."""
+    savings = {"a": 1.0, "b": 1.0, "c": 3.0}
+    order = GreedyOrder(Saturating().eval(), UNITS, savings, inputs, min_per_stage=0)
+    assert order.choose(1.5).removed == ("c",)  # only c reaches 1.5 ms alone
+    assert order.choose(3.5).removed == ("a", "c")  # a is the first step; c completes it
+    assert set(order.choose(4.5).removed) == {"a", "b", "c"}
 
 
 def test_stage_floor_block_exclusivity_useless_units_and_fallback(inputs):
