@@ -138,12 +138,19 @@ class GreedyOrder:
 
 
 def greedy_or(order: GreedyOrder, fallback: Callable[[float], Choice | None]) -> Callable[[float], Choice | None]:
-    """Propose `order`'s prefix, or `fallback`'s set where the greedy order runs out before the
+    """Propose what `order` chooses, or `fallback`'s set where the greedy order runs out before the
     required saving: one step at a time it can strand itself (a block taken by removal cannot be
-    merged, a stage at its floor takes no more) where another combination still reaches the saving."""
+    merged, a stage at its floor takes no more) where another combination still reaches the saving.
+    A fallback set is given its measured KL too, so a search compares every proposal on one scale."""
+    by_name = {u.name: u for u in order.units}
 
     def choose(required_ms: float) -> Choice | None:
         chosen = order.choose(required_ms)
-        return chosen if chosen is not None else fallback(required_ms)
+        if chosen is not None:
+            return chosen
+        chosen = fallback(required_ms)
+        if chosen is None:
+            return None
+        return Choice(chosen.removed, order.set_kl([by_name[n] for n in chosen.removed]), chosen.predicted_saving_ms)
 
     return choose

@@ -58,6 +58,11 @@ def set_kl(model: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> float:
     return kl_from(logits_of(model, x), logits_of(remove_units(model, removed), x))
 
 
+def set_kl_of(order: GreedyOrder, names: tuple[str, ...]) -> float:
+    return kl_from(order.reference, logits_of(remove_units(order.model, [u for u in order.units if u.name in names]),
+                                              order.x))
+
+
 def test_greedy_sees_what_single_unit_scores_add_up_wrong(inputs):
     model = Saturating().eval()
     single = {u.name: set_kl(model, inputs, (u.name,)) for u in UNITS}
@@ -107,11 +112,13 @@ def test_stage_floor_block_exclusivity_useless_units_and_fallback(inputs):
     assert order.evaluations == 3
 
     def knapsack(required_ms: float):
-        return choose_units(units, {u.name: 0.0 for u in units}, savings, required_ms, 2)
+        return choose_units(units, {u.name: 5.0 for u in units}, savings, required_ms, 2)
 
     choose = greedy_or(order, knapsack)
     assert choose(1.0).removed == ("a",)
-    assert choose(1.5).removed == ("b", "a/merge")
+    fallback = choose(1.5)
+    assert fallback.removed == ("b", "a/merge")
+    assert fallback.importance_lost == pytest.approx(set_kl_of(order, fallback.removed))  # KL, not the summed scores (10)
     assert choose(2.5) is None
 
 
