@@ -12,8 +12,9 @@ For one model and data source (default efficientnet_lite0 with its ImageNet weig
    level), and the same for --random-sets random importances;
 4. evaluates every set without fine-tuning on the held-out crops (held-out photos never
    seen in scoring): top-1 agreement with the unpruned model, top-5 overlap, KL;
-   The `greedy` row is the set that `prune --selection greedy` proposes (compressor.greedy:
-   removal one unit at a time by the measured KL of the whole set on --greedy-images crops);
+   The `greedy` row is the set that `prune --selection greedy` proposes (compressor.greedy: of
+   the greedy order's set, by the measured KL of the whole set on --greedy-images crops, and the
+   knapsack's over single-unit KL and over cka, the one with the least measured KL);
    with --all-sets-at L, every minimal allowed set reaching level L is also evaluated (the
    best any selection could have done without fine-tuning);
 5. measures every criterion's set and a few random sets against the baseline in one
@@ -44,7 +45,7 @@ from compressor.data import load_data
 from compressor.fidelity import fidelity, outputs, shift_agreement
 from compressor.fileio import atomic_write_text
 from compressor.finetune import teacher_labelled
-from compressor.greedy import GreedyOrder
+from compressor.greedy import GreedyOrder, greedy_proposer
 from compressor.latency import Deployment
 from compressor.machine import machine_info, source_revision
 from compressor.profiles import load_profile
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
         greedy_x = torch.cat([b[0] for b in data.loader("train", batch_size=128, limit=args.greedy_images, seed=0)])
         greedy = GreedyOrder(base, units, table.savings_ms, greedy_x, args.min_per_stage, log)
+        greedy_propose = greedy_proposer(greedy, scores["cka"] if "cka" in scores else None)
         val = data.loader("val", batch_size=64)
         reference = outputs(base, val)
         stability = shift_agreement(base, val)
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             required = calibration.required_saving_ms(table, need, 0)
             proposals = {name: choose_units(units, importance, table.savings_ms, required, args.min_per_stage)
                          for name, importance in scores.items()}
-            proposals["greedy"] = greedy.choose(required)
+            proposals["greedy"] = greedy_propose(required)
             if level in all_sets_at:
                 for i, s in enumerate(minimal_sets(units, table.savings_ms, required, args.min_per_stage)):
                     proposals[f"all#{i}"] = s
@@ -202,7 +204,8 @@ def render_markdown(result: dict, criteria: list[str], speedups: list[float]) ->
         f"that set measured {result['floor_speedup']:.2f}x). No fine-tuning: top-1 agreement with the unpruned "
         "model on held-out crops (photos never used for scoring). 'measured x' is the set's speedup in one "
         "interleaved measurement of every set against the baseline. `greedy`: the set `prune --selection greedy` "
-        f"proposes, chosen by the whole set's KL on {result['greedy']['images']} calibration crops "
+        f"proposes: of the greedy order's set and the knapsack's over single-unit KL and over cka, the one whose "
+        f"whole-set KL on {result['greedy']['images']} calibration crops is least "
         f"({result['greedy']['sets_evaluated']} sets evaluated for all levels). 'every minimal set': all allowed "
         "sets reaching the level from which no unit can be dropped, evaluated the same way. For scale: the "
         f"unpruned model agrees with itself on {result['unpruned_shift_agreement']:.1f}% of the held-out crops "

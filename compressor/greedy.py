@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from compressor.search import Choice, removable_limits
+from compressor.search import Choice, choose_units, removable_limits
 from compressor.surgery import remove_units
 from compressor.units import Unit
 
@@ -71,18 +71,32 @@ class GreedyOrder:
         self.units = list(units)
         self.savings_ms = savings_ms
         self.x = x
+        self.min_per_stage = min_per_stage
         self.limits = removable_limits(self.units, min_per_stage)
         self.reference = logits_of(model, x)
         self.steps: list[Step] = []
         self.evaluations = 0
         self._by_name = {u.name: u for u in self.units}
         self._kls: list[dict[str, float]] = []  # per step: the KL of the prefix plus each allowed unit
+        self._measured: dict[frozenset[str], float] = {}
         self._log = log
 
     def set_kl(self, removed: Sequence[Unit]) -> float:
-        """KL (nats) of the model with `removed` taken out, from the unpruned model, on the calibration images."""
-        self.evaluations += 1
-        return kl_from(self.reference, logits_of(remove_units(self.model, removed), self.x))
+        """KL (nats) of the model with `removed` taken out, from the unpruned model, on the calibration
+        images; each set is run once (`evaluations` counts the runs)."""
+        key = frozenset(u.name for u in removed)
+        if key not in self._measured:
+            self.evaluations += 1
+            self._measured[key] = kl_from(self.reference, logits_of(remove_units(self.model, removed), self.x))
+        return self._measured[key]
+
+    def kl_of(self, names: Sequence[str]) -> float:
+        """set_kl of the units named."""
+        return self.set_kl([self._by_name[n] for n in names])
+
+    def single_kl(self) -> dict[str, float]:
+        """Each allowed unit's KL when removed alone (the first step's evaluations)."""
+        return self._completions(0)
 
     def _allowed(self, taken: list[Unit]) -> list[Unit]:
         blocks = {u.path for u in taken}
@@ -137,20 +151,47 @@ class GreedyOrder:
             k += 1
 
 
-def greedy_or(order: GreedyOrder, fallback: Callable[[float], Choice | None]) -> Callable[[float], Choice | None]:
-    """Propose what `order` chooses, or `fallback`'s set where the greedy order runs out before the
-    required saving: one step at a time it can strand itself (a block taken by removal cannot be
-    merged, a stage at its floor takes no more) where another combination still reaches the saving.
-    A fallback set is given its measured KL too, so a search compares every proposal on one scale."""
-    by_name = {u.name: u for u in order.units}
+Proposer = Callable[[float], Choice | None]
+
+
+def least_kl(order: GreedyOrder, proposers: Sequence[Proposer]) -> Proposer:
+    """Propose, of the sets that `order` and the other `proposers` put forward for a required saving,
+    the one with the least measured KL (order.kl_of; None if none reaches the saving).
+
+    The greedy order is myopic: it can strand itself (a block taken by removal cannot be merged, a
+    stage at its floor takes no more), and since it prefers units by KL per ms it reaches a large
+    saving only with many small units. A knapsack proposes whole sets instead; measuring each
+    proposal's KL (one forward pass over the calibration images) keeps the best, and gives every
+    proposal the same scale, so a search compares its passes on KL.
+    """
 
     def choose(required_ms: float) -> Choice | None:
-        chosen = order.choose(required_ms)
-        if chosen is not None:
-            return chosen
-        chosen = fallback(required_ms)
-        if chosen is None:
-            return None
-        return Choice(chosen.removed, order.set_kl([by_name[n] for n in chosen.removed]), chosen.predicted_saving_ms)
+        best: Choice | None = None
+        for propose in (order.choose, *proposers):
+            chosen = propose(required_ms)
+            if chosen is None:
+                continue
+            kl = order.kl_of(chosen.removed) if chosen.removed else 0.0
+            if best is None or kl < best.importance_lost:
+                best = Choice(chosen.removed, kl, chosen.predicted_saving_ms)
+        return best
 
     return choose
+
+
+def greedy_proposer(order: GreedyOrder, importance: dict[str, float] | None = None) -> Proposer:
+    """What `prune --selection greedy` proposes: least_kl over the greedy order, the knapsack over
+    each unit's KL when removed alone, and, given a criterion's `importance`, the knapsack over it."""
+    units, savings, floor = order.units, order.savings_ms, order.min_per_stage
+
+    def knapsack_over(scores: Callable[[], dict[str, float]]) -> Proposer:
+        def propose(required_ms: float) -> Choice | None:
+            values = scores()
+            return choose_units(units, {u.name: values.get(u.name, 0.0) for u in units}, savings, required_ms, floor)
+
+        return propose
+
+    proposers = [knapsack_over(order.single_kl)]
+    if importance is not None:
+        proposers.append(knapsack_over(lambda: importance))
+    return least_kl(order, proposers)

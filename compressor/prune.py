@@ -25,7 +25,7 @@ from compressor.fileio import check_output_dir, make_output_dir
 from compressor.finetune import teacher_labelled, train
 from compressor.flops import count_cost
 from compressor.fold import FOLD_RTOL, check_equivalent, fold_batchnorm
-from compressor.greedy import GreedyOrder, greedy_or
+from compressor.greedy import GreedyOrder, greedy_proposer
 from compressor.latency import Deployment, LatencyTable, measure_latency_table
 from compressor.machine import machine_info
 from compressor.merge_units import (
@@ -38,7 +38,7 @@ from compressor.merge_units import (
 from compressor.mimic import plan_mimic
 from compressor.predictor import Observation, fit_calibration
 from compressor.profiles import Profile, load_profile
-from compressor.search import choose_units, most_removable
+from compressor.search import most_removable
 from compressor.surgery import remove_units
 from compressor.targets import Measured, Target, margin_from, search_under_target
 from compressor.timing import TimingPolicy
@@ -234,8 +234,7 @@ def _run(config: PruneConfig, target: Target, profile: Profile, data: DataBundle
         images = torch.cat([b[0] for b in data.loader("train", batch_size=128, limit=GREEDY_IMAGES,
                                                       seed=config.seed)])
         order = GreedyOrder(model, candidates, table.savings_ms, images, config.min_blocks_per_stage, log)
-        choose = greedy_or(order, lambda required_ms: choose_units(
-            candidates, importance, table.savings_ms, required_ms, config.min_blocks_per_stage))
+        choose = greedy_proposer(order, importance)
         log(f"proposing sets greedily by their measured KL on {len(images)} calibration images")
     log(f"searching for {target.describe()} (aiming {margin:.0%} under it)")
     floor_units = [u.name for u in most_removable(units, config.min_blocks_per_stage)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.greedy import GreedyOrder, greedy_or, kl_from, logits_of
+from compressor.greedy import GreedyOrder, greedy_proposer, kl_from, least_kl, logits_of
 from compressor.search import choose_units
 from compressor.surgery import remove_units
 from compressor.targets import Measured, Target, search_under_target
@@ -114,11 +114,11 @@ def test_stage_floor_block_exclusivity_useless_units_and_fallback(inputs):
     def knapsack(required_ms: float):
         return choose_units(units, {u.name: 5.0 for u in units}, savings, required_ms, 2)
 
-    choose = greedy_or(order, knapsack)
-    assert choose(1.0).removed == ("a",)
+    choose = least_kl(order, [knapsack])
+    assert choose(1.0).removed == ("a",)  # the knapsack's (a/merge, b) would also do, at a higher KL
     fallback = choose(1.5)
     assert fallback.removed == ("b", "a/merge")
-    assert fallback.importance_lost == pytest.approx(set_kl_of(order, fallback.removed))  # KL, not the summed scores (10)
+    assert fallback.importance_lost == pytest.approx(set_kl_of(order, fallback.removed))  # KL, not summed scores
     assert choose(2.5) is None
 
 
@@ -137,3 +137,14 @@ def test_search_uses_the_greedy_proposals(inputs):
                                  choose=order.choose)
     assert result.best is not None and result.best.choice.removed == ("a", "c")
     assert ("a", "b") not in measured
+
+
+def test_proposer_keeps_the_least_kl_of_greedy_and_knapsacks(inputs):
+    """The knapsack over single-unit KL takes a and b (each free alone); the greedy order takes a
+    and c; the proposal is the one whose whole-set KL is least, and sets are run once each."""
+    order = GreedyOrder(Saturating().eval(), UNITS, SAVINGS, inputs)
+    chosen = greedy_proposer(order, importance={"a": 1.0, "b": 1.0, "c": 5.0})(1.9)
+    assert chosen.removed == ("a", "c")
+    assert chosen.importance_lost == pytest.approx(set_kl_of(order, ("a", "c")))
+    assert order.kl_of(("a", "b")) > 10 * chosen.importance_lost
+    assert order.evaluations == 3 + 2  # singles, then a + b and a + c: the knapsacks' (a, b) was one of them
