@@ -1,14 +1,19 @@
-"""Greedy set selection: remove units one at a time, each time the one that loses least
-fidelity per ms saved *given the units already removed*.
+"""Set selection by measured KL: proposals for the search judged by what the whole set does.
 
 The knapsack (search.py) adds up single-unit scores, so it cannot see that two removals
 together cost more (or less) than apart; at 1.3x on efficientnet_lite0 no criterion's
-knapsack set beat random sets (benchmarks/results/criteria_at_speedup.md). Here every
-step runs the model with each candidate set removed on calibration images and takes the
-KL divergence of its logits from the unpruned model's: a measured set-level cost.
+knapsack set beat random sets (benchmarks/results/criteria_at_speedup.md). Here a set is
+judged by running the model with the set removed on calibration images and taking the KL
+divergence of its logits from the unpruned model's.
+
+GreedyOrder removes units one at a time, each time the one that loses least KL per ms
+saved *given the units already removed*; least_kl keeps, of its proposal and other
+proposers' (knapsacks), the set with the least measured KL; greedy_proposer is what
+`prune --selection greedy` uses.
 
 Cost: for U units and k steps, U + (U-1) + ... + (U-k+1) forward passes over the
-calibration images, computed lazily up to the saving a search asks for.
+calibration images, computed lazily up to the saving a search asks for, plus one per
+new set another proposer puts forward.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ def build_report(*, config, target, profile, machine, loaded, units, removed, im
                    "trials": [{"removed": list(t.choice.removed), "predicted_ms": t.predicted_ms,
                                "measured_ms": t.measured.candidate_ms,
                                "baseline_ms": t.measured.baseline_ms, "speedup": t.measured.speedup,
-                               "passed": t.passed} for t in search.trials],
+                               "passed": t.passed, "importance_lost": t.choice.importance_lost} for t in search.trials],
                    "table_error": _prediction_error(search.trials, table, calibration),
                    "selection": config.get("selection") or "knapsack",
                    "greedy": None if greedy is None else {

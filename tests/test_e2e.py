@@ -107,8 +107,8 @@ def test_prune_with_merge_units(tmp_path, digits):
 
 
 def test_prune_with_greedy_selection(tmp_path):
-    """--selection greedy: the search measures prefixes of the greedy order, each completed by one
-    unit, and the report records the order with each set's measured KL."""
+    """--selection greedy: the report records the greedy order with each set's measured KL, and
+    every measured candidate carries its own measured KL (the search compares them on it)."""
     profile = tmp_path / "fast.yaml"
     profile.write_text(FAST_PROFILE)
     out = tmp_path / "greedy"
@@ -119,14 +119,11 @@ def test_prune_with_greedy_selection(tmp_path):
     assert code == (0 if report["target_met"] else 1)
     search = report["search"]
     assert search["selection"] == "greedy" and report["config"]["selection"] == "greedy"
-    steps = search["greedy"]["steps"]
-    assert steps and search["greedy"]["images"] == 128
-    assert search["greedy"]["sets_evaluated"] >= sum(27 - i for i in range(len(steps)))
-    prefixes = [{s["unit"] for s in steps[:k]} for k in range(len(steps) + 1)]
-
-    def completes_a_prefix(removed: list[str]) -> bool:
-        return any(p <= set(removed) and len(set(removed) - p) == 1 for p in prefixes)
-
-    assert all(completes_a_prefix(t["removed"]) for t in search["trials"])
-    assert completes_a_prefix(report["removed_units"])
+    greedy = search["greedy"]
+    assert greedy["steps"] and greedy["images"] == 128
+    assert greedy["sets_evaluated"] >= 27  # every unit alone, at least
+    kls = [s["kl"] for s in greedy["steps"]]
+    assert all(k > -1e-9 for k in kls)
+    assert [s["table_saving_ms"] for s in greedy["steps"]] == sorted(s["table_saving_ms"] for s in greedy["steps"])
+    assert all(t["importance_lost"] > -1e-9 for t in search["trials"])
     assert "sets proposed by greedy" in (out / "report.md").read_text()
