@@ -62,11 +62,11 @@ class GreedyOrder:
 
     A step takes, among the units still allowed (a stage keeps `min_per_stage` blocks; a block is
     removed or merged, not both; units saving nothing by the table are skipped), the one with the
-    least rise in KL per ms of table saving. `choose(required_ms)` completes the longest prefix
-    that saves too little with the one allowed unit, among those already evaluated at that step,
-    that reaches `required_ms` at the least KL; so the proposals are not only prefixes, and a
-    search stepping up its requirement finds sets between two prefixes. The result is a
-    search.Choice whose importance_lost is that set's KL.
+    least rise in KL per ms of table saving. `choose(required_ms)` takes the shortest prefix of the
+    order that one more allowed unit brings to `required_ms`, and of those units (already evaluated
+    at that step) the one with the least KL; so the proposals are not only prefixes, and a search
+    stepping up its requirement finds sets between two prefixes. The result is a search.Choice
+    whose importance_lost is that set's KL.
     """
 
     def __init__(self, model: nn.Module, units: Sequence[Unit], savings_ms: dict[str, float],
@@ -138,7 +138,8 @@ class GreedyOrder:
         return True
 
     def choose(self, required_ms: float) -> Choice | None:
-        """The least-KL completion of the longest prefix saving under `required_ms` (None if none reaches it)."""
+        """The shortest prefix that one more unit brings to `required_ms`, completed by the least-KL such
+        unit (None if no allowed set reaches it this way)."""
         if required_ms <= 0:
             return Choice((), 0.0, 0.0)
         k = 0
