@@ -90,6 +90,12 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> Accuracy | 
     return Accuracy(100.0 * top1, 100.0 * topk, n)
 
 
+def kl_per_item(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(reference) || softmax(logits)) of each row of two logit matrices (nats, float64)."""
+    log_p, log_q = F.log_softmax(reference.double(), 1), F.log_softmax(logits.double(), 1)
+    return (log_p.exp() * (log_p - log_q)).sum(1)
+
+
 def compare(reference: Outputs, pruned: Outputs) -> Fidelity:
     """Fidelity of `pruned` to `reference`, both computed on the same items in the same order."""
     if reference.logits.shape != pruned.logits.shape:
@@ -99,10 +105,9 @@ def compare(reference: Outputs, pruned: Outputs) -> Fidelity:
     k = min(TOP_K, a.shape[1])
     top_a, top_b = a.topk(k, 1).indices, b.topk(k, 1).indices
     overlap = (top_a[:, :, None] == top_b[:, None, :]).any(2).double().sum(1) / k
-    log_a, log_b = F.log_softmax(a, 1), F.log_softmax(b, 1)
-    kl = (log_a.exp() * (log_a - log_b)).sum(1)
+    kl = kl_per_item(a, b)
     agree = top_a[:, 0] == top_b[:, 0]
-    confident = log_a.exp().max(1).values >= CONFIDENT
+    confident = F.softmax(a, 1).max(1).values >= CONFIDENT
     return Fidelity(
         images=len(a),
         top1_agreement=100.0 * agree.double().mean().item(),

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from compressor.fidelity import kl_per_item
 from compressor.search import Choice, choose_units, removable_limits
 from compressor.surgery import remove_units
 from compressor.units import Unit
@@ -53,8 +53,7 @@ def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def kl_from(reference: torch.Tensor, logits: torch.Tensor) -> float:
     """Mean KL(reference || logits) over the rows of two logit matrices (nats)."""
-    log_p, log_q = F.log_softmax(reference.double(), 1), F.log_softmax(logits.double(), 1)
-    return float((log_p.exp() * (log_p - log_q)).sum(1).mean())
+    return float(kl_per_item(reference, logits).mean())
 
 
 class GreedyOrder:
