@@ -9,12 +9,36 @@ from pathlib import Path
 
 from torch import nn
 
+from compressor.data import DataBundle, load_data
 from compressor.latency import Deployment, LatencyTable, measure_latency_table
 from compressor.predictor import Calibration, Observation, fit_calibration
+from compressor.profiles import Profile, load_profile
 from compressor.search import most_removable
 from compressor.surgery import remove_units
 from compressor.timing import Interleaved
-from compressor.units import Unit
+from compressor.units import Unit, find_units
+from compressor.zoo import LoadedModel, load_model
+
+
+@dataclass
+class Setup:
+    """A benchmark's model on its data and profile: the unpruned model in eval mode and its units."""
+
+    data: DataBundle
+    loaded: LoadedModel
+    base: nn.Module
+    profile: Profile
+    dep: Deployment
+    units: list[Unit]
+
+
+def load_setup(model: str, data: str, profile: str) -> Setup:
+    """Load `data`, then `model` fitted to it, the `profile` and its deployment; find the units."""
+    bundle = load_data(data)
+    loaded = load_model(model, bundle)
+    base = loaded.model.eval()
+    dep = Deployment(load_profile(profile), loaded.input_shape)
+    return Setup(bundle, loaded, base, dep.profile, dep, find_units(base, dep.example))
 
 
 @dataclass

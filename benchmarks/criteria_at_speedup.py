@@ -38,21 +38,16 @@ import time
 from pathlib import Path
 
 import torch
-from calibrated_table import calibrated_table  # benchmarks/, beside this file
+from calibrated_table import calibrated_table, load_setup  # benchmarks/, beside this file
 
 from compressor.criteria import CRITERIA, ScoringContext, score_units
-from compressor.data import load_data
 from compressor.fidelity import fidelity, outputs, shift_agreement
 from compressor.fileio import atomic_write_text
 from compressor.finetune import teacher_labelled
 from compressor.greedy import GreedyOrder, greedy_proposer
-from compressor.latency import Deployment
 from compressor.machine import machine_info, source_revision
-from compressor.profiles import load_profile
 from compressor.search import choose_units, removable_limits
 from compressor.surgery import remove_units
-from compressor.units import find_units
-from compressor.zoo import load_model
 
 MEASURED_RANDOM = 3  # random sets per level that are also timed
 
@@ -80,13 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     criteria = [c for c in args.criteria.split(",") if c]
     t0 = time.perf_counter()
 
-    data = load_data(args.data)
-    loaded = load_model(args.model, data)
-    base = loaded.model.eval()
-    profile = load_profile(args.profile)
-    dep = Deployment(profile, loaded.input_shape)
+    setup = load_setup(args.model, args.data, args.profile)
+    data, loaded, base, profile, dep, units = (setup.data, setup.loaded, setup.base, setup.profile, setup.dep,
+                                               setup.units)
     x = dep.example
-    units = find_units(base, x)
     names = [u.name for u in units]
     log(f"{args.model}: {len(units)} units; measuring the latency table on {profile.name}")
     with tempfile.TemporaryDirectory(prefix="criteria-at-speedup-") as tmp:

@@ -33,23 +33,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from calibrated_table import calibrated_table  # benchmarks/, beside this file
+from calibrated_table import calibrated_table, load_setup  # benchmarks/, beside this file
 
 from compressor.criteria import ScoringContext, score_units
-from compressor.data import load_data
 from compressor.fidelity import Fidelity, fidelity, outputs
 from compressor.fileio import atomic_write_text
 from compressor.finetune import train
-from compressor.latency import Deployment
 from compressor.machine import machine_info, source_revision
 from compressor.mimic import plan_mimic
 from compressor.photos import load_photos
-from compressor.profiles import load_profile
 from compressor.prune import PruneConfig, finetune_settings
 from compressor.search import choose_units
 from compressor.surgery import remove_units
-from compressor.units import find_units
-from compressor.zoo import load_model
 
 RECIPES = ("logits", "mimic")
 FRESH_SEED = 7  # seed of the fresh crops of the calibration photos (fine-tuning uses seed 0)
@@ -81,13 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     recipes = [r for r in args.recipes.split(",") if r]
     t0 = time.perf_counter()
 
-    data = load_data(args.data)
-    loaded = load_model(args.model, data)
-    base = loaded.model.eval()
-    profile = load_profile(args.profile)
-    dep = Deployment(profile, loaded.input_shape)
+    setup = load_setup(args.model, args.data, args.profile)
+    data, loaded, base, profile, dep, units = (setup.data, setup.loaded, setup.base, setup.profile, setup.dep,
+                                               setup.units)
     x = dep.example
-    units = find_units(base, x)
     lr, freeze, _ = finetune_settings(PruneConfig(args.model, args.data, args.profile, "unused"), loaded)
     with tempfile.TemporaryDirectory(prefix="recovery-at-speedup-") as tmp:
         work = Path(tmp)
