@@ -107,7 +107,7 @@ def search_under_target(units: Sequence[Unit], importance: dict[str, float], sav
     than the target needs.
 
     `choose(required_ms)` proposes a set saving at least `required_ms` by the table; the default is
-    the knapsack over `importance` (search.choose_units), another is greedy.GreedyOrder.choose.
+    the knapsack over `importance` (search.choose_units), another greedy.greedy_proposer.
     """
     if choose is None:
         def choose(required_ms: float) -> Choice | None:
