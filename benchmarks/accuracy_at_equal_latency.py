@@ -36,13 +36,14 @@ from tp_reference import METHOD, ROUND_TO, bisect_ratio  # benchmarks/, beside t
 
 from compressor.data import DataBundle, load_data
 from compressor.fileio import atomic_write_text
-from compressor.finetune import accuracy, train
-from compressor.flops import count_cost
-from compressor.latency import Deployment
-from compressor.machine import machine_info, source_revision
-from compressor.profiles import load_profile
-from compressor.prune import PruneConfig, prune
-from compressor.zoo import load_checkpoint, load_model
+from compressor.finetune.training import accuracy, train
+from compressor.jobs.prune import PruneConfig, prune
+from compressor.latency.deploy import Deployment
+from compressor.latency.machine import machine_info, source_revision
+from compressor.latency.profiles import load_profile
+from compressor.metrics.flops import count_cost
+from compressor.models.checkpoint import load_checkpoint
+from compressor.models.sources import load_model
 
 LATENCY_TOLERANCE = 0.03  # TP's ratio bisection stops within 3% of our measured latency
 CASES = {  # model -> (data, target speedup)
@@ -60,7 +61,7 @@ def quality(model: nn.Module, reference: nn.Module, data: DataBundle) -> dict:
     """Held-out accuracy (%) where the data has labels, else top-1 agreement with `reference` (%)."""
     if getattr(data, "labelled", True):
         return {"metric": "top-1 accuracy (%)", "value": accuracy(model, data.loader("val"))}
-    from compressor.fidelity import fidelity
+    from compressor.metrics.fidelity import fidelity
 
     f = fidelity(reference, model, data.loader("val"))
     return {"metric": "top-1 agreement with the unpruned model (%)", "value": f.top1_agreement, **asdict(f)}

@@ -1,6 +1,6 @@
 """The search's view of latency, for benchmarks that choose removal sets the way `prune` does:
 the latency table, the most removable set timed against the baseline (interleaved), and the
-table's calibration on that set (compressor.predictor, kind "scale")."""
+table's calibration on that set (compressor.latency.predictor, kind "scale")."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ from pathlib import Path
 from torch import nn
 
 from compressor.data import DataBundle, load_data
-from compressor.latency import Deployment, LatencyTable, measure_latency_table
-from compressor.predictor import Calibration, Observation, fit_calibration
-from compressor.profiles import Profile, load_profile
-from compressor.search import most_removable
-from compressor.surgery import remove_units
-from compressor.timing import Interleaved
-from compressor.units import Unit, find_units
-from compressor.zoo import LoadedModel, load_model
+from compressor.graph.surgery import remove_units
+from compressor.graph.units import Unit, find_units
+from compressor.latency.deploy import Deployment
+from compressor.latency.predictor import Calibration, Observation, fit_calibration
+from compressor.latency.profiles import Profile, load_profile
+from compressor.latency.table import LatencyTable, measure_latency_table
+from compressor.latency.timing import Interleaved
+from compressor.models.loaded import LoadedModel
+from compressor.models.sources import load_model
+from compressor.search.knapsack import most_removable
 
 
 @dataclass

@@ -5,14 +5,14 @@ For one model and data source (default efficientnet_lite0 with its ImageNet weig
 
 1. measures the latency table (every single-unit removal, interleaved) and the most
    removable set against the baseline, and calibrates the table's prediction on it
-   (compressor.predictor, kind "scale": what the search does after its first candidate);
+   (compressor.latency.predictor, kind "scale": what the search does after its first candidate);
 2. scores the units with every criterion on the calibration crops;
 3. per speedup level (default 1.3, 1.5, 2) chooses each criterion's removal set with the
    search's knapsack (least importance lost whose calibrated predicted saving reaches the
    level), and the same for --random-sets random importances;
 4. evaluates every set without fine-tuning on the held-out crops (held-out photos never
    seen in scoring): top-1 agreement with the unpruned model, top-5 overlap, KL;
-   The `greedy` row is the set that `prune --selection greedy` proposes (compressor.greedy: of
+   The `greedy` row is the set that `prune --selection greedy` proposes (compressor.search.greedy: of
    the greedy order's set, by the measured KL of the whole set on --greedy-images crops, and the
    knapsack's over single-unit KL and over cka, the one with the least measured KL);
    with --all-sets-at L, every minimal allowed set reaching level L is also evaluated (the
@@ -41,13 +41,13 @@ import torch
 from calibrated_table import calibrated_table, load_setup  # benchmarks/, beside this file
 
 from compressor.criteria import CRITERIA, ScoringContext, score_units
-from compressor.fidelity import fidelity, outputs, shift_agreement
 from compressor.fileio import atomic_write_text
-from compressor.finetune import teacher_labelled
-from compressor.greedy import GreedyOrder, greedy_proposer
-from compressor.machine import machine_info, source_revision
-from compressor.search import choose_units, removable_limits
-from compressor.surgery import remove_units
+from compressor.finetune.training import teacher_labelled
+from compressor.graph.surgery import remove_units
+from compressor.latency.machine import machine_info, source_revision
+from compressor.metrics.fidelity import fidelity, outputs, shift_agreement
+from compressor.search.greedy import GreedyOrder, greedy_proposer
+from compressor.search.knapsack import choose_units, removable_limits
 
 MEASURED_RANDOM = 3  # random sets per level that are also timed
 
@@ -169,7 +169,7 @@ def minimal_sets(units: list, savings_ms: dict[str, float], required_ms: float, 
     which no unit can be dropped without falling short, as search.Choice objects."""
     import itertools
 
-    from compressor.search import Choice
+    from compressor.search.knapsack import Choice
 
     limits = removable_limits(units, min_per_stage)
     for k in range(1, len(units) + 1):

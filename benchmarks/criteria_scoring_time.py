@@ -34,9 +34,10 @@ import torch
 from compressor.criteria import COSTS, CRITERIA, ScoringContext, score_units
 from compressor.data import load_data
 from compressor.fileio import atomic_write_text
-from compressor.machine import machine_info, source_revision
-from compressor.units import find_units
-from compressor.zoo import ZOO, load_model
+from compressor.graph.units import find_units
+from compressor.latency.machine import machine_info, source_revision
+from compressor.models.sources import load_model
+from compressor.models.zoo import ZOO
 
 DATA = "digits32"
 CACHED_CRITERIA = ("cka", "sr_init")  # criteria whose ScoringContext.use_cache changes the computation

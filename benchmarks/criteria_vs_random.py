@@ -40,11 +40,12 @@ from torch.nn import functional as F
 from compressor.criteria import COSTS, CRITERIA, ScoringContext, score_units
 from compressor.data import DataBundle, load_data
 from compressor.fileio import atomic_write_text
-from compressor.machine import machine_info, source_revision
-from compressor.search import removable_limits
-from compressor.surgery import remove_units
-from compressor.units import Unit, find_units
-from compressor.zoo import ZOO, load_model
+from compressor.graph.surgery import remove_units
+from compressor.graph.units import Unit, find_units
+from compressor.latency.machine import machine_info, source_revision
+from compressor.models.sources import load_model
+from compressor.models.zoo import ZOO
+from compressor.search.knapsack import removable_limits
 
 DATA = "digits32"
 DEFAULT_KS = {"resnet20": [2, 3, 4], "resnet56": [6, 9, 13]}

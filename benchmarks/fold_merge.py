@@ -2,7 +2,7 @@
 
 For each model this script
 
-1. finds the residual units (compressor.units) and asks merge_block to linearise each one
+1. finds the residual units (compressor.graph.units) and asks merge_block to linearise each one
    into a single conv (activations inside the block removed, the trailing one kept); every
    accepted merge is checked against the linearised block on real block inputs (check_merge:
    interior error within 1e-5 of the range, the border ring's error reported);
@@ -54,16 +54,18 @@ from torch.nn import functional as F
 from compressor.data import DataBundle, load_data
 from compressor.errors import InputError, MergeRefused, ValidationError
 from compressor.fileio import atomic_write_text
-from compressor.finetune import accuracy, train
-from compressor.flops import count_cost
-from compressor.fold import FOLD_RTOL, fold_model
-from compressor.latency import Deployment
-from compressor.machine import machine_info, source_revision
-from compressor.merge import MERGE_RTOL
-from compressor.merge_block import MergedBlock, check_merge, linearise, merge_block
-from compressor.profiles import load_profile
-from compressor.units import Unit, find_units
-from compressor.zoo import build, cache_dir, load_model
+from compressor.finetune.training import accuracy, train
+from compressor.graph.units import Unit, find_units
+from compressor.latency.deploy import Deployment
+from compressor.latency.machine import machine_info, source_revision
+from compressor.latency.profiles import load_profile
+from compressor.metrics.flops import count_cost
+from compressor.models.sources import load_model
+from compressor.models.trained import cache_dir
+from compressor.models.zoo import build
+from compressor.rewrite.block import MergedBlock, check_merge, linearise, merge_block
+from compressor.rewrite.compose import MERGE_RTOL
+from compressor.rewrite.fold import FOLD_RTOL, fold_model
 from exporters import get_exporter
 
 DATA = "digits32"

@@ -12,7 +12,7 @@ For each model and profile (backend) this script
    measurement with the profile's search policy;
 4. scores the table's predictions on the random sets (the floor is only ever a fitting point):
    raw (baseline - sum of savings, in the table's own frame), raw in the measured baseline's
-   frame, and calibrated (compressor.predictor: scale / offset / affine) fitted on the floor only,
+   frame, and calibrated (compressor.latency.predictor: scale / offset / affine) fitted on the floor only,
    on the floor plus one other set, and leave-one-out over the random sets (with the floor);
 5. writes predictor_accuracy.json, .md and .png into --out after every model x profile.
 
@@ -44,15 +44,18 @@ from torch import nn
 from compressor.data import load_data
 from compressor.errors import CompressorError
 from compressor.fileio import atomic_write, atomic_write_text
-from compressor.latency import Deployment, LatencyTable, measure_latency_table
-from compressor.machine import machine_info, source_revision
-from compressor.predictor import Calibration, Observation, compare, fit_calibration, pooled, prediction_errors
-from compressor.profiles import Profile, load_profile
-from compressor.search import most_removable, removable_limits
-from compressor.surgery import remove_units
-from compressor.timing import LatencyStats, TimingPolicy
-from compressor.units import Unit, find_units
-from compressor.zoo import ZOO, LoadedModel, build, load_model
+from compressor.graph.surgery import remove_units
+from compressor.graph.units import Unit, find_units
+from compressor.latency.deploy import Deployment
+from compressor.latency.machine import machine_info, source_revision
+from compressor.latency.predictor import Calibration, Observation, compare, fit_calibration, pooled, prediction_errors
+from compressor.latency.profiles import Profile, load_profile
+from compressor.latency.table import LatencyTable, measure_latency_table
+from compressor.latency.timing import LatencyStats, TimingPolicy
+from compressor.models.loaded import LoadedModel
+from compressor.models.sources import load_model
+from compressor.models.zoo import ZOO, build
+from compressor.search.knapsack import most_removable, removable_limits
 
 DATA = "digits32"
 MIN_PER_STAGE = 1
@@ -315,7 +318,7 @@ def render_markdown(result: dict) -> str:
         "(what `prune` has before its first candidate);",
         "- leave-one-out: fitted on the floor and every other random set; floor+1: fitted on the floor and "
         "one other random set (every choice), i.e. what the search has after one candidate. "
-        "Kinds (compressor.predictor): scale (c x fraction), offset (fraction + c0 x k removed), "
+        "Kinds (compressor.latency.predictor): scale (c x fraction), offset (fraction + c0 x k removed), "
         "affine (c1 x fraction + c0 x k), count (c0 x k: the null model).",
         "",
         "| model | profile | sets | raw | raw @ measured baseline | scale on floor (what prune uses) "
@@ -471,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     except CompressorError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from compressor.flops import count_cost
+    from compressor.metrics.flops import count_cost
 
     prepared: dict[str, tuple[LoadedModel, str]] = {}
     estimates: dict[tuple[str, str], float] = {}

@@ -10,7 +10,7 @@ For one model and data source (default efficientnet_lite0 with its ImageNet weig
 3. fine-tunes each set with each recipe, as `compressor prune` does for this model
    (distillation at the model's default learning rate and BatchNorm setting):
    `logits` (distillation from the logits only) and `mimic` (plus every kept block's output
-   and the penultimate features, prefix frozen; compressor.mimic);
+   and the penultimate features, prefix frozen; compressor.finetune.mimic);
 4. reports, before and after, the top-1 agreement with the unpruned model on the held-out
    crops (photos never seen in scoring or fine-tuning), on the held-out crops where the
    unpruned model is confident (top-1 probability >= 0.5), and on fresh crops of the
@@ -36,15 +36,15 @@ from pathlib import Path
 from calibrated_table import calibrated_table, load_setup  # benchmarks/, beside this file
 
 from compressor.criteria import ScoringContext, score_units
-from compressor.fidelity import Fidelity, fidelity, outputs
+from compressor.data.photos import load_photos
 from compressor.fileio import atomic_write_text
-from compressor.finetune import train
-from compressor.machine import machine_info, source_revision
-from compressor.mimic import plan_mimic
-from compressor.photos import load_photos
-from compressor.prune import PruneConfig, finetune_settings
-from compressor.search import choose_units
-from compressor.surgery import remove_units
+from compressor.finetune.mimic import plan_mimic
+from compressor.finetune.training import train
+from compressor.graph.surgery import remove_units
+from compressor.jobs.prune import PruneConfig, finetune_settings
+from compressor.latency.machine import machine_info, source_revision
+from compressor.metrics.fidelity import Fidelity, fidelity, outputs
+from compressor.search.knapsack import choose_units
 
 RECIPES = ("logits", "mimic")
 FRESH_SEED = 7  # seed of the fresh crops of the calibration photos (fine-tuning uses seed 0)

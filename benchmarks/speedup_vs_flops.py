@@ -43,14 +43,16 @@ from tp_reference import METHOD, ROUND_TO, TPModel, tp_matching_flops, tp_prune 
 from compressor.criteria import ScoringContext, score_units
 from compressor.data import load_data
 from compressor.fileio import atomic_write, atomic_write_text
-from compressor.flops import count_cost
-from compressor.latency import Deployment
-from compressor.machine import machine_info, source_revision
-from compressor.profiles import load_profile
-from compressor.search import choose_units, most_removable
-from compressor.surgery import remove_units
-from compressor.units import find_units
-from compressor.zoo import ZOO, LoadedModel, build, load_model
+from compressor.graph.surgery import remove_units
+from compressor.graph.units import find_units
+from compressor.latency.deploy import Deployment
+from compressor.latency.machine import machine_info, source_revision
+from compressor.latency.profiles import load_profile
+from compressor.metrics.flops import count_cost
+from compressor.models.loaded import LoadedModel
+from compressor.models.sources import load_model
+from compressor.models.zoo import ZOO, build
+from compressor.search.knapsack import choose_units, most_removable
 
 BACKENDS = {"torch-cpu": "torch eager", "ort-cpu": "ONNX Runtime", "openvino-cpu": "OpenVINO",
             "tensorrt-gpu-fp16": "TensorRT"}

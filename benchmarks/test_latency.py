@@ -42,8 +42,8 @@ CASES = [pytest.param(a, id=os.path.basename(a)) for a in ARTIFACTS] or [
 @pytest.mark.benchmark(group="inference", min_rounds=200, warmup=True, warmup_iterations=10,
                        timer=time.perf_counter, disable_gc=True)
 def test_inference_latency(benchmark, artifact):
-    from compressor.gate import open_artifact
-    from compressor.profiles import load_profile
+    from compressor.jobs.bench import open_artifact
+    from compressor.latency.profiles import load_profile
 
     profile = load_profile(PROFILE)
     opened = open_artifact(artifact, profile)  # session prepared with a fixed input, one untimed run done

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor.flops import count_cost
+from compressor.metrics.flops import count_cost
 
 FLOP_TOLERANCE = 0.01  # bisection stops within 1% of the target FLOPs
 FLOP_ACCEPT = 0.03  # a match worse than this is flagged in the results

@@ -1,4 +1,19 @@
-"""One error hierarchy: the CLI maps each class to an exit code and one line."""
+"""One error hierarchy: the CLI maps each class to an exit code and one line.
+
+    CompressorError                 every error raised on purpose
+      InputError (2)                the user's input: a name, a file, a value, a model
+        UnreachableTargetError      the target cannot be met even with every unit removed
+        MergeRefused                a fold or merge that cannot be done (exactly)
+        MissingBackendError         an optional backend is not installed
+        TraceError                  a model torch.fx cannot trace, naming the module and why
+      TargetMissedError (1)         the final, longer measurement did not confirm the target
+      ValidationError (3)           a transformed or exported model failed its numerical check
+      ExportError (3)               an exporter, converter or runtime failed on our artifact
+      InternalError (3)             anything else that went wrong inside (a bug)
+
+InputError is also a ValueError, and ExportError and InternalError are RuntimeErrors, so code that
+catches the built-in classes keeps working.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +24,12 @@ class CompressorError(Exception):
     exit_code = 2
 
 
-class InputError(CompressorError):
+class InputError(CompressorError, ValueError):
     """Bad user input: unknown name, missing or malformed file, bad value (exit 2)."""
 
 
 class UnreachableTargetError(InputError):
     """The latency target cannot be met even with every removable unit removed (exit 2)."""
-
-
-class ValidationError(CompressorError):
-    """A transformed or exported model disagrees with its source beyond tolerance."""
-
-    exit_code = 3
-
-
-class TargetMissedError(CompressorError):
-    """The final, longer measurement did not confirm the target (exit 1)."""
-
-    exit_code = 1
 
 
 class MergeRefused(InputError):
@@ -35,3 +38,41 @@ class MergeRefused(InputError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class MissingBackendError(InputError):
+    """An optional backend package is not installed (exit 2); says how to get it."""
+
+
+class TraceError(InputError):
+    """torch.fx cannot trace the model (data-dependent control flow, ...); names the module (exit 2)."""
+
+
+class TargetMissedError(CompressorError):
+    """The final, longer measurement did not confirm the target (exit 1)."""
+
+    exit_code = 1
+
+
+class ValidationError(CompressorError):
+    """A transformed or exported model disagrees with its source beyond tolerance (exit 3)."""
+
+    exit_code = 3
+
+
+class ExportError(CompressorError, RuntimeError):
+    """An exporter, converter or runtime failed on an artifact we made (exit 3)."""
+
+    exit_code = 3
+
+
+class InternalError(CompressorError, RuntimeError):
+    """An unexpected failure inside compressor, reported in one line (exit 3; --debug shows the traceback)."""
+
+    exit_code = 3
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (or its type name), at most `limit` characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:limit]

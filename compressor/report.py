@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.fidelity import CONFIDENT, Fidelity
 from compressor.fileio import atomic_write, atomic_write_text
-from compressor.timing import Interleaved, LatencyStats
+from compressor.latency.timing import Interleaved, LatencyStats
+from compressor.metrics.fidelity import CONFIDENT, Fidelity
 
 FLOP_CONVENTION = "FLOPs = 2 x multiply-adds (torch FlopCounterMode, conv + matmul only); MACs = FLOPs / 2"
 FIDELITY_UNITS = {"top1_agreement": "%", "top5_overlap": "% (mean |top5 ∩ top5'| / 5)",
@@ -29,7 +29,7 @@ def _latency(stats: LatencyStats) -> dict:
 def _prediction_error(trials, table=None, calibration=None) -> dict:
     """MAPE and share within 10% of the table's prediction over every measured candidate,
     with the prediction rescaled to the candidate's own interleaved baseline; with a
-    `calibration` (compressor.predictor, fitted on the floor candidate before the search),
+    `calibration` (compressor.latency.predictor, fitted on the floor candidate before the search),
     the calibrated prediction's error too."""
     if not trials:
         return {"candidates": 0}

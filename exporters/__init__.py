@@ -1,47 +1,17 @@
 """Exporters (nn.Module -> artifact) and runtimes (artifact -> timed session), by name.
 
-Registries map a name to "module:Class" so a backend is imported only when
-used: `import compressor` needs only torch.
+A backend is imported only when used (registry.py maps names to "module:Class"),
+so `import compressor` needs only torch. This package imports nothing from
+compressor but its error classes.
 """
 
-from __future__ import annotations
-
-import importlib
-
-from compressor.errors import InputError
-from exporters.base import Exporter, MissingBackendError, Runtime, Session
-
-EXPORTERS: dict[str, str] = {
-    "onnx": "exporters.onnx:OnnxExporter",
-    "openvino": "exporters.openvino:OpenVinoExporter",
-    "tensorrt": "exporters.tensorrt:TensorRTExporter",
-    "torch": "exporters.torch_eager:TorchExporter",
-}
-RUNTIMES: dict[str, str] = {
-    "onnxruntime": "exporters.onnxruntime:OnnxRuntime",
-    "openvino": "exporters.openvino:OpenVinoRuntime",
-    "tensorrt": "exporters.tensorrt:TensorRTRuntime",
-    "torch": "exporters.torch_eager:TorchRuntime",
-}
-
-
-def _resolve(registry: dict[str, str], name: str, what: str) -> type:
-    if name not in registry:
-        msg = f"unknown {what} {name!r}; known: {', '.join(sorted(registry))}"
-        raise InputError(msg)
-    module, _, cls = registry[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def get_exporter(name: str, **options: object) -> Exporter:
-    """An exporter by format name; `options` (precision, ...) go to its constructor."""
-    return _resolve(EXPORTERS, name, "export format")(**options)
-
-
-def get_runtime(name: str) -> Runtime:
-    return _resolve(RUNTIMES, name, "runtime")()
-
+from compressor.errors import MissingBackendError
+from exporters.backend import Backend
+from exporters.base import Runtime, Session
+from exporters.exporter import Exporter
+from exporters.registry import EXPORTERS, RUNTIMES, get_exporter, get_runtime
 
 __all__ = [
-    "EXPORTERS", "RUNTIMES", "Exporter", "MissingBackendError", "Runtime", "Session", "get_exporter", "get_runtime",
+    "EXPORTERS", "RUNTIMES", "Backend", "Exporter", "MissingBackendError", "Runtime", "Session", "get_exporter",
+    "get_runtime",
 ]

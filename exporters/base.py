@@ -1,24 +1,26 @@
-"""The small interface every backend implements.
+"""The small interfaces every backend implements, and the helpers they share.
 
-An Exporter turns an nn.Module (or an ONNX file) into an artifact, runs the
-artifact and compares it with the source before it is written (temporary
-name, then rename). A Runtime opens an artifact as a Session that runs one
-prepared input and can be timed by compressor.timing (MEASURE.md).
+A Runtime opens an artifact as a Session that runs one prepared input and can
+be timed (compressor.latency.timing). The Exporter, which turns an nn.Module
+into an artifact, lives in exporter.py beside its export-validate-commit path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import shutil
+import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import InputError, ValidationError
+from compressor.errors import CompressorError, ExportError, InputError, MissingBackendError, first_line
 
-
-class MissingBackendError(InputError):
-    """An optional backend package is not installed (exit 2); says how to get it."""
+__all__ = ["MissingBackendError", "Runtime", "Session", "Staging", "as_numpy", "boundary", "require"]
 
 
 def require(module: str, backend: str, hint: str) -> object:
@@ -28,6 +30,19 @@ def require(module: str, backend: str, hint: str) -> object:
     except ImportError as e:  # also OSError-free ImportErrors raised by broken native libraries
         msg = f"{backend} needs the '{module}' package, which is not importable here ({e}); {hint}"
         raise MissingBackendError(msg) from e
+
+
+@contextlib.contextmanager
+def boundary(what: str, error: type[CompressorError] = ExportError) -> Iterator[None]:
+    """Turn a library's own exception inside the block into `error` with one line naming `what`
+    (torch.onnx, onnx.checker, torch.export, OpenVINO and TensorRT each raise their own types)."""
+    try:
+        yield
+    except CompressorError:
+        raise
+    except Exception as e:
+        msg = f"{what} failed: {type(e).__name__}: {first_line(e)}"
+        raise error(msg) from e
 
 
 class Session(ABC):
@@ -50,6 +65,11 @@ class Session(ABC):
     def __call__(self) -> object:
         """One timed inference on the prepared input."""
 
+    def input_shape(self) -> list[int | None]:
+        """The first input's shape as the artifact stores it (None: a symbolic dimension)."""
+        msg = f"{type(self).__name__} does not report its input shape"
+        raise InputError(msg)
+
 
 class Runtime(ABC):
     """Opens artifacts of `artifact_format` with a profile's session settings."""
@@ -60,75 +80,6 @@ class Runtime(ABC):
     @abstractmethod
     def open(self, artifact: Path, threads: int, options: dict | None = None) -> Session:
         """Load `artifact` with `threads` intra-op threads and runtime-specific `options`."""
-
-
-class Exporter(ABC):
-    """nn.Module -> artifact, validated with this backend's tolerance for its precision.
-
-    `TOLERANCES[precision] = (atol, rtol, range_rtol)` bounds, elementwise,
-    |artifact - reference| <= atol + rtol * |reference| + range_rtol * max|reference|,
-    where the reference is torch (or ONNX Runtime when exporting an ONNX file).
-    The range term is for reduced precision, whose rounding error scales with
-    the activations, not with each logit (a logit near 0 gets no rtol slack).
-    """
-
-    name: str
-    suffix: str
-    TOLERANCES: dict[str, tuple[float, float, float]] = {"fp32": (1e-4, 1e-3, 0.0)}
-
-    def __init__(self, precision: str = "fp32") -> None:
-        if precision not in self.TOLERANCES:
-            msg = (f"export format {self.name!r} does not support precision {precision!r}; "
-                   f"supported: {', '.join(self.TOLERANCES)}")
-            raise InputError(msg)
-        self.precision = precision
-        self.atol, self.rtol, self.range_rtol = self.TOLERANCES[precision]
-
-    @abstractmethod
-    def export(self, model, example_input, path: Path, opset: int = 17) -> Path:
-        """Write the artifact for `model` at `path` (validated under a temporary name, then renamed).
-
-        Returns the artifact's path: `path` with this exporter's suffix.
-        """
-
-    def artifact_path(self, path: str | Path) -> Path:
-        """`path` with this exporter's suffix (an IR named model.onnx would mislead every reader)."""
-        path = Path(path)
-        return path if path.suffix == self.suffix else path.with_suffix(self.suffix)
-
-    def artifact_files(self, path: Path) -> list[Path]:
-        """Every file that makes up the artifact at `path`."""
-        return [Path(path)]
-
-    def check_close(self, got: np.ndarray, expected: np.ndarray, what: str, output: str = "logits") -> float:
-        """Largest absolute difference; ValidationError naming the output if out of tolerance."""
-        if got.shape != expected.shape:
-            msg = f"{what}: output {output!r} has shape {got.shape}, the reference has {expected.shape}"
-            raise ValidationError(msg)
-        diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
-        worst = float(np.nanmax(diff)) if diff.size else 0.0
-        if diff.size and not np.all(np.isfinite(got)):
-            worst = float("inf")
-        scale = float(np.abs(expected).max()) if expected.size else 0.0
-        allowed = self.atol + self.rtol * np.abs(expected) + self.range_rtol * scale
-        if not np.all(diff <= allowed):
-            ranged = f" + {self.range_rtol:g}*max|reference|" if self.range_rtol else ""
-            msg = (f"{what}: output {output!r} differs from the reference by up to {worst:.3g} "
-                   f"(tolerance {self.atol:g} + {self.rtol:g}*|reference|{ranged}, {self.name} {self.precision})")
-            raise ValidationError(msg)
-        return worst
-
-
-def reference_output(model, x: np.ndarray) -> np.ndarray:
-    """What the artifact must reproduce: torch's output, or ONNX Runtime's for an ONNX file."""
-    if isinstance(model, (str, Path)):
-        from exporters.onnxruntime import OnnxRuntimeSession
-
-        return OnnxRuntimeSession(Path(model), 1).run(x)
-    import torch
-
-    with torch.no_grad():
-        return model.eval()(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
 
 
 def as_numpy(x) -> np.ndarray:
@@ -143,8 +94,6 @@ class Staging:
     `commit` moves its files into place, the main file last; the folder is removed either way."""
 
     def __init__(self, path: Path) -> None:
-        import tempfile
-
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,14 +106,10 @@ class Staging:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import shutil
-
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def commit(self, names: list[str]) -> None:
         """Move staged `names` (the main artifact last) beside `path`, each by an atomic rename."""
-        import os
-
         for name in names:
             os.chmod(self.dir / name, 0o644)
             os.replace(self.dir / name, self.path.parent / name)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import InputError
+from compressor.errors import InputError, first_line
 from exporters.base import Runtime, Session
 
 
@@ -29,7 +29,7 @@ class OnnxRuntimeSession(Session):
             self.session = ort.InferenceSession(str(artifact), so,
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            msg = f"ONNX Runtime cannot load {artifact}: {str(e).splitlines()[0][:200]}"
+            msg = f"ONNX Runtime cannot load {artifact}: {first_line(e)}"
             raise InputError(msg) from e
         self.input_name = self.session.get_inputs()[0].name
         self.settings = {"runtime": "onnxruntime", "version": ort.__version__,
@@ -40,6 +40,9 @@ class OnnxRuntimeSession(Session):
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})[0]
+
+    def input_shape(self) -> list[int | None]:
+        return [d if isinstance(d, int) and d > 0 else None for d in self.session.get_inputs()[0].shape]
 
     def prepare(self, x: np.ndarray) -> None:
         self._feed = {self.input_name: np.ascontiguousarray(x, np.float32)}

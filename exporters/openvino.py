@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import InputError
-from exporters.base import Exporter, Runtime, Session, Staging, as_numpy, reference_output, require
+from exporters.base import Runtime, Session, boundary, require
+from exporters.exporter import Exporter
 
 HINT = "install it with `pip install openvino` (or `pip install compressor[openvino]`)"
 
@@ -43,33 +44,23 @@ class OpenVinoExporter(Exporter):
     def artifact_files(self, path: Path) -> list[Path]:
         return [Path(path).with_suffix(".bin"), Path(path)]
 
-    def export(self, model, example_input, path: Path, opset: int = 17) -> Path:
-        """`model` is an nn.Module or an ONNX file; writes `<stem>.xml` and `<stem>.bin`.
-
-        Both are built and validated in a private folder, then renamed into
-        place, the .bin first, so a finished .xml always has its own .bin.
-        """
+    def write(self, model, example_input, staged: Path, opset: int) -> list[str]:
+        """`model` is an nn.Module (exported to ONNX first) or an ONNX file; writes `<stem>.xml` and
+        `<stem>.bin`, committed .bin first, so a finished .xml always has its own .bin."""
         from exporters.onnx import OnnxExporter
 
         ov = _openvino()
-        path = self.artifact_path(path)
-        with Staging(path) as stage:
-            source = model
-            if not isinstance(model, (str, Path)):
-                source = stage.dir / "source.onnx"
-                OnnxExporter().write(model, example_input, source, opset)
-            try:
-                converted = ov.convert_model(str(source))
-            except Exception as e:  # OpenVINO raises its own OpConversionFailure, RuntimeError, ...
-                msg = f"OpenVINO cannot convert {source}: {str(e).strip().splitlines()[0][:200]}"
-                raise InputError(msg) from e
-            xml = stage.dir / path.name
-            ov.save_model(converted, str(xml), compress_to_fp16=self.precision == "fp16")
-            x = as_numpy(example_input)
-            got = OpenVinoSession(xml, 1).run(x)
-            self.check_close(got, reference_output(model, x), str(path))
-            stage.commit([xml.with_suffix(".bin").name, xml.name])
-        return path
+        source = model
+        if not isinstance(model, (str, Path)):
+            source = staged.with_name("source.onnx")
+            OnnxExporter().write(model, example_input, source, opset)
+        with boundary(f"OpenVINO conversion of {Path(source).name}"):
+            converted = ov.convert_model(str(source))
+        ov.save_model(converted, str(staged), compress_to_fp16=self.precision == "fp16")
+        return [staged.with_suffix(".bin").name, staged.name]
+
+    def run_staged(self, staged: Path, x: np.ndarray) -> np.ndarray:
+        return OpenVinoSession(staged, 1).run(x)
 
 
 class OpenVinoSession(Session):
@@ -112,6 +103,10 @@ class OpenVinoSession(Session):
     def run(self, x: np.ndarray) -> np.ndarray:
         out = self.request.infer({0: np.ascontiguousarray(x, np.float32)}, share_inputs=False)
         return np.array(out[self.compiled.output(0)])
+
+    def input_shape(self) -> list[int | None]:
+        partial = self.compiled.input(0).get_partial_shape()
+        return [d.get_length() if d.is_static else None for d in partial]
 
     def prepare(self, x: np.ndarray) -> None:
         ov = _openvino()

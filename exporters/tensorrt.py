@@ -18,16 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import InputError, ValidationError
-from exporters.base import (
-    Exporter,
-    MissingBackendError,
-    Runtime,
-    Session,
-    Staging,
-    as_numpy,
-    reference_output,
-)
+from compressor.errors import ExportError, InputError, MissingBackendError, ValidationError
+from exporters.base import Runtime, Session, Staging, as_numpy, boundary
+from exporters.exporter import Exporter
+from exporters.reference import reference_output
 
 BUILD_SCRIPT = Path(__file__).with_name("trt_build.py")
 OPSETS = range(9, 21)  # what the ONNX parsers of TensorRT 8.6 - 10.x accept
@@ -96,14 +90,23 @@ class TensorRTExporter(Exporter):
         super().__init__(precision)
         self.workspace_mb = workspace_mb
         self.dynamic_batch = dynamic_batch
-        self.outcome = ""
+
+    def write(self, model, example_input, staged: Path, opset: int) -> list[str]:
+        raise NotImplementedError("TensorRTExporter.export builds an engine or a bundle itself")
+
+    def run_staged(self, staged: Path, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError("TensorRTExporter.export validates the engine with trt_build")
 
     def bundle_path(self, path: Path) -> Path:
         path = self.artifact_path(path)
         return path.with_name(f"{path.stem}-tensorrt-bundle")
 
     def export(self, model, example_input, path: Path, opset: int = 17) -> Path:
-        """The engine's path when TensorRT is usable here, else the bundle folder's path."""
+        """The engine's path when TensorRT is usable here, else the bundle folder's path.
+
+        Overrides the common export path: the artifact is either an engine, validated by the
+        real TensorRT here, or a bundle whose validation happens on the device, so `write` /
+        `run_staged` do not apply."""
         from exporters.onnx import OnnxExporter
         from exporters.onnxruntime import OnnxRuntimeSession
 
@@ -112,7 +115,8 @@ class TensorRTExporter(Exporter):
         with Staging(path) as stage:
             onnx_path = stage.dir / "model.onnx"
             onnx_exporter = OnnxExporter(dynamic_batch=self.dynamic_batch)
-            onnx_exporter.write(model, example_input, onnx_path, opset)
+            with boundary(f"ONNX export of {path.name} for TensorRT"):
+                onnx_exporter.write(model, example_input, onnx_path, opset)
             facts = check_onnx_for_tensorrt(onnx_path)
             rng = np.random.default_rng(0)
             inputs = np.stack([x] + [rng.standard_normal(x.shape, dtype=np.float32)
@@ -142,7 +146,7 @@ class TensorRTExporter(Exporter):
             runner = trt_build.EngineRunner(trt, str(staged), inputs.shape[1:], cuda)
             trt_build.validate(runner, inputs, {"logits": outputs}, self.atol, self.rtol, self.range_rtol)
         except trt_build.BuildError as e:
-            raise InputError(str(e)) from e
+            raise ExportError(str(e)) from e
         except trt_build.MismatchError as e:
             raise ValidationError(f"{path}: {e}") from e
         stage.commit([staged.name])

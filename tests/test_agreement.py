@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from compressor.agreement import (
+from compressor.cli.main import main
+from compressor.criteria.agreement import (
     SR_INIT_NOTE,
     agreement,
     least_important,
@@ -18,9 +19,8 @@ from compressor.agreement import (
     render_agreement,
     render_table,
 )
-from compressor.cli import main
 from compressor.errors import InputError, ValidationError
-from compressor.units import Unit
+from compressor.graph.units import Unit
 from tests.helpers import FAST_PROFILE
 
 UNITS = [f"u{i}" for i in range(6)]
@@ -124,7 +124,9 @@ def test_heatmap_is_png_and_never_overwrites(tmp_path):
 @pytest.fixture
 def untrained_resnet20(tmp_path):
     """A checkpoint, so the zoo does not train resnet20 on digits32 first (minutes)."""
-    from compressor.zoo import LoadedModel, build, save_checkpoint
+    from compressor.models.checkpoint import save_checkpoint
+    from compressor.models.loaded import LoadedModel
+    from compressor.models.zoo import build
 
     loaded = LoadedModel(build("resnet20", 10), "resnet20", 10, (3, 32, 32), "test")
     return save_checkpoint(tmp_path / "resnet20.pt", loaded)

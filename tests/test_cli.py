@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from compressor.cli import main
+from compressor.cli.main import main
 
 
 def _prune_args(out, profile="ort-cpu", **overrides):
@@ -109,7 +109,7 @@ def test_profile_writes_table_with_provenance(tmp_path, capsys, fast_profile):
 
 
 def test_console_script_exit_code(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "compressor.cli", *_prune_args(tmp_path / "o", **{
+    result = subprocess.run([sys.executable, "-m", "compressor.cli.main", *_prune_args(tmp_path / "o", **{
         "--model": "resnet999"})], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
@@ -123,7 +123,7 @@ def test_units_command_lists_units(capsys):
 
 
 def test_latency_table_for_another_model_or_profile_is_refused(tmp_path, capsys, fast_profile):
-    from compressor.latency import LatencyTable
+    from compressor.latency.table import LatencyTable
 
     table = LatencyTable("resnet20", [1, 3, 32, 32], {"name": "ort-cpu", "runtime": "onnxruntime"},
                          {"cpu": "x"}, 1.0, {f"layer1.{i}": 0.1 for i in range(3)})
@@ -137,7 +137,7 @@ def test_latency_table_for_another_model_or_profile_is_refused(tmp_path, capsys,
 
 @pytest.mark.parametrize(("flag", "expected"), [([], None), (["--mimic"], True), (["--no-mimic"], False)])
 def test_prune_mimic_flag(flag, expected):
-    from compressor.cli import build_parser
+    from compressor.cli.main import build_parser
 
     args = build_parser().parse_args(["prune", "--model", "resnet20", "--data", "digits32", "--profile", "ort-cpu",
                                       "--target-speedup", "1.5", "--out", "unused", *flag])

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from compressor.criteria import CRITERIA, ScoringContext, get_criterion, score_units
-from compressor.criteria.cka import linear_cka
 from compressor.errors import InputError
-from compressor.units import find_units
-from compressor.zoo import build
+from compressor.graph.units import find_units
+from compressor.metrics.similarity import linear_cka
+from compressor.models.zoo import build
 from tests.helpers import randomise_batchnorm, zero_branch
 
 X = torch.randn(1, 3, 32, 32)
@@ -90,7 +90,7 @@ def _rank(scores, name):
 
 @pytest.fixture
 def trained_resnet56(digits):
-    from compressor.zoo import load_model
+    from compressor.models.sources import load_model
 
     return load_model("resnet56", digits).model
 

@@ -364,7 +364,7 @@ def photos():
 
 
 def test_photos_shapes_and_labels(photos):
-    from compressor.photos import TRAIN_CROPS, VAL_CROPS
+    from compressor.data.photos import TRAIN_CROPS, VAL_CROPS
 
     assert photos.spec == "photos" and not photos.labelled
     assert photos.input_shape == (3, 224, 224)
@@ -378,7 +378,7 @@ def test_photos_shapes_and_labels(photos):
 
 
 def test_photos_split_by_source_photo(photos):
-    from compressor.photos import TRAIN_PHOTOS, VAL_PHOTOS
+    from compressor.data.photos import TRAIN_PHOTOS, VAL_PHOTOS
 
     train, val = set(photos.train.crop_sources), set(photos.val.crop_sources)
     assert train == set(TRAIN_PHOTOS) and val == set(VAL_PHOTOS)
@@ -417,7 +417,7 @@ def test_fixed_sources_do_not_refit(digits):
 
 
 def test_grey_photos_become_rgb():
-    from compressor.photos import read_photo
+    from compressor.data.photos import read_photo
 
     camera = read_photo("camera")
     assert camera.shape[0] == 3 and camera.dtype == torch.uint8
@@ -425,7 +425,7 @@ def test_grey_photos_become_rgb():
 
 
 def test_unlabelled_batches_distil_and_have_no_accuracy():
-    from compressor.finetune import accuracy, train
+    from compressor.finetune.training import accuracy, train
 
     torch.manual_seed(0)
     x = torch.randn(32, 3, 8, 8)

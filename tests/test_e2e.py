@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from compressor.cli import main
-from compressor.zoo import load_checkpoint
+from compressor.cli.main import main
+from compressor.models.checkpoint import load_checkpoint
 from tests.helpers import FAST_PROFILE
 
 REPORT_KEYS = {"flops", "macs", "params", "latency_ms", "accuracy"}
@@ -80,7 +80,7 @@ def test_checkpoint_and_onnx_agree(run, digits):
 def test_prune_with_merge_units(tmp_path, digits):
     """--merge: every block is offered both removed and merged; the table measures both; the
     written ONNX is the merged model and matches the checkpoint with its blocks merged."""
-    from compressor.merge_units import merge_linearised
+    from compressor.rewrite.linearised import merge_linearised
 
     profile = tmp_path / "fast.yaml"
     profile.write_text(FAST_PROFILE)

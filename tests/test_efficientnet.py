@@ -11,14 +11,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from compressor import efficientnet_lite
 from compressor.data import load_data
-from compressor.efficientnet_lite import VARIANTS, build_lite, map_state_dict, weights_file
 from compressor.errors import InputError
-from compressor.flops import count_cost
-from compressor.surgery import remove_units
-from compressor.units import find_units
-from compressor.zoo import load_checkpoint, load_model, save_checkpoint
+from compressor.graph.surgery import remove_units
+from compressor.graph.units import find_units
+from compressor.metrics.flops import count_cost
+from compressor.models import efficientnet_lite
+from compressor.models.checkpoint import load_checkpoint, save_checkpoint
+from compressor.models.efficientnet_lite import VARIANTS, build_lite, map_state_dict, weights_file
+from compressor.models.sources import load_model
 from tests.helpers import zero_branch
 
 IDENTITY_BLOCKS = [f"blocks.{i}" for i in (2, 4, 6, 7, 9, 10, 12, 13, 14)]
@@ -144,7 +145,7 @@ def test_missing_weights_package_names_it(monkeypatch):
 def test_pretrained_models_finetune_gently(lite0):
     from dataclasses import replace
 
-    from compressor.prune import FINETUNE_LR, PRETRAINED_FINETUNE_LR, PruneConfig, finetune_settings
+    from compressor.jobs.prune import FINETUNE_LR, PRETRAINED_FINETUNE_LR, PruneConfig, finetune_settings
 
     config = PruneConfig(model="efficientnet_lite0", data="photos", profile="ort-cpu", out="unused")
     assert finetune_settings(config, lite0) == (PRETRAINED_FINETUNE_LR, True, True)
@@ -154,7 +155,7 @@ def test_pretrained_models_finetune_gently(lite0):
 
 
 def test_frozen_batchnorm_keeps_its_statistics():
-    from compressor.finetune import train
+    from compressor.finetune.training import train
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(4, 3))

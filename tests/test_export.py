@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from compressor.errors import InputError, ValidationError
-from compressor.latency import Deployment
-from compressor.profiles import load_profile
-from compressor.zoo import build
+from compressor.latency.deploy import Deployment
+from compressor.latency.profiles import load_profile
+from compressor.models.zoo import build
 from exporters import get_exporter, get_runtime
 from exporters.onnx import OnnxExporter
 from tests.helpers import randomise_batchnorm

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from compressor.cli import main
+from compressor.cli.main import main
 from compressor.errors import InputError, ValidationError
-from compressor.fold import fold_batchnorm
-from compressor.latency import Deployment
-from compressor.profiles import load_profile
-from compressor.timing import TimingPolicy, measure
-from compressor.zoo import ZOO, build
+from compressor.latency.deploy import Deployment
+from compressor.latency.profiles import load_profile
+from compressor.latency.timing import TimingPolicy, measure
+from compressor.models.zoo import ZOO, build
+from compressor.rewrite.fold import fold_batchnorm
 from exporters import EXPORTERS, MissingBackendError, get_exporter, get_runtime
 from tests.helpers import randomise_batchnorm
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from compressor.fidelity import Outputs, compare, fidelity, outputs, shift_agreement
+from compressor.metrics.fidelity import Outputs, compare, fidelity, outputs, shift_agreement
 from compressor.report import render_fidelity
 
 

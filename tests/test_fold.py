@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from compressor.errors import ValidationError
-from compressor.fold import FOLD_RTOL, apply_structure, check_equivalent, fold_batchnorm, fold_model
-from compressor.zoo import ZOO, build
+from compressor.models.zoo import ZOO, build
+from compressor.rewrite.fold import FOLD_RTOL, apply_structure, check_equivalent, fold_batchnorm, fold_model
 from exporters import get_exporter
 from tests.helpers import randomise_batchnorm
 

@@ -9,9 +9,11 @@ import onnx
 import pytest
 import torch
 
-from compressor.cli import main
-from compressor.fold import FOLD_RTOL, apply_structure
-from compressor.zoo import LoadedModel, build, save_checkpoint
+from compressor.cli.main import main
+from compressor.models.checkpoint import save_checkpoint
+from compressor.models.loaded import LoadedModel
+from compressor.models.zoo import build
+from compressor.rewrite.fold import FOLD_RTOL, apply_structure
 from tests.helpers import randomise_batchnorm
 
 

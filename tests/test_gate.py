@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from compressor.cifar_resnet import CifarResNet
-from compressor.cli import main
-from compressor.flops import count_cost
-from compressor.gate import verdict
-from compressor.latency import Deployment
-from compressor.profiles import parse_profile
-from compressor.zoo import build
+from compressor.cli.main import main
+from compressor.latency.deploy import Deployment
+from compressor.latency.gate import verdict
+from compressor.latency.profiles import parse_profile
+from compressor.metrics.flops import count_cost
+from compressor.models.cifar_resnet import CifarResNet
+from compressor.models.zoo import build
 from tests.helpers import FAST_PROFILE
 
 # short CI-gate floors: interleaved rounds of 5, at least 60 runs and 0.15 s per artifact

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.greedy import GreedyOrder, greedy_proposer, kl_from, least_kl, logits_of
-from compressor.search import choose_units
-from compressor.surgery import remove_units
-from compressor.targets import Measured, Target, search_under_target
-from compressor.units import Unit
+from compressor.graph.surgery import remove_units
+from compressor.graph.units import Unit
+from compressor.search.greedy import GreedyOrder, greedy_proposer, kl_from, least_kl, logits_of
+from compressor.search.knapsack import choose_units
+from compressor.search.target import Measured, Target, search_under_target
 
 
 class AddConstant(nn.Module):

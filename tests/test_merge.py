@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from compressor.errors import InputError, MergeRefused, ValidationError
-from compressor.fold import fold_batchnorm, fold_bn_into_conv
-from compressor.merge import (
+from compressor.graph.units import find_units
+from compressor.models.zoo import build
+from compressor.rewrite.block import check_merge, linearise, merge_block
+from compressor.rewrite.compose import (
     MERGE_RTOL,
     add_identity,
     add_parallel,
@@ -25,9 +27,7 @@ from compressor.merge import (
     compose,
     merge_chain,
 )
-from compressor.merge_block import check_merge, linearise, merge_block
-from compressor.units import find_units
-from compressor.zoo import build
+from compressor.rewrite.fold import fold_batchnorm, fold_bn_into_conv
 from tests.helpers import randomise_batchnorm
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

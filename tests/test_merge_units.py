@@ -7,17 +7,13 @@ import torch
 from torch import nn
 
 from compressor.criteria import ScoringContext, score_units
+from compressor.criteria.merges import score_merge_units
 from compressor.errors import InputError
-from compressor.merge_units import (
-    LinearisedBlock,
-    find_merge_units,
-    merge_linearised,
-    score_merge_units,
-    verify_merges,
-)
-from compressor.surgery import remove_units
-from compressor.units import find_units
-from compressor.zoo import build
+from compressor.graph.merge_units import find_merge_units
+from compressor.graph.surgery import remove_units
+from compressor.graph.units import find_units
+from compressor.models.zoo import build
+from compressor.rewrite.linearised import LinearisedBlock, merge_linearised, verify_merges
 from tests.helpers import randomise_batchnorm, zero_branch
 
 
@@ -95,7 +91,8 @@ def test_merges_need_a_criterion_that_scores_a_replacement():
 
 
 def test_a_checkpoint_with_merged_blocks_round_trips(tmp_path):
-    from compressor.zoo import LoadedModel, load_checkpoint, save_checkpoint
+    from compressor.models.checkpoint import load_checkpoint, save_checkpoint
+    from compressor.models.loaded import LoadedModel
 
     model = randomise_batchnorm(build("resnet20", 10))
     x = _x()

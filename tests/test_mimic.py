@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from compressor.finetune import train
-from compressor.mimic import PENULTIMATE, Taps, mimic_loss, plan_mimic
-from compressor.surgery import remove_units
-from compressor.units import find_units, units_by_name
-from compressor.zoo import build
+from compressor.finetune.mimic import PENULTIMATE, Taps, mimic_loss, plan_mimic
+from compressor.finetune.training import train
+from compressor.graph.surgery import remove_units
+from compressor.graph.units import find_units, units_by_name
+from compressor.models.zoo import build
 
 
 def _resnet20():

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from compressor.predictor import (
+from compressor.latency.predictor import (
     Calibration,
     Observation,
     anchor_plus_one,
@@ -170,6 +170,6 @@ def test_module_is_torch_free():
     import subprocess
     import sys
 
-    code = "import sys, compressor.predictor; print('torch' in sys.modules)"
+    code = "import sys, compressor.latency.predictor; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

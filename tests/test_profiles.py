@@ -3,8 +3,8 @@
 import pytest
 
 from compressor.errors import InputError
-from compressor.profiles import builtin_profiles, load_profile, parse_profile
-from compressor.timing import TimingPolicy
+from compressor.latency.profiles import builtin_profiles, load_profile, parse_profile
+from compressor.latency.timing import TimingPolicy
 
 MINIMAL = "name: tiny\nruntime: onnxruntime\n"
 

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from compressor.search import BINS, choose_units, most_removable, removable_limits
-from compressor.targets import Measured, Target, search_under_target
-from compressor.units import Unit
+from compressor.graph.units import Unit
+from compressor.search.knapsack import BINS, choose_units, most_removable, removable_limits
+from compressor.search.target import Measured, Target, search_under_target
 
 
 def _units(n: int, stages: int = 3) -> list[Unit]:
@@ -111,7 +111,7 @@ def test_target_validation():
 
 
 def test_ms_target_is_judged_on_candidate_median_with_margin():
-    from compressor.targets import meets
+    from compressor.search.target import meets
 
     target = Target(ms=1.0)
     assert meets(target, Measured(2.0, 0.97, 0.02), margin=0.02)

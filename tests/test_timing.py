@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from compressor.timing import Interleaved, LatencyStats, TimingPolicy, measure, measure_interleaved
+from compressor.latency.timing import Interleaved, LatencyStats, TimingPolicy, measure, measure_interleaved
 
 
 def _busy(ms):

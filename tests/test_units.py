@@ -9,9 +9,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from compressor.errors import InputError
-from compressor.surgery import remove_units
-from compressor.units import find_units, units_by_name
-from compressor.zoo import LoadedModel, build, load_checkpoint, save_checkpoint
+from compressor.graph.surgery import remove_units
+from compressor.graph.units import find_units, units_by_name
+from compressor.models.checkpoint import load_checkpoint, save_checkpoint
+from compressor.models.loaded import LoadedModel
+from compressor.models.zoo import build
 from tests.helpers import randomise_batchnorm, zero_branch
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -129,7 +131,7 @@ def test_pruned_checkpoint_round_trip(tmp_path):
 def test_stages_fed_by_a_block_that_is_not_a_unit_are_anchored():
     """MobileNetV2's first block of a stage has no residual, so it stays whatever is removed:
     every unit of such a stage may go; a CIFAR ResNet's stages have no such block."""
-    from compressor.search import removable_limits
+    from compressor.search.knapsack import removable_limits
 
     mnv2 = build("mobilenet_v2", 10).eval()
     units = find_units(mnv2, torch.randn(1, 3, 64, 64))

@@ -1,61 +1,18 @@
-"""Unit-importance criteria behind one registry and one signature.
+"""Unit-importance criteria behind one registry and one signature (registry.py).
 
 A criterion maps a ScoringContext to {unit name: importance}; higher = keep.
-Each registers its cost in forward/backward passes over the calibration set
-(N = calibration images, U = units), shown by `compressor score`.
+Importing this package registers every built-in criterion.
 """
 
-from __future__ import annotations
+from compressor.criteria import cka, entropy, magnitude, random, sr_init, taylor  # noqa: F401  (registration)
+from compressor.criteria.registry import (
+    COSTS,
+    CRITERIA,
+    Criterion,
+    ScoringContext,
+    get_criterion,
+    register,
+    score_units,
+)
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
-from torch import nn
-from torch.utils.data import DataLoader
-
-from compressor.errors import InputError
-from compressor.units import Unit
-
-
-@dataclass
-class ScoringContext:
-    """What every criterion may use: the model, its units, calibration batches, a seed."""
-
-    model: nn.Module
-    units: list[Unit]
-    calibration: DataLoader
-    seed: int = 0
-    use_cache: bool = True  # prefix caching where the criterion supports it
-    repeats: int = 3  # seeds averaged by stochastic criteria (SR-init)
-
-
-Criterion = Callable[[ScoringContext], dict[str, float]]
-CRITERIA: dict[str, Criterion] = {}
-COSTS: dict[str, str] = {}
-
-
-def register(name: str, cost: str) -> Callable[[Criterion], Criterion]:
-    """Add a criterion under `name`; `cost` says what it runs, in passes over the calibration set."""
-
-    def add(fn: Criterion) -> Criterion:
-        CRITERIA[name] = fn
-        COSTS[name] = cost
-        return fn
-
-    return add
-
-
-def get_criterion(name: str) -> Criterion:
-    if name not in CRITERIA:
-        msg = f"unknown criterion {name!r}; known: {', '.join(sorted(CRITERIA))}"
-        raise InputError(msg)
-    return CRITERIA[name]
-
-
-def score_units(name: str, ctx: ScoringContext) -> dict[str, float]:
-    """Importance of every unit under criterion `name` (higher = keep)."""
-    ctx.model.eval()
-    return get_criterion(name)(ctx)
-
-
-from compressor.criteria import cka, entropy, magnitude, random, sr_init, taylor  # noqa: E402,F401  (registration)
+__all__ = ["COSTS", "CRITERIA", "Criterion", "ScoringContext", "get_criterion", "register", "score_units"]

@@ -9,17 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from compressor.criteria import ScoringContext, register
-from compressor.suffix import SuffixRunner
-
-
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA of two N x D feature matrices: ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F), centred."""
-    x = x.double() - x.double().mean(0, keepdim=True)
-    y = y.double() - y.double().mean(0, keepdim=True)
-    num = torch.linalg.matrix_norm(y.T @ x) ** 2
-    den = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
-    return float(num / den) if den > 0 else 0.0
+from compressor.criteria.registry import ScoringContext, register
+from compressor.graph.prefix import SuffixRunner
+from compressor.metrics.similarity import linear_cka
 
 
 @register("cka", cost="1 forward pass + U suffix passes (about U/2 full passes); naive: U + 1")

@@ -18,9 +18,9 @@ import torch
 from torch import fx, nn
 from torch.utils.data import DataLoader
 
-from compressor.criteria import ScoringContext, register
-from compressor.suffix import _subgraph
-from compressor.units import activation_of, trace
+from compressor.criteria.registry import ScoringContext, register
+from compressor.graph.activations import activation_of, trace
+from compressor.graph.prefix import _subgraph
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:

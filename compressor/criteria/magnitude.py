@@ -9,8 +9,8 @@ import math
 import torch
 from torch import nn
 
-from compressor.criteria import ScoringContext, register
-from compressor.units import Unit
+from compressor.criteria.registry import ScoringContext, register
+from compressor.graph.units import Unit
 
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from compressor.criteria import ScoringContext, register
+from compressor.criteria.registry import ScoringContext, register
 
 
 @register("random", cost="none")

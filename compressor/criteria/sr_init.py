@@ -17,8 +17,8 @@ import copy
 import torch
 from torch import nn
 
-from compressor.criteria import ScoringContext, register
-from compressor.suffix import SuffixRunner
+from compressor.criteria.registry import ScoringContext, register
+from compressor.graph.prefix import SuffixRunner
 
 
 @torch.no_grad()

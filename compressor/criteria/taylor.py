@@ -11,8 +11,8 @@ import copy
 
 from torch.nn import functional as F
 
-from compressor.criteria import ScoringContext, register
 from compressor.criteria.magnitude import unit_parameters
+from compressor.criteria.registry import ScoringContext, register
 
 
 @register("taylor", cost="1 forward + 1 backward pass")

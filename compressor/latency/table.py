@@ -1,0 +1,70 @@
+"""Per-unit lookup tables of measured latency savings.
+
+The saving of unit u = median(model) - median(model without u), both measured
+as whole exported models in interleaved rounds, so runtime fusion is included.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from compressor.errors import InputError
+from compressor.fileio import atomic_write_text
+from compressor.graph.surgery import remove_units
+from compressor.graph.units import Unit
+from compressor.latency.deploy import Deployment
+
+
+@dataclass
+class LatencyTable:
+    """Per-unit latency savings (ms) on one profile and machine, with provenance."""
+
+    model: str
+    input_shape: list[int]
+    profile: dict
+    machine: dict
+    baseline_ms: float
+    savings_ms: dict[str, float]
+    stats: dict[str, dict] = field(default_factory=dict)
+
+    def predict(self, removed: Sequence[str]) -> float:
+        """Predicted latency (ms) with `removed` units gone: baseline - sum of savings."""
+        return self.baseline_ms - sum(self.savings_ms[u] for u in removed)
+
+    def to_json(self) -> str:
+        return json.dumps(vars(self), indent=2)
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyTable:
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            msg = f"{path} is not a latency table JSON: {e}"
+            raise InputError(msg) from e
+
+
+def measure_latency_table(model: nn.Module, units: list[Unit], deployment: Deployment,
+                          name: str, workdir: Path | None = None) -> LatencyTable:
+    """Export the model and each single-unit removal, time all in interleaved rounds."""
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        suffix = deployment.exporter.suffix
+        paths = [deployment.export(model, Path(tmp) / f"baseline{suffix}")]
+        for i, unit in enumerate(tqdm(units, desc="export candidates", disable=None, leave=False)):
+            paths.append(deployment.export(remove_units(model, [unit]), Path(tmp) / f"unit{i}{suffix}"))
+        result = deployment.time(paths, deployment.profile.search_policy)
+    base = result.stats[0]
+    savings = {u.name: base.median - s.median for u, s in zip(units, result.stats[1:], strict=True)}
+    stats = {"baseline": base.to_dict()}
+    stats.update({u.name: s.to_dict() for u, s in zip(units, result.stats[1:], strict=True)})
+    return LatencyTable(name, list(deployment.input_shape), deployment.profile.to_dict(),
+                        deployment.device.provenance(), base.median, savings, stats)

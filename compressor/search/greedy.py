@@ -1,0 +1,202 @@
+"""Set selection by measured KL: proposals for the search judged by what the whole set does.
+
+The knapsack (search.py) adds up single-unit scores, so it cannot see that two removals
+together cost more (or less) than apart; at 1.3x on efficientnet_lite0 no criterion's
+knapsack set beat random sets (benchmarks/results/criteria_at_speedup.md). Here a set is
+judged by running the model with the set removed on calibration images and taking the KL
+divergence of its logits from the unpruned model's.
+
+GreedyOrder removes units one at a time, each time the one that loses least KL per ms
+saved *given the units already removed*; least_kl keeps, of its proposal and other
+proposers' (knapsacks), the set with the least measured KL; greedy_proposer is what
+`prune --selection greedy` uses.
+
+Cost: for U units and k steps, U + (U-1) + ... + (U-k+1) forward passes over the
+calibration images, computed lazily up to the saving a search asks for, plus one per
+new set another proposer puts forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compressor.graph.surgery import remove_units
+from compressor.graph.units import Unit
+from compressor.metrics.similarity import kl_per_item
+from compressor.search.knapsack import Choice, choose_units, removable_limits
+
+BATCH = 64  # images per forward pass
+
+
+@dataclass(frozen=True)
+class Step:
+    """One greedy removal: the unit, the table's cumulative saving (ms) and the set's KL (nats)."""
+
+    unit: str
+    saving_ms: float
+    kl: float
+
+
+def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`model`'s logits on `x` in eval mode, BATCH images at a time (its mode restored)."""
+    mode = model.training
+    model.eval()
+    with torch.no_grad():
+        out = torch.cat([model(x[i:i + BATCH]) for i in range(0, len(x), BATCH)])
+    model.train(mode)
+    return out
+
+
+def kl_from(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(reference || logits) over the rows of two logit matrices (nats)."""
+    return float(kl_per_item(reference, logits).mean())
+
+
+class GreedyOrder:
+    """The greedy removal order of `units`, extended one step at a time as savings are asked for.
+
+    A step takes, among the units still allowed (a stage keeps `min_per_stage` blocks; a block is
+    removed or merged, not both; units saving nothing by the table are skipped), the one with the
+    least rise in KL per ms of table saving. `choose(required_ms)` takes the shortest prefix of the
+    order that one more allowed unit brings to `required_ms`, and of those units (already evaluated
+    at that step) the one with the least KL; so the proposals are not only prefixes, and a search
+    stepping up its requirement finds sets between two prefixes. The result is a search.Choice
+    whose importance_lost is that set's KL.
+    """
+
+    def __init__(self, model: nn.Module, units: Sequence[Unit], savings_ms: dict[str, float],
+                 x: torch.Tensor, min_per_stage: int = 1,
+                 log: Callable[[str], None] = lambda _: None) -> None:
+        self.model = model
+        self.units = list(units)
+        self.savings_ms = savings_ms
+        self.x = x
+        self.min_per_stage = min_per_stage
+        self.limits = removable_limits(self.units, min_per_stage)
+        self.reference = logits_of(model, x)
+        self.steps: list[Step] = []
+        self.evaluations = 0
+        self._by_name = {u.name: u for u in self.units}
+        self._kls: list[dict[str, float]] = []  # per step: the KL of the prefix plus each allowed unit
+        self._measured: dict[frozenset[str], float] = {}
+        self._log = log
+
+    def set_kl(self, removed: Sequence[Unit]) -> float:
+        """KL (nats) of the model with `removed` taken out, from the unpruned model, on the calibration
+        images; each set is run once (`evaluations` counts the runs)."""
+        key = frozenset(u.name for u in removed)
+        if key not in self._measured:
+            self.evaluations += 1
+            self._measured[key] = kl_from(self.reference, logits_of(remove_units(self.model, removed), self.x))
+        return self._measured[key]
+
+    def kl_of(self, names: Sequence[str]) -> float:
+        """set_kl of the units named."""
+        return self.set_kl([self._by_name[n] for n in names])
+
+    def single_kl(self) -> dict[str, float]:
+        """Each allowed unit's KL when removed alone (the first step's evaluations)."""
+        return self._completions(0)
+
+    def _allowed(self, taken: list[Unit]) -> list[Unit]:
+        blocks = {u.path for u in taken}
+        removed_per_stage: dict[str, int] = {}
+        for u in taken:
+            if u.kind != "merge":
+                removed_per_stage[u.stage] = removed_per_stage.get(u.stage, 0) + 1
+        return [u for u in self.units
+                if u.path not in blocks and self.savings_ms[u.name] > 0
+                and (u.kind == "merge" or removed_per_stage.get(u.stage, 0) < self.limits.get(u.stage, 0))]
+
+    def _prefix(self, k: int) -> list[Unit]:
+        return [self._by_name[s.unit] for s in self.steps[:k]]
+
+    def _completions(self, k: int) -> dict[str, float]:
+        """KL of the first `k` steps plus each unit allowed after them (evaluated once)."""
+        if k == len(self._kls):
+            taken = self._prefix(k)
+            self._kls.append({u.name: self.set_kl([*taken, u]) for u in self._allowed(taken)})
+        return self._kls[k]
+
+    def extend(self) -> bool:
+        """Take one more step; False once nothing more may be removed."""
+        k = len(self.steps)
+        kls = self._completions(k)
+        if not kls:
+            return False
+        kl_now = self.steps[-1].kl if self.steps else 0.0
+        saved = self.steps[-1].saving_ms if self.steps else 0.0
+        best = min(kls, key=lambda n: ((kls[n] - kl_now) / self.savings_ms[n], self._by_name[n].order))
+        self.steps.append(Step(best, saved + self.savings_ms[best], kls[best]))
+        self._log(f"  greedy step {k + 1}: {best} (KL {kls[best]:.4f} nats, table saving "
+                  f"{saved + self.savings_ms[best]:.3f} ms; {len(kls)} sets evaluated)")
+        return True
+
+    def choose(self, required_ms: float) -> Choice | None:
+        """The shortest prefix that one more unit brings to `required_ms`, completed by the least-KL such
+        unit (None if no allowed set reaches it this way)."""
+        if required_ms <= 0:
+            return Choice((), 0.0, 0.0)
+        k = 0
+        while True:
+            saved = self.steps[k - 1].saving_ms if k else 0.0
+            kls = self._completions(k)
+            reaching = [n for n in kls if saved + self.savings_ms[n] >= required_ms]
+            if reaching:
+                last = min(reaching, key=lambda n: (kls[n], self._by_name[n].order))
+                names = {u.name for u in self._prefix(k)} | {last}
+                removed = tuple(u.name for u in self.units if u.name in names)
+                return Choice(removed, kls[last], saved + self.savings_ms[last])
+            if k == len(self.steps) and not self.extend():
+                return None
+            k += 1
+
+
+Proposer = Callable[[float], Choice | None]
+
+
+def least_kl(order: GreedyOrder, proposers: Sequence[Proposer]) -> Proposer:
+    """Propose, of the sets that `order` and the other `proposers` put forward for a required saving,
+    the one with the least measured KL (order.kl_of; None if none reaches the saving).
+
+    The greedy order is myopic: it can strand itself (a block taken by removal cannot be merged, a
+    stage at its floor takes no more), and since it prefers units by KL per ms it reaches a large
+    saving only with many small units. A knapsack proposes whole sets instead; measuring each
+    proposal's KL (one forward pass over the calibration images) keeps the best, and gives every
+    proposal the same scale, so a search compares its passes on KL.
+    """
+
+    def choose(required_ms: float) -> Choice | None:
+        best: Choice | None = None
+        for propose in (order.choose, *proposers):
+            chosen = propose(required_ms)
+            if chosen is None:
+                continue
+            kl = order.kl_of(chosen.removed) if chosen.removed else 0.0
+            if best is None or kl < best.importance_lost:
+                best = Choice(chosen.removed, kl, chosen.predicted_saving_ms)
+        return best
+
+    return choose
+
+
+def greedy_proposer(order: GreedyOrder, importance: dict[str, float] | None = None) -> Proposer:
+    """What `prune --selection greedy` proposes: least_kl over the greedy order, the knapsack over
+    each unit's KL when removed alone, and, given a criterion's `importance`, the knapsack over it."""
+    units, savings, floor = order.units, order.savings_ms, order.min_per_stage
+
+    def knapsack_over(scores: Callable[[], dict[str, float]]) -> Proposer:
+        def propose(required_ms: float) -> Choice | None:
+            values = scores()
+            return choose_units(units, {u.name: values.get(u.name, 0.0) for u in units}, savings, required_ms, floor)
+
+        return propose
+
+    proposers = [knapsack_over(order.single_kl)]
+    if importance is not None:
+        proposers.append(knapsack_over(lambda: importance))
+    return least_kl(order, proposers)

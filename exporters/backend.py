@@ -1,0 +1,57 @@
+"""A Backend: one runtime with its session settings, and the exporter for its artifact format.
+
+What a deployment target needs from this package: export an (already folded)
+nn.Module to a validated artifact, open artifacts as prepared sessions with the
+profile's settings, and check an artifact's outputs on a batch of inputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from compressor.errors import InputError
+from exporters.base import Session, as_numpy
+from exporters.exporter import Exporter
+from exporters.registry import get_exporter, get_runtime
+
+
+class Backend:
+    """`runtime` by name ("onnxruntime", "openvino", ...) with `threads` intra-op threads and its
+    own `options`; artifacts are exported at `precision` with ONNX `opset`."""
+
+    def __init__(self, runtime: str, precision: str = "fp32", threads: int = 1, options: dict | None = None,
+                 opset: int = 17) -> None:
+        self.runtime = get_runtime(runtime)
+        self.exporter: Exporter = get_exporter(self.runtime.artifact_format, precision=precision)
+        self.threads = threads
+        self.options = dict(options or {})
+        self.opset = opset
+
+    @property
+    def suffix(self) -> str:
+        return self.exporter.suffix
+
+    def export(self, model, example_input, path: Path) -> Path:
+        """Export `model` (validated against it on `example_input`); returns the artifact's path."""
+        return self.exporter.export(model, example_input, path, self.opset)
+
+    def open(self, artifact: Path, example_input=None) -> Session:
+        """A session on `artifact` with this backend's settings, prepared with `example_input` if given."""
+        session = self.runtime.open(artifact, self.threads, self.options)
+        if example_input is not None:
+            session.prepare(as_numpy(example_input))
+        return session
+
+    def check_outputs(self, artifact: Path, inputs, expected: np.ndarray, batch: int) -> float:
+        """Run `artifact` on `inputs` `batch` at a time (its batch size is static) and compare with
+        `expected`; returns the largest |difference| (ValidationError beyond the exporter's tolerance)."""
+        x = as_numpy(inputs)
+        usable = len(x) // batch * batch
+        if usable == 0:
+            msg = f"validation needs at least {batch} inputs for the batch size {batch}"
+            raise InputError(msg)
+        session = self.open(artifact)
+        got = np.concatenate([session.run(x[i:i + batch]) for i in range(0, usable, batch)])
+        return self.exporter.check_close(got, expected[:usable], str(artifact))

@@ -1,0 +1,43 @@
+"""The registries: exporters (nn.Module -> artifact) and runtimes (artifact -> timed session), by name.
+
+Registries map a name to "module:Class" so a backend is imported only when
+used: `import compressor` needs only torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from compressor.errors import InputError
+from exporters.base import Runtime
+from exporters.exporter import Exporter
+
+EXPORTERS: dict[str, str] = {
+    "onnx": "exporters.onnx:OnnxExporter",
+    "openvino": "exporters.openvino:OpenVinoExporter",
+    "tensorrt": "exporters.tensorrt:TensorRTExporter",
+    "torch": "exporters.torch_eager:TorchExporter",
+}
+RUNTIMES: dict[str, str] = {
+    "onnxruntime": "exporters.onnxruntime:OnnxRuntime",
+    "openvino": "exporters.openvino:OpenVinoRuntime",
+    "tensorrt": "exporters.tensorrt:TensorRTRuntime",
+    "torch": "exporters.torch_eager:TorchRuntime",
+}
+
+
+def _resolve(registry: dict[str, str], name: str, what: str) -> type:
+    if name not in registry:
+        msg = f"unknown {what} {name!r}; known: {', '.join(sorted(registry))}"
+        raise InputError(msg)
+    module, _, cls = registry[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_exporter(name: str, **options: object) -> Exporter:
+    """An exporter by format name; `options` (precision, ...) go to its constructor."""
+    return _resolve(EXPORTERS, name, "export format")(**options)
+
+
+def get_runtime(name: str) -> Runtime:
+    return _resolve(RUNTIMES, name, "runtime")()

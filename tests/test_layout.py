@@ -1,0 +1,99 @@
+"""The layout rules the house keeps: no import cycles (imports inside functions count), small files
+and functions, and exporters/ independent of compressor/ except for the error classes."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("compressor", "exporters")
+MAX_FILE_LINES = 500
+MAX_FUNCTION_LINES = 100
+STANDALONE = {"exporters/trt_build.py"}  # the TensorRT build script runs on the device, on its own
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def sources() -> dict[str, Path]:
+    return {module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))}
+
+
+def imported(path: Path, name: str, known: set[str]) -> set[str]:
+    """The project modules a file imports, anywhere in it (`from a.b import c` is a.b.c if that is a module)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        else:
+            continue
+        found |= {t for t in targets if t in known}
+    return found - {name}
+
+
+def graph() -> dict[str, set[str]]:
+    files = sources()
+    return {name: imported(path, name, set(files)) for name, path in files.items()}
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_exporters_import_only_the_errors_of_compressor():
+    for name, targets in graph().items():
+        if name.startswith("exporters"):
+            assert {t for t in targets if t.startswith("compressor")} <= {"compressor.errors"}, name
+
+
+def test_files_and_functions_are_small():
+    for name, path in sources().items():
+        relative = str(path.relative_to(ROOT))
+        if relative in STANDALONE:
+            continue
+        text = path.read_text()
+        assert len(text.splitlines()) <= MAX_FILE_LINES, f"{relative}: {len(text.splitlines())} lines"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= MAX_FUNCTION_LINES, f"{relative}:{node.lineno} {node.name}: {length} lines"
