@@ -37,13 +37,14 @@ from tp_reference import METHOD, ROUND_TO, bisect_ratio  # benchmarks/, beside t
 from compressor.data import DataBundle, load_data
 from compressor.fileio import atomic_write_text
 from compressor.finetune.training import accuracy, train
-from compressor.jobs.prune import PruneConfig, prune
+from compressor.jobs.prune import prune
 from compressor.latency.deploy import Deployment
 from compressor.latency.machine import machine_info, source_revision
 from compressor.latency.profiles import load_profile
 from compressor.metrics.flops import count_cost
 from compressor.models.checkpoint import load_checkpoint
 from compressor.models.sources import load_model
+from compressor.search.target import Speedup
 
 LATENCY_TOLERANCE = 0.03  # TP's ratio bisection stops within 3% of our measured latency
 CASES = {  # model -> (data, target speedup)
@@ -78,9 +79,8 @@ def run_case(name: str, data_spec: str, target: float, profile_name: str, epochs
     with tempfile.TemporaryDirectory(prefix="acc-at-latency-") as tmp:
         work = Path(tmp)
         log(f"[{name} {profile_name}] compressor prune to {target:g}x, {epochs} fine-tune epochs")
-        config = PruneConfig(model=name, data=data_spec, profile=profile_name, out=str(work / "run"),
-                             target_speedup=target, finetune_epochs=epochs, finetune_lr=lr)
-        report = prune(config, log=lambda s: log(f"    {s}"))
+        report = prune(loaded, data, Speedup(target), profile, work / "run", finetune_epochs=epochs,
+                       finetune_lr=lr, log=lambda s: log(f"    {s}")).report
         ours = load_checkpoint(work / "run" / "model.pt").model.eval()
         ours_path = dep.export(ours, work / "ours")
         tp_models: dict[int, tuple[nn.Module, dict]] = {}

@@ -41,10 +41,11 @@ from compressor.fileio import atomic_write_text
 from compressor.finetune.mimic import plan_mimic
 from compressor.finetune.training import train
 from compressor.graph.surgery import remove_units
-from compressor.jobs.prune import PruneConfig, finetune_settings
 from compressor.latency.machine import machine_info, source_revision
 from compressor.metrics.fidelity import Fidelity, fidelity, outputs
 from compressor.search.knapsack import choose_units
+from compressor.stages.options import PruneOptions
+from compressor.stages.recover import finetune_settings
 
 RECIPES = ("logits", "mimic")
 FRESH_SEED = 7  # seed of the fresh crops of the calibration photos (fine-tuning uses seed 0)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     data, loaded, base, profile, dep, units = (setup.data, setup.loaded, setup.base, setup.profile, setup.dep,
                                                setup.units)
     x = dep.example
-    lr, freeze, _ = finetune_settings(PruneConfig(args.model, args.data, args.profile, "unused"), loaded)
+    lr, freeze, _ = finetune_settings(PruneOptions(), loaded)
     with tempfile.TemporaryDirectory(prefix="recovery-at-speedup-") as tmp:
         work = Path(tmp)
         log(f"{args.model}: {len(units)} units; measuring the latency table on {profile.name}")

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from compressor.fileio import atomic_write, atomic_write_text
+from compressor.latency.table import LatencyTable
 from compressor.latency.timing import Interleaved, LatencyStats
-from compressor.metrics.fidelity import CONFIDENT, Fidelity
+from compressor.metrics.fidelity import CONFIDENT
+from compressor.metrics.flops import Cost, count_cost
+from compressor.search.target import Target
+from compressor.stages.choose import Chosen
+from compressor.stages.deliver import Delivered
+from compressor.stages.plan import Plan
+from compressor.stages.recover import Recovered
 
 FLOP_CONVENTION = "FLOPs = 2 x multiply-adds (torch FlopCounterMode, conv + matmul only); MACs = FLOPs / 2"
 FIDELITY_UNITS = {"top1_agreement": "%", "top5_overlap": "% (mean |top5 ∩ top5'| / 5)",
@@ -46,34 +54,63 @@ def _prediction_error(trials, table=None, calibration=None) -> dict:
     return result
 
 
-def build_report(*, config, target, profile, machine, loaded, units, removed, importance, table, search,
-                 final: Interleaved, costs, fidelity: tuple[Fidelity, Fidelity], checks, seconds,
-                 calibration=None, greedy=None, shift_agreement: float | None = None) -> dict:
-    """The report dict; `fidelity` is (before, after) fine-tuning on the held-out split. Accuracy
-    (top-1, %) is None where that split is unlabelled. `greedy`: the greedy.GreedyOrder the search
-    chose from, if any (its steps and the number of sets it evaluated)."""
-    base_cost, pruned_cost = costs
+@dataclass
+class PruneRun:
+    """Everything one prune produced, stage by stage: what the report is built from."""
+
+    config: dict  # the model, data and profile specs and every option, as run
+    target: Target
+    plan: Plan
+    importance: dict[str, float]
+    table: LatencyTable
+    chosen: Chosen
+    recovered: Recovered
+    delivered: Delivered
+    final: Interleaved
+    machine: dict  # the device that measured
+    seconds: float
+
+
+def _side(cost: Cost, stats: LatencyStats, accuracy: float | None) -> dict:
+    return {"flops": cost.flops, "macs": cost.macs, "params": cost.params, "latency_ms": _latency(stats),
+            "accuracy": accuracy}
+
+
+def _search(run: PruneRun) -> dict:
+    search, greedy, table = run.chosen.search, run.chosen.greedy, run.table
+    return {"margin": search.margin, "table_baseline_ms": table.baseline_ms,
+            "trials": [{"removed": list(t.choice.removed), "predicted_ms": t.predicted_ms,
+                        "measured_ms": t.measured.candidate_ms, "baseline_ms": t.measured.baseline_ms,
+                        "speedup": t.measured.speedup, "passed": t.passed,
+                        "importance_lost": t.choice.importance_lost} for t in search.trials],
+            "table_error": _prediction_error(search.trials, table, run.chosen.calibration),
+            "selection": run.chosen.selection,
+            "greedy": None if greedy is None else {
+                "images": len(greedy.x), "sets_evaluated": greedy.evaluations,
+                "steps": [{"unit": s.unit, "table_saving_ms": s.saving_ms, "kl": s.kl} for s in greedy.steps]}}
+
+
+def build_report(run: PruneRun) -> dict:
+    """The report dict. Fidelity is measured on the held-out split before and after fine-tuning;
+    accuracy (top-1, %) is None where that split is unlabelled."""
+    plan, recovered, final = run.plan, run.recovered, run.final
+    base_cost, pruned_cost = count_cost(plan.model, plan.example), count_cost(recovered.deployed, plan.example)
     base_stats, pruned_stats = final.stats
     speedup = final.speedup()
-    goal_ms = target.goal_ms(base_stats.median)
-    met = pruned_stats.median <= goal_ms
-    before, after = fidelity
+    goal_ms = run.target.goal_ms(base_stats.median)
+    before, after = recovered.before, recovered.after
     accuracy = [a.top1 if a is not None else None for a in (after.original_accuracy, after.pruned_accuracy)]
-
-    def side(cost, stats, acc) -> dict:
-        return {"flops": cost.flops, "macs": cost.macs, "params": cost.params,
-                "latency_ms": _latency(stats), "accuracy": acc}
-
+    removed = run.chosen.removed
     return {
-        "model": loaded.arch, "source": loaded.source, "data": config["data"],
-        "baseline": side(base_cost, base_stats, accuracy[0]),
-        "pruned": side(pruned_cost, pruned_stats, accuracy[1]),
+        "model": plan.loaded.arch, "source": plan.loaded.source, "data": run.config["data"],
+        "baseline": _side(base_cost, base_stats, accuracy[0]),
+        "pruned": _side(pruned_cost, pruned_stats, accuracy[1]),
         "removed_units": [u.name for u in removed],
         "removed_unit_kinds": {u.name: u.kind for u in removed},
-        "units": [{"name": u.name, "kind": u.kind, "stage": u.stage, "importance": importance[u.name],
-                   "saving_ms": table.savings_ms[u.name]} for u in units],
-        "target_ms": goal_ms, "target_speedup": target.speedup, "target_met": met,
-        "target_judged_on": ("interleaved rounds against the unpruned model" if target.speedup
+        "units": [{"name": u.name, "kind": u.kind, "stage": u.stage, "importance": run.importance[u.name],
+                   "saving_ms": run.table.savings_ms[u.name]} for u in plan.candidates],
+        "target_ms": goal_ms, "target_speedup": run.target.speedup, "target_met": pruned_stats.median <= goal_ms,
+        "target_judged_on": ("interleaved rounds against the unpruned model" if run.target.speedup
                              else "protocol median of the pruned model (interleaved with the baseline)"),
         "speedup_measured": speedup, "speedup_flops": base_cost.flops / pruned_cost.flops,
         "speedup_fidelity": speedup / (base_cost.flops / pruned_cost.flops),
@@ -81,22 +118,13 @@ def build_report(*, config, target, profile, machine, loaded, units, removed, im
         "fidelity": {"split": "val (held out: never used for scoring or fine-tuning)", "images": after.images,
                      "labelled": after.original_accuracy is not None,
                      "before_finetune": before.to_dict(), "after_finetune": after.to_dict(),
-                     "unpruned_shift_agreement": shift_agreement,
+                     "unpruned_shift_agreement": recovered.shift_agreement,
                      "definitions": FIDELITY_UNITS},
-        "criterion": config["criterion"], "profile": {**profile.to_dict(), "machine": machine},
-        "search": {"margin": search.margin, "table_baseline_ms": table.baseline_ms,
-                   "trials": [{"removed": list(t.choice.removed), "predicted_ms": t.predicted_ms,
-                               "measured_ms": t.measured.candidate_ms,
-                               "baseline_ms": t.measured.baseline_ms, "speedup": t.measured.speedup,
-                               "passed": t.passed, "importance_lost": t.choice.importance_lost} for t in search.trials],
-                   "table_error": _prediction_error(search.trials, table, calibration),
-                   "selection": config.get("selection") or "knapsack",
-                   "greedy": None if greedy is None else {
-                       "images": len(greedy.x), "sets_evaluated": greedy.evaluations,
-                       "steps": [{"unit": s.unit, "table_saving_ms": s.saving_ms, "kl": s.kl}
-                                 for s in greedy.steps]}},
-        "checks": checks, "flop_convention": FLOP_CONVENTION, "config": config,
-        "seconds": seconds,
+        "criterion": run.config["criterion"],
+        "profile": {**plan.deployment.profile.to_dict(), "machine": run.machine},
+        "search": _search(run), "recipe": run.delivered.recipe,
+        "checks": run.delivered.checks, "flop_convention": FLOP_CONVENTION, "config": run.config,
+        "seconds": run.seconds,
     }
 
 

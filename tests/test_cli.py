@@ -137,7 +137,7 @@ def test_latency_table_for_another_model_or_profile_is_refused(tmp_path, capsys,
 
 @pytest.mark.parametrize(("flag", "expected"), [([], None), (["--mimic"], True), (["--no-mimic"], False)])
 def test_prune_mimic_flag(flag, expected):
-    from compressor.cli.main import build_parser
+    from compressor.cli.parser import build_parser
 
     args = build_parser().parse_args(["prune", "--model", "resnet20", "--data", "digits32", "--profile", "ort-cpu",
                                       "--target-speedup", "1.5", "--out", "unused", *flag])

@@ -145,9 +145,10 @@ def test_missing_weights_package_names_it(monkeypatch):
 def test_pretrained_models_finetune_gently(lite0):
     from dataclasses import replace
 
-    from compressor.jobs.prune import FINETUNE_LR, PRETRAINED_FINETUNE_LR, PruneConfig, finetune_settings
+    from compressor.stages.options import PruneOptions
+    from compressor.stages.recover import FINETUNE_LR, PRETRAINED_FINETUNE_LR, finetune_settings
 
-    config = PruneConfig(model="efficientnet_lite0", data="photos", profile="ort-cpu", out="unused")
+    config = PruneOptions()
     assert finetune_settings(config, lite0) == (PRETRAINED_FINETUNE_LR, True, True)
     assert finetune_settings(replace(config, finetune_lr=0.01), lite0) == (0.01, False, True)
     assert finetune_settings(replace(config, mimic=False), lite0).mimic is False

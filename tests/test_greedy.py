@@ -10,7 +10,8 @@ from compressor.graph.surgery import remove_units
 from compressor.graph.units import Unit
 from compressor.search.greedy import GreedyOrder, greedy_proposer, kl_from, least_kl, logits_of
 from compressor.search.knapsack import choose_units
-from compressor.search.target import Measured, Target, search_under_target
+from compressor.search.loop import search_under_target
+from compressor.search.target import Measured, Target
 
 
 class AddConstant(nn.Module):

@@ -87,7 +87,7 @@ def test_exporters_import_only_the_errors_of_compressor():
 
 
 def test_files_and_functions_are_small():
-    for name, path in sources().items():
+    for path in sources().values():
         relative = str(path.relative_to(ROOT))
         if relative in STANDALONE:
             continue

@@ -9,7 +9,8 @@ import pytest
 
 from compressor.graph.units import Unit
 from compressor.search.knapsack import BINS, choose_units, most_removable, removable_limits
-from compressor.search.target import Measured, Target, search_under_target
+from compressor.search.loop import search_under_target
+from compressor.search.target import Measured, Target
 
 
 def _units(n: int, stages: int = 3) -> list[Unit]:

@@ -68,3 +68,26 @@ def measure_latency_table(model: nn.Module, units: list[Unit], deployment: Deplo
     stats.update({u.name: s.to_dict() for u, s in zip(units, result.stats[1:], strict=True)})
     return LatencyTable(name, list(deployment.input_shape), deployment.profile.to_dict(),
                         deployment.device.provenance(), base.median, savings, stats)
+
+
+def load_fitting_table(path: str | Path, units: Sequence[Unit], deployment: Deployment) -> tuple[LatencyTable, str]:
+    """A saved table, refused unless it was measured for these units, this profile and input shape;
+    with a note on where it was measured (a warning if that is another machine)."""
+    table = LatencyTable.load(path)
+    profile = deployment.profile
+    problems = []
+    if set(table.savings_ms) != {u.name for u in units}:
+        problems.append("its units differ from the model's")
+    if table.profile.get("name") != profile.name or table.profile.get("runtime") != profile.runtime:
+        problems.append(f"it was measured on profile {table.profile.get('name')!r}, not {profile.name!r}")
+    if list(table.input_shape) != list(deployment.input_shape):
+        problems.append(f"its input shape {table.input_shape} is not {list(deployment.input_shape)}")
+    if problems:
+        msg = f"latency table {path} does not fit this run: {'; '.join(problems)}"
+        raise InputError(msg)
+    here = deployment.device.provenance()
+    note = f"reusing latency table {path} (measured {table.machine.get('date')})"
+    if (table.machine.get("cpu"), table.machine.get("logical_cores")) != (here["cpu"], here["logical_cores"]):
+        note = (f"warning: latency table {path} was measured on {table.machine.get('cpu')}, this device is "
+                f"{here['cpu']}; candidates are still measured here. " + note)
+    return table, note

@@ -1,18 +1,16 @@
-"""Latency targets and the measured search loop that meets them.
+"""Latency targets: a speedup over the unpruned model or a latency in ms, and when a measured
+candidate meets one.
 
-The lookup table only ranks candidates; every decision is taken on measured
-latency: a `--target-speedup` on interleaved rounds of baseline and candidate,
-a `--target-ms` on the candidate's protocol median (MEASURE.md).
+A speedup target is judged on interleaved rounds of baseline and candidate, a
+latency target on the candidate's protocol median (docs/measurement.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 from compressor.errors import InputError
-from compressor.graph.units import Unit
-from compressor.search.knapsack import Choice, choose_units
 
 MIN_MARGIN, MAX_MARGIN = 0.01, 0.05
 OVERSHOOT_BAND = 0.06  # a pass more than this fraction under the aimed latency is refined
@@ -29,11 +27,11 @@ class Target:
         if (self.ms is None) == (self.speedup is None):
             msg = "give exactly one of --target-ms and --target-speedup"
             raise InputError(msg)
-        if self.ms is not None and not self.ms > 0:
-            msg = f"--target-ms must be a positive number of milliseconds, got {self.ms}"
+        if self.ms is not None and not (isinstance(self.ms, (int, float)) and 0 < self.ms < math.inf):
+            msg = f"--target-ms must be a positive number of milliseconds (finite), got {self.ms}"
             raise InputError(msg)
-        if self.speedup is not None and not self.speedup > 1:
-            msg = f"--target-speedup must be greater than 1, got {self.speedup}"
+        if self.speedup is not None and not (isinstance(self.speedup, (int, float)) and 1 < self.speedup < math.inf):
+            msg = f"--target-speedup must be greater than 1 (finite), got {self.speedup}"
             raise InputError(msg)
 
     def describe(self) -> str:
@@ -42,6 +40,28 @@ class Target:
     def goal_ms(self, baseline_ms: float) -> float:
         """The candidate latency (ms) that meets the target, in the frame of `baseline_ms`."""
         return self.ms if self.ms is not None else baseline_ms / self.speedup
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class Speedup(Target):
+    """Target: the pruned model `x` times faster than the unpruned one, measured interleaved."""
+
+    def __init__(self, x: float) -> None:
+        super().__init__(speedup=x)
+
+    def __repr__(self) -> str:
+        return f"Speedup({self.speedup})"
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class Latency(Target):
+    """Target: the pruned model's median latency at most `ms` milliseconds on the profile."""
+
+    def __init__(self, ms: float) -> None:
+        super().__init__(ms=ms)
+
+    def __repr__(self) -> str:
+        return f"Latency(ms={self.ms})"
 
 
 @dataclass
@@ -58,21 +78,6 @@ class Measured:
         return self.baseline_ms / self.candidate_ms
 
 
-@dataclass
-class Trial:
-    choice: Choice
-    predicted_ms: float
-    measured: Measured
-    passed: bool
-
-
-@dataclass
-class SearchResult:
-    best: Trial | None
-    trials: list[Trial] = field(default_factory=list)
-    margin: float = MIN_MARGIN
-
-
 def margin_from(spread: float) -> float:
     """Aim under the target by half the per-round spread, within [1%, 5%]."""
     return min(MAX_MARGIN, max(MIN_MARGIN, spread / 2))
@@ -87,77 +92,3 @@ def meets(target: Target, m: Measured, margin: float) -> bool:
 def required_fraction(target: Target, baseline_ms: float, margin: float) -> float:
     """The fraction of the baseline latency that must go to meet `target` with `margin`."""
     return 1.0 - target.goal_ms(baseline_ms) * (1 - margin) / baseline_ms
-
-
-def search_under_target(units: Sequence[Unit], importance: dict[str, float], savings_ms: dict[str, float],
-                        table_baseline_ms: float, target: Target,
-                        measure: Callable[[tuple[str, ...]], Measured], margin: float,
-                        calibration: tuple[float, Measured] | None = None,
-                        min_per_stage: int = 1, max_trials: int = 8,
-                        choose: Callable[[float], Choice | None] | None = None) -> SearchResult:
-    """Choose by the table, measure, recalibrate the table, repeat.
-
-    Sums of single-unit savings are biased (on this machine removing one
-    block saves more than its share), so the table's predicted fraction of
-    latency saved is scaled by c = measured / predicted fraction, taken from
-    the last measured candidate (first: `calibration`, a predicted saving in ms
-    with its measurement). Keeps the passing candidate with the least
-    importance lost and refines a pass whose latency is more than
-    OVERSHOOT_BAND under the aimed one, so no more of the model is removed
-    than the target needs.
-
-    `choose(required_ms)` proposes a set saving at least `required_ms` by the table; the default is
-    the knapsack over `importance` (search.choose_units), another greedy.greedy_proposer.
-    """
-    if choose is None:
-        def choose(required_ms: float) -> Choice | None:
-            return choose_units(units, importance, savings_ms, required_ms, min_per_stage)
-
-    result = SearchResult(None, margin=margin)
-    scale = 1.0
-    if calibration is not None:
-        predicted, m = calibration
-        if predicted > 0:
-            scale = max(0.2, (1 - m.candidate_ms / m.baseline_ms) / (predicted / table_baseline_ms))
-    baseline_ms = calibration[1].baseline_ms if calibration else table_baseline_ms
-    low, high = 0.0, float("inf")  # required savings (ms, table frame) known to fail / to pass
-    required = table_baseline_ms * required_fraction(target, baseline_ms, margin) / scale
-    seen: dict[tuple[str, ...], bool] = {}  # measured sets -> passed
-    for _ in range(20 * max_trials):  # choices that repeat a measured set cost no trial
-        if len(result.trials) >= max_trials:
-            break
-        choice = choose(required)
-        if choice is None:
-            if required > low:
-                low = required
-            if high == float("inf"):
-                break
-            required = (low + high) / 2
-            continue
-        if choice.removed in seen:
-            if seen[choice.removed] or required >= high:
-                break
-            required += 0.01 * table_baseline_ms  # a failed set again: ask for a little more
-            continue
-        m = measure(choice.removed)
-        trial = Trial(choice, table_baseline_ms - choice.predicted_saving_ms, m, meets(target, m, margin))
-        result.trials.append(trial)
-        seen[choice.removed] = trial.passed
-        need = required_fraction(target, m.baseline_ms, margin)
-        got = 1 - m.candidate_ms / m.baseline_ms
-        if trial.passed:
-            high = min(high, required)
-            if result.best is None or choice.importance_lost < result.best.choice.importance_lost:
-                result.best = trial
-            aimed_ms = m.baseline_ms * (1 - need)
-            if m.candidate_ms >= aimed_ms * (1 - OVERSHOOT_BAND):
-                break
-        else:
-            low = max(low, required)
-        if choice.predicted_saving_ms > 0 and got > 0:
-            scale = max(0.2, got / (choice.predicted_saving_ms / table_baseline_ms))
-        proposal = table_baseline_ms * need / scale
-        if not low < proposal < high:
-            proposal = (low + high) / 2 if high < float("inf") else max(proposal, low * 1.05)
-        required = proposal
-    return result

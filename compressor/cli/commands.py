@@ -1,0 +1,205 @@
+"""One function per command: turn the arguments into the objects the jobs take, run the job, print.
+
+Every command is a thin layer over the same Python API a user scripts against
+(compressor/jobs/); the checks that need no model (target, options, output
+folder) run first, so bad input is refused before anything slow happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from compressor.errors import InputError, TargetMissedError
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _data(args: argparse.Namespace):
+    from compressor.data import load_data
+
+    return load_data(args.data) if getattr(args, "data", None) else None
+
+
+def _loaded(args: argparse.Namespace, data=None):
+    """The model `--model` names (with --weights, --input-shape), fitted to the data where given."""
+    from compressor.models.sources import load_model
+
+    return load_model(args.model, data, weights=getattr(args, "weights", None),
+                      input_shape=getattr(args, "input_shape", None))
+
+
+def prune_options(args: argparse.Namespace):
+    from compressor.stages.options import PruneOptions
+
+    return PruneOptions(
+        criterion=args.criterion, calibration_size=args.calibration_size, finetune_epochs=args.finetune_epochs,
+        finetune_lr=args.finetune_lr, mimic=args.mimic, selection=args.selection,
+        min_blocks_per_stage=args.min_blocks_per_stage, merge=args.merge, seed=args.seed,
+        latency_table=args.latency_table, repeats=args.repeats)
+
+
+def _summary(report: dict, out: str) -> str:
+    b, p = report["baseline"], report["pruned"]
+    quality = f"top-1 agreement {report['fidelity']['after_finetune']['top1_agreement']:.1f}%"
+    if b["accuracy"] is not None and p["accuracy"] is not None:
+        quality = f"accuracy {b['accuracy']:.2f} -> {p['accuracy']:.2f}%, {quality}"
+    return (f"{report['model']}: {b['latency_ms']['median']:.3f} -> {p['latency_ms']['median']:.3f} ms "
+            f"({report['speedup_measured']:.2f}x measured, {report['speedup_flops']:.2f}x by FLOPs), "
+            f"{quality}; report in {out}/report.md")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from compressor.fileio import check_output_dir
+    from compressor.jobs.prune import run
+    from compressor.latency.profiles import load_profile
+    from compressor.search.target import Target
+
+    target = Target(args.target_ms, args.target_speedup)
+    options = prune_options(args)
+    options.check()
+    check_output_dir(args.out, must_be_empty=True)
+    profile = load_profile(args.profile)
+    data = _data(args)
+    loaded = _loaded(args, data)
+    result = run(loaded, data, target, profile, options, args.out, log)
+    report = result.report
+    report["config"]["model"] = args.model
+    if args.json:
+        print(json.dumps(report, indent=2))
+    log(_summary(report, args.out))
+    if not report["target_met"]:
+        median = report["pruned"]["latency_ms"]["median"]
+        msg = f"target missed in the final measurement: {median:.3f} ms > {report['target_ms']:.3f} ms"
+        raise TargetMissedError(msg)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from compressor.fileio import refuse_existing_file
+    from compressor.graph.units import find_units
+    from compressor.latency.deploy import Deployment
+    from compressor.latency.profiles import load_profile
+    from compressor.latency.table import measure_latency_table
+
+    out = refuse_existing_file(args.out)
+    profile = load_profile(args.profile)
+    loaded = _loaded(args, _data(args))
+    deployment = Deployment(profile, loaded.input_shape)
+    units = find_units(loaded.model, deployment.example)
+    log(f"timing {len(units) + 1} exported models on {profile.name}")
+    table = measure_latency_table(loaded.model, units, deployment, loaded.arch)
+    table.save(out)
+    if args.json:
+        print(table.to_json())
+    for name, saving in table.savings_ms.items():
+        log(f"  {name:<24} saves {saving:7.4f} ms")
+    log(f"baseline {table.baseline_ms:.4f} ms; table written to {out}")
+    return 0
+
+
+def cmd_units(args: argparse.Namespace) -> int:
+    from compressor.graph.units import find_units
+
+    loaded = _loaded(args, _data(args))
+    units = find_units(loaded.model, loaded.example_input())
+    rows = [{"name": u.name, "kind": u.kind, "stage": u.stage, "becomes": u.removable_to} for u in units]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']:<24} {r['kind']:<11} stage {r['stage']:<12} -> {r['becomes']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from compressor.data import load_data
+    from compressor.fileio import refuse_existing_file
+    from compressor.jobs.train import train_zoo_model
+
+    refuse_existing_file(args.out)
+    data = load_data(args.data)
+    acc = train_zoo_model(args.model, data, args.out, args.epochs, args.lr, args.batch_size, args.seed)
+    log(f"{args.model} on {data.spec}: validation accuracy {acc:.2f}% -> {args.out}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from compressor.criteria import CRITERIA
+    from compressor.criteria.agreement import parse_criteria, plot_heatmap
+    from compressor.fileio import atomic_write_text, refuse_existing_file
+    from compressor.jobs.score import score_model
+    from compressor.latency.profiles import load_profile
+
+    criteria = parse_criteria(args.criterion, list(CRITERIA))
+    outputs = [refuse_existing_file(p).resolve() for p in (args.heatmap, args.out) if p]
+    if len(set(outputs)) < len(outputs):
+        msg = "--heatmap and --out name the same file"
+        raise InputError(msg)
+    profile = load_profile(args.profile) if args.profile else None
+    data = _data(args)
+    scored = score_model(_loaded(args, data), data, criteria, profile, args.k, args.calibration_size, args.seed,
+                         args.repeats, log)
+    scored.report["model"] = args.model
+    document = json.dumps(scored.report, indent=2, allow_nan=False)
+    print(document if args.json else scored.text)
+    if args.out:
+        log(f"JSON written to {atomic_write_text(args.out, document + chr(10))}")
+    if args.heatmap:
+        title = f"{args.model} on {args.data}, {args.calibration_size} calibration images"
+        log(f"heatmap written to {plot_heatmap(scored.agreement, args.heatmap, title=title)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from compressor.jobs.export import export, parse_formats
+
+    parse_formats(args.format)  # an unknown format is refused before the model loads
+    loaded = _loaded(args, _data(args))
+    shape = tuple(args.input_shape) if args.input_shape else loaded.input_shape
+    x = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(0))
+    log(f"{loaded.arch}: input {list(x.shape)}")
+    written = export(loaded.model, x, args.out, args.format, args.name, args.precision, args.opset,
+                     args.dynamic_batch, args.simplify, args.workspace_mb, log)
+    if args.json:
+        print(json.dumps(written, indent=2))
+    return 0
+
+
+def cmd_fold(args: argparse.Namespace) -> int:
+    from compressor.fileio import check_output_dir
+    from compressor.jobs.fold import fold_job
+
+    check_output_dir(args.out, must_be_empty=True)
+    summary, text = fold_job(_loaded(args, _data(args)), args.out, args.opset)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        log(text)
+    else:
+        print(text)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from compressor.jobs.bench import BenchConfig, run_bench
+    from compressor.latency.profiles import load_profile
+
+    config = BenchConfig(artifact=args.artifact, profile=load_profile(args.profile), baseline=args.baseline,
+                         against=args.against, threshold=args.threshold, save_baseline=args.save_baseline,
+                         allow_foreign_baseline=args.allow_foreign_baseline, runs=args.runs,
+                         min_time_s=args.min_time, out=args.out)
+    result = run_bench(config)
+    if args.json:
+        print(json.dumps(result.report, indent=2))
+        log(result.text)
+    else:
+        print(result.text)
+    for key, what in (("saved_baseline", "baseline"), ("out", "report")):
+        if key in result.report:
+            log(f"{what} written to {result.report[key]}")
+    return result.exit_code

@@ -1,0 +1,29 @@
+"""`compressor train`: a zoo architecture trained on a data source with our own training loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from compressor.data.bundle import DataBundle
+from compressor.fileio import refuse_existing_file
+from compressor.finetune.training import accuracy, train
+from compressor.models.checkpoint import save_checkpoint
+from compressor.models.loaded import LoadedModel
+from compressor.models.zoo import build
+
+
+def train_zoo_model(arch: str, data: DataBundle, out: str | Path, epochs: int, lr: float, batch_size: int,
+                    seed: int) -> float:
+    """Train `arch` on `data`, write the checkpoint to `out` (refused if it exists); returns validation
+    accuracy (%)."""
+    out = refuse_existing_file(out)
+    torch.manual_seed(seed)
+    model = build(arch, data.num_classes)
+    train(model, data.loader("train", batch_size=batch_size, shuffle=True, seed=seed), epochs, lr,
+          desc=f"train {arch}")
+    acc = accuracy(model, data.loader("val"))
+    loaded = LoadedModel(model, arch, data.num_classes, data.input_shape, f"trained on {data.spec}")
+    save_checkpoint(out, loaded, trained_on=data.spec, epochs=epochs, val_accuracy=acc)
+    return acc

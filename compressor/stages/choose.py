@@ -1,0 +1,94 @@
+"""Stage `choose`: the measured search for the removal set that meets the target.
+
+Sets are proposed by the knapsack over the criterion's scores, or greedily by
+the whole set's measured KL (search/greedy.py); each proposal is exported and
+timed interleaved with the baseline, the table recalibrated on it, until the
+least-importance set that meets the target (with the margin) is found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compressor.data.bundle import DataBundle
+from compressor.errors import UnreachableTargetError
+from compressor.graph.surgery import remove_units
+from compressor.graph.units import Unit
+from compressor.latency.predictor import Calibration, Observation, fit_calibration
+from compressor.latency.table import LatencyTable
+from compressor.models.loaded import LoadedModel
+from compressor.search.greedy import GreedyOrder, greedy_proposer
+from compressor.search.loop import SearchResult, search_under_target
+from compressor.search.target import Measured, Target
+from compressor.stages.options import PruneOptions
+from compressor.stages.plan import Plan
+from compressor.stages.reach import Reach, timed_pair
+
+GREEDY_IMAGES = 128  # calibration images greedy selection measures each set's KL on
+
+
+def selection_for(options: PruneOptions, loaded: LoadedModel) -> str:
+    """The options' selection, else greedy for a model with its own (ImageNet) weights, whose every
+    removal costs held-out fidelity that single-unit scores misjudge in combination, and the
+    knapsack for models trained here, where it is cheaper (greedy costs U + (U-1) + ... passes)."""
+    if options.selection is None:
+        return "greedy" if loaded.pretrained else "knapsack"
+    return options.selection
+
+
+@dataclass
+class Chosen:
+    """The search's outcome: the units to remove, every measured trial, how sets were proposed."""
+
+    removed: list[Unit]
+    search: SearchResult
+    selection: str
+    calibration: Calibration  # the table's calibration on the most-pruned candidate
+    greedy: GreedyOrder | None = None
+
+
+def candidate_measurer(plan: Plan, reach: Reach, table: LatencyTable, work: Path,
+                       log: Callable[[str], None]) -> Callable[[tuple[str, ...]], Measured]:
+    """measure(removed names): export the model without them and time it against the baseline."""
+    suffix = plan.deployment.exporter.suffix
+
+    def measure(removed: tuple[str, ...]) -> Measured:
+        chosen = [u for u in plan.candidates if u.name in removed]
+        path = plan.deployment.export(remove_units(plan.model, chosen, plan.example), work / f"candidate{suffix}")
+        m = timed_pair(plan.deployment, reach.baseline_path, path, plan.deployment.profile.search_policy)
+        log(f"  candidate -{len(removed)} units: predicted {table.predict(removed):.3f} ms, "
+            f"measured {m.candidate_ms:.3f} ms vs {m.baseline_ms:.3f} ms ({m.speedup:.2f}x)")
+        return m
+
+    return measure
+
+
+def choose(plan: Plan, reach: Reach, importance: dict[str, float], table: LatencyTable, target: Target,
+           data: DataBundle, options: PruneOptions, work: Path, log: Callable[[str], None]) -> Chosen:
+    """Search under the target; UnreachableTargetError if no measured set comes close."""
+    selection = selection_for(options, plan.loaded)
+    proposer, order = None, None
+    if selection == "greedy":
+        images = torch.cat([b[0] for b in data.loader("train", batch_size=128, limit=GREEDY_IMAGES,
+                                                      seed=options.seed)])
+        order = GreedyOrder(plan.model, plan.candidates, table.savings_ms, images, options.min_blocks_per_stage, log)
+        proposer = greedy_proposer(order, importance)
+        log(f"proposing sets greedily by their measured KL on {len(images)} calibration images")
+    log(f"searching for {target.describe()} (aiming {reach.margin:.0%} under it)")
+    floor_saving = sum(table.savings_ms[name] for name in reach.floor_units)
+    calibration = fit_calibration([Observation.measured(table, reach.floor_units, reach.floor.baseline_ms,
+                                                        reach.floor.candidate_ms)])
+    result = search_under_target(plan.candidates, importance, table.savings_ms, table.baseline_ms, target,
+                                 candidate_measurer(plan, reach, table, work, log), reach.margin,
+                                 (floor_saving, reach.floor), options.min_blocks_per_stage, options.max_trials,
+                                 proposer)
+    trial = result.best or (min(result.trials, key=lambda t: t.measured.candidate_ms) if result.trials else None)
+    if trial is None:
+        msg = f"no removal set reaches {target.describe()} by the latency table"
+        raise UnreachableTargetError(msg)
+    removed = [u for u in plan.candidates if u.name in trial.choice.removed]
+    return Chosen(removed, result, selection, calibration, order)

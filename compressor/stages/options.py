@@ -1,0 +1,66 @@
+"""Everything a prune can be told besides the model, data, target and profile."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from compressor.errors import InputError
+
+# how the search proposes removal sets: the knapsack over the criterion's single-unit scores, or
+# greedy removal scored by the whole set's measured KL (search/greedy.py)
+SELECTIONS = ("knapsack", "greedy")
+
+
+@dataclass
+class PruneOptions:
+    """The CLI's settings, as keyword options of `compressor.prune` (None: chosen for the model's lineage)."""
+
+    criterion: str = "cka"
+    calibration_size: int = 512  # images for scoring
+    finetune_epochs: int = 4
+    finetune_lr: float | None = None  # None: 0.02, or 0.002 for models with their own (ImageNet) weights
+    freeze_batchnorm: bool | None = None  # None: frozen exactly when the pretrained learning rate is chosen
+    mimic: bool | None = None  # also match block outputs (finetune/mimic.py); None: for pretrained models
+    selection: str | None = None  # "knapsack" or "greedy"; None: greedy for pretrained models
+    min_blocks_per_stage: int = 1
+    max_trials: int = 8  # candidates measured by the search, at most
+    merge: bool = False  # also offer "linearise and merge" units (criterion cka or random)
+    seed: int = 0
+    latency_table: str | None = None  # reuse a table from `compressor profile` (same model, profile)
+    repeats: int = 3  # SR-init seeds
+
+    @classmethod
+    def from_kwargs(cls, **options: object) -> PruneOptions:
+        """Options from keyword arguments; an unknown keyword is an InputError naming the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            msg = f"unknown prune option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            raise InputError(msg)
+        return cls(**options)
+
+    def check(self) -> None:
+        """Refuse options that cannot work, before anything is measured or written."""
+        from compressor.criteria import get_criterion
+
+        get_criterion(self.criterion)
+        if self.merge:
+            from compressor.criteria.merges import check_criterion
+
+            check_criterion(self.criterion)
+        if self.selection is not None and self.selection not in SELECTIONS:
+            msg = f"unknown selection {self.selection!r}; known: {', '.join(SELECTIONS)}"
+            raise InputError(msg)
+        for name in ("calibration_size", "max_trials", "repeats"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                msg = f"{name} must be a positive integer, got {value!r}"
+                raise InputError(msg)
+        for name in ("finetune_epochs", "min_blocks_per_stage"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                msg = f"{name} must be zero or a positive integer, got {value!r}"
+                raise InputError(msg)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

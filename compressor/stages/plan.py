@@ -1,0 +1,59 @@
+"""Stage `plan`: the model's removable units (and merge units) and its deployment on the profile."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compressor.errors import InputError
+from compressor.graph.merge_units import find_merge_units
+from compressor.graph.units import Unit, find_units
+from compressor.latency.deploy import Deployment
+from compressor.latency.device import Device
+from compressor.latency.profiles import Profile
+from compressor.models.loaded import LoadedModel
+
+NO_UNITS_HINT = ("a removable unit is a submodule whose forward computes act(branch(x) + shortcut(x)), "
+                 "the shortcut being the identity or a child module (a projection), e.g. a ResNet BasicBlock")
+
+
+@dataclass
+class Plan:
+    """What the job works on: the unpruned model, its units, where it is deployed."""
+
+    loaded: LoadedModel
+    model: nn.Module
+    deployment: Deployment
+    units: list[Unit]  # residual units (removal)
+    merges: list[Unit]  # merge units, when asked for
+
+    @property
+    def candidates(self) -> list[Unit]:
+        return self.units + self.merges
+
+    @property
+    def example(self) -> torch.Tensor:
+        return self.deployment.example
+
+
+def plan(loaded: LoadedModel, profile: Profile, merge: bool, log: Callable[[str], None],
+         device: Device | None = None) -> Plan:
+    """Find the units of `loaded.model` on the profile's input (InputError if there are none)."""
+    model = loaded.model.eval()
+    deployment = Deployment(profile, loaded.input_shape, device)
+    units = find_units(model, deployment.example)
+    if not units:
+        msg = f"{loaded.arch}: no removable residual units found in its traced graph; {NO_UNITS_HINT}"
+        raise InputError(msg)
+    log(f"{len(units)} removable units in {loaded.arch}: "
+        f"{sum(u.kind == 'identity' for u in units)} identity, {sum(u.kind == 'projection' for u in units)} projection")
+    merges: list[Unit] = []
+    if merge:
+        merges, refused = find_merge_units(model, units)
+        log(f"{len(merges)} blocks can also be linearised and merged into one conv"
+            + "".join(f"; {name} cannot: {why}" for name, why in list(refused.items())[:3])
+            + (f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""))
+    return Plan(loaded, model, deployment, units, merges)

@@ -1,0 +1,55 @@
+"""Stage `reach`: the unpruned model against the most that may be removed, timed interleaved.
+
+Run first, so an unreachable target is refused before anything is scored; the
+baseline artifact it exports is the one every candidate is timed against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from compressor.errors import UnreachableTargetError
+from compressor.graph.surgery import remove_units
+from compressor.latency.deploy import Deployment
+from compressor.latency.timing import TimingPolicy
+from compressor.search.knapsack import most_removable
+from compressor.search.target import Measured, Target, margin_from
+from compressor.stages.plan import Plan
+
+
+def timed_pair(deployment: Deployment, base: Path, candidate: Path, policy: TimingPolicy) -> Measured:
+    """Baseline and candidate artifacts timed in interleaved rounds."""
+    result = deployment.time([base, candidate], policy)
+    return Measured(result.stats[0].median, result.stats[1].median, result.speedup_spread(),
+                    result.stats[1].noisy)
+
+
+@dataclass
+class Reach:
+    """The baseline artifact, the most-pruned model's measurement and the search's margin."""
+
+    baseline_path: Path
+    floor_units: list[str]  # the most that may be removed
+    floor: Measured
+    margin: float  # how far under the target the search aims (from the measured spread)
+
+
+def check_reachable(plan: Plan, target: Target, min_per_stage: int, work: Path,
+                    log: Callable[[str], None]) -> Reach:
+    """Export and time the unpruned and the most-pruned models; UnreachableTargetError if even
+    the most-pruned one misses the target (the message gives the fastest reachable latency)."""
+    deployment, suffix = plan.deployment, plan.deployment.exporter.suffix
+    baseline_path = deployment.export(plan.model, work / f"baseline{suffix}")
+    floor_units = most_removable(plan.units, min_per_stage)
+    floor_model = remove_units(plan.model, floor_units, plan.example)
+    floor_path = deployment.export(floor_model, work / f"floor{suffix}")
+    floor = timed_pair(deployment, baseline_path, floor_path, deployment.profile.search_policy)
+    log(f"baseline {floor.baseline_ms:.3f} ms; fastest reachable {floor.candidate_ms:.3f} ms "
+        f"({floor.speedup:.2f}x) with {min_per_stage} block(s) kept per stage")
+    if floor.candidate_ms > target.goal_ms(floor.baseline_ms):
+        msg = (f"target {target.describe()} is unreachable on {deployment.profile.name}: the fastest reachable "
+               f"latency is {floor.candidate_ms:.3f} ms ({floor.speedup:.2f}x; unpruned {floor.baseline_ms:.3f} ms)")
+        raise UnreachableTargetError(msg)
+    return Reach(baseline_path, [u.name for u in floor_units], floor, margin_from(floor.spread))

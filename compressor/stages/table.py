@@ -1,0 +1,19 @@
+"""Stage `table`: each unit's measured latency saving on the profile, or a saved table reused."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from compressor.latency.table import LatencyTable, load_fitting_table, measure_latency_table
+from compressor.stages.plan import Plan
+
+
+def latency_table(plan: Plan, reuse: str | None, work: Path, log: Callable[[str], None]) -> LatencyTable:
+    """The table from `reuse` (checked to fit the model and profile) or measured now."""
+    if reuse:
+        table, note = load_fitting_table(reuse, plan.candidates, plan.deployment)
+        log(note)
+        return table
+    log("measuring the latency table (each unit removed, exported, timed interleaved)")
+    return measure_latency_table(plan.model, plan.candidates, plan.deployment, plan.loaded.arch, work)
