@@ -71,9 +71,10 @@ class PruneRun:
     seconds: float
 
 
-def _side(cost: Cost, stats: LatencyStats, accuracy: float | None) -> dict:
-    return {"flops": cost.flops, "macs": cost.macs, "params": cost.params, "latency_ms": _latency(stats),
-            "accuracy": accuracy}
+def _side(cost: Cost, stats: LatencyStats, accuracy: float | None, batch: int) -> dict:
+    """One model's row: FLOPs and MACs per input of the profile's batch, latency per batch (ms)."""
+    return {"flops": cost.flops, "macs": cost.macs, "params": cost.params,
+            "latency_ms": {**_latency(stats), "batch": batch}, "accuracy": accuracy}
 
 
 def _search(run: PruneRun) -> dict:
@@ -101,10 +102,11 @@ def build_report(run: PruneRun) -> dict:
     before, after = recovered.before, recovered.after
     accuracy = [a.top1 if a is not None else None for a in (after.original_accuracy, after.pruned_accuracy)]
     removed = run.chosen.removed
+    batch = plan.deployment.input_shape[0]
     return {
         "model": plan.loaded.arch, "source": plan.loaded.source, "data": run.config["data"],
-        "baseline": _side(base_cost, base_stats, accuracy[0]),
-        "pruned": _side(pruned_cost, pruned_stats, accuracy[1]),
+        "baseline": _side(base_cost, base_stats, accuracy[0], batch),
+        "pruned": _side(pruned_cost, pruned_stats, accuracy[1], batch),
         "removed_units": [u.name for u in removed],
         "removed_unit_kinds": {u.name: u.kind for u in removed},
         "units": [{"name": u.name, "kind": u.kind, "stage": u.stage, "importance": run.importance[u.name],

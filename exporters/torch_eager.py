@@ -25,19 +25,32 @@ class TorchExporter(Exporter):
     suffix = ".pt2"
     TOLERANCES = {"fp32": (1e-5, 1e-4, 0.0)}
 
+    def __init__(self, precision: str = "fp32", dynamic_batch: bool = False) -> None:
+        super().__init__(precision)
+        self.dynamic_batch = dynamic_batch
+
     def write(self, model, example_input, staged: Path, opset: int) -> list[str]:
-        """`opset` is ignored; an ONNX file is refused (torch cannot import ONNX)."""
+        """`opset` is ignored; an ONNX file is refused (torch cannot import ONNX). With `dynamic_batch`,
+        the program takes any batch size (traced on a batch of at least 2: torch.export specialises 1)."""
         import torch
 
         if isinstance(model, (str, Path)):
             msg = "the torch format exports an nn.Module, not an ONNX file"
             raise InputError(msg)
-        program = torch.export.export(model.eval(), (example_input,))
+        shapes = None
+        if self.dynamic_batch:
+            if len(example_input) < 2:
+                example_input = example_input.expand(2, *example_input.shape[1:]).contiguous()
+            shapes = ({0: torch.export.Dim("batch", min=1)},)
+        program = torch.export.export(model.eval(), (example_input,), dynamic_shapes=shapes)
         torch.export.save(program, str(staged))
         return [staged.name]
 
     def run_staged(self, staged: Path, x: np.ndarray) -> np.ndarray:
-        return TorchSession(staged, 1).run(x)
+        session = TorchSession(staged, 1)
+        if self.dynamic_batch:  # the program must take another batch size too
+            session.run(np.concatenate([x, x, x]))
+        return session.run(x)
 
 
 class TorchSession(Session):

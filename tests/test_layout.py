@@ -97,3 +97,13 @@ def test_files_and_functions_are_small():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 assert length <= MAX_FUNCTION_LINES, f"{relative}:{node.lineno} {node.name}: {length} lines"
+
+
+def test_every_package_is_installed():
+    """pyproject's explicit package list names every folder of compressor/ and exporters/ (a missing one
+    would work in this checkout and fail when installed)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {module_name(p) for package in PACKAGES for p in (ROOT / package).rglob("__init__.py")}
+    assert folders <= listed, folders - listed

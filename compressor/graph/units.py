@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from compressor.errors import InputError
+from compressor.errors import InputError, first_line
 from compressor.graph.activations import IDEMPOTENT_AFTER, SIGN_PRESERVING_MODULES, activation_of, is_add, trace
 
 MERGE_SUFFIX = "/merge"  # a merge unit's name: its block's path + this
@@ -79,41 +79,43 @@ class _BlockShape:
     post_add: tuple[str, ...]
 
 
-def _analyse_block(block: nn.Module) -> _BlockShape | None:
-    """Recognise ``act(branch(x) + shortcut(x))`` in a block's own traced graph."""
+def _analyse_block(block: nn.Module) -> _BlockShape | str:
+    """Recognise ``act(branch(x) + shortcut(x))`` in a block's own traced graph; else why not."""
     try:
         graph = fx.symbolic_trace(block).graph
-    except Exception:
-        return None
+    except Exception as e:  # fx raises many types (TraceError, TypeError, ...)
+        return f"its forward cannot be traced on its own ({type(e).__name__})"
     modules = dict(block.named_modules())
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     outputs = [n for n in graph.nodes if n.op == "output"]
-    if len(placeholders) != 1 or len(outputs) != 1 or not isinstance(outputs[0].args[0], fx.Node):
-        return None
+    if len(placeholders) != 1:
+        return f"its forward takes {len(placeholders)} inputs, not one"
+    if len(outputs) != 1 or not isinstance(outputs[0].args[0], fx.Node):
+        return "it does not return one tensor"
     x, node = placeholders[0], outputs[0].args[0]
     post: list[str] = []
     while not is_add(node):
         act = activation_of(node, modules)
         if act is None or len(node.all_input_nodes) != 1:
-            return None
+            return "its output is not act(a + b): something other than an activation follows the addition"
         post.append(act)
         node = node.all_input_nodes[0]
     operands = [_through_identity(a, modules) for a in node.args[:2] if isinstance(a, fx.Node)]
     if len(operands) != 2 or any(k != "alpha" for k in node.kwargs):
-        return None
+        return "its addition does not add two tensors"
     if x in operands:
         return _BlockShape("identity", None, tuple(reversed(post)))
     chains = sorted((_ancestors(a, x) for a in operands), key=len)
     shortcut_nodes, branch_nodes = chains
     if any(n.op != "call_module" for n in shortcut_nodes) or set(shortcut_nodes) & set(branch_nodes):
-        return None
+        return "neither side of its addition is the input or a projection module of the input"
     heads = {str(n.target).split(".")[0] for n in shortcut_nodes}
     if len(heads) != 1:
-        return None
+        return "its shortcut is not one child module"
     head = heads.pop()
     leaves = [n for n, m in block.get_submodule(head).named_modules() if not list(m.children())]
     if len(leaves) != len(shortcut_nodes):
-        return None
+        return "its shortcut module is not used whole"
     return _BlockShape("projection", head, tuple(reversed(post)))
 
 
@@ -138,30 +140,48 @@ def find_units(model: nn.Module, example_input: torch.Tensor) -> list[Unit]:
     was produced by an activation that makes it a no-op (ReLU after ReLU), so
     an identity unit becomes a true nn.Identity.
     """
+    return find_units_explained(model, example_input)[0]
+
+
+def _traced_with_shapes(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     gm = trace(model)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example_input)
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    except Exception as e:
+        msg = (f"{type(model).__name__} fails on a {list(example_input.shape)} input: "
+               f"{type(e).__name__}: {first_line(e)}")
+        raise InputError(msg) from e
+    finally:
+        model.train(was_training)
+    return gm
+
+
+def find_units_explained(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Unit], dict[str, str]]:
+    """(the units, as find_units; {module path: why it is not a unit} for every module with an addition
+    that was not recognised)."""
+    gm = _traced_with_shapes(model, example_input)
     units: dict[str, Unit] = {}
+    rejected: dict[str, str] = {}
     nodes = list(gm.graph.nodes)
     for node in nodes:
         stack = node.meta.get("nn_module_stack") or {}
         if not is_add(node) or not stack:
             continue
         path = list(stack)[-1]
-        if path in units:
+        if path in units or path in rejected:
             continue
         shape = _analyse_block(model.get_submodule(path))
-        if shape is None:
+        if isinstance(shape, str):
+            rejected[path] = shape
             continue
         block_nodes = {n for n in nodes if path in (n.meta.get("nn_module_stack") or {})}
         producer = _producer_activation(gm, block_nodes)
-        if producer is False:
-            continue
         users_outside = [n for n in block_nodes if any(u not in block_nodes for u in n.users)]
-        if len(users_outside) != 1:
+        if producer is False or len(users_outside) != 1:
+            rejected[path] = "in the model it reads more than one input or feeds more than one consumer"
             continue
         meta = users_outside[0].meta.get("tensor_meta")
         stage = "x".join(str(d) for d in meta.shape[1:]) if meta is not None else "?"
@@ -170,7 +190,7 @@ def find_units(model: nn.Module, example_input: torch.Tensor) -> list[Unit]:
             post = ()
         units[path] = Unit(path, shape.kind, stage, len(units), shape.shortcut, post)
     anchored = _anchored_stages(list(units.values()), nodes)
-    return [replace(u, anchored=u.stage in anchored) for u in units.values()]
+    return [replace(u, anchored=u.stage in anchored) for u in units.values()], rejected
 
 
 def _anchored_stages(units: list[Unit], nodes: list[fx.Node]) -> set[str]:

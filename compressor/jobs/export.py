@@ -55,8 +55,14 @@ def export(model: nn.Module, example_input: torch.Tensor, out: str | Path, forma
     out = make_output_dir(check_output_dir(out, must_be_empty=False))
     for exporter in exporters:
         _refuse_clash(exporter, exporter.artifact_path(out / name))
-    folded, folds = fold_batchnorm(model.eval(), example_input)
-    log(f"{folds} BatchNorm layers folded; input {list(example_input.shape)}")
+    from compressor.models.program import ProgramModule
+
+    if isinstance(model, ProgramModule):  # a torch.export program: already in inference form
+        folded = model
+        log(f"a torch.export program, exported as it is; input {list(example_input.shape)}")
+    else:
+        folded, folds = fold_batchnorm(model.eval(), example_input)
+        log(f"{folds} BatchNorm layers folded; input {list(example_input.shape)}")
     written = {}
     for exporter in exporters:
         target = exporter.artifact_path(out / name)

@@ -12,10 +12,10 @@ from compressor.criteria import ScoringContext, score_units
 from compressor.criteria.agreement import Agreement, agreement, notes_for, rank_units, render_agreement, render_table
 from compressor.data.bundle import DataBundle
 from compressor.errors import InputError
-from compressor.graph.units import find_units
+from compressor.graph.units import find_units_explained
 from compressor.latency.profiles import Profile
 from compressor.models.loaded import LoadedModel
-from compressor.stages.plan import NO_UNITS_HINT
+from compressor.stages.plan import no_units_message
 
 
 @dataclass
@@ -43,10 +43,9 @@ def score_model(loaded: LoadedModel, data: DataBundle, criteria: Sequence[str], 
     from compressor.latency.machine import machine_info
 
     model = loaded.model.eval()
-    units = find_units(model, loaded.example_input())
+    units, rejected = find_units_explained(model, loaded.example_input())
     if not units:
-        msg = f"{loaded.arch}: no removable residual units found in its traced graph; {NO_UNITS_HINT}"
-        raise InputError(msg)
+        raise InputError(no_units_message(loaded.arch, rejected))
     if k is not None and k > len(units):
         msg = f"--k must be between 1 and the number of units ({len(units)}), got {k}"
         raise InputError(msg)

@@ -78,12 +78,13 @@ def _num_classes(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 def from_module(model: nn.Module, input_shape: tuple[int, int, int], arch: str | None = None,
                 source: str | None = None) -> LoadedModel:
-    """The user's own nn.Module as a LoadedModel; `arch` is what rebuilds it (MODULE:FACTORY), if known."""
+    """The user's own nn.Module as a LoadedModel; `arch` is what rebuilds it (MODULE:FACTORY); by default
+    its class as MODULE:CLASS, which a checkpoint rebuilds by calling the class with no arguments."""
     if not isinstance(model, nn.Module):
         msg = f"expected a torch.nn.Module, got {type(model).__name__}"
         raise InputError(msg)
     shape = tuple(int(d) for d in input_shape)
-    name = arch or f"{type(model).__module__}.{type(model).__qualname__}"
+    name = arch or f"{type(model).__module__}:{type(model).__qualname__}"  # MODULE:CLASS rebuilds it
     return LoadedModel(model.eval(), name, _num_classes(model, shape), shape, source or f"user module {name}")
 
 
@@ -128,6 +129,10 @@ def load_model(spec: str, data: object | None = None, weights: str | None = None
     elif path.is_dir():
         msg = f"--model {spec} is a folder; give a checkpoint file (such as {path / 'model.pt'}) or a zoo name"
         raise InputError(msg)
+    elif spec.endswith(".pt2"):
+        from compressor.models.program import load_program
+
+        loaded = load_program(spec)
     elif spec.endswith((".pt", ".pth")) or path.is_file():
         loaded = load_checkpoint(spec)
     elif spec.startswith(TIMM_PREFIX) or (":" in spec and os.sep not in spec):

@@ -3,6 +3,7 @@ the final, longer interleaved measurement of the baseline and pruned artifacts."
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from compressor.data.bundle import DataBundle
+from compressor.fileio import atomic_write_text
 from compressor.graph.recipe import make_recipe
 from compressor.graph.units import Unit
 from compressor.latency.timing import Interleaved
@@ -40,10 +42,19 @@ def _onnx_copies(plan: Plan, folded: torch.nn.Module, out: Path) -> None:
     onnx.export(fold_batchnorm(plan.model)[0], plan.example, out / "baseline.onnx", plan.deployment.profile.opset)
 
 
+def _program(plan: Plan, recovered: Recovered, out: Path) -> dict:
+    """model.pt2: the pruned model as a torch.export program, which loads without the model's source code."""
+    from exporters import get_exporter
+
+    exporter = get_exporter("torch", dynamic_batch=True)
+    path = exporter.export(recovered.deployed, plan.example, out / "model.pt2")
+    return {"file": path.name, "batch": "dynamic", "tolerance": {"atol": exporter.atol, "rtol": exporter.rtol}}
+
+
 def deliver(plan: Plan, recovered: Recovered, removed: list[Unit], data: DataBundle, out: Path,
             checkpoint_extra: dict) -> Delivered:
     """Fold BatchNorm (checked to FOLD_RTOL), export both models (each validated against torch on
-    held-out images), write model.pt with the recipe."""
+    held-out images), write model.pt (state_dict and recipe), recipe.json and model.pt2."""
     deployment, x = plan.deployment, plan.example
     folded, folds = fold_batchnorm(recovered.deployed)
     fold_error = check_equivalent(recovered.deployed, folded, x, FOLD_RTOL, "BatchNorm folding")
@@ -59,12 +70,15 @@ def deliver(plan: Plan, recovered: Recovered, removed: list[Unit], data: DataBun
     pruned_loaded = replace(plan.loaded, model=recovered.pruned, source=f"pruned from {plan.loaded.source}",
                             removed_units=[u.name for u in removed])
     save_checkpoint(out / "model.pt", pruned_loaded, recipe, **checkpoint_extra)
+    atomic_write_text(out / "recipe.json", json.dumps(recipe, indent=2) + "\n")
+    program = _program(plan, recovered, out)
     exporter = deployment.exporter
     checks = {"fold_max_rel_error": fold_error, "folds": folds, "fold_tolerance_rel": FOLD_RTOL,
               "merges": recovered.merge_checks,
               "artifact_format": exporter.name, "artifacts": [model_path.name, baseline_path.name],
               "artifact_max_abs_error": artifact_error, "artifact_baseline_max_abs_error": baseline_error,
-              "artifact_tolerance": {"atol": exporter.atol, "rtol": exporter.rtol, "range_rtol": exporter.range_rtol}}
+              "artifact_tolerance": {"atol": exporter.atol, "rtol": exporter.rtol, "range_rtol": exporter.range_rtol},
+              "program": program}
     return Delivered(model_path, baseline_path, recipe, checks)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from compressor.errors import InputError
 from compressor.graph.merge_units import find_merge_units
-from compressor.graph.units import Unit, find_units
+from compressor.graph.units import Unit, find_units_explained
 from compressor.latency.deploy import Deployment
 from compressor.latency.device import Device
 from compressor.latency.profiles import Profile
@@ -18,6 +18,14 @@ from compressor.models.loaded import LoadedModel
 
 NO_UNITS_HINT = ("a removable unit is a submodule whose forward computes act(branch(x) + shortcut(x)), "
                  "the shortcut being the identity or a child module (a projection), e.g. a ResNet BasicBlock")
+
+
+def no_units_message(arch: str, rejected: dict[str, str]) -> str:
+    """Why a model has no removable unit, with what would be one."""
+    why = "; ".join(f"{path}: {reason}" for path, reason in list(rejected.items())[:3])
+    return (f"{arch}: no removable residual units found in its traced graph"
+            + (f" ({why}{' ...' if len(rejected) > 3 else ''})" if why else " (it has no residual additions)")
+            + f"; {NO_UNITS_HINT}")
 
 
 @dataclass
@@ -44,10 +52,9 @@ def plan(loaded: LoadedModel, profile: Profile, merge: bool, log: Callable[[str]
     """Find the units of `loaded.model` on the profile's input (InputError if there are none)."""
     model = loaded.model.eval()
     deployment = Deployment(profile, loaded.input_shape, device)
-    units = find_units(model, deployment.example)
+    units, rejected = find_units_explained(model, deployment.example)
     if not units:
-        msg = f"{loaded.arch}: no removable residual units found in its traced graph; {NO_UNITS_HINT}"
-        raise InputError(msg)
+        raise InputError(no_units_message(loaded.arch, rejected))
     log(f"{len(units)} removable units in {loaded.arch}: "
         f"{sum(u.kind == 'identity' for u in units)} identity, {sum(u.kind == 'projection' for u in units)} projection")
     merges: list[Unit] = []

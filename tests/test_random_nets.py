@@ -1,0 +1,79 @@
+"""Random residual architectures (tests/random_nets.py): removing any subset of units gives exactly the
+model whose removed branches output zero, folds within its tolerance, and exports to ONNX that agrees
+with torch in ONNX Runtime. benchmarks/random_architectures.py runs the same check on 1,000 nets."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from compressor.graph.surgery import remove_units
+from compressor.graph.units import find_units
+from compressor.rewrite.fold import FOLD_RTOL, check_equivalent, fold_batchnorm
+from tests.random_nets import muted_reference, random_net
+
+SURGERY_RTOL = 1e-5  # removal is exact: only fp32 summation order may differ
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6), subset_seed=st.integers(0, 10**6))
+def test_pruned_random_net_equals_its_muted_reference(seed, subset_seed):
+    net = random_net(seed)
+    x = torch.randn(3, *net.input_shape, generator=torch.Generator().manual_seed(seed))
+    units = find_units(net.model, x)
+    assert units, "every generated net has at least one unit"
+    rng = random.Random(subset_seed)
+    removed = [u for u in units if rng.random() < 0.5]
+    pruned = remove_units(net.model, removed, x)
+    with torch.no_grad():
+        expected = muted_reference(net.model, [u.name for u in removed])(x)
+        assert relative_error(pruned(x), expected) <= SURGERY_RTOL
+    folded, _ = fold_batchnorm(pruned)
+    assert check_equivalent(pruned, folded, x, FOLD_RTOL, "folding") <= FOLD_RTOL
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6))
+def test_random_net_onnx_export_agrees_with_torch(seed, tmp_path_factory):
+    import onnxruntime as ort
+
+    from exporters import get_exporter
+
+    net = random_net(seed)
+    x = torch.randn(1, *net.input_shape, generator=torch.Generator().manual_seed(seed))
+    units = find_units(net.model, x)
+    removed = units[::2]
+    pruned = fold_batchnorm(remove_units(net.model, removed, x))[0]
+    path = get_exporter("onnx").export(pruned, x, tmp_path_factory.mktemp("onnx") / "m.onnx")  # validates itself
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        expected = muted_reference(net.model, [u.name for u in removed])(x).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
+
+
+def test_generator_covers_the_block_shapes():
+    """Over 60 seeds: identity and projection units, post-activation with each activation kind, and the
+    blocks that must not be units (two additions) are all drawn."""
+    from tests.random_nets import ACTIVATIONS, PreActBlock, TwoAddBlock
+
+    kinds, acts, pre, two = set(), set(), 0, 0
+    for seed in range(60):
+        net = random_net(seed)
+        units = find_units(net.model, torch.randn(1, *net.input_shape))
+        kinds |= {u.kind for u in units}
+        acts |= {type(m) for m in net.model.modules() if isinstance(m, ACTIVATIONS)}
+        pre += sum(isinstance(m, PreActBlock) for m in net.model.modules())
+        two += sum(isinstance(m, TwoAddBlock) for m in net.model.modules())
+        names = {u.name for u in units}
+        assert not any(isinstance(net.model.get_submodule(n), TwoAddBlock) for n in names)
+    assert kinds == {"identity", "projection"}
+    assert acts == set(ACTIVATIONS)
+    assert pre and two
