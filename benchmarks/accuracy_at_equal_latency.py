@@ -20,42 +20,36 @@ Writes accuracy_at_equal_latency.json and .md into --out after every model x bac
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import json
-import shlex
 import sys
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import common
 import torch
+from common import log
 from torch import nn
 from tp_reference import METHOD, ROUND_TO, bisect_ratio  # benchmarks/, beside this file
 
 from compressor.data import DataBundle, load_data
-from compressor.fileio import atomic_write_text
 from compressor.finetune.training import accuracy, train
 from compressor.jobs.prune import prune
 from compressor.latency.deploy import Deployment
-from compressor.latency.machine import machine_info, source_revision
 from compressor.latency.profiles import load_profile
 from compressor.metrics.flops import count_cost
 from compressor.models.checkpoint import load_checkpoint
 from compressor.models.sources import load_model
 from compressor.search.target import Speedup
 
+NAME = "accuracy_at_equal_latency"
+TITLE = "Accuracy at equal measured latency: depth pruning (compressor) vs Torch-Pruning"
 LATENCY_TOLERANCE = 0.03  # TP's ratio bisection stops within 3% of our measured latency
 CASES = {  # model -> (data, target speedup)
     "resnet56": ("digits32", 2.0),
     "efficientnet_lite0": ("photos", 1.3),
 }
 PROFILES = ("ort-cpu", "openvino-cpu")
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def quality(model: nn.Module, reference: nn.Module, data: DataBundle) -> dict:
@@ -99,34 +93,27 @@ def run_case(name: str, data_spec: str, target: float, profile_name: str, epochs
                   teacher=base, desc=f"fine-tune TP r{r}")
             tp_models[r] = (found.model.eval(), {"before_finetune": before, **found.describe()})
         log(f"[{name} {profile_name}] final interleaved measurement: baseline, ours, TP r{ROUND_TO}")
-        paths = [dep.export(base, work / "baseline"), ours_path]
-        paths += [dep.export(m, work / f"tp-final-r{r}") for r, (m, _) in tp_models.items()]
-        final = dep.time(paths, profile.report_policy)
+        models = [("baseline", base), ("ours", ours), *((f"tp r{r}", m) for r, (m, _) in tp_models.items())]
+        final = common.time_models(dep, models, work / "final", profile.report_policy)
     base_flops = count_cost(base, x).flops
 
-    def side(model: nn.Module, i: int) -> dict:
+    def side(model: nn.Module, key: str) -> dict:
         flops = count_cost(model, x).flops
-        return {"latency_ms": final.stats[i].to_dict(), "speedup_measured": final.speedup(0, i),
+        return {"latency_ms": final[key]["latency_ms"], "speedup_measured": final[key]["speedup"],
                 "flops": flops, "speedup_flops": base_flops / flops, "quality": quality(model, base, data)}
 
     return {
         "model": name, "data": data_spec, "profile": profile_name, "target_speedup": target,
         "finetune": {"epochs": epochs, "lr": lr, "loop": "compressor.finetune.train, distillation from unpruned"},
-        "baseline": {**side(base, 0), "speedup_measured": 1.0},
-        "ours": {**side(ours, 1), "removed_units": report["removed_units"], "target_met": report["target_met"]},
-        "tp": {f"round_to_{r}": {**side(m, 2 + k), **info} for k, (r, (m, info)) in enumerate(tp_models.items())},
+        "baseline": {**side(base, "baseline"), "speedup_measured": 1.0},
+        "ours": {**side(ours, "ours"), "removed_units": report["removed_units"], "target_met": report["target_met"]},
+        "tp": {f"round_to_{r}": {**side(m, f"tp r{r}"), **info} for r, (m, info) in tp_models.items()},
         "seconds": time.perf_counter() - t0,
     }
 
 
 def render_markdown(result: dict) -> str:
-    m = result["machine"]
     lines = [
-        "# Accuracy at equal measured latency: depth pruning (compressor) vs Torch-Pruning",
-        "",
-        f"Machine: {m['cpu']} ({m['logical_cores']} logical / {m['physical_cores']} physical cores), "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f"; {result['date']}.",
-        "",
         "Both fine-tuned the same way (distillation from the unpruned model, same epochs and learning rate). "
         "TP's ratio bisected on measured latency until within 3% of ours; latencies from one final "
         "interleaved measurement per row (report policy).",
@@ -148,37 +135,28 @@ def render_markdown(result: dict) -> str:
                          f"{t['speedup_measured']:.2f} | {t['speedup_flops']:.2f} | "
                          f"{t['before_finetune']['value']:.2f} | {t['quality']['value']:.2f} |")
     metrics = sorted({row["ours"]["quality"]["metric"] for row in result["rows"]})
-    lines += ["", f"- Quality: {'; '.join(metrics)}, on the held-out split.", f"- TP: {METHOD}.",
-              "", f"Command: `{result['command']}`", ""]
-    return "\n".join(lines)
+    lines += ["", f"- Quality: {'; '.join(metrics)}, on the held-out split.", f"- TP: {METHOD}."]
+    return common.document(TITLE, result, lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--models", default=",".join(CASES), help="comma-separated (default: %(default)s)")
     parser.add_argument("--profiles", default=",".join(PROFILES), help="comma-separated (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs for both (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=0.02, help="fine-tuning learning rate (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    models = [m for m in args.models.split(",") if m]
-    if any(m not in CASES for m in models):
-        parser.error(f"--models must be among {', '.join(CASES)}")
+    models = common.known_list(parser, "--models", args.models, CASES)
     t0 = time.perf_counter()
-    result = {"benchmark": "accuracy_at_equal_latency",
-              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": shlex.join([sys.executable, *sys.argv]),
-              "git_commit": source_revision(Path(__file__).parent), "machine": machine_info(), "rows": []}
+    result = {**common.provenance(NAME), "rows": []}
     for name in models:
         data_spec, target = CASES[name]
-        for profile_name in args.profiles.split(","):
+        for profile_name in common.comma_list(args.profiles):
             torch.manual_seed(0)
             result["rows"].append(run_case(name, data_spec, target, profile_name, args.epochs, args.lr))
             result["seconds"] = time.perf_counter() - t0
-            atomic_write_text(args.out / "accuracy_at_equal_latency.json", json.dumps(result, indent=2))
-            atomic_write_text(args.out / "accuracy_at_equal_latency.md", render_markdown(result))
-    print(render_markdown(result))
-    return 0
+            common.write_results(args.out, NAME, result, render_markdown(result))
+    return common.finish(args.out, NAME, render_markdown(result), t0)
 
 
 if __name__ == "__main__":

@@ -27,66 +27,48 @@ For one model and data source (default efficientnet_lite0 with its ImageNet weig
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import json
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common
 import torch
-from calibrated_table import calibrated_table, load_setup  # benchmarks/, beside this file
+from calibrated_table import load_setup, setup_parser, setup_provenance, setup_title
+from common import log
 
 from compressor.criteria import CRITERIA, ScoringContext, score_units
-from compressor.fileio import atomic_write_text
 from compressor.finetune.training import teacher_labelled
-from compressor.graph.surgery import remove_units
-from compressor.latency.machine import machine_info, source_revision
 from compressor.metrics.fidelity import fidelity, outputs, shift_agreement
 from compressor.search.greedy import GreedyOrder, greedy_proposer
 from compressor.search.knapsack import choose_units, removable_limits
 
+NAME = "criteria_at_speedup"
 MEASURED_RANDOM = 3  # random sets per level that are also timed
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="efficientnet_lite0")
-    parser.add_argument("--data", default="photos")
-    parser.add_argument("--profile", default="ort-cpu")
-    parser.add_argument("--speedups", default="1.3,1.5,2")
+    parser = setup_parser(__doc__, speedups="1.3,1.5,2")
     parser.add_argument("--criteria", default=",".join(c for c in CRITERIA if c != "random"))
     parser.add_argument("--random-sets", type=int, default=10)
     parser.add_argument("--calibration-size", type=int, default=256)
     parser.add_argument("--min-per-stage", type=int, default=0,
                         help="units kept per stage (default 0: a stage's first, non-residual block always stays)")
     parser.add_argument("--greedy-images", type=int, default=128, help="calibration crops greedy selection runs on")
-    parser.add_argument("--all-sets-at", default="", help="levels at which every minimal set is evaluated, e.g. 1.3")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--all-sets-at", type=common.float_list, default="",
+                        help="levels at which every minimal set is evaluated, e.g. 1.3")
     args = parser.parse_args(argv)
-    speedups = [float(s) for s in args.speedups.split(",")]
-    criteria = [c for c in args.criteria.split(",") if c]
+    criteria = common.comma_list(args.criteria)
     t0 = time.perf_counter()
 
     setup = load_setup(args.model, args.data, args.profile)
-    data, loaded, base, profile, dep, units = (setup.data, setup.loaded, setup.base, setup.profile, setup.dep,
-                                               setup.units)
-    x = dep.example
+    data, base, units = setup.data, setup.base, setup.units
     names = [u.name for u in units]
-    log(f"{args.model}: {len(units)} units; measuring the latency table on {profile.name}")
     with tempfile.TemporaryDirectory(prefix="criteria-at-speedup-") as tmp:
         work = Path(tmp)
-        measured_table = calibrated_table(base, units, dep, args.model, work, args.min_per_stage)
-        table, floor, reach, calibration = (measured_table.table, measured_table.floor, measured_table.reach,
-                                            measured_table.calibration)
-        log(f"floor ({len(floor)} units removed): {reach.speedup():.2f}x; calibration scale {calibration.scale:.2f}")
+        measured_table = setup.measure_table(args.model, work, args.min_per_stage)
+        table, reach, calibration = measured_table.table, measured_table.reach, measured_table.calibration
 
         calib = data.loader("train", batch_size=64, limit=args.calibration_size, seed=0)
         if not data.labelled:  # sr_init and taylor read labels: the unpruned model's top-1 instead
@@ -106,16 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         reference = outputs(base, val)
         stability = shift_agreement(base, val)
         log(f"unpruned model vs itself shifted one pixel: {stability:.1f}% top-1 agreement")
-        all_sets_at = [float(v) for v in args.all_sets_at.split(",") if v]
         rows: list[dict] = []
         to_time: dict[tuple[str, ...], None] = {}
-        for level in speedups:
+        for level in args.speedups:
             need = 1 - 1 / level
             required = calibration.required_saving_ms(table, need, 0)
             proposals = {name: choose_units(units, importance, table.savings_ms, required, args.min_per_stage)
                          for name, importance in scores.items()}
             proposals["greedy"] = greedy_propose(required)
-            if level in all_sets_at:
+            if level in args.all_sets_at:
                 for i, s in enumerate(minimal_sets(units, table.savings_ms, required, args.min_per_stage)):
                     proposals[f"all#{i}"] = s
             for name, choice in proposals.items():
@@ -124,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     continue
                 removed = list(choice.removed)
-                pruned = remove_units(base, [u for u in units if u.name in removed], x)
+                pruned = setup.pruned(removed)
                 f = fidelity(base, pruned, val, reference=reference)
                 row.update({"removed": removed, "predicted_speedup": 1 / (1 - calibration.saved_fraction(
                     sum(table.savings_ms[n] for n in removed) / table.baseline_ms, len(removed))),
@@ -136,32 +117,22 @@ def main(argv: list[str] | None = None) -> int:
                 is_random = name.startswith("random#")
                 if not is_random or int(name.split("#")[1]) < MEASURED_RANDOM:
                     to_time[tuple(removed)] = None
-        log(f"timing {len(to_time)} distinct removal sets against the baseline, interleaved")
         sets = list(to_time)
-        paths = [dep.export(base, work / "t-baseline")]
-        paths += [dep.export(remove_units(base, [u for u in units if u.name in s], x), work / f"t-{i}")
-                  for i, s in enumerate(sets)]
-        timed = dep.time(paths, profile.search_policy)
-    measured = {s: timed.speedup(0, i + 1) for i, s in enumerate(sets)}
+        measured = dict(zip(sets, setup.measured_speedups(sets, work / "timed"), strict=True))
     for row in rows:
         if row.get("removed") is not None and tuple(row["removed"]) in measured:
             row["measured_speedup"] = measured[tuple(row["removed"])]
 
-    result = {"benchmark": "criteria_at_speedup",
-              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": shlex.join([sys.executable, *sys.argv]), "git_commit": source_revision(Path(__file__).parent),
-              "machine": machine_info(), "model": args.model, "source": loaded.source, "data": args.data,
-              "profile": profile.to_dict(), "units": names, "min_per_stage": args.min_per_stage,
+    result = {**setup_provenance(NAME, args, setup), "units": names, "min_per_stage": args.min_per_stage,
               "calibration": calibration.to_dict(), "floor_speedup": reach.speedup(),
               "table": {"baseline_ms": table.baseline_ms, "savings_ms": table.savings_ms},
               "scores": scores, "rows": rows, "unpruned_shift_agreement": stability,
               "greedy": {"images": len(greedy_x), "sets_evaluated": greedy.evaluations,
                          "steps": [vars(s) for s in greedy.steps]},
               "seconds": time.perf_counter() - t0}
-    atomic_write_text(args.out / "criteria_at_speedup.json", json.dumps(result, indent=2))
-    atomic_write_text(args.out / "criteria_at_speedup.md", render_markdown(result, criteria, speedups))
-    print(render_markdown(result, criteria, speedups))
-    return 0
+    markdown = render_markdown(result, criteria, args.speedups)
+    common.write_results(args.out, NAME, result, markdown)
+    return common.finish(args.out, NAME, markdown, t0)
 
 
 def minimal_sets(units: list, savings_ms: dict[str, float], required_ms: float, min_per_stage: int):
@@ -184,13 +155,7 @@ def minimal_sets(units: list, savings_ms: dict[str, float], required_ms: float, 
 
 
 def render_markdown(result: dict, criteria: list[str], speedups: list[float]) -> str:
-    m = result["machine"]
     lines = [
-        f"# Criteria at a measured speedup: {result['model']} on {result['data']} ({result['profile']['name']})",
-        "",
-        f"Machine: {m['cpu']} ({m['logical_cores']} logical cores), "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f"; {result['date']}.",
-        "",
         f"Weights: {result['source']}. Each criterion's removal set is chosen by the search's knapsack on the "
         f"latency table calibrated on the most removable set (scale {result['calibration']['scale']:.2f}; "
         f"that set measured {result['floor_speedup']:.2f}x). No fine-tuning: top-1 agreement with the unpruned "
@@ -222,27 +187,29 @@ def render_markdown(result: dict, criteria: list[str], speedups: list[float]) ->
                          f"{r.get('measured_speedup', float('nan')):.2f} | {r['top1_agreement']:.1f} | "
                          f"{r['top5_overlap']:.1f} | {r['kl_divergence']:.3f} |")
         if randoms:
-            agree = [r["top1_agreement"] for r in randoms]
             timed = [r["measured_speedup"] for r in randoms if "measured_speedup" in r]
-            sd = statistics.stdev(agree) if len(agree) > 1 else 0.0
-            lines.append(f"| {level:g}x | random ({len(randoms)} sets) | "
-                         f"{statistics.mean(len(r['removed']) for r in randoms):.1f} | "
-                         f"{statistics.mean(r['predicted_speedup'] for r in randoms):.2f} | "
-                         f"{(statistics.mean(timed) if timed else float('nan')):.2f} | "
-                         f"{statistics.mean(agree):.1f} ± {sd:.1f} (max {max(agree):.1f}) | "
-                         f"{statistics.mean(r['top5_overlap'] for r in randoms):.1f} | "
-                         f"{statistics.mean(r['kl_divergence'] for r in randoms):.3f} |")
+            lines.append(_spread_row(level, f"random ({len(randoms)} sets)", randoms,
+                                     f"{statistics.mean(len(r['removed']) for r in randoms):.1f}",
+                                     f"{(statistics.mean(timed) if timed else float('nan')):.2f} "))
         if every:
-            agree = [r["top1_agreement"] for r in every]
-            lines.append(f"| {level:g}x | every minimal set ({len(every)}) | "
-                         f"{min(len(r['removed']) for r in every)}-{max(len(r['removed']) for r in every)} | "
-                         f"{statistics.mean(r['predicted_speedup'] for r in every):.2f} | | "
-                         f"{statistics.mean(agree):.1f} ± {statistics.stdev(agree):.1f} (max {max(agree):.1f}) | "
-                         f"{statistics.mean(r['top5_overlap'] for r in every):.1f} | "
-                         f"{statistics.mean(r['kl_divergence'] for r in every):.3f} (min "
-                         f"{min(r['kl_divergence'] for r in every):.3f}) |")
-    lines += ["", f"Command: `{result['command']}`", ""]
-    return "\n".join(lines)
+            sizes = [len(r["removed"]) for r in every]
+            lines.append(_spread_row(level, f"every minimal set ({len(every)})", every,
+                                     f"{min(sizes)}-{max(sizes)}", "", kl_min=True))
+    return common.document(setup_title("Criteria", result), result, lines)
+
+
+def _spread_row(level: float, label: str, rows: list[dict], removed: str, measured: str,
+                kl_min: bool = False) -> str:
+    """A table row over several sets: mean predicted speedup, agreement (mean ± std, best), top-5
+    overlap and KL (and the least KL where `kl_min`); `removed` and `measured` (with a trailing
+    space where not empty) are the rows' cells as given."""
+    agree = [r["top1_agreement"] for r in rows]
+    sd = statistics.stdev(agree) if len(agree) > 1 else 0.0
+    kl = [r["kl_divergence"] for r in rows]
+    return (f"| {level:g}x | {label} | {removed} | {statistics.mean(r['predicted_speedup'] for r in rows):.2f} | "
+            f"{measured}| {statistics.mean(agree):.1f} ± {sd:.1f} (max {max(agree):.1f}) | "
+            f"{statistics.mean(r['top5_overlap'] for r in rows):.1f} | {statistics.mean(kl):.3f}"
+            + (f" (min {min(kl):.3f})" if kl_min else "") + " |")
 
 
 if __name__ == "__main__":

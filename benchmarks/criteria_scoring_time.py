@@ -20,34 +20,27 @@ For each model (default resnet56 and resnet20, trained on digits32) this script
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
+import common
 import torch
+from common import log
 
 from compressor.criteria import COSTS, CRITERIA, ScoringContext, score_units
 from compressor.data import load_data
-from compressor.fileio import atomic_write_text
 from compressor.graph.units import find_units
-from compressor.latency.machine import machine_info, source_revision
 from compressor.models.sources import load_model
-from compressor.models.zoo import ZOO
 
+NAME = "criteria_scoring_time"
+TITLE = "Criterion scoring time: prefix caching vs naive"
 DATA = "digits32"
 CACHED_CRITERIA = ("cka", "sr_init")  # criteria whose ScoringContext.use_cache changes the computation
 GOAL_MODEL = "resnet56"
 GOAL_RATIO = 0.6
 MAX_SCORE_DIFF = 1e-6
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def timed_score(name: str, ctx: ScoringContext) -> tuple[float, float, dict[str, float]]:
@@ -113,15 +106,7 @@ def time_once(name: str, model, units, calibration) -> dict:
 
 
 def render_markdown(result: dict) -> str:
-    m = result["machine"]
     lines = [
-        "# Criterion scoring time: prefix caching vs naive",
-        "",
-        f"Machine: {m['cpu']} ({m['logical_cores']} logical / {m['physical_cores']} physical cores), "
-        f"{m['system']}, Python {m['python']}, "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-        + f", torch threads {result['torch_threads']}; {result['date']}.",
-        "",
         f"Data {result['data']}: {result['calibration_size']} calibration images from the training split "
         f"(seed 0), batches of {result['batch_size']}. Each cached/naive pair: one untimed warm-up pair, then "
         f"{result['repeats']} interleaved timed pairs (cached, naive, cached, naive, ...); medians. "
@@ -184,25 +169,15 @@ def render_markdown(result: dict) -> str:
         "- Absolute seconds on this shared 2-core machine move by 10-30% between runs (more while other jobs "
         "run: see the load averages); the interleaved ratio is the figure to compare.",
         f"- Total wall time of this script: {result.get('seconds', 0):.0f} s.",
-        "",
-        f"Command: `{result['command']}`",
-        "",
     ]
-    return "\n".join(lines)
-
-
-def write_outputs(result: dict, out: Path) -> None:
-    atomic_write_text(out / "criteria_scoring_time.json", json.dumps(result, indent=2))
-    atomic_write_text(out / "criteria_scoring_time.md", render_markdown(result))
+    return common.document(TITLE, result, lines, machine_extra=f", torch threads {result['torch_threads']}")
 
 
 # ---------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="resnet56,resnet20",
-                        help="comma-separated zoo names (default: %(default)s)")
+    parser = common.argument_parser(__doc__, models="resnet56,resnet20")
     parser.add_argument("--calibration-size", type=int, default=256,
                         help="calibration images from the training split (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=128, help="calibration batch size (default: %(default)s)")
@@ -214,13 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "paths' suffix work alike)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own choice)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
-                        help="output folder (default: benchmarks/results)")
     args = parser.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in args.models if m not in ZOO]
-    if not args.models or unknown:
-        parser.error(f"unknown model(s) {unknown}; zoo: {', '.join(ZOO)}")
     if args.repeats < 3:
         parser.error("--repeats must be at least 3")
     if args.threads is not None and args.threads < 1:
@@ -242,10 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"criteria not registered: {missing}")
         return 2
     result: dict = {
-        "benchmark": "criteria_scoring_time",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]), "git_commit": source_revision(Path(__file__).parent),
-        "machine": machine_info(), "torch_threads": torch.get_num_threads(), "data": DATA,
+        **common.provenance(NAME), "torch_threads": torch.get_num_threads(), "data": DATA,
         "calibration_size": args.calibration_size, "batch_size": args.batch_size, "calibration_seed": 0,
         "repeats": args.repeats, "sr_init_repeats": args.sr_init_repeats,
         "goal": {"model": GOAL_MODEL, "criteria": list(CACHED_CRITERIA), "max_ratio": GOAL_RATIO},
@@ -266,15 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             log(f"[{model_name}] {name}: cached {row['cached_median_s']:.2f} s, naive {row['naive_median_s']:.2f} s, "
                 f"ratio {row['ratio']:.2f}, max |diff| {row['max_abs_score_diff']:.1e}")
             result["seconds"] = time.perf_counter() - t0
-            write_outputs(result, args.out)
+            common.write_results(args.out, NAME, result, render_markdown(result))
         for name in (c for c in criteria if c not in CACHED_CRITERIA):
             row = time_once(name, model, units, calibration)
             entry["once"].append(row)
             log(f"[{model_name}] {name}: {row['seconds']:.4f} s")
         result["seconds"] = time.perf_counter() - t0
-        write_outputs(result, args.out)
-    log(f"wrote {args.out / 'criteria_scoring_time.json'} and .md in {time.perf_counter() - t0:.0f} s")
-    print(render_markdown(result))
+        common.write_results(args.out, NAME, result, render_markdown(result))
+    common.finish(args.out, NAME, render_markdown(result), t0)
     failed = [f"{m['model']} {r['criterion']} ({r['max_abs_score_diff']:.3g})" for m in result["models"]
               for r in m["cached_vs_naive"] if not r["scores_match"]]
     if failed:

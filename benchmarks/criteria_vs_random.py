@@ -24,29 +24,27 @@ blocks to remove, this script
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import shlex
 import statistics
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
+import common
 import torch
+from common import log
 from torch import nn
 from torch.nn import functional as F
 
 from compressor.criteria import COSTS, CRITERIA, ScoringContext, score_units
 from compressor.data import DataBundle, load_data
-from compressor.fileio import atomic_write_text
 from compressor.graph.surgery import remove_units
 from compressor.graph.units import Unit, find_units
-from compressor.latency.machine import machine_info, source_revision
 from compressor.models.sources import load_model
 from compressor.models.zoo import ZOO
 from compressor.search.knapsack import removable_limits
 
+NAME = "criteria_vs_random"
+TITLE = "Criteria vs random block removal (one-shot, no fine-tuning)"
 DATA = "digits32"
 DEFAULT_KS = {"resnet20": [2, 3, 4], "resnet56": [6, 9, 13]}
 METRICS = ("accuracy", "agreement", "kl")
@@ -55,10 +53,6 @@ METRIC_LABELS = {"accuracy": "top-1 accuracy (%)", "agreement": "top-1 agreement
                  "kl": "mean KL(unpruned || pruned) (nats)"}
 VERDICT_METRIC = "accuracy"
 FLOOR_MARGIN = 5.0  # percentage points above chance accuracy: the random sets are at the floor
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 # ---------------------------------------------------------------------------- selection and evaluation
@@ -227,15 +221,8 @@ def model_sentence(entry: dict, criteria: list[str], metric: str = VERDICT_METRI
 
 
 def render_markdown(result: dict) -> str:
-    m = result["machine"]
     criteria = result["criteria"]
     lines = [
-        "# Criteria vs random block removal (one-shot, no fine-tuning)",
-        "",
-        f"Machine: {m['cpu']} ({m['logical_cores']} logical / {m['physical_cores']} physical cores), "
-        f"{m['system']}, Python {m['python']}, "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f"; {result['date']}.",
-        "",
         f"Data {result['data']}: criteria score on {result['calibration_size']} training images (seed 0); "
         f"metrics on the {result['val_size']} validation images. The k least important units are removed "
         f"(at least {result['min_per_stage']} block per stage survives), no fine-tuning. Random: "
@@ -300,16 +287,8 @@ def render_markdown(result: dict) -> str:
         "- Criterion costs (COSTS): " + "; ".join(f"{n}: {result['costs'][n]}" for n in criteria) + ".",
         f"- sr_init with ScoringContext.repeats = {result['sr_init_repeats']}; all criteria with seed 0.",
         f"- Total wall time: {result.get('seconds', 0):.0f} s.",
-        "",
-        f"Command: `{result['command']}`",
-        "",
     ]
-    return "\n".join(lines)
-
-
-def write_outputs(result: dict, out: Path) -> None:
-    atomic_write_text(out / "criteria_vs_random.json", json.dumps(result, indent=2))
-    atomic_write_text(out / "criteria_vs_random.md", render_markdown(result))
+    return common.document(TITLE, result, lines)
 
 
 # ---------------------------------------------------------------------------- main
@@ -328,7 +307,7 @@ def _parse_k(spec: str) -> tuple[str, list[int]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--k", dest="ks", action="append", type=_parse_k, metavar="MODEL=K1,K2,...",
                         help="blocks to remove per model, repeatable (default: "
                              + " ".join(f"{m}={','.join(map(str, k))}" for m, k in DEFAULT_KS.items()) + ")")
@@ -339,17 +318,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="training images the criteria score on (default: %(default)s)")
     parser.add_argument("--min-per-stage", type=int, default=1,
                         help="blocks of every stage that survive (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
-                        help="output folder (default: benchmarks/results)")
     args = parser.parse_args(argv)
     args.ks = dict(args.ks) if args.ks else dict(DEFAULT_KS)
     unknown = [m for m in args.ks if m not in ZOO]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; zoo: {', '.join(ZOO)}")
-    args.criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
-    bad = [c for c in args.criteria if c not in CRITERIA]
-    if not args.criteria or bad:
-        parser.error(f"unknown criteria {bad}; known: {', '.join(CRITERIA)}")
+    args.criteria = common.known_list(parser, "--criteria", args.criteria, CRITERIA)
     if args.random_sets < 2:
         parser.error("--random-sets must be at least 2 (a standard deviation is needed)")
     if args.calibration_size < 1 or args.min_per_stage < 0:
@@ -362,10 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     data = load_data(DATA)
     result: dict = {
-        "benchmark": "criteria_vs_random",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]), "git_commit": source_revision(Path(__file__).parent),
-        "machine": machine_info(), "data": DATA, "calibration_size": args.calibration_size,
+        **common.provenance(NAME), "data": DATA, "calibration_size": args.calibration_size,
         "calibration_seed": 0, "val_size": len(data.val), "min_per_stage": args.min_per_stage,
         "random_sets": args.random_sets, "criteria": args.criteria, "chance_accuracy": 100.0 / data.num_classes,
         "costs": {c: COSTS[c] for c in args.criteria}, "sr_init_repeats": ScoringContext.repeats,
@@ -376,10 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     for model_name, ks in args.ks.items():
         result["models"].append(run_model(model_name, ks, data, args.criteria, args))
         result["seconds"] = time.perf_counter() - t0
-        write_outputs(result, args.out)
-    log(f"wrote {args.out / 'criteria_vs_random.json'} and .md in {time.perf_counter() - t0:.0f} s")
-    print(render_markdown(result))
-    return 0
+        common.write_results(args.out, NAME, result, render_markdown(result))
+    return common.finish(args.out, NAME, render_markdown(result), t0)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
-import shlex
 import sys
 import tempfile
 import time
@@ -47,17 +44,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import common
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from compressor.data import DataBundle, load_data
 from compressor.errors import InputError, MergeRefused, ValidationError
-from compressor.fileio import atomic_write_text
 from compressor.finetune.training import accuracy, train
 from compressor.graph.units import Unit, find_units
 from compressor.latency.deploy import Deployment
-from compressor.latency.machine import machine_info, source_revision
 from compressor.latency.profiles import load_profile
 from compressor.metrics.flops import count_cost
 from compressor.models.sources import load_model
@@ -68,6 +64,8 @@ from compressor.rewrite.compose import MERGE_RTOL
 from compressor.rewrite.fold import FOLD_RTOL, fold_model
 from exporters import get_exporter
 
+NAME = "fold_merge"
+TITLE = "Fold and merge: latency, FLOPs and accuracy before and after"
 DATA = "digits32"
 # model key -> (zoo name, input size, trained on DATA?)
 MODELS: dict[str, tuple[str, int, bool]] = {
@@ -134,27 +132,13 @@ class Variant:
     info: dict = field(default_factory=dict)
 
 
-def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters for a random-init model (in place)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-    return model.eval()
-
-
 def prepare(key: str, data: DataBundle | None) -> Subject:
     """The model for `key`: digits32-trained weights (bundled or cached) or random init."""
     arch, size, trained = MODELS[key]
     if trained:
         loaded = load_model(arch, data)
         return Subject(key, arch, loaded.model.eval(), tuple(loaded.input_shape), loaded.source, data)
-    model = randomise_batchnorm(build(arch, 1000))
+    model = common.randomise_batchnorm(build(arch, 1000))
     return Subject(key, arch, model, (3, size, size), "random init, BatchNorm statistics randomised", None)
 
 
@@ -363,13 +347,13 @@ def time_backend(profile_name: str, subject: Subject, variants: list[Variant], o
                  for i, v in enumerate(variants)]
     graph = [openvino_counts(p) if p.suffix == ".xml" else None for p in paths]
     log(f"    {BACKENDS.get(profile_name, profile_name)}: timing {len(paths)} variants interleaved")
-    timed = dep.time(paths, profile.search_policy)
     base = next(i for i, v in enumerate(variants) if v.kind == "folded")
+    timed = common.time_paths(dep, [v.key for v in variants], paths, profile.search_policy, base=base)
     rows = []
     for i, v in enumerate(variants):
-        speedup = timed.speedup(base, i)
-        spread = timed.speedup_spread(base, i) if i != base else 0.0
-        rows.append({"variant": v.key, "latency_ms": timed.stats[i].to_dict(), "speedup_vs_folded": speedup,
+        t = timed[v.key]
+        speedup, spread = t["speedup"], t["speedup_round_spread"]
+        rows.append({"variant": v.key, "latency_ms": t["latency_ms"], "speedup_vs_folded": speedup,
                      "speedup_round_spread": spread, "verdict": verdict(speedup, spread) if i != base else "-",
                      **({"ir": graph[i]} if graph[i] else {})})
     return {"profile": profile.to_dict(), "policy": "search", "input_shape": list(dep.input_shape),
@@ -537,15 +521,8 @@ def summarise(model: dict) -> list[str]:
 
 
 def render_markdown(result: dict) -> str:
-    m = result["machine"]
     s = result["settings"]
     lines = [
-        "# Fold and merge: latency, FLOPs and accuracy before and after",
-        "",
-        f"Machine: {m['cpu']} ({m['logical_cores']} logical / {m['physical_cores']} physical cores), "
-        f"{m['system']}, Python {m['python']}, "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f"; {result['date']}.",
-        "",
         "Variants: (a) exported without folding; (b) BatchNorm folded (fold_model, checked exact); (b+) also the "
         "exact conv -> conv merges fold_model finds; (c) one residual unit linearised and merged into one conv "
         "(activations inside it removed), the rest folded; (d) every merge that reduces multiply-adds; (e) every "
@@ -599,16 +576,12 @@ def render_markdown(result: dict) -> str:
         "- mobilenet_v2-224 has random weights and randomised BatchNorm statistics: latency and FLOPs only.",
         f"- Noisy measurements are marked (IQR/median above 25% after re-measuring). Total wall time "
         f"{result.get('seconds', 0):.0f} s.",
-        "",
-        f"Command: `{result['command']}`",
-        "",
     ]
-    return "\n".join(lines)
+    return common.document(TITLE, result, lines)
 
 
 def write_outputs(result: dict, out: Path) -> None:
-    atomic_write_text(out / "fold_merge.json", json.dumps(result, indent=2))
-    atomic_write_text(out / "fold_merge.md", render_markdown(result))
+    common.write_results(out, NAME, result, render_markdown(result))
 
 
 # ---------------------------------------------------------------------------- main
@@ -697,12 +670,8 @@ def run_model(key: str, args: argparse.Namespace, data: DataBundle, result: dict
         log(f"[{key}] {line}")
 
 
-def _list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--models", default=",".join(MODELS),
                         help="comma-separated, from: " + ", ".join(MODELS) + " (default: all)")
     parser.add_argument("--profiles", default=",".join(BACKENDS), help="comma-separated (default: %(default)s)")
@@ -713,17 +682,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="single merges fine-tuned, chosen evenly across stages (default: %(default)s)")
     parser.add_argument("--limit-units", type=int, default=None,
                         help="time at most N single merges, chosen evenly (smoke runs; default: all)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
-                        help="output folder (default: benchmarks/results)")
     args = parser.parse_args(argv)
-    args.models = _list(args.models)
-    args.profiles = _list(args.profiles)
-    unknown = [m for m in args.models if m not in MODELS]
-    if not args.models or unknown:
-        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
-    bad = [p for p in args.profiles if p not in BACKENDS]
-    if bad:
-        parser.error(f"unknown profile(s) {bad}; choose from {', '.join(BACKENDS)}")
+    args.models = common.known_list(parser, "--models", args.models, MODELS)
+    args.profiles = common.known_list(parser, "--profiles", args.profiles, BACKENDS, allow_empty=True)
     if args.epochs < 0 or args.finetune_sample < 0 or (args.limit_units is not None and args.limit_units < 0):
         parser.error("--epochs, --finetune-sample and --limit-units must not be negative")
     if args.lr <= 0:
@@ -746,10 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         + ("" if _pretrained("mobilenet_v2") or "mobilenet_v2" not in args.models else
            ", mobilenet_v2 trained on digits32 first (cached afterwards)") + ")")
     result: dict = {
-        "benchmark": "fold_merge",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]), "git_commit": source_revision(Path(__file__).parent),
-        "machine": machine_info(), "torch_threads": torch.get_num_threads(), "flop_convention": FLOP_NOTE,
+        **common.provenance(NAME), "torch_threads": torch.get_num_threads(), "flop_convention": FLOP_NOTE,
         "settings": {"models": args.models, "profiles": args.profiles, "epochs": args.epochs, "lr": args.lr,
                      "finetune_batch": FT_BATCH, "finetune_sample": args.finetune_sample,
                      "limit_units": args.limit_units, "data": DATA, "merge_rtol": MERGE_RTOL, "fold_rtol": FOLD_RTOL},
@@ -761,8 +719,7 @@ def main(argv: list[str] | None = None) -> int:
             run_model(key, args, data, result, Path(tmp))
             result["seconds"] = time.perf_counter() - t0
             write_outputs(result, args.out)
-    log(f"wrote {args.out / 'fold_merge.json'} and .md in {time.perf_counter() - t0:.0f} s")
-    print(render_markdown(result))
+    common.finish(args.out, NAME, render_markdown(result), t0)
     failed = [f"{m['model']} {r['unit']}" for m in result["models"] for r in m.get("units", [])
               if r.get("check_failed")]
     failed += [f"{m['model']} {v['key']} after fine-tuning" for m in result["models"] for v in m.get("variants", [])

@@ -27,27 +27,23 @@ on these runtimes does not depend on the weights' values.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import random
-import shlex
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import common
 import numpy as np
-import torch
+from common import log
 from torch import nn
 
 from compressor.data import load_data
 from compressor.errors import CompressorError
-from compressor.fileio import atomic_write, atomic_write_text
 from compressor.graph.surgery import remove_units
 from compressor.graph.units import Unit, find_units
 from compressor.latency.deploy import Deployment
-from compressor.latency.machine import machine_info, source_revision
 from compressor.latency.predictor import Calibration, Observation, compare, fit_calibration, pooled, prediction_errors
 from compressor.latency.profiles import Profile, load_profile
 from compressor.latency.table import LatencyTable, measure_latency_table
@@ -57,6 +53,8 @@ from compressor.models.sources import load_model
 from compressor.models.zoo import ZOO, build
 from compressor.search.knapsack import most_removable, removable_limits
 
+NAME = "predictor_accuracy"
+TITLE = "Lookup-table predictor accuracy on random removal sets"
 DATA = "digits32"
 MIN_PER_STAGE = 1
 KINDS = ("none", "scale", "offset", "affine", "count")
@@ -72,26 +70,7 @@ EXPORT_S_224 = {"onnxruntime": 6.0, "openvino": 8.0, "torch": 2.5}
 RUN_MS = {"onnxruntime": 0.01, "openvino": 0.02, "torch": 0.06}  # per MFLOP (2 x MACs)
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
 # ---------------------------------------------------------------------------- models and sets
-
-
-def randomise_batchnorm(model: nn.Module, seed: int) -> nn.Module:
-    """Give every BatchNorm non-trivial running statistics and affine parameters (in place)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                if m.affine:
-                    m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                    m.bias.copy_(0.1 * torch.randn(n, generator=g))
-    return model.eval()
 
 
 def prepare_model(name: str, seed: int) -> tuple[LoadedModel, str]:
@@ -101,7 +80,7 @@ def prepare_model(name: str, seed: int) -> tuple[LoadedModel, str]:
     if size == 32:
         loaded = load_model(name, load_data(DATA))
         return loaded, loaded.source
-    model = randomise_batchnorm(build(name, 1000), seed)
+    model = common.randomise_batchnorm(build(name, 1000), seed)
     return LoadedModel(model, name, 1000, (3, size, size), f"{name} (random init)"), RANDOM_INIT_NOTE
 
 
@@ -295,16 +274,8 @@ KIND_COLUMNS = [("on_floor", "scale"), ("on_floor", "offset"), ("on_floor", "cou
 
 
 def render_markdown(result: dict) -> str:
-    m = result["machine"]
     rows = [r for r in result["rows"] if r.get("status") == "ok"]
     lines = [
-        "# Lookup-table predictor accuracy on random removal sets",
-        "",
-        f"Machine: {m['cpu']} ({m['logical_cores']} logical / {m['physical_cores']} physical cores), "
-        f"{m['system']}, Python {m['python']}, "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f"; {result['date']}; "
-        f"source {result['git_commit']}.",
-        "",
         f"Per model and profile: the latency table (every single-unit removal, interleaved with the "
         f"baseline), then {result['sets']} random removal sets (seed {result['seed']}; size uniform from 1 to "
         f"the most removable with {MIN_PER_STAGE} unit kept per stage) plus the floor set (the most removable, "
@@ -373,11 +344,8 @@ def render_markdown(result: dict) -> str:
             "- The floor and the random sets share one interleaved measurement here, so baseline drift between "
             "the floor's and a candidate's measurement (separate pairs in `prune`) is not part of these errors; "
             "the table is a separate, earlier measurement (`--measure pairs` times each set as `prune` does)."]),
-        "",
-        f"Command: `{result['command']}`",
-        "",
     ]
-    return "\n".join(lines)
+    return common.document(TITLE, result, lines, source=True)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -420,24 +388,20 @@ def plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=6, loc="upper left")
     fig.suptitle("Latency table: predicted vs measured", fontsize=10)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
 
 
 def write_outputs(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "predictor_accuracy.json", json.dumps(result, indent=2))
-    atomic_write_text(out / "predictor_accuracy.md", render_markdown(result))
-    plot(result, out / "predictor_accuracy.png")
+    common.write_results(out, NAME, result, render_markdown(result),
+                         plot=lambda path: plot(result, path))
 
 
 # ---------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="resnet20,resnet56,mobilenet_v2",
-                        help="comma-separated zoo names (default: %(default)s)")
+    parser = common.argument_parser(__doc__, models="resnet20,resnet56,mobilenet_v2")
     parser.add_argument("--profiles", default="ort-cpu,openvino-cpu,torch-cpu",
                         help="comma-separated profile names or YAML paths (default: %(default)s)")
     parser.add_argument("--sets", type=int, default=20, help="random removal sets per model and profile "
@@ -447,14 +411,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="one: baseline, floor and all sets in one interleaved measurement; pairs: each "
                         "set interleaved with the baseline on its own, as prune measures (default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="print the expected run time and exit")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
-                        help="output folder (default: benchmarks/results)")
     args = parser.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in args.models if m not in ZOO]
-    if not args.models or unknown:
-        parser.error(f"unknown model(s) {unknown}; zoo: {', '.join(ZOO)}")
-    args.profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
+    args.profiles = common.comma_list(args.profiles)
     if not args.profiles:
         parser.error("--profiles needs at least one profile")
     if args.sets < 2:
@@ -495,13 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{m} {p} {s / 60:.1f}" for (m, p), s in estimates.items()) + " min")
     if args.dry_run:
         return 0
-    result = {
-        "benchmark": "predictor_accuracy",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]), "git_commit": source_revision(Path(__file__).parent),
-        "machine": machine_info(), "sets": args.sets, "seed": args.seed, "min_per_stage": MIN_PER_STAGE,
-        "data": DATA, "measure": args.measure, "estimated_seconds": [total, worst], "rows": [],
-    }
+    result = {**common.provenance(NAME), "sets": args.sets, "seed": args.seed,
+              "min_per_stage": MIN_PER_STAGE, "data": DATA, "measure": args.measure,
+              "estimated_seconds": [total, worst], "rows": []}
     done_estimate, done_actual = 0.0, 0.0
     for name in args.models:
         loaded, weights = prepared[name]
@@ -522,9 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             if left > 0:
                 log(f"about {left / 60:.0f} min left (estimate scaled by {done_actual / done_estimate:.2f})")
     write_outputs(result, args.out)
-    log(f"wrote {args.out / 'predictor_accuracy.json'}, .md, .png in {time.perf_counter() - t0:.0f} s")
-    print(render_markdown(result))
-    return 0
+    return common.finish(args.out, NAME, render_markdown(result), t0, png=True)
 
 
 if __name__ == "__main__":

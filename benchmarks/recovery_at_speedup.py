@@ -23,36 +23,29 @@ For one model and data source (default efficientnet_lite0 with its ImageNet weig
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime as dt
-import json
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from calibrated_table import calibrated_table, load_setup  # benchmarks/, beside this file
+import common
+from calibrated_table import load_setup, setup_parser, setup_provenance, setup_title
+from common import log
 
 from compressor.criteria import ScoringContext, score_units
 from compressor.data.photos import load_photos
-from compressor.fileio import atomic_write_text
 from compressor.finetune.mimic import plan_mimic
 from compressor.finetune.training import train
 from compressor.graph.surgery import remove_units
-from compressor.latency.machine import machine_info, source_revision
 from compressor.metrics.fidelity import Fidelity, fidelity, outputs
 from compressor.search.knapsack import choose_units
 from compressor.stages.options import PruneOptions
 from compressor.stages.recover import finetune_settings
 
+NAME = "recovery_at_speedup"
 RECIPES = ("logits", "mimic")
 FRESH_SEED = 7  # seed of the fresh crops of the calibration photos (fine-tuning uses seed 0)
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def summary(f: Fidelity) -> dict:
@@ -62,45 +55,31 @@ def summary(f: Fidelity) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="efficientnet_lite0")
-    parser.add_argument("--data", default="photos")
-    parser.add_argument("--profile", default="ort-cpu")
-    parser.add_argument("--speedups", default="1.1,1.2,1.3,1.5")
+    parser = setup_parser(__doc__, speedups="1.1,1.2,1.3,1.5")
     parser.add_argument("--criterion", default="cka")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs (prune's default: 4)")
     parser.add_argument("--min-per-stage", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    speedups = [float(s) for s in args.speedups.split(",")]
-    recipes = [r for r in args.recipes.split(",") if r]
+    recipes = common.comma_list(args.recipes)
     t0 = time.perf_counter()
 
     setup = load_setup(args.model, args.data, args.profile)
-    data, loaded, base, profile, dep, units = (setup.data, setup.loaded, setup.base, setup.profile, setup.dep,
-                                               setup.units)
-    x = dep.example
+    data, loaded, base, units, x = setup.data, setup.loaded, setup.base, setup.units, setup.dep.example
     lr, freeze, _ = finetune_settings(PruneOptions(), loaded)
     with tempfile.TemporaryDirectory(prefix="recovery-at-speedup-") as tmp:
         work = Path(tmp)
-        log(f"{args.model}: {len(units)} units; measuring the latency table on {profile.name}")
-        measured_table = calibrated_table(base, units, dep, args.model, work, args.min_per_stage)
+        measured_table = setup.measure_table(args.model, work, args.min_per_stage)
         table, calibration = measured_table.table, measured_table.calibration
         importance = score_units(args.criterion, ScoringContext(
             base, units, data.loader("train", batch_size=64, limit=512, seed=0)))
         sets: dict[float, list[str]] = {}
-        for level in speedups:
+        for level in args.speedups:
             required = calibration.required_saving_ms(table, 1 - 1 / level, 0)
             choice = choose_units(units, importance, table.savings_ms, required, args.min_per_stage)
             if choice is not None:
                 sets[level] = list(choice.removed)
-        log(f"timing {len(sets)} removal sets against the baseline, interleaved")
-        paths = [dep.export(base, work / "t-baseline")]
-        paths += [dep.export(remove_units(base, [u for u in units if u.name in s], x), work / f"t-{i}")
-                  for i, s in enumerate(sets.values())]
-        timed = dep.time(paths, profile.search_policy)
-    measured = {level: timed.speedup(0, i + 1) for i, level in enumerate(sets)}
+        measured = dict(zip(sets, setup.measured_speedups(list(sets.values()), work / "timed"), strict=True))
 
     val = data.loader("val", batch_size=64)
     fresh_bundle = load_photos(train_crops=256, seed=FRESH_SEED) if args.data == "photos" else None
@@ -131,17 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{level}x (-{len(removed)} units, {measured[level]:.2f}x measured) {recipe}: held-out agreement "
                 f"{before['held_out']['top1_agreement']:.1f} -> {after['held_out']['top1_agreement']:.1f}%")
 
-    result = {"benchmark": "recovery_at_speedup",
-              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": shlex.join([sys.executable, *sys.argv]), "git_commit": source_revision(Path(__file__).parent),
-              "machine": machine_info(), "model": args.model, "source": loaded.source, "data": args.data,
-              "profile": profile.to_dict(), "criterion": args.criterion, "epochs": args.epochs, "lr": lr,
+    result = {**setup_provenance(NAME, args, setup), "criterion": args.criterion, "epochs": args.epochs, "lr": lr,
               "freeze_batchnorm": freeze, "train_crops": len(data.train), "held_out_crops": len(data.val),
               "calibration": calibration.to_dict(), "rows": rows, "seconds": time.perf_counter() - t0}
-    atomic_write_text(args.out / "recovery_at_speedup.json", json.dumps(result, indent=2))
-    atomic_write_text(args.out / "recovery_at_speedup.md", render_markdown(result))
-    print(render_markdown(result))
-    return 0
+    common.write_results(args.out, NAME, result, render_markdown(result))
+    return common.finish(args.out, NAME, render_markdown(result), t0)
 
 
 def _pct(value: float | None) -> str:
@@ -149,13 +122,7 @@ def _pct(value: float | None) -> str:
 
 
 def render_markdown(result: dict) -> str:
-    m = result["machine"]
     lines = [
-        f"# Recovery at a measured speedup: {result['model']} on {result['data']} ({result['profile']['name']})",
-        "",
-        f"Machine: {m['cpu']} ({m['logical_cores']} logical cores), "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f"; {result['date']}.",
-        "",
         f"Weights: {result['source']}. Removal sets chosen by {result['criterion']} and the search's knapsack on "
         "the calibrated latency table; 'measured x' from one interleaved measurement of every set against the "
         f"baseline. Fine-tuning: {result['epochs']} epochs over {result['train_crops']} crops, lr {result['lr']:g}"
@@ -180,8 +147,7 @@ def render_markdown(result: dict) -> str:
             f"(of {a['held_out']['confident_images']}) | {cal} | "
             f"{b['held_out']['kl_divergence']:.3f} -> {a['held_out']['kl_divergence']:.3f} | "
             f"{r['finetune_seconds']:.0f} |")
-    lines += ["", f"Command: `{result['command']}`", ""]
-    return "\n".join(lines)
+    return common.document(setup_title("Recovery", result), result, lines)
 
 
 if __name__ == "__main__":

@@ -26,27 +26,25 @@ random-init with randomised BatchNorm statistics (latency does not depend on the
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import importlib.util
-import json
-import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import common
 import torch
+from common import log
 from torch import nn
 from tp_reference import METHOD, ROUND_TO, TPModel, tp_matching_flops, tp_prune  # benchmarks/, beside this file
 
 from compressor.criteria import ScoringContext, score_units
 from compressor.data import load_data
-from compressor.fileio import atomic_write, atomic_write_text
 from compressor.graph.surgery import remove_units
 from compressor.graph.units import find_units
 from compressor.latency.deploy import Deployment
-from compressor.latency.machine import machine_info, source_revision
 from compressor.latency.profiles import load_profile
 from compressor.metrics.flops import count_cost
 from compressor.models.loaded import LoadedModel
@@ -54,6 +52,8 @@ from compressor.models.sources import load_model
 from compressor.models.zoo import ZOO, build
 from compressor.search.knapsack import choose_units, most_removable
 
+NAME = "speedup_vs_flops"
+TITLE = "Measured vs FLOP-estimated speedup per backend: depth pruning vs Torch-Pruning"
 BACKENDS = {"torch-cpu": "torch eager", "ort-cpu": "ONNX Runtime", "openvino-cpu": "OpenVINO",
             "tensorrt-gpu-fp16": "TensorRT"}
 GRID = (0.25, 0.45, 0.65, 0.8)  # Torch-Pruning ratios timed to find its ratio at our latency
@@ -63,26 +63,12 @@ FLOP_NOTE = "FLOPs = 2 x multiply-adds (torch FlopCounterMode, conv + matmul onl
 CIFAR_DATA = "digits32"
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics for a random-init model (so folding is not an identity)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
-
-
 def prepare(name: str) -> tuple[LoadedModel, str]:
     """The model to prune and where its weights come from."""
     size = ZOO[name].input_size
     if size == 32:
         return load_model(name, load_data(CIFAR_DATA)), f"trained on {CIFAR_DATA} by compressor"
-    model = randomise_batchnorm(build(name, 1000))
+    model = common.randomise_batchnorm(build(name, 1000))
     return LoadedModel(model, name, 1000, (3, size, size), "random init"), "random init, BatchNorm randomised"
 
 
@@ -137,15 +123,6 @@ def crossing_ratio(points: list[tuple[float, float]], latency: float) -> float |
     return None
 
 
-def time_models(dep: Deployment, models: list[tuple[str, nn.Module]], workdir: Path) -> dict[str, dict]:
-    """Export every model and time them all in one interleaved measurement; stats by name."""
-    paths = [dep.export(m, workdir / f"{i:02d}-{name.replace(' ', '_')}") for i, (name, m) in enumerate(models)]
-    timed = dep.time(paths, dep.profile.search_policy)
-    return {name: {"latency_ms": timed.stats[i].to_dict(), "speedup": timed.speedup(0, i),
-                   "speedup_round_spread": timed.speedup_spread(0, i) if i else 0.0}
-            for i, (name, _) in enumerate(models)}
-
-
 def run_backend(profile_name: str, loaded: LoadedModel, x: torch.Tensor, base_flops: int, levels: list[Level],
                 tp_flops: dict[tuple[float, int], TPModel], grid: dict[tuple[int, float], TPModel]) -> dict:
     """Both interleaved measurements of one model on one backend; the backend's part of the results."""
@@ -158,7 +135,7 @@ def run_backend(profile_name: str, loaded: LoadedModel, x: torch.Tensor, base_fl
         models += [(f"tp {t:g} r{r}", m.model) for (t, r), m in tp_flops.items()]
         models += [(f"grid r{r} {ratio:g}", m.model) for (r, ratio), m in grid.items()]
         log(f"    {BACKENDS[profile_name]}: exporting and timing {len(models)} models interleaved")
-        first = time_models(dep, models, work / "first")
+        first = common.time_models(dep, models, work / "first")
         base_ms = first["baseline"]["latency_ms"]["median"]
         matched: list[tuple[str, nn.Module]] = [("baseline", loaded.model)]
         crossings: dict[tuple[float, int], dict] = {}
@@ -181,7 +158,7 @@ def run_backend(profile_name: str, loaded: LoadedModel, x: torch.Tensor, base_fl
                                              "flops": count_cost(tp_model, x).flops}
                 matched.append((f"tp@lat {lv.target:g} r{r}", tp_model))
         log(f"    {BACKENDS[profile_name]}: verifying Torch-Pruning at our latency ({len(matched)} models)")
-        second = time_models(dep, matched, work / "second")
+        second = common.time_models(dep, matched, work / "second")
     rows = []
     for lv in levels:
         ours = first[f"ours {lv.target:g}"]
@@ -246,19 +223,16 @@ def run_model(name: str, targets: list[float], backends: list[str]) -> dict:
 # ---------------------------------------------------------------------------- output
 
 
-def _fmt(v: float | None, spec: str = ".2f") -> str:
-    return "—" if v is None else format(v, spec)
+def timed_backends(result: dict) -> Iterator[tuple[dict, str, dict]]:
+    """(model entry, backend, its results) for every backend that was not skipped."""
+    for model in result["models"]:
+        for backend, b in model["backends"].items():
+            if "skipped" not in b:
+                yield model, backend, b
 
 
 def render_markdown(result: dict) -> str:
-    m = result["machine"]
     lines = [
-        "# Measured vs FLOP-estimated speedup per backend: depth pruning vs Torch-Pruning",
-        "",
-        f"Machine: {m['cpu']} ({m['logical_cores']} logical / {m['physical_cores']} physical cores), "
-        f"{m['system']}, Python {m['python']}, "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f"; {result['date']}.",
-        "",
         "Ours: residual units removed (least `magnitude` importance reaching the FLOP level, no fine-tuning). "
         "TP: Torch-Pruning L1 channel pruning at matched FLOPs with round_to 1, 8, 16. "
         "Each model x backend is one interleaved measurement; ratio = measured / FLOP-estimated speedup.",
@@ -295,19 +269,16 @@ def render_markdown(result: dict) -> str:
         "| TP r16 FLOP x (TP/ours ms) |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
-    for model in result["models"]:
-        for backend, b in model["backends"].items():
-            if "skipped" in b:
-                continue
-            for row in b["rows"]:
-                cells = []
-                for r in ROUND_TO:
-                    t = row["tp"][f"round_to_{r}"]["matched_latency"]
-                    cells.append(f"{t['speedup_flops']:.2f} ({t['latency_vs_ours']:.2f})" if t["reached"] else
-                                 f"not reached (fastest: ratio {t['fastest_ratio']:g}, "
-                                 f"{t['fastest_vs_ours']:.2f}x our latency)")
-                lines.append(f"| {model['model']} | {row['target']:g}x | {BACKENDS[backend]} | "
-                             f"{row['ours']['speedup_flops']:.2f} | " + " | ".join(cells) + " |")
+    for model, backend, b in timed_backends(result):
+        for row in b["rows"]:
+            cells = []
+            for r in ROUND_TO:
+                t = row["tp"][f"round_to_{r}"]["matched_latency"]
+                cells.append(f"{t['speedup_flops']:.2f} ({t['latency_vs_ours']:.2f})" if t["reached"] else
+                             f"not reached (fastest: ratio {t['fastest_ratio']:g}, "
+                             f"{t['fastest_vs_ours']:.2f}x our latency)")
+            lines.append(f"| {model['model']} | {row['target']:g}x | {BACKENDS[backend]} | "
+                         f"{row['ours']['speedup_flops']:.2f} | " + " | ".join(cells) + " |")
     lines += ["", "## Models", ""]
     for model in result["models"]:
         skipped = "; ".join(f"{s['target']:g}x {s['reason']}" for s in model["skipped_levels"])
@@ -317,18 +288,15 @@ def render_markdown(result: dict) -> str:
                      f"{model['flops'] / 1e6:.1f} MFLOPs; unpruned "
                      + ", ".join(f"{k} {v:.3f} ms" for k, v in base.items())
                      + (f"; skipped levels: {skipped}" if skipped else "") + f"; {model['seconds']:.0f} s.")
-    noisy = [f"{model['model']} {BACKENDS[k]}" for model in result["models"] for k, b in model["backends"].items()
-             if "skipped" not in b and any(r["ours"]["latency_ms"]["noisy"] for r in b["rows"])]
+    noisy = [f"{model['model']} {BACKENDS[k]}" for model, k, b in timed_backends(result)
+             if any(r["ours"]["latency_ms"]["noisy"] for r in b["rows"])]
     lines += [
         "",
         f"- {result['flop_convention']}.",
         f"- TP: {METHOD}. {GRID_NOTE} FLOP matches worse than 3% are shown with their mismatch.",
         f"- Noisy measurements (IQR/median above 25% after re-measuring): {', '.join(noisy) or 'none'}.",
-        "",
-        f"Command: `{result['command']}`",
-        "",
     ]
-    return "\n".join(lines)
+    return common.document(TITLE, result, lines)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -342,25 +310,22 @@ def plot(result: dict, path: Path) -> None:
     markers = {1: "^", 8: "s", 16: "D"}
     top = 1.0
     seen: set[str] = set()
-    for model in result["models"]:
-        for backend, b in model["backends"].items():
-            if "skipped" in b:
-                continue
-            for row in b["rows"]:
-                o = row["ours"]
-                label = f"{BACKENDS[backend]}"
-                axes[0].scatter(o["speedup_flops"], o["speedup_measured"], color=colors[backend], s=40,
-                                label=label if label not in seen else None)
-                seen.add(label)
-                top = max(top, o["speedup_flops"], o["speedup_measured"])
-                for r in ROUND_TO:
-                    t = row["tp"][f"round_to_{r}"]["matched_flops"]
-                    key = f"{BACKENDS[backend]}, round_to {r}"
-                    axes[1].scatter(t["speedup_flops"], t["speedup_measured"], color=colors[backend],
-                                    marker=markers[r], facecolors="none", s=40,
-                                    label=key if key not in seen else None)
-                    seen.add(key)
-                    top = max(top, t["speedup_flops"], t["speedup_measured"])
+    for _, backend, b in timed_backends(result):
+        for row in b["rows"]:
+            o = row["ours"]
+            label = f"{BACKENDS[backend]}"
+            axes[0].scatter(o["speedup_flops"], o["speedup_measured"], color=colors[backend], s=40,
+                            label=label if label not in seen else None)
+            seen.add(label)
+            top = max(top, o["speedup_flops"], o["speedup_measured"])
+            for r in ROUND_TO:
+                t = row["tp"][f"round_to_{r}"]["matched_flops"]
+                key = f"{BACKENDS[backend]}, round_to {r}"
+                axes[1].scatter(t["speedup_flops"], t["speedup_measured"], color=colors[backend],
+                                marker=markers[r], facecolors="none", s=40,
+                                label=key if key not in seen else None)
+                seen.add(key)
+                top = max(top, t["speedup_flops"], t["speedup_measured"])
     top *= 1.08
     for ax, title in zip(axes, ("depth pruning (compressor)", "channel L1 (Torch-Pruning), matched FLOPs"),
                          strict=True):
@@ -373,46 +338,27 @@ def plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=7, loc="upper left")
     axes[0].set_ylabel("measured speedup, batch 1 (x)")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
 
 
-def write_outputs(result: dict, out: Path, name: str = "speedup_vs_flops") -> None:
-    atomic_write_text(out / f"{name}.json", json.dumps(result, indent=2))
-    atomic_write_text(out / f"{name}.md", render_markdown(result))
-    plot(result, out / f"{name}.png")
+def write_outputs(result: dict, out: Path, name: str = NAME) -> None:
+    common.write_results(out, name, result, render_markdown(result), plot=lambda path: plot(result, path))
 
 
 # ---------------------------------------------------------------------------- main
 
 
-def _list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="resnet20,resnet56,resnet110,resnet18,mobilenet_v2",
-                        help="comma-separated zoo names (default: %(default)s)")
-    parser.add_argument("--targets", default="1.5,2,3",
+    parser = common.argument_parser(__doc__, models="resnet20,resnet56,resnet110,resnet18,mobilenet_v2")
+    parser.add_argument("--targets", type=common.float_list, default="1.5,2,3",
                         help="comma-separated FLOP-speedup levels (default: %(default)s)")
     parser.add_argument("--backends", default=",".join(BACKENDS),
                         help="comma-separated profiles (default: %(default)s; TensorRT is skipped without a GPU)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
-                        help="output folder (default: benchmarks/results)")
-    parser.add_argument("--name", default="speedup_vs_flops",
+    parser.add_argument("--name", default=NAME,
                         help="base name of the .json/.md/.png results (default: %(default)s)")
     args = parser.parse_args(argv)
-    args.models = _list(args.models)
-    if not args.models or any(m not in ZOO for m in args.models):
-        parser.error(f"unknown model in {args.models}; zoo: {', '.join(ZOO)}")
-    args.backends = _list(args.backends)
-    if not args.backends or any(b not in BACKENDS for b in args.backends):
-        parser.error(f"--backends must be among {', '.join(BACKENDS)}")
-    try:
-        args.targets = [float(t) for t in _list(args.targets)]
-    except ValueError:
-        parser.error(f"--targets must be comma-separated numbers, got {args.targets!r}")
+    args.backends = common.known_list(parser, "--backends", args.backends, BACKENDS)
     if not args.targets or any(not t > 1 for t in args.targets):
         parser.error("every level must be greater than 1")
     return args
@@ -421,20 +367,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
-    result = {
-        "benchmark": "speedup_vs_flops",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]), "git_commit": source_revision(Path(__file__).parent),
-        "machine": machine_info(), "flop_convention": FLOP_NOTE, "tp_method": METHOD, "tp_grid": list(GRID),
-        "models": [],
-    }
+    result = {**common.provenance(NAME), "flop_convention": FLOP_NOTE, "tp_method": METHOD,
+              "tp_grid": list(GRID), "models": []}
     for name in args.models:
         result["models"].append(run_model(name, args.targets, args.backends))
         result["seconds"] = time.perf_counter() - t0
         write_outputs(result, args.out, args.name)  # after every model, so an interrupted run keeps what it has
-    log(f"wrote {args.out / args.name}.json, .md, .png in {time.perf_counter() - t0:.0f} s")
-    print(render_markdown(result))
-    return 0
+    return common.finish(args.out, args.name, render_markdown(result), t0, png=True)
 
 
 if __name__ == "__main__":
