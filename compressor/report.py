@@ -80,6 +80,8 @@ def _side(cost: Cost, stats: LatencyStats, accuracy: float | None, batch: int) -
 def _search(run: PruneRun) -> dict:
     search, greedy, table = run.chosen.search, run.chosen.greedy, run.table
     return {"margin": search.margin, "table_baseline_ms": table.baseline_ms,
+            "floor": {"removed": run.chosen.floor_units, "baseline_ms": run.chosen.floor.baseline_ms,
+                      "candidate_ms": run.chosen.floor.candidate_ms},
             "trials": [{"removed": list(t.choice.removed), "predicted_ms": t.predicted_ms,
                         "measured_ms": t.measured.candidate_ms, "baseline_ms": t.measured.baseline_ms,
                         "speedup": t.measured.speedup, "passed": t.passed,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from compressor.errors import InputError, TargetMissedError
 
@@ -38,7 +39,7 @@ def prune_options(args: argparse.Namespace):
     return PruneOptions(
         criterion=args.criterion, calibration_size=args.calibration_size, finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr, mimic=args.mimic, selection=args.selection,
-        min_blocks_per_stage=args.min_blocks_per_stage, merge=args.merge, seed=args.seed,
+        min_blocks_per_stage=args.min_blocks_per_stage, max_trials=args.max_trials, merge=args.merge, seed=args.seed,
         latency_table=args.latency_table, repeats=args.repeats)
 
 
@@ -53,19 +54,18 @@ def _summary(report: dict, out: str) -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from compressor.fileio import check_output_dir
-    from compressor.jobs.prune import run
+    from compressor.jobs.prune import check_output, run
     from compressor.latency.profiles import load_profile
     from compressor.search.target import Target
 
     target = Target(args.target_ms, args.target_speedup)
     options = prune_options(args)
     options.check()
-    check_output_dir(args.out, must_be_empty=True)
+    check_output(Path(args.out), args.resume)
     profile = load_profile(args.profile)
     data = _data(args)
     loaded = _loaded(args, data)
-    result = run(loaded, data, target, profile, options, args.out, log)
+    result = run(loaded, data, target, profile, options, Path(args.out), log, resume=args.resume)
     report = result.report
     report["config"]["model"] = args.model
     if args.json:

@@ -8,13 +8,36 @@ on stderr), 3 a failed numerical check or an internal failure (one line;
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 
 from compressor.errors import CompressorError, InternalError, first_line
 
-INTERRUPTED = 130
+INTERRUPTED = 130  # SIGINT (Ctrl-C)
+TERMINATED = 143  # SIGTERM (a CI timeout, a process manager)
+
+
+class Terminated(BaseException):  # noqa: N818  (like KeyboardInterrupt: not an Exception, so nothing swallows it)
+    """Raised in the main thread when SIGTERM arrives."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _interrupted(command: str, code: int, args: argparse.Namespace) -> int:
+    """One line; where the run saved its state, how to continue it."""
+    from pathlib import Path
+
+    what = "interrupted" if code == INTERRUPTED else "terminated"
+    out = getattr(args, "out", None)
+    hint = ""
+    if command == "prune" and out and (Path(out) / ".state").is_dir():
+        hint = f"; its state is kept in {out}: continue with the same command and --resume"
+    print(f"compressor {command}: {what}{hint}", file=sys.stderr)
+    return code
 
 
 def report_error(command: str, error: CompressorError, debug: bool) -> int:
@@ -41,13 +64,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_error(_command_of(argv), e, "--debug" in argv)
     run: Callable[[argparse.Namespace], int] = args.run
     debug = getattr(args, "debug", False)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return run(args)
     except CompressorError as e:
         return report_error(args.command, e, debug)
     except KeyboardInterrupt:
-        print(f"compressor {args.command}: interrupted", file=sys.stderr)
-        return INTERRUPTED
+        return _interrupted(args.command, INTERRUPTED, args)
+    except Terminated:
+        return _interrupted(args.command, TERMINATED, args)
+    except OSError as e:  # the disk is full, a folder is not writable ...: the environment, one line
+        print(f"compressor {args.command}: error: cannot write or read {e.filename or ''}: "
+              f"{e.strerror or first_line(e)}", file=sys.stderr)
+        return 2
     except Exception as e:  # a bug: still one line, exit 3
         internal = InternalError(f"internal error: {type(e).__name__}: {first_line(e)} (rerun with --debug for "
                                  "the traceback)")
@@ -56,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exception(e)
         print(f"compressor {args.command}: error: {internal}", file=sys.stderr)
         return internal.exit_code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -88,11 +88,16 @@ def _prune(sub) -> None:
                         "greedy removal by the whole set's measured KL on 128 calibration images "
                         "(default: greedy for pretrained models, knapsack otherwise)")
     p.add_argument("--calibration-size", type=positive_int, default=512, help="images for scoring")
+    p.add_argument("--max-trials", type=positive_int, default=8,
+                   help="candidates the search measures on the runtime, at most (default: 8)")
     p.add_argument("--min-blocks-per-stage", type=non_negative_int, default=1,
                    help="blocks each stage keeps, counting a stage's blocks that are not units (default: 1)")
     p.add_argument("--merge", action="store_true",
                    help="also offer 'linearise and merge into one conv' for each block (criterion cka or random)")
     p.add_argument("--latency-table", help="reuse a table from `compressor profile` instead of measuring")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out (refused if the model, data, profile, target, "
+                        "options or machine differ)")
     p.add_argument("--repeats", type=positive_int, default=3, help="seeds averaged by sr_init (default: 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print report.json to stdout")

@@ -7,6 +7,7 @@ fine-tuned by pure distillation from the teacher, and never counted in accuracy.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -67,7 +68,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
           teacher: nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.7,
           weight_decay: float = 5e-4, desc: str = "train", freeze_batchnorm: bool = False,
-          mimic: MimicPlan | None = None, mimic_weight: float = 1.0) -> nn.Module:
+          mimic: MimicPlan | None = None, mimic_weight: float = 1.0,
+          on_epoch: Callable[[dict], None] | None = None, resume: dict | None = None) -> nn.Module:
     """SGD (momentum 0.9, Nesterov), linear warm-up then a per-step cosine schedule.
 
     With a `teacher`, the loss is distillation from its logits mixed with the
@@ -78,6 +80,10 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
     few images, whose statistics would overwrite the pretrained ones. With a
     `mimic` plan (and a teacher), `mimic_weight` x the feature-mimicking loss
     (compressor.finetune.mimic) is added and the plan's prefix parameters stay frozen.
+
+    `on_epoch(state)` gets, after every epoch, {"epoch": epochs done, "model", "optimiser", "schedule":
+    state_dicts}; `resume` is such a state, from which training continues (the model's weights, the
+    optimiser's momentum and the schedule's step are restored, and the finished epochs are skipped).
     """
     if epochs <= 0:
         return model
@@ -89,7 +95,7 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
         freeze(model, mimic.frozen)
     try:
         _train(model, loader, epochs, lr, teacher, temperature, alpha, weight_decay, desc, freeze_batchnorm,
-               mimic, mimic_weight)
+               mimic, mimic_weight, on_epoch, resume)
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(trainable[name])
@@ -99,7 +105,8 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
 
 def _train(model: nn.Module, loader: DataLoader, epochs: int, lr: float, teacher: nn.Module | None,
            temperature: float, alpha: float, weight_decay: float, desc: str, freeze_batchnorm: bool,
-           mimic: MimicPlan | None, mimic_weight: float) -> None:
+           mimic: MimicPlan | None, mimic_weight: float, on_epoch: Callable[[dict], None] | None,
+           resume: dict | None) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True,
                                 weight_decay=weight_decay)
@@ -112,13 +119,19 @@ def _train(model: nn.Module, loader: DataLoader, epochs: int, lr: float, teacher
         return 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+    done = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimiser.load_state_dict(resume["optimiser"])
+        schedule.load_state_dict(resume["schedule"])
+        done = int(resume["epoch"])
     if teacher is not None:
         teacher.eval()
     student_taps = Taps(model, mimic) if mimic is not None else None
     teacher_taps = Taps(teacher, mimic) if mimic is not None else None
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=None, leave=False)
+    bar = tqdm(total=steps, initial=done * len(loader), desc=desc, unit="step", disable=None, leave=False)
     with student_taps or nullcontext(), teacher_taps or nullcontext(), bar:
-        for _ in range(epochs):
+        for epoch in range(done, epochs):
             model.train()
             frozen = set(mimic.frozen) if mimic is not None else set()
             for name, m in model.named_modules():
@@ -145,3 +158,6 @@ def _train(model: nn.Module, loader: DataLoader, epochs: int, lr: float, teacher
                 schedule.step()
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+            if on_epoch is not None:
+                on_epoch({"epoch": epoch + 1, "model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                          "schedule": schedule.state_dict()})

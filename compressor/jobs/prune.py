@@ -34,6 +34,7 @@ from compressor.stages.plan import plan as plan_units
 from compressor.stages.reach import check_reachable
 from compressor.stages.recover import finetune_settings, recover
 from compressor.stages.scores import score_candidates
+from compressor.stages.state import RunState
 from compressor.stages.table import latency_table
 
 Log = Callable[[str], None]
@@ -49,52 +50,114 @@ class PruneResult:
     out: Path | None  # where the files were written (None: nothing was written)
 
 
+def check_output(out: Path, resume: bool) -> None:
+    """Refuse an output folder the run may not write: not new or empty (without --resume; the message
+    suggests --resume where an unfinished run is saved there), or with nothing to resume."""
+    from compressor.stages.state import STATE_DIR
+
+    check_output_dir(out, must_be_empty=False)
+    if not resume and (out / STATE_DIR).is_dir():
+        msg = f"output {out} holds an unfinished run; continue it with --resume or choose a new --out"
+        raise InputError(msg)
+    if not resume:
+        check_output_dir(out, must_be_empty=True)
+    elif not (out / STATE_DIR).is_dir():
+        msg = f"--resume: {out} holds no unfinished run to resume"
+        raise InputError(msg)
+
+
+def output_folder(out: Path, resume: bool) -> Path:
+    """The run's output folder, created; with --resume, a killed run's leftovers are removed."""
+    from compressor.stages.state import remove_leftovers
+
+    check_output(out, resume)
+    if resume:
+        remove_leftovers(out)
+        return out
+    return make_output_dir(out)
+
+
+def fingerprint(loaded: LoadedModel, data: DataBundle, target: Target, profile: Profile,
+                options: PruneOptions, machine: dict) -> dict:
+    """What a run is, for --resume to check: the same weights, data, profile, target, options, machine."""
+    from compressor.stages.state import weights_digest
+
+    return {"model": {"arch": loaded.arch, "weights_sha256": weights_digest(loaded.model),
+                      "input_shape": list(loaded.input_shape)},
+            "data": data.spec, "profile": {k: v for k, v in profile.to_dict().items() if k != "source"},
+            "target": {"ms": target.ms, "speedup": target.speedup}, "options": options.to_dict(),
+            "machine": {k: v for k, v in machine.items() if k != "date"}}
+
+
+@dataclass
+class Job:
+    """One prune's resolved inputs and where it works."""
+
+    loaded: LoadedModel
+    data: DataBundle
+    target: Target
+    profile: Profile
+    options: PruneOptions
+    out: Path | None
+    work: Path
+    log: Log
+    device: object | None
+    state: RunState
+
+
 def run(loaded: LoadedModel, data: DataBundle, target: Target, profile: Profile, options: PruneOptions,
-        out: Path | None, log: Log = print, device=None) -> PruneResult:
-    """The whole job on resolved inputs; writes into `out` (new or empty) unless it is None."""
+        out: Path | None, log: Log = print, device=None, resume: bool = False) -> PruneResult:
+    """The whole job on resolved inputs; writes into `out` (new or empty; or a saved run's folder with
+    `resume`) unless it is None."""
+    from compressor.latency.machine import machine_info
+
     options.check()
     created = out is not None and not Path(out).exists()
     if out is not None:
-        out = make_output_dir(check_output_dir(out, must_be_empty=True))
+        out = output_folder(Path(out), resume)
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
     try:
-        return _stages(loaded, data, target, profile, options, out, work, log, device)
+        machine = device.provenance() if device is not None else machine_info()
+        state = RunState(out, fingerprint(loaded, data, target, profile, options, machine), resume)
+        return _stages(Job(loaded, data, target, profile, options, out, work, log, device, state))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if created and not any(out.iterdir()):  # a run that failed before writing anything leaves no folder
-            out.rmdir()
+        if created and out is not None and out.exists() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves no folder
 
 
-def _stages(loaded: LoadedModel, data: DataBundle, target: Target, profile: Profile, options: PruneOptions,
-            out: Path | None, work: Path, log: Log, device) -> PruneResult:
+def _stages(job: Job) -> PruneResult:
     t_start = time.perf_counter()
+    options, out, work, log, state = job.options, job.out, job.work, job.log, job.state
     torch.manual_seed(options.seed)
-    plan = plan_units(loaded, profile, options.merge, log, device)
-    reach = check_reachable(plan, target, options.min_blocks_per_stage, work, log)
-    importance = score_candidates(plan, data, options, log)
-    table = latency_table(plan, options.latency_table, work, log)
+    plan = plan_units(job.loaded, job.profile, options.merge, log, job.device)
+    reach = check_reachable(plan, job.target, options.min_blocks_per_stage, work, log, state)
+    importance = score_candidates(plan, job.data, options, log, state)
+    table = latency_table(plan, options.latency_table, work, log, state)
     if out is not None:
         table.save(out / "latency_table.json")
-    chosen = choose(plan, reach, importance, table, target, data, options, work, log)
-    recovered = recover(plan, chosen.removed, data, options, log)
-    delivered = deliver(plan, recovered, chosen.removed, data, out or work,
-                        {"profile": profile.name, "criterion": options.criterion})
+    chosen = choose(plan, reach, importance, table, job.target, job.data, options, work, log, state)
+    recovered = recover(plan, chosen.removed, job.data, options, log, state)
+    delivered = deliver(plan, recovered, chosen.removed, job.data, out or work,
+                        {"profile": job.profile.name, "criterion": options.criterion})
     final = verify(plan, delivered, log)
     lr, freeze, mimic = recovered.settings
-    config = {"model": loaded.arch, "data": data.spec, "profile": profile.name, "out": str(out) if out else None,
-              "target_ms": target.ms, "target_speedup": target.speedup,
+    config = {"model": job.loaded.arch, "data": job.data.spec, "profile": job.profile.name,
+              "out": str(out) if out else None, "target_ms": job.target.ms, "target_speedup": job.target.speedup,
               **options.to_dict(), "selection": chosen.selection,
               "finetune_lr": lr, "freeze_batchnorm": freeze, "mimic": mimic}  # what ran, defaults resolved
-    report = build_report(PruneRun(config, target, plan, importance, table, chosen, recovered, delivered, final,
+    report = build_report(PruneRun(config, job.target, plan, importance, table, chosen, recovered, delivered, final,
                                    plan.deployment.device.provenance(), time.perf_counter() - t_start))
+    report["resumed"] = {"reused": list(dict.fromkeys(state.reused))} if state.reused else None
     if out is not None:
         write_report(report, out, final)
+        state.finish()
     return PruneResult(recovered.deployed, report, delivered.recipe, out)
 
 
 def prune(model: nn.Module | LoadedModel | str, data: str | DataBundle | Iterable, target: Target,
           profile: str | Path | Profile = "ort-cpu", out: str | Path | None = None, *,
-          input_shape: tuple[int, int, int] | None = None, log: Log | None = print,
+          input_shape: tuple[int, int, int] | None = None, log: Log | None = print, resume: bool = False,
           **options: object) -> PruneResult:
     """Prune `model` until `target` (compressor.Speedup(x) or compressor.Latency(ms=...)) is met on
     `profile`, measured; fine-tune it on `data`; write the artifacts and report into `out`.
@@ -104,6 +167,7 @@ def prune(model: nn.Module | LoadedModel | str, data: str | DataBundle | Iterabl
     or a data spec string as on the command line ("digits32", "imagefolder:DIR", ...);
     profile: a built-in profile name, a YAML path, or a Profile; out: None writes nothing.
     Keyword options are PruneOptions' (criterion, selection, merge, finetune_epochs, finetune_lr, ...).
+    resume=True continues an interrupted run saved in `out` (refused if anything differs).
     """
     if not isinstance(target, Target):
         msg = f"target must be compressor.Speedup(x) or compressor.Latency(ms=...), got {target!r}"
@@ -114,7 +178,7 @@ def prune(model: nn.Module | LoadedModel | str, data: str | DataBundle | Iterabl
     bundle = as_data(data)
     loaded = as_loaded(model, bundle, input_shape)
     return run(loaded, bundle, target, resolved_profile, resolved_options, Path(out) if out is not None else None,
-               log or (lambda _: None))
+               log or (lambda _: None), resume=resume)
 
 
 __all__ = ["PruneOptions", "PruneResult", "finetune_settings", "prune", "run", "selection_for"]

@@ -9,7 +9,7 @@ least-importance set that meets the target (with the margin) is found.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from compressor.search.target import Measured, Target
 from compressor.stages.options import PruneOptions
 from compressor.stages.plan import Plan
 from compressor.stages.reach import Reach, timed_pair
+from compressor.stages.state import RunState
 
 GREEDY_IMAGES = 128  # calibration images greedy selection measures each set's KL on
 
@@ -48,27 +49,38 @@ class Chosen:
     search: SearchResult
     selection: str
     calibration: Calibration  # the table's calibration on the most-pruned candidate
+    floor_units: list[str]  # the most-pruned candidate the calibration was measured on
+    floor: Measured
     greedy: GreedyOrder | None = None
 
 
-def candidate_measurer(plan: Plan, reach: Reach, table: LatencyTable, work: Path,
-                       log: Callable[[str], None]) -> Callable[[tuple[str, ...]], Measured]:
-    """measure(removed names): export the model without them and time it against the baseline."""
+def candidate_measurer(plan: Plan, reach: Reach, table: LatencyTable, work: Path, log: Callable[[str], None],
+                       state: RunState) -> Callable[[tuple[str, ...]], Measured]:
+    """measure(removed names): export the model without them and time it against the baseline; every
+    measurement is saved, and a resumed run takes a saved one instead of measuring again."""
     suffix = plan.deployment.exporter.suffix
+    measured = state.load("candidates") or {}
 
     def measure(removed: tuple[str, ...]) -> Measured:
+        key = ",".join(removed)
+        if key in measured:
+            state.note_reused(f"the measured candidate without {len(removed)} units")
+            return Measured(**measured[key])
         chosen = [u for u in plan.candidates if u.name in removed]
         path = plan.deployment.export(remove_units(plan.model, chosen, plan.example), work / f"candidate{suffix}")
         m = timed_pair(plan.deployment, reach.baseline_path, path, plan.deployment.profile.search_policy)
         log(f"  candidate -{len(removed)} units: predicted {table.predict(removed):.3f} ms, "
             f"measured {m.candidate_ms:.3f} ms vs {m.baseline_ms:.3f} ms ({m.speedup:.2f}x)")
+        measured[key] = asdict(m)
+        state.save("candidates", measured)
         return m
 
     return measure
 
 
 def choose(plan: Plan, reach: Reach, importance: dict[str, float], table: LatencyTable, target: Target,
-           data: DataBundle, options: PruneOptions, work: Path, log: Callable[[str], None]) -> Chosen:
+           data: DataBundle, options: PruneOptions, work: Path, log: Callable[[str], None], state: RunState
+           ) -> Chosen:
     """Search under the target; UnreachableTargetError if no measured set comes close."""
     selection = selection_for(options, plan.loaded)
     proposer, order = None, None
@@ -83,7 +95,7 @@ def choose(plan: Plan, reach: Reach, importance: dict[str, float], table: Latenc
     calibration = fit_calibration([Observation.measured(table, reach.floor_units, reach.floor.baseline_ms,
                                                         reach.floor.candidate_ms)])
     result = search_under_target(plan.candidates, importance, table.savings_ms, table.baseline_ms, target,
-                                 candidate_measurer(plan, reach, table, work, log), reach.margin,
+                                 candidate_measurer(plan, reach, table, work, log, state), reach.margin,
                                  (floor_saving, reach.floor), options.min_blocks_per_stage, options.max_trials,
                                  proposer)
     trial = result.best or (min(result.trials, key=lambda t: t.measured.candidate_ms) if result.trials else None)
@@ -91,4 +103,4 @@ def choose(plan: Plan, reach: Reach, importance: dict[str, float], table: Latenc
         msg = f"no removal set reaches {target.describe()} by the latency table"
         raise UnreachableTargetError(msg)
     removed = [u for u in plan.candidates if u.name in trial.choice.removed]
-    return Chosen(removed, result, selection, calibration, order)
+    return Chosen(removed, result, selection, calibration, reach.floor_units, reach.floor, order)

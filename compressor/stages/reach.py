@@ -7,7 +7,7 @@ baseline artifact it exports is the one every candidate is timed against.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from compressor.errors import UnreachableTargetError
@@ -17,6 +17,7 @@ from compressor.latency.timing import TimingPolicy
 from compressor.search.knapsack import most_removable
 from compressor.search.target import Measured, Target, margin_from
 from compressor.stages.plan import Plan
+from compressor.stages.state import RunState
 
 
 def timed_pair(deployment: Deployment, base: Path, candidate: Path, policy: TimingPolicy) -> Measured:
@@ -37,15 +38,22 @@ class Reach:
 
 
 def check_reachable(plan: Plan, target: Target, min_per_stage: int, work: Path,
-                    log: Callable[[str], None]) -> Reach:
+                    log: Callable[[str], None], state: RunState) -> Reach:
     """Export and time the unpruned and the most-pruned models; UnreachableTargetError if even
-    the most-pruned one misses the target (the message gives the fastest reachable latency)."""
+    the most-pruned one misses the target (the message gives the fastest reachable latency).
+    A resumed run reuses the saved measurement (the baseline is exported again: it is deterministic)."""
     deployment, suffix = plan.deployment, plan.deployment.exporter.suffix
     baseline_path = deployment.export(plan.model, work / f"baseline{suffix}")
     floor_units = most_removable(plan.units, min_per_stage)
-    floor_model = remove_units(plan.model, floor_units, plan.example)
-    floor_path = deployment.export(floor_model, work / f"floor{suffix}")
-    floor = timed_pair(deployment, baseline_path, floor_path, deployment.profile.search_policy)
+    saved = state.load("reach")
+    if saved is not None:
+        floor = Measured(**saved["floor"])
+        state.note_reused("reachability (baseline and most-pruned model, measured)")
+    else:
+        floor_model = remove_units(plan.model, floor_units, plan.example)
+        floor_path = deployment.export(floor_model, work / f"floor{suffix}")
+        floor = timed_pair(deployment, baseline_path, floor_path, deployment.profile.search_policy)
+        state.save("reach", {"floor": asdict(floor)})
     log(f"baseline {floor.baseline_ms:.3f} ms; fastest reachable {floor.candidate_ms:.3f} ms "
         f"({floor.speedup:.2f}x) with {min_per_stage} block(s) kept per stage")
     if floor.candidate_ms > target.goal_ms(floor.baseline_ms):

@@ -22,6 +22,7 @@ from compressor.models.loaded import LoadedModel
 from compressor.rewrite.linearised import merge_linearised, verify_merges
 from compressor.stages.options import PruneOptions
 from compressor.stages.plan import Plan
+from compressor.stages.state import RunState
 
 FINETUNE_LR = 0.02
 # A model with its own (ImageNet) weights is fine-tuned on a few hundred crops of other photos: at
@@ -70,8 +71,9 @@ def _log_fidelity(log: Callable[[str], None], when: str, f: Fidelity) -> None:
 
 
 def recover(plan: Plan, removed: list[Unit], data: DataBundle, options: PruneOptions,
-            log: Callable[[str], None]) -> Recovered:
-    """Remove `removed` from the model and fine-tune the result by distillation."""
+            log: Callable[[str], None], state: RunState) -> Recovered:
+    """Remove `removed` from the model and fine-tune the result by distillation; a checkpoint after every
+    epoch lets a resumed run continue from the last finished one (for the same units)."""
     model, x = plan.model, plan.example
     pruned = remove_units(model, removed, x)  # merged blocks linearised, BatchNorm kept for fine-tuning
     val = data.loader("val")
@@ -85,8 +87,15 @@ def recover(plan: Plan, removed: list[Unit], data: DataBundle, options: PruneOpt
     log(f"fine-tuning {len(removed)}-unit-smaller model by distillation for {options.finetune_epochs} epochs "
         f"(lr {settings.lr:g}{', BatchNorm statistics frozen' if settings.freeze_batchnorm else ''}"
         f"{', mimicking ' + mimic.describe() if mimic else ''})")
+    names = [u.name for u in removed]
+    resume = state.load_tensors("finetune")
+    if resume is not None and resume.get("removed") == names:
+        state.note_reused(f"fine-tuning, {int(resume['epoch'])} of {options.finetune_epochs} epochs done")
+    else:
+        resume = None
     train(pruned, data.loader("train", batch_size=32, shuffle=True, seed=options.seed), options.finetune_epochs,
-          settings.lr, teacher=model, desc="fine-tune", freeze_batchnorm=settings.freeze_batchnorm, mimic=mimic)
+          settings.lr, teacher=model, desc="fine-tune", freeze_batchnorm=settings.freeze_batchnorm, mimic=mimic,
+          on_epoch=lambda epoch: state.save_tensors("finetune", {**epoch, "removed": names}), resume=resume)
     merge_checks = verify_merges(pruned, x)  # the deployed merge of each linearised block, interior exact
     deployed = merge_linearised(pruned)
     after = fidelity(model, deployed, val, reference)

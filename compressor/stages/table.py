@@ -7,13 +7,21 @@ from pathlib import Path
 
 from compressor.latency.table import LatencyTable, load_fitting_table, measure_latency_table
 from compressor.stages.plan import Plan
+from compressor.stages.state import RunState
 
 
-def latency_table(plan: Plan, reuse: str | None, work: Path, log: Callable[[str], None]) -> LatencyTable:
-    """The table from `reuse` (checked to fit the model and profile) or measured now."""
+def latency_table(plan: Plan, reuse: str | None, work: Path, log: Callable[[str], None],
+                  state: RunState) -> LatencyTable:
+    """The table from `reuse` (checked to fit the model and profile), a resumed run's, or measured now."""
+    saved = state.load("latency_table")
+    if saved is not None:
+        state.note_reused(f"the latency table ({len(saved['savings_ms'])} units, measured {saved['machine']['date']})")
+        return LatencyTable(**saved)
     if reuse:
         table, note = load_fitting_table(reuse, plan.candidates, plan.deployment)
         log(note)
         return table
     log("measuring the latency table (each unit removed, exported, timed interleaved)")
-    return measure_latency_table(plan.model, plan.candidates, plan.deployment, plan.loaded.arch, work)
+    table = measure_latency_table(plan.model, plan.candidates, plan.deployment, plan.loaded.arch, work)
+    state.save("latency_table", vars(table))
+    return table

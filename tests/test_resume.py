@@ -1,0 +1,121 @@
+"""Interrupted runs: SIGINT and SIGTERM stop a real prune with one line and exit 130 / 143, keeping its
+state; `--resume` continues it, reuses what was measured, and its report says so."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import FAST_PROFILE
+
+# slower search floors than FAST_PROFILE, so the latency table takes long enough to be interrupted in
+SLOW_TABLE = FAST_PROFILE.replace("search: {min_runs: 20, min_time_s: 0.15}", "search: {min_runs: 20, min_time_s: 0.4}")
+ARGS = ["--model", "resnet56", "--data", "digits32", "--target-speedup", "1.3", "--finetune-epochs", "1",
+        "--calibration-size", "64", "--max-trials", "1"]
+
+
+def _prune(profile: Path, out: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "compressor.cli.main", "prune", *ARGS, "--profile", str(profile),
+               "--out", str(out), *extra]
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+
+
+def _interrupt_during_table(profile: Path, out: Path, sig: int) -> tuple[int, list[str]]:
+    process = _prune(profile, out)
+    lines = []
+    for line in process.stderr:
+        lines.append(line.rstrip())
+        if "measuring the latency table" in line:
+            time.sleep(1.0)
+            started = time.perf_counter()
+            process.send_signal(sig)
+            break
+    rest = process.stderr.read().splitlines()
+    code = process.wait(timeout=60)
+    assert time.perf_counter() - started < 10, "the run should stop within seconds"
+    return code, lines + rest
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("resume")
+    profile = folder / "slow.yaml"
+    profile.write_text(SLOW_TABLE)
+    out = folder / "run"
+    code, lines = _interrupt_during_table(profile, out, signal.SIGINT)
+    shutil.copytree(out, folder / "pristine")  # the interrupted state, for tests that must not resume it
+    return profile, out, code, lines
+
+
+def test_sigint_during_the_table_stops_with_one_line(interrupted):
+    _, out, code, lines = interrupted
+    assert code == 130
+    assert lines[-1].startswith("compressor prune: interrupted") and "--resume" in lines[-1]
+    assert not any("Traceback" in line for line in lines)
+    state = {p.name for p in (out / ".state").iterdir()}
+    assert {"run.json", "reach.json", "scores.json"} <= state
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".work-")]
+    assert not (out / "report.json").exists()
+
+
+def test_resume_reuses_the_measured_part_and_makes_the_same_choice(interrupted, digits):
+    profile, out, _, _ = interrupted
+    result = subprocess.run([sys.executable, "-m", "compressor.cli.main", "prune", *ARGS, "--profile", str(profile),
+                             "--out", str(out), "--resume"], capture_output=True, text=True, timeout=900)
+    report = json.loads((out / "report.json").read_text())
+    assert result.returncode == (0 if report["target_met"] else 1), result.stderr[-2000:]
+    reused = " ".join(report["resumed"]["reused"])
+    assert "reachability" in reused and "cka scores" in reused
+    assert not (out / ".state").exists()  # a finished run keeps no state
+    # an uninterrupted search from the same latency table, fresh scores and the same measured floor
+    # chooses the same units: nothing was lost or corrupted by the interruption
+    from compressor.criteria import ScoringContext, score_units
+    from compressor.graph.units import find_units
+    from compressor.models.sources import load_model
+    from compressor.search.loop import search_under_target
+    from compressor.search.target import Measured, Target
+
+    model = load_model("resnet56", digits).model
+    units = find_units(model, torch.randn(1, 3, 32, 32))
+    scores = score_units("cka", ScoringContext(model, units, digits.loader("train", batch_size=128, limit=64)))
+    table = json.loads((out / "latency_table.json").read_text())
+    search, floor = report["search"], report["search"]["floor"]
+    trial = search["trials"][0]
+    measured = Measured(trial["baseline_ms"], trial["measured_ms"], 0.0)
+    floor_saving = sum(table["savings_ms"][n] for n in floor["removed"])
+    again = search_under_target(units, scores, table["savings_ms"], table["baseline_ms"], Target(speedup=1.3),
+                                lambda removed: measured, search["margin"],
+                                (floor_saving, Measured(floor["baseline_ms"], floor["candidate_ms"], 0.0)),
+                                1, 1)
+    assert list(again.trials[0].choice.removed) == report["removed_units"]
+
+
+def test_resume_refuses_another_run(interrupted, tmp_path):
+    profile, out, _, _ = interrupted
+    other = tmp_path / "copy"
+    shutil.copytree(out.parent / "pristine", other)
+    result = subprocess.run([sys.executable, "-m", "compressor.cli.main", "prune", *ARGS[:-2], "--max-trials", "2",
+                             "--profile", str(profile), "--out", str(other), "--resume"],
+                            capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "--resume" in lines[-1] and "max_trials" in lines[-1], lines[-3:]
+    assert not (other / "report.json").exists() and (other / ".state" / "scores.json").is_file()
+
+
+def test_sigterm_exits_143_and_without_resume_the_folder_is_refused(tmp_path):
+    profile = tmp_path / "slow.yaml"
+    profile.write_text(SLOW_TABLE)
+    out = tmp_path / "run"
+    code, lines = _interrupt_during_table(profile, out, signal.SIGTERM)
+    assert code == 143 and lines[-1].startswith("compressor prune: terminated")
+    result = subprocess.run([sys.executable, "-m", "compressor.cli.main", "prune", *ARGS, "--profile", str(profile),
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "unfinished run" in result.stderr and "--resume" in result.stderr
