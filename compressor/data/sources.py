@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from compressor.data.bundle import IMAGENET_PREPROCESSING, DataBundle, Preprocessing, stratified_split
-from compressor.errors import InputError
+from compressor.errors import InputError, first_line
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -117,8 +117,14 @@ def load_cifar10(directory: str) -> DataBundle:
         raise InputError(msg)
     train_files = sorted(root.glob("data_batch_*"))
     test_file = root / "test_batch"
-    if not train_files or not test_file.is_file():
+    if not train_files and not test_file.is_file():
         msg = f"{root} has no data_batch_* and test_batch files (CIFAR-10 python format)"
+        raise InputError(msg)
+    expected = [f"data_batch_{i}" for i in range(1, max(len(train_files), 1) + 1)]
+    absent = [name for name in [*expected, "test_batch"] if not (root / name).is_file()]
+    if absent or {p.name for p in train_files} != set(expected):
+        names = absent or sorted({p.name for p in train_files} - set(expected))
+        msg = f"{root}: CIFAR-10 batch file(s) missing or out of sequence: {', '.join(names)}"
         raise InputError(msg)
     parts = [_read_cifar_batch(p) for p in train_files]
     x_train = np.concatenate([p[0] for p in parts])
@@ -128,6 +134,31 @@ def load_cifar10(directory: str) -> DataBundle:
     std = x_train.std(axis=(0, 2, 3)) / 255.0
     return DataBundle(f"cifar10:{root}", _ImageArrayDataset(x_train, y_train, mean, std),
                       _ImageArrayDataset(x_val, y_val, mean, std), 10, (3, 32, 32))
+
+
+def _decode_image(path: str) -> object:
+    """torchvision's image loader, with an InputError naming a file that cannot be decoded."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except Exception as e:  # PIL's UnidentifiedImageError, OSError for a truncated file, ...
+        msg = f"cannot decode image {path}: {first_line(e)}"
+        raise InputError(msg) from e
+
+
+def _check_decodable(samples: list[tuple[str, int]]) -> None:
+    """Every image's header parses (PIL's verify: no full decode), so a broken file is refused up front,
+    not halfway through a run."""
+    from PIL import Image
+
+    for path, _ in samples:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as e:  # UnidentifiedImageError, SyntaxError for a broken PNG, OSError ...
+            msg = f"cannot decode image {path}: {first_line(e)}"
+            raise InputError(msg) from e
 
 
 def _imagefolder_splits(root: Path, size: int, preprocessing: Preprocessing) -> tuple[Dataset, Dataset, int]:
@@ -140,10 +171,12 @@ def _imagefolder_splits(root: Path, size: int, preprocessing: Preprocessing) -> 
     ])
     try:
         if (root / "train").is_dir() and (root / "val").is_dir():
-            train = datasets.ImageFolder(str(root / "train"), transform)
-            val = datasets.ImageFolder(str(root / "val"), transform)
+            train = datasets.ImageFolder(str(root / "train"), transform, loader=_decode_image)
+            val = datasets.ImageFolder(str(root / "val"), transform, loader=_decode_image)
+            _check_decodable([*train.samples, *val.samples])
             return train, val, len(train.classes)
-        full = datasets.ImageFolder(str(root), transform)
+        full = datasets.ImageFolder(str(root), transform, loader=_decode_image)
+        _check_decodable(full.samples)
     except (FileNotFoundError, ValueError) as e:
         msg = f"{root} is not an image folder with one subfolder per class: {e}"
         raise InputError(msg) from e

@@ -18,7 +18,7 @@ import numpy as np
 
 from compressor.errors import InputError, first_line
 from compressor.fileio import atomic_write_text, refuse_existing_file
-from compressor.latency.device import LocalDevice
+from compressor.latency.device import close_device, device_for
 from compressor.latency.gate import (
     BASELINE_KIND,
     DEFAULT_ALPHA,
@@ -139,6 +139,8 @@ class BenchConfig:
     runs: int | None = None
     min_time_s: float | None = None
     out: str | None = None
+    bundle: str | None = None  # write an offline bundle to time on the device instead of timing here
+    results: str | None = None  # the figures a bundle's measure.py wrote on the device, instead of timing here
 
 
 @dataclass
@@ -204,15 +206,21 @@ class _Timed:
     other_stats: LatencyStats | None = None
 
 
-def _time(config: BenchConfig, opened: OpenedArtifact, policy: TimingPolicy, device) -> _Timed:
-    """Time the artifact alone, or interleaved with --against on the same device."""
-    if not config.against:
-        return _Timed(device.time([opened.path], policy, opened.example()).stats[0], "separate")
+def _open_against(config: BenchConfig, opened: OpenedArtifact) -> OpenedArtifact:
+    """The --against artifact, opened; InputError if it takes another input than the artifact."""
     other = open_artifact(config.against, config.profile)
     if other.input_shape != opened.input_shape:
         msg = (f"--against {other.path} takes input {list(other.input_shape)}, {opened.path} takes "
                f"{list(opened.input_shape)}")
         raise InputError(msg)
+    return other
+
+
+def _time(config: BenchConfig, opened: OpenedArtifact, policy: TimingPolicy, device) -> _Timed:
+    """Time the artifact alone, or interleaved with --against on the same device."""
+    if not config.against:
+        return _Timed(device.time([opened.path], policy, opened.example()).stats[0], "separate")
+    other = _open_against(config, opened)
     stats, other_stats = device.time([opened.path, other.path], policy, opened.example()).stats
     return _Timed(stats, "interleaved", other, other_stats)
 
@@ -234,20 +242,49 @@ def _reference(config: BenchConfig, opened: OpenedArtifact, timed: _Timed, basel
     return f"baseline {Path(config.baseline).name}", baseline["samples"], entry, notes
 
 
+def bench_device(config: BenchConfig, profile: Profile):
+    """Where the artifact is timed: the figures of a bundle's results file (--results), else the profile's
+    device (this machine, or its remote host over SSH)."""
+    if config.results:
+        from compressor.latency.remote.results import ResultsDevice
+
+        return ResultsDevice.load(config.results, profile, backend_for(profile))
+    return device_for(profile, backend_for(profile))
+
+
+def _write_bundle(config: BenchConfig, opened: OpenedArtifact, policy: TimingPolicy) -> BenchResult:
+    """--bundle: the artifact (and --against) with the runner and a manifest, to time on the device."""
+    from compressor.latency.remote.bundle import write_bench_bundle
+
+    artifacts = [opened.path] + ([_open_against(config, opened).path] if config.against else [])
+    folder, text = write_bench_bundle(config.bundle, artifacts, backend_for(config.profile),
+                                      bench_profile(config.profile, opened.batch), policy, opened.example())
+    return BenchResult({"bundle": str(folder), "artifacts": [str(a) for a in artifacts]}, text)
+
+
 def run_bench(config: BenchConfig) -> BenchResult:
     """Measure the artifact (alone, or interleaved with --against) and judge it against the reference."""
     check_threshold(config.threshold)
     if config.baseline and config.against:
         msg = "give either --baseline or --against, not both"
         raise InputError(msg)
+    if config.bundle and (config.results or config.baseline or config.save_baseline or config.out):
+        msg = "--bundle only writes the bundle: give --results, --baseline, --save-baseline and --out in the next step"
+        raise InputError(msg)
     _check_outputs(config)
     baseline = load_baseline(config.baseline) if config.baseline else None
     policy, profile = policy_for(config), config.profile
     opened = open_artifact(config.artifact, profile)
-    device = LocalDevice(backend_for(profile))
-    measured_profile, machine = bench_profile(profile, opened.batch).to_dict(), device.provenance()
-    foreign, notes = _foreign_notes(config, baseline, measured_profile, machine)
-    timed = _time(config, opened, policy, device)
+    if config.bundle:
+        return _write_bundle(config, opened, policy)
+    device = bench_device(config, profile)
+    try:
+        measured_profile, machine = bench_profile(profile, opened.batch).to_dict(), device.provenance()
+        foreign, notes = _foreign_notes(config, baseline, measured_profile, machine)
+        timed = _time(config, opened, policy, device)
+        machine = device.provenance()  # with the conditions of this measurement, on a remote device
+    finally:
+        close_device(device)
     reference = _reference(config, opened, timed, baseline, policy, machine)
     notes += reference[3] if reference else []
     notes += [f"warning: noisy measurement, IQR/median {s.relative_iqr:.0%} > {policy.remeasure_iqr:.0%} "

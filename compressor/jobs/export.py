@@ -31,8 +31,8 @@ def _exporters(formats: list[str], precision: str, dynamic_batch: bool, simplify
 
     options = {"onnx": {"dynamic_batch": dynamic_batch, "simplify": simplify},
                "tensorrt": {"workspace_mb": workspace_mb, "dynamic_batch": dynamic_batch}}
-    return [get_exporter(f, precision=precision if f in ("openvino", "tensorrt") else "fp32", **options.get(f, {}))
-            for f in formats]
+    own = ("tensorrt",) if precision == "int8" else ("openvino", "tensorrt")  # int8 onnx/openvino: quantizers
+    return [get_exporter(f, precision=precision if f in own else "fp32", **options.get(f, {})) for f in formats]
 
 
 def _refuse_clash(exporter, target: Path) -> None:
@@ -47,11 +47,19 @@ def _refuse_clash(exporter, target: Path) -> None:
 
 def export(model: nn.Module, example_input: torch.Tensor, out: str | Path, formats: str | Sequence[str] = "onnx",
            name: str = "model", precision: str = "fp32", opset: int = 17, dynamic_batch: bool = False,
-           simplify: bool = False, workspace_mb: int = 1024, log: Callable[[str], None] = print) -> dict:
+           simplify: bool = False, workspace_mb: int = 1024, log: Callable[[str], None] = print,
+           images=None, quantize_settings=None, floor=None) -> dict:
     """Fold `model`'s BatchNorm layers and export it to every format (onnx, openvino, tensorrt, torch)
     into the folder `out` as `name`.<suffix>; returns {format: {path, precision, outcome, files}}.
-    Existing artifacts are refused, never overwritten."""
-    exporters = _exporters(parse_formats(formats), precision, dynamic_batch, simplify, workspace_mb)
+    Existing artifacts are refused, never overwritten. precision "int8": onnx and openvino through
+    compressor.jobs.export_int8, calibrated and judged on `images` (compressor.quantize.QuantizationImages)
+    with `quantize_settings` and the fidelity `floor`."""
+    formats = parse_formats(formats)
+    if precision == "int8":
+        from compressor.jobs.export_int8 import check_int8_formats
+
+        check_int8_formats(formats, images is not None)
+    exporters = _exporters(formats, precision, dynamic_batch, simplify, workspace_mb)
     out = make_output_dir(check_output_dir(out, must_be_empty=False))
     for exporter in exporters:
         _refuse_clash(exporter, exporter.artifact_path(out / name))
@@ -66,6 +74,12 @@ def export(model: nn.Module, example_input: torch.Tensor, out: str | Path, forma
     written = {}
     for exporter in exporters:
         target = exporter.artifact_path(out / name)
+        if precision == "int8" and exporter.name != "tensorrt":
+            from compressor.jobs.export_int8 import export_int8
+
+            written[exporter.name] = export_int8(folded, example_input, out, exporter.name, name, images,
+                                                 quantize_settings, floor, opset, log)
+            continue
         try:
             path = exporter.export(folded, example_input, target, opset)
         except OSError as e:

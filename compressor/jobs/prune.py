@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from compressor.data.bundle import DataBundle
-from compressor.errors import InputError
+from compressor.errors import CompressorError, InputError
 from compressor.fileio import check_output_dir, make_output_dir
 from compressor.jobs.inputs import as_data, as_loaded, as_profile
 from compressor.latency.profiles import Profile
@@ -35,7 +35,7 @@ from compressor.stages.reach import check_reachable
 from compressor.stages.recover import finetune_settings, recover
 from compressor.stages.scores import score_candidates
 from compressor.stages.state import RunState
-from compressor.stages.table import latency_table
+from compressor.stages.table import given_table, latency_table
 
 Log = Callable[[str], None]
 
@@ -109,18 +109,27 @@ def run(loaded: LoadedModel, data: DataBundle, target: Target, profile: Profile,
         out: Path | None, log: Log = print, device=None, resume: bool = False) -> PruneResult:
     """The whole job on resolved inputs; writes into `out` (new or empty; or a saved run's folder with
     `resume`) unless it is None."""
-    from compressor.latency.machine import machine_info
+    from compressor.latency.device import close_device, device_for
 
     options.check()
     created = out is not None and not Path(out).exists()
     if out is not None:
         out = output_folder(Path(out), resume)
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
+    own = device is None
     try:
-        machine = device.provenance() if device is not None else machine_info()
+        if own:  # the profile's device: this machine, or its remote host(s), connected before anything slow
+            device = device_for(profile, log=log)
+        machine = device.provenance()
         state = RunState(out, fingerprint(loaded, data, target, profile, options, machine), resume)
         return _stages(Job(loaded, data, target, profile, options, out, work, log, device, state))
+    except CompressorError as e:
+        if created and e.exit_code == 2:  # bad input found on the way: leave no trace of this new run
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
+        if own:
+            close_device(device)
         shutil.rmtree(work, ignore_errors=True)
         if created and out is not None and out.exists() and not any(out.iterdir()):
             out.rmdir()  # a run that failed before writing anything leaves no folder
@@ -131,9 +140,10 @@ def _stages(job: Job) -> PruneResult:
     options, out, work, log, state = job.options, job.out, job.work, job.log, job.state
     torch.manual_seed(options.seed)
     plan = plan_units(job.loaded, job.profile, options.merge, log, job.device)
+    given = given_table(plan, options.latency_table, log)
     reach = check_reachable(plan, job.target, options.min_blocks_per_stage, work, log, state)
     importance = score_candidates(plan, job.data, options, log, state)
-    table = latency_table(plan, options.latency_table, work, log, state)
+    table = latency_table(plan, given, work, log, state)
     if out is not None:
         table.save(out / "latency_table.json")
     chosen = choose(plan, reach, importance, table, job.target, job.data, options, work, log, state)

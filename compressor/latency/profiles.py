@@ -10,9 +10,13 @@ import yaml
 
 from compressor.errors import InputError
 from compressor.latency.machine import physical_cores
+from compressor.latency.remote.spec import RemoteSpec, parse_remote
 from compressor.latency.timing import TimingPolicy
 
 REQUIRED = ("name", "runtime")
+KNOWN_KEYS = ("name", "runtime", "device", "precision", "threads", "batch", "input_shape", "opset", "description",
+              "runtime_options", "timing", "remote")
+TIMING_LEVELS = ("search", "report")
 
 
 @dataclass
@@ -32,6 +36,7 @@ class Profile:
     search_policy: TimingPolicy = field(default_factory=TimingPolicy)
     report_policy: TimingPolicy = field(default_factory=lambda: TimingPolicy(200, 5.0))
     source: str = ""
+    remote: RemoteSpec | None = None  # measured on this device (or pool) over SSH; None: this machine
 
     @property
     def resolved_threads(self) -> int:
@@ -44,6 +49,7 @@ class Profile:
             "input_shape": list(self.input_shape) if self.input_shape else None, "opset": self.opset,
             "search_policy": vars(self.search_policy), "report_policy": vars(self.report_policy),
             "runtime_options": self.runtime_options, "source": self.source,
+            **({"remote": self.remote.to_dict()} if self.remote else {}),
         }
 
 
@@ -91,6 +97,28 @@ def _name(raw: dict, key: str, source: str) -> str:
     return value
 
 
+def _check_keys(raw: dict, source: str) -> None:
+    """Unknown keys are refused by name (a typo would otherwise silently keep a default)."""
+    unknown = [str(k) for k in raw if k not in KNOWN_KEYS]
+    timing = raw.get("timing")
+    if isinstance(timing, dict):
+        policy_keys = set(TimingPolicy.__dataclass_fields__)
+        unknown += [f"timing.{k}" for k in timing if k not in policy_keys and k not in TIMING_LEVELS]
+        unknown += [f"timing.{level}.{k}" for level in TIMING_LEVELS if isinstance(timing.get(level), dict)
+                    for k in timing[level] if k not in policy_keys]
+    if unknown:
+        msg = f"profile {source} has unknown field(s): {', '.join(unknown)}; known: {', '.join(KNOWN_KEYS)}"
+        raise InputError(msg)
+
+
+def _check_runtime(raw: dict, source: str) -> None:
+    from exporters.registry import RUNTIMES
+
+    if raw["runtime"] not in RUNTIMES:
+        msg = f"profile {source}: unknown runtime {raw['runtime']!r}; known: {', '.join(sorted(RUNTIMES))}"
+        raise InputError(msg)
+
+
 def parse_profile(text: str, source: str) -> Profile:
     """Parse and check profile YAML; every problem is an InputError naming the field."""
     try:
@@ -107,6 +135,8 @@ def parse_profile(text: str, source: str) -> Profile:
     if missing:
         msg = f"profile {source} lacks required field(s): {', '.join(missing)}"
         raise InputError(msg)
+    _check_keys(raw, source)
+    _check_runtime(raw, source)
     shape = raw.get("input_shape")
     if shape is not None and (not isinstance(shape, list) or len(shape) != 3
                               or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
@@ -124,6 +154,7 @@ def parse_profile(text: str, source: str) -> Profile:
         runtime_options=options,
         search_policy=_policy(raw, "search", TimingPolicy()),
         report_policy=_policy(raw, "report", TimingPolicy(200, 5.0)), source=source,
+        remote=parse_remote(raw.get("remote"), source),
     )
 
 

@@ -60,6 +60,16 @@ def read_checkpoint(path: str | Path) -> dict:
     return payload
 
 
+def _check_finite(state: object, path: str | Path) -> None:
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        msg = f"{path}: its state_dict is not a mapping of parameter names to tensors"
+        raise InputError(msg)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        msg = f"{path}: NaN or Inf values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
+        raise InputError(msg)
+
+
 def load_checkpoint(path: str | Path) -> LoadedModel:
     """Load a checkpoint written by save_checkpoint; its recipe (removed units) is redone first."""
     payload = read_checkpoint(path)
@@ -68,6 +78,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
                          payload["num_classes"], tuple(payload["input_shape"]), str(path),
                          list(payload.get("removed_units", [])),
                          Preprocessing.from_dict(preprocessing) if preprocessing else None)
+    _check_finite(payload.get("state_dict"), path)
     recipe = payload.get("recipe") or names_recipe(loaded.removed_units, loaded.input_shape)  # version 1: names
     if recipe is not None and recipe.get("units"):
         loaded.model = apply_recipe(loaded.model, recipe, loaded.example_input())

@@ -124,7 +124,11 @@ def load_model(spec: str, data: object | None = None, weights: str | None = None
     themselves); then the model must take the data's input shape (InputError otherwise).
     """
     path = Path(spec)
-    if spec in ZOO:
+    if spec in ZOO and weights and ZOO[spec].pretrained is None:  # the user's weights: nothing to train
+        classes = data.num_classes if data is not None and data.labelled else 10
+        size = data.input_shape if data is not None else (3, ZOO[spec].input_size, ZOO[spec].input_size)
+        loaded = LoadedModel(build(spec, classes), spec, classes, tuple(size), f"{spec} with weights {weights}")
+    elif spec in ZOO:
         loaded = _zoo(spec, data)
     elif path.is_dir():
         msg = f"--model {spec} is a folder; give a checkpoint file (such as {path / 'model.pt'}) or a zoo name"

@@ -10,17 +10,25 @@ from compressor.stages.plan import Plan
 from compressor.stages.state import RunState
 
 
-def latency_table(plan: Plan, reuse: str | None, work: Path, log: Callable[[str], None],
+def given_table(plan: Plan, path: str | None, log: Callable[[str], None]) -> LatencyTable | None:
+    """The table the user gave (--latency-table), checked to fit the model and profile; run right after
+    `plan`, so a table that does not fit is refused before anything is measured."""
+    if path is None:
+        return None
+    table, note = load_fitting_table(path, plan.candidates, plan.deployment)
+    log(note)
+    return table
+
+
+def latency_table(plan: Plan, given: LatencyTable | None, work: Path, log: Callable[[str], None],
                   state: RunState) -> LatencyTable:
-    """The table from `reuse` (checked to fit the model and profile), a resumed run's, or measured now."""
+    """The table the user gave, a resumed run's, or measured now."""
+    if given is not None:
+        return given
     saved = state.load("latency_table")
     if saved is not None:
         state.note_reused(f"the latency table ({len(saved['savings_ms'])} units, measured {saved['machine']['date']})")
         return LatencyTable(**saved)
-    if reuse:
-        table, note = load_fitting_table(reuse, plan.candidates, plan.deployment)
-        log(note)
-        return table
     log("measuring the latency table (each unit removed, exported, timed interleaved)")
     table = measure_latency_table(plan.model, plan.candidates, plan.deployment, plan.loaded.arch, work)
     state.save("latency_table", vars(table))
