@@ -38,7 +38,7 @@ def boundary(what: str, error: type[CompressorError] = ExportError) -> Iterator[
     (torch.onnx, onnx.checker, torch.export, OpenVINO and TensorRT each raise their own types)."""
     try:
         yield
-    except CompressorError:
+    except (CompressorError, OSError):  # ours already say what is wrong; a full disk is not a library failure
         raise
     except Exception as e:
         msg = f"{what} failed: {type(e).__name__}: {first_line(e)}"

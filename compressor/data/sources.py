@@ -177,6 +177,8 @@ def _imagefolder_splits(root: Path, size: int, preprocessing: Preprocessing) -> 
             return train, val, len(train.classes)
         full = datasets.ImageFolder(str(root), transform, loader=_decode_image)
         _check_decodable(full.samples)
+    except InputError:  # already says what is wrong (and is a ValueError too)
+        raise
     except (FileNotFoundError, ValueError) as e:
         msg = f"{root} is not an image folder with one subfolder per class: {e}"
         raise InputError(msg) from e

@@ -43,6 +43,20 @@ def names_recipe(names: list[str], input_shape: tuple[int, ...]) -> dict:
     return {**make_recipe([], input_shape), "units": [{"name": n} for n in names]}
 
 
+def why_not_loadable(error: Exception) -> str:
+    """What torch.load(weights_only=True) refused, in one line without torch's advice to trust the file."""
+    import pickle
+
+    if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
+        return ("it holds pickled objects other than tensors and plain data, which could run code when "
+                "loaded; refused")
+    if isinstance(error, pickle.UnpicklingError):
+        return "its bytes are not a torch file (unreadable pickle data)"
+    if isinstance(error, EOFError):
+        return "the file is empty or cut short"
+    return f"{type(error).__name__}: {first_line(error, 160)}"
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint's payload, read with weights_only=True (no pickled code runs); InputError otherwise."""
     path = Path(path)
@@ -52,7 +66,7 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        msg = f"{path} is not a loadable checkpoint (weights_only=True): {first_line(e, 160)}"
+        msg = f"{path} is not a loadable checkpoint (weights_only=True): {why_not_loadable(e)}"
         raise InputError(msg) from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         msg = f"{path} is not a compressor checkpoint (no '{CHECKPOINT_FORMAT}' header)"

@@ -19,7 +19,7 @@ from torch import nn
 
 from compressor.errors import InputError, first_line
 from compressor.models.architectures import TIMM_PREFIX, build_arch
-from compressor.models.checkpoint import load_checkpoint
+from compressor.models.checkpoint import load_checkpoint, why_not_loadable
 from compressor.models.loaded import LoadedModel
 from compressor.models.trained import pretrained_on
 from compressor.models.zoo import ZOO, build, load_pretrained
@@ -37,7 +37,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError (a pickle with code in it), EOFError, RuntimeError ...
-        msg = f"{path} is not a loadable state_dict (weights_only=True): {first_line(e, 160)}"
+        msg = f"{path} is not a loadable state_dict (weights_only=True): {why_not_loadable(e)}"
         raise InputError(msg) from e
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         state = state["state_dict"]
