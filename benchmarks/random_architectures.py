@@ -1,0 +1,124 @@
+"""Random residual architectures: unit finding, surgery, BatchNorm folding and ONNX export on N nets.
+
+For each seed, tests/random_nets.py builds a random residual classifier (identity and projection
+shortcuts, pre- and post-activation, five activations, squeeze-excite, `+` / `torch.add` / `+=`,
+nested Sequentials, two-addition blocks, stochastic depth, odd channels and strides), a random
+subset of its units is removed, and three checks run:
+
+1. surgery: the pruned model equals the same net with those branches muted, within 1e-5 of the
+   output range (removal is exact; only fp32 summation order may differ);
+2. folding: BatchNorm folded into the pruned model changes it by at most FOLD_RTOL (1e-4 of the range);
+3. export: the folded model's ONNX, run in ONNX Runtime, equals the muted reference within the
+   ONNX exporter's tolerance (atol 1e-4 + rtol 1e-3).
+
+A mismatch is any check failing, or any step raising. The count of mismatches is the result (goal 0).
+
+    .venv/bin/python benchmarks/random_architectures.py --nets 1000
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import common
+import numpy as np
+import torch
+
+sys.path.insert(0, str(common.HERE.parent))  # tests/random_nets.py, the generator the test suite uses
+
+from compressor.graph.surgery import remove_units  # noqa: E402
+from compressor.graph.units import find_units  # noqa: E402
+from compressor.rewrite.fold import FOLD_RTOL, check_equivalent, fold_batchnorm  # noqa: E402
+from exporters import get_exporter  # noqa: E402
+from tests.random_nets import muted_reference, random_net  # noqa: E402
+
+SURGERY_RTOL = 1e-5
+
+
+def check_net(seed: int, workdir: Path) -> dict:
+    """The three checks on one random net; a dict with what was found (mismatch: the failing check)."""
+    net = random_net(seed)
+    x = torch.randn(2, *net.input_shape, generator=torch.Generator().manual_seed(seed))
+    units = find_units(net.model, x)
+    rng = random.Random(seed + 1)
+    removed = [u for u in units if rng.random() < 0.5] or units[:1]
+    row = {"seed": seed, "input": list(net.input_shape), "units": len(units), "removed": len(removed),
+           "kinds": dict(Counter(u.kind for u in units)), "mismatch": None}
+    pruned = remove_units(net.model, removed, x)
+    with torch.no_grad():
+        expected = muted_reference(net.model, [u.name for u in removed])(x)
+        got = pruned(x)
+    row["surgery_rel_error"] = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+    if row["surgery_rel_error"] > SURGERY_RTOL:
+        row["mismatch"] = "surgery"
+        return row
+    folded = fold_batchnorm(pruned)[0]
+    row["fold_rel_error"] = check_equivalent(pruned, folded, x, FOLD_RTOL, "folding")
+    exporter = get_exporter("onnx")
+    path = exporter.export(folded, x[:1], workdir / f"net{seed}.onnx")
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_out = np.concatenate([session.run(None, {"input": x[i:i + 1].numpy()})[0] for i in range(len(x))])
+    row["onnx_max_abs_error"] = exporter.check_close(onnx_out, expected.numpy(), str(path))
+    path.unlink()
+    return row
+
+
+def render(result: dict) -> str:
+    rows, bad = result["nets"], [r for r in result["nets"] if r["mismatch"]]
+    kinds = Counter()
+    for r in rows:
+        kinds.update(r["kinds"])
+    worst = {k: max((r.get(k) or 0.0) for r in rows) for k in ("surgery_rel_error", "fold_rel_error",
+                                                                "onnx_max_abs_error")}
+    lines = [
+        f"**{len(bad)} mismatches in {len(rows)} random architectures** "
+        f"({sum(r['units'] for r in rows)} units found: {kinds['identity']} identity, {kinds['projection']} "
+        f"projection; {sum(r['removed'] for r in rows)} removed).", "",
+        "| check | tolerance | worst seen |", "|---|---|---:|",
+        f"| surgery vs the muted reference | {SURGERY_RTOL:g} of the output range | "
+        f"{worst['surgery_rel_error']:.2e} |",
+        f"| BatchNorm folding | {FOLD_RTOL:g} of the output range | {worst['fold_rel_error']:.2e} |",
+        f"| ONNX Runtime vs the muted reference | atol 1e-4 + rtol 1e-3 | {worst['onnx_max_abs_error']:.2e} (abs) |",
+        "", f"Seeds {rows[0]['seed']}..{rows[-1]['seed']}; {result['seconds']:.0f} s.",
+    ]
+    lines += [f"- seed {r['seed']}: {r['mismatch']}: {r.get('error', '')}" for r in bad]
+    return common.document("Random residual architectures: surgery, folding and export", result, lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common.argument_parser(__doc__)
+    parser.add_argument("--nets", type=int, default=1000, help="random architectures (default: %(default)s)")
+    parser.add_argument("--first-seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    result = {**common.provenance("random_architectures"), "nets": []}
+    with tempfile.TemporaryDirectory(prefix="random-nets-") as tmp:
+        for seed in range(args.first_seed, args.first_seed + args.nets):
+            try:
+                row = check_net(seed, Path(tmp))
+            except Exception as e:  # a step that raises is a mismatch too, recorded with its reason
+                row = {"seed": seed, "units": 0, "removed": 0, "kinds": {}, "mismatch": "raised",
+                       "error": f"{type(e).__name__}: {str(e)[:200]}", "trace": traceback.format_exc()[-800:]}
+            result["nets"].append(row)
+            if row["mismatch"]:
+                common.log(f"seed {seed}: MISMATCH ({row['mismatch']}) {row.get('error', '')}")
+            if (seed + 1) % 100 == 0:
+                common.log(f"{seed + 1 - args.first_seed} nets, "
+                           f"{sum(bool(r['mismatch']) for r in result['nets'])} mismatches")
+    result["seconds"] = time.perf_counter() - t0
+    result["mismatches"] = sum(bool(r["mismatch"]) for r in result["nets"])
+    markdown = render(result)
+    common.write_results(args.out, "random_architectures", result, markdown)
+    return common.finish(args.out, "random_architectures", markdown, t0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""torchvision architectures pruned through the Python API, as a user's own nn.Modules, to a measured target.
+
+Each model is built by torchvision (random initialisation, non-trivial BatchNorm statistics: no
+weights are downloaded, and latency does not depend on them), handed to `compressor.prune` as a
+plain nn.Module with the bundled photo crops at 224x224, and pruned to a measured speedup on the
+profile without fine-tuning. Every exported artifact is validated against torch by the job itself
+(its `checks.artifact_max_abs_error`). Top-1 agreement is meaningless on random weights and is not
+reported.
+
+    .venv/bin/python benchmarks/torchvision_at_speedup.py --target 1.3 --profile ort-cpu
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+import compressor
+
+MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf",
+          "convnext_tiny")
+
+
+def run_model(name: str, target: float, profile: str, calibration: int, data) -> dict:
+    import torchvision
+
+    model = common.randomise_batchnorm(getattr(torchvision.models, name)(weights=None))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"tv-{name}-") as tmp:
+        result = compressor.prune(model, data=data, target=compressor.Speedup(target), profile=profile,
+                                  out=Path(tmp) / "run", finetune_epochs=0, calibration_size=calibration,
+                                  log=lambda s: common.log(f"    {s}"))
+        files = sorted(p.name for p in (Path(tmp) / "run").iterdir())
+    r = result.report
+    return {"model": name, "units": len(r["units"]), "removed": r["removed_units"],
+            "baseline_ms": r["baseline"]["latency_ms"]["median"], "pruned_ms": r["pruned"]["latency_ms"]["median"],
+            "speedup_measured": r["speedup_measured"], "speedup_flops": r["speedup_flops"],
+            "target_met": r["target_met"], "artifact_max_abs_error": r["checks"]["artifact_max_abs_error"],
+            "artifact_tolerance": r["checks"]["artifact_tolerance"], "files": files,
+            "noisy": r["pruned"]["latency_ms"]["noisy"] or r["baseline"]["latency_ms"]["noisy"],
+            "seconds": time.perf_counter() - t0}
+
+
+def render(result: dict) -> str:
+    lines = [f"Target {result['target']}x on `{result['profile']}`, batch 1, 224x224, no fine-tuning, "
+             f"{result['calibration_size']} calibration crops for `cka`; each model one `compressor.prune` call on "
+             "a plain torchvision nn.Module (random weights: latency only).", "",
+             "| model | units | removed | ms (unpruned -> pruned) | measured x | FLOP x | target | "
+             "ONNX vs torch max abs diff | wall time |",
+             "|---|---:|---:|---|---:|---:|---|---:|---:|"]
+    for r in result["models"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | | | failed: {r['error']} | | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['units']} | {len(r['removed'])} | {r['baseline_ms']:.2f} -> "
+                     f"{r['pruned_ms']:.2f} | {r['speedup_measured']:.2f} | {r['speedup_flops']:.2f} | "
+                     f"{'met' if r['target_met'] else 'MISSED'}{' (noisy)' if r['noisy'] else ''} | "
+                     f"{r['artifact_max_abs_error']:.1e} | {r['seconds']:.0f} s |")
+    lines += ["", "Every artifact was validated against torch before it was written (tolerance atol 1e-4 + rtol 1e-3 "
+              "on the logits)."]
+    return common.document("torchvision architectures through the Python API", result, lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common.argument_parser(__doc__)
+    parser.add_argument("--models", type=common.comma_list, default=",".join(MODELS))
+    parser.add_argument("--target", type=float, default=1.3, help="measured speedup (default: %(default)s)")
+    parser.add_argument("--profile", default="ort-cpu")
+    parser.add_argument("--calibration-size", type=int, default=64, help="crops cka scores on (default: 64)")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    data = compressor.load_data("photos")
+    result = {**common.provenance("torchvision_at_speedup"), "target": args.target, "profile": args.profile,
+              "calibration_size": args.calibration_size, "models": []}
+    for name in args.models:
+        common.log(f"[{name}] pruning to {args.target}x on {args.profile}")
+        try:
+            result["models"].append(run_model(name, args.target, args.profile, args.calibration_size, data))
+        except compressor.CompressorError as e:
+            result["models"].append({"model": name, "error": f"{type(e).__name__}: {e}"})
+        markdown = render(result)
+        common.write_results(args.out, "torchvision_at_speedup", result, markdown)
+    return common.finish(args.out, "torchvision_at_speedup", markdown, t0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
