@@ -119,3 +119,23 @@ def test_sigterm_exits_143_and_without_resume_the_folder_is_refused(tmp_path):
     result = subprocess.run([sys.executable, "-m", "compressor.cli.main", "prune", *ARGS, "--profile", str(profile),
                              "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "unfinished run" in result.stderr and "--resume" in result.stderr
+
+
+def test_sigkill_leaves_only_complete_files_and_resume_cleans_up(tmp_path):
+    """A SIGKILLed run (no chance to clean up) leaves files that all load, plus temporaries that
+    --resume removes before it continues."""
+    profile = tmp_path / "slow.yaml"
+    profile.write_text(SLOW_TABLE)
+    out = tmp_path / "run"
+    code, _ = _interrupt_during_table(profile, out, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".work-")]
+    for path in out.rglob("*.json"):
+        if path not in leftovers and not any(parent in leftovers for parent in path.parents):
+            json.loads(path.read_text())  # every file under its final name is complete
+    assert leftovers, "a killed run leaves its work folder behind"
+    from compressor.stages.state import remove_leftovers
+
+    removed = remove_leftovers(out)
+    assert removed and not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".work-")]
+    assert (out / ".state" / "run.json").is_file()
