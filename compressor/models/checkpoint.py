@@ -74,7 +74,8 @@ def read_checkpoint(path: str | Path) -> dict:
     return payload
 
 
-def _check_finite(state: object, path: str | Path) -> None:
+def check_state_dict(state: object, path: str | Path) -> None:
+    """A mapping of parameter names to finite tensors; InputError naming the first non-finite ones."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         msg = f"{path}: its state_dict is not a mapping of parameter names to tensors"
         raise InputError(msg)
@@ -92,7 +93,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
                          payload["num_classes"], tuple(payload["input_shape"]), str(path),
                          list(payload.get("removed_units", [])),
                          Preprocessing.from_dict(preprocessing) if preprocessing else None)
-    _check_finite(payload.get("state_dict"), path)
+    check_state_dict(payload.get("state_dict"), path)
     recipe = payload.get("recipe") or names_recipe(loaded.removed_units, loaded.input_shape)  # version 1: names
     if recipe is not None and recipe.get("units"):
         loaded.model = apply_recipe(loaded.model, recipe, loaded.example_input())

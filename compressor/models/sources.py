@@ -19,7 +19,7 @@ from torch import nn
 
 from compressor.errors import InputError, first_line
 from compressor.models.architectures import TIMM_PREFIX, build_arch
-from compressor.models.checkpoint import load_checkpoint, why_not_loadable
+from compressor.models.checkpoint import check_state_dict, load_checkpoint, why_not_loadable
 from compressor.models.loaded import LoadedModel
 from compressor.models.trained import pretrained_on
 from compressor.models.zoo import ZOO, build, load_pretrained
@@ -41,13 +41,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise InputError(msg) from e
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        msg = f"{path} does not hold a state_dict (a mapping of parameter names to tensors)"
-        raise InputError(msg)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        msg = f"{path}: NaN or Inf values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
-        raise InputError(msg)
+    check_state_dict(state, path)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
