@@ -8,6 +8,7 @@
         TraceError                  a model torch.fx cannot trace, naming the module and why
       TargetMissedError (1)         the final, longer measurement did not confirm the target
       ValidationError (3)           a transformed or exported model failed its numerical check
+        FidelityFloorError          a lossy (INT8) artifact fell below the fidelity floor: refused, not written
       ExportError (3)               an exporter, converter or runtime failed on our artifact
       InternalError (3)             anything else that went wrong inside (a bug)
 
@@ -58,6 +59,15 @@ class ValidationError(CompressorError):
     """A transformed or exported model disagrees with its source beyond tolerance (exit 3)."""
 
     exit_code = 3
+
+
+class FidelityFloorError(ValidationError):
+    """A lossy artifact (INT8) kept less fidelity to its fp32 model than the floor asks; nothing was written
+    (exit 3). `attempts` holds what each try measured (quantizer settings, layers kept in fp32, fidelity)."""
+
+    def __init__(self, message: str, attempts: list | None = None) -> None:
+        super().__init__(message)
+        self.attempts = list(attempts or [])
 
 
 class ExportError(CompressorError, RuntimeError):

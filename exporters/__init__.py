@@ -9,9 +9,9 @@ from compressor.errors import MissingBackendError
 from exporters.backend import Backend
 from exporters.base import Runtime, Session
 from exporters.exporter import Exporter
-from exporters.registry import EXPORTERS, RUNTIMES, get_exporter, get_runtime
+from exporters.registry import EXPORTERS, QUANTIZERS, RUNTIMES, get_exporter, get_quantizer, get_runtime
 
 __all__ = [
-    "EXPORTERS", "RUNTIMES", "Backend", "Exporter", "MissingBackendError", "Runtime", "Session", "get_exporter",
-    "get_runtime",
+    "EXPORTERS", "QUANTIZERS", "RUNTIMES", "Backend", "Exporter", "MissingBackendError", "Runtime", "Session",
+    "get_exporter", "get_quantizer", "get_runtime",
 ]

@@ -25,6 +25,12 @@ RUNTIMES: dict[str, str] = {
     "torch": "exporters.torch_eager:TorchRuntime",
 }
 
+# INT8 for a runtime, through that runtime's own quantizer (exporters/quantizer.py's interface)
+QUANTIZERS: dict[str, str] = {
+    "onnxruntime": "exporters.int8_onnxruntime:OnnxRuntimeQuantizer",
+    "openvino": "exporters.int8_openvino:OpenVinoQuantizer",
+}
+
 
 def _resolve(registry: dict[str, str], name: str, what: str) -> type:
     if name not in registry:
@@ -41,3 +47,8 @@ def get_exporter(name: str, **options: object) -> Exporter:
 
 def get_runtime(name: str) -> Runtime:
     return _resolve(RUNTIMES, name, "runtime")()
+
+
+def get_quantizer(runtime: str, settings=None):
+    """The INT8 quantizer for `runtime` ("onnxruntime", "openvino") with `settings` (QuantizeSettings)."""
+    return _resolve(QUANTIZERS, runtime, "INT8 runtime")(settings)

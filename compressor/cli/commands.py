@@ -159,13 +159,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from compressor.jobs.export import export, parse_formats
 
-    parse_formats(args.format)  # an unknown format is refused before the model loads
-    loaded = _loaded(args, _data(args))
+    formats = parse_formats(args.format)  # an unknown format is refused before the model loads
+    int8 = {}
+    if args.precision == "int8":
+        from compressor.jobs.export_int8 import int8_options
+
+        int8 = int8_options(args, formats)  # no --data, a bad floor or format: refused before the model loads
+    data = _data(args)
+    loaded = _loaded(args, data)
     shape = tuple(args.input_shape) if args.input_shape else loaded.input_shape
     x = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(0))
     log(f"{loaded.arch}: input {list(x.shape)}")
+    if int8:
+        from compressor.quantize import quantization_images
+
+        int8["images"] = quantization_images(data, args.calibration_size)
     written = export(loaded.model, x, args.out, args.format, args.name, args.precision, args.opset,
-                     args.dynamic_batch, args.simplify, args.workspace_mb, log)
+                     args.dynamic_batch, args.simplify, args.workspace_mb, log, **int8)
     if args.json:
         print(json.dumps(written, indent=2))
     return 0

@@ -154,7 +154,17 @@ def _export(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (created; existing artifacts are refused)")
     p.add_argument("--name", default="model", help="artifact file stem (default: model)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
-                   help="openvino: fp16 = FP16-compressed weights; tensorrt: fp16/int8 builder flags")
+                   help="openvino: fp16 = FP16-compressed weights; tensorrt: fp16/int8 builder flags; int8 for "
+                        "onnx/openvino: each runtime's own quantizer, calibrated on --data, refused below the "
+                        "fidelity floor (docs/quantization.md)")
+    p.add_argument("--calibration-size", type=positive_int, default=300,
+                   help="int8: calibration images from --data's training split (default: 300)")
+    p.add_argument("--calibrate", choices=["minmax", "entropy", "percentile"], default="minmax",
+                   help="int8, onnx: ONNX Runtime's calibration method (default: minmax)")
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="int8: least top-1 agreement with fp32 on --data's held-out split, %% (default: 70)")
+    p.add_argument("--min-sqnr", type=float, default=None,
+                   help="int8: least SQNR of the logits against fp32, dB (default: 10)")
     p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (default: 17)")
     p.add_argument("--batch", type=positive_int, default=1, help="batch size of the exported input (default: 1)")
     p.add_argument("--dynamic-batch", action="store_true", help="ONNX/TensorRT: symbolic batch axis")

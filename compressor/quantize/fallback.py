@@ -1,0 +1,32 @@
+"""The fallback's ranking: layers ordered by how much the logits' SQNR rises when only that layer is fp32.
+
+Measured, not guessed: one ONNX Runtime QDQ quantization with the caller's settings, then one variant per
+quantized layer with only that layer in fp32 (exporters/int8_ranking.py), each run on `rank_images`
+held-out images and compared with the fp32 logits. For OpenVINO the ranking runs in ONNX Runtime on its
+QDQ graph (same ONNX node names, the same kind of per-channel symmetric int8 weights); it only orders the
+candidates: every fallback try is quantized by the target runtime's own quantizer and measured again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from compressor.metrics.lossy import sqnr_db
+from compressor.quantize.images import QuantizationImages
+
+
+def rank_layers(fp32: Path, images: QuantizationImages, batch: int, reference: np.ndarray, settings,
+                rank_images: int = 64) -> dict[str, float]:
+    """{layer (ONNX node name): SQNR gained in dB by keeping it alone in fp32}, largest gain first, layers
+    that gain nothing left out. `reference`: the fp32 logits of `images.held_out`."""
+    from exporters.int8_ranking import layer_effects
+    from exporters.quantizer import batches
+
+    n = max(batch, min(rank_images, len(images.held_out)) // batch * batch)
+    x, expected = images.held_out[:n], reference[:n]
+    base, effects = layer_effects(fp32, list(batches(images.calibration, batch)), x, batch,
+                                  lambda logits: sqnr_db(expected, logits), settings)
+    gains = {layer: score - base for layer, score in effects.items()}
+    return {layer: gain for layer, gain in sorted(gains.items(), key=lambda kv: -kv[1]) if gain > 0}
