@@ -79,17 +79,33 @@ class TensorRTExporter(Exporter):
     (other kernels, other summation order); fp16 activations round to an
     11-bit mantissa at every layer: atol 1e-3 + rtol 2e-2 + 1e-2*max|logits|;
     int8: atol 1e-2 + rtol 0.1 + 0.1*max|logits| catches a broken engine only;
-    judge int8 by accuracy.
+    judge int8 by accuracy. INT8 calibrates on `calibration` (N x C x H x W images preprocessed as at
+    inference, run the example's batch at a time; without it, on the reference inputs) through TensorRT's
+    entropy calibrator, whose cache is written beside the engine or, in a bundle, by build_engine.py
+    on the device (calibration.npz + calibration.cache).
     """
 
     name = "tensorrt"
     suffix = ".engine"
     TOLERANCES = {"fp32": (1e-4, 1e-3, 1e-5), "fp16": (1e-3, 2e-2, 1e-2), "int8": (1e-2, 1e-1, 1e-1)}
 
-    def __init__(self, precision: str = "fp32", workspace_mb: int = 1024, dynamic_batch: bool = False) -> None:
+    def __init__(self, precision: str = "fp32", workspace_mb: int = 1024, dynamic_batch: bool = False,
+                 calibration: np.ndarray | None = None) -> None:
         super().__init__(precision)
         self.workspace_mb = workspace_mb
         self.dynamic_batch = dynamic_batch
+        self.calibration = calibration
+
+    def _calibration_batches(self, x: np.ndarray) -> np.ndarray | None:
+        """The INT8 calibration images as (k, *example shape) batches; None for fp32/fp16 or no images."""
+        if self.precision != "int8" or self.calibration is None:
+            return None
+        images = as_numpy(self.calibration)
+        k = len(images) // x.shape[0]
+        if k == 0 or images.shape[1:] != x.shape[1:]:
+            msg = f"INT8 calibration needs images of shape {list(x.shape[1:])}, got {list(images.shape)}"
+            raise InputError(msg)
+        return images[:k * x.shape[0]].reshape(k, *x.shape)
 
     def write(self, model, example_input, staged: Path, opset: int) -> list[str]:
         raise NotImplementedError("TensorRTExporter.export builds an engine or a bundle itself")
@@ -126,35 +142,38 @@ class TensorRTExporter(Exporter):
             for xi, got in zip(inputs, outputs, strict=True):  # the reference itself is checked against torch
                 onnx_exporter.check_close(got, reference_output(model, xi), f"{path} (ONNX for TensorRT)")
             usable, reason = tensorrt_status()
+            calibration = self._calibration_batches(x)
             if usable:
-                return self._engine(stage, path, onnx_path, inputs, outputs, reason)
-            return self._bundle(stage, path, facts, inputs, outputs, opset, reason)
+                return self._engine(stage, path, onnx_path, inputs, outputs, reason, calibration)
+            return self._bundle(stage, path, facts, inputs, outputs, opset, reason, calibration)
 
     def _flags(self) -> tuple[bool, bool]:
         return self.precision in ("fp16", "int8"), self.precision == "int8"
 
     def _engine(self, stage: Staging, path: Path, onnx_path: Path, inputs: np.ndarray, outputs: np.ndarray,
-                reason: str) -> Path:
+                reason: str, calibration: np.ndarray | None = None) -> Path:
         from exporters import trt_build
 
         trt, cuda = trt_build.load_tensorrt(), trt_build.Cuda()
         fp16, int8 = self._flags()
         staged = stage.dir / path.name
+        cache = stage.dir / f"{path.stem}-calibration.cache"
         try:
             trt_build.build_engine(trt, str(onnx_path), str(staged), fp16, int8, self.workspace_mb,
-                                   str(stage.dir / "timing.cache"), inputs, cuda)
+                                   str(stage.dir / "timing.cache"), inputs if calibration is None else calibration,
+                                   cuda, str(cache) if int8 else None)
             runner = trt_build.EngineRunner(trt, str(staged), inputs.shape[1:], cuda)
             trt_build.validate(runner, inputs, {"logits": outputs}, self.atol, self.rtol, self.range_rtol)
         except trt_build.BuildError as e:
             raise ExportError(str(e)) from e
         except trt_build.MismatchError as e:
             raise ValidationError(f"{path}: {e}") from e
-        stage.commit([staged.name])
+        stage.commit([cache.name, staged.name] if cache.is_file() else [staged.name])
         self.outcome = f"built TensorRT engine {path} ({reason}) and validated it against ONNX Runtime"
         return path
 
     def _bundle(self, stage: Staging, path: Path, facts: dict, inputs: np.ndarray, outputs: np.ndarray,
-                opset: int, reason: str) -> Path:
+                opset: int, reason: str, calibration: np.ndarray | None = None) -> Path:
         import onnx
 
         final = self.bundle_path(path)
@@ -167,9 +186,14 @@ class TensorRTExporter(Exporter):
         shutil.copyfile(BUILD_SCRIPT, folder / "build_engine.py")
         np.savez(folder / "reference.npz", input=inputs, logits=outputs)
         fp16, int8 = self._flags()
+        calibrate = ""
+        if calibration is not None:
+            np.savez(folder / "calibration.npz", input=calibration)
+            calibrate = " --calibration calibration.npz --calibration-cache calibration.cache"
         tol = f"--atol {self.atol:g} --rtol {self.rtol:g} --range-rtol {self.range_rtol:g}"
         build = ("python3 build_engine.py --onnx model.onnx --engine model.engine"
-                 f"{' --fp16' if fp16 else ''}{' --int8' if int8 else ''} --workspace-mb {self.workspace_mb} "
+                 f"{' --fp16' if fp16 else ''}{' --int8' if int8 else ''}{calibrate}"
+                 f" --workspace-mb {self.workspace_mb} "
                  f"--timing-cache timing.cache --inputs reference.npz --outputs reference.npz {tol} "
                  "--report engine_report.json")
         shape = "x".join(str(d) for d in inputs.shape[1:])
@@ -177,6 +201,7 @@ class TensorRTExporter(Exporter):
                   f" --maxShapes=input:{shape}" if facts["dynamic_batch"] else "")
         trtexec = ("trtexec --onnx=model.onnx --saveEngine=model.engine"
                    f"{' --fp16' if fp16 else ''}{' --int8' if int8 else ''}"
+                   f"{' --calib=calibration.cache' if calibration is not None else ''}"
                    f" --memPoolSize=workspace:{self.workspace_mb} --timingCacheFile=timing.cache{shapes}"
                    " --warmUp=500 --iterations=200 --duration=5")
         (folder / "trtexec.sh").write_text(
@@ -189,7 +214,10 @@ class TensorRTExporter(Exporter):
             "On the device (TensorRT 8.5+, NVIDIA GPU, numpy), in this folder:\n\n"
             f"  {build}\n\nbuilds model.engine, checks it against reference.npz (ONNX Runtime outputs of model.onnx,\n"
             "themselves checked against torch) and times GPU compute and host-to-host latency separately.\n"
-            f"Or with trtexec (no output check): sh trtexec.sh\n")
+            f"Or with trtexec (no output check): sh trtexec.sh\n"
+            + ("\nINT8: build_engine.py calibrates on calibration.npz (images preprocessed as at inference) and\n"
+               "writes calibration.cache; trtexec reads that cache (--calib), so run build_engine.py first.\n"
+               if calibration is not None else ""))
         manifest = {
             "format": "compressor-tensorrt-bundle", "version": 1, "engine_built": False, "reason": reason,
             "precision": self.precision, "fp16": fp16, "int8": int8, "workspace_mb": self.workspace_mb,
@@ -200,6 +228,9 @@ class TensorRTExporter(Exporter):
                           "samples": int(len(inputs)), "source": "onnxruntime, checked against torch"},
             "tolerance": {"atol": self.atol, "rtol": self.rtol, "range_rtol": self.range_rtol},
             "build_command": build, "trtexec_command": trtexec, "requested_opset": opset,
+            "calibration": None if calibration is None else {
+                "file": "calibration.npz", "batches": int(len(calibration)), "batch_shape": list(calibration.shape[1:]),
+                "cache": "calibration.cache", "calibrator": "IInt8EntropyCalibrator2 (written by build_engine.py)"},
         }
         (folder / "bundle.json").write_text(json.dumps(manifest, indent=2) + "\n")
         for f in folder.iterdir():

@@ -38,7 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--onnx", required=True, help="ONNX model file")
     p.add_argument("--engine", required=True, help="engine file to write (refused if it exists, unless --force)")
     p.add_argument("--fp16", action="store_true", help="allow fp16 kernels (BuilderFlag.FP16)")
-    p.add_argument("--int8", action="store_true", help="allow int8 kernels, calibrated on the reference inputs")
+    p.add_argument("--int8", action="store_true",
+                   help="allow int8 kernels, calibrated on --calibration (default: the reference inputs)")
+    p.add_argument("--calibration", help=".npz of calibration batches, shape (k, *input shape), preprocessed as at "
+                                         "inference (INT8 entropy calibration)")
+    p.add_argument("--calibration-cache", help="INT8 calibration cache: read if present (no calibration run), "
+                                               "written after calibrating")
     p.add_argument("--workspace-mb", type=int, default=1024, help="builder workspace limit (MiB, default 1024)")
     p.add_argument("--timing-cache", help="timing cache file: read if present, written after the build")
     p.add_argument("--inputs", help=".npz of reference inputs, one array per input name, shape (k, *shape)")
@@ -60,13 +65,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_files(args: argparse.Namespace) -> None:
     """Every input file exists and every output folder is writable; BuildError otherwise."""
-    for flag in ("onnx", "inputs", "outputs"):
+    for flag in ("onnx", "inputs", "outputs", "calibration"):
         value = getattr(args, flag)
         if value is not None and not Path(value).is_file():
             raise BuildError(f"--{flag} {value}: file not found")
     if Path(args.engine).exists() and not args.force:
         raise BuildError(f"--engine {args.engine} already exists; choose another path or pass --force")
-    for value in (args.engine, args.timing_cache, args.report):
+    for value in (args.engine, args.timing_cache, args.report, args.calibration_cache):
         if value is not None and not Path(value).resolve().parent.is_dir():
             raise BuildError(f"{value}: its folder does not exist")
 
@@ -135,8 +140,10 @@ class Cuda:
 
 def build_engine(trt, onnx_path: str, engine_path: str, fp16: bool = False, int8: bool = False,
                  workspace_mb: int = 1024, timing_cache: str | None = None,
-                 calibration: np.ndarray | None = None, cuda: Cuda | None = None) -> dict:
-    """Parse the ONNX file, build a serialized engine and write it; returns the build settings."""
+                 calibration: np.ndarray | None = None, cuda: Cuda | None = None,
+                 calibration_cache: str | None = None) -> dict:
+    """Parse the ONNX file, build a serialized engine and write it; returns the build settings. INT8 calibrates
+    on `calibration` (k batches), or reads `calibration_cache` where it exists (and writes it otherwise)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     major = int(trt.__version__.split(".")[0])
@@ -154,9 +161,9 @@ def build_engine(trt, onnx_path: str, engine_path: str, fp16: bool = False, int8
         config.set_flag(trt.BuilderFlag.FP16)
     if int8:
         if calibration is None or cuda is None:
-            raise BuildError("--int8 needs reference inputs (--inputs) to calibrate on")
+            raise BuildError("--int8 needs images to calibrate on (--calibration or --inputs)")
         config.set_flag(trt.BuilderFlag.INT8)
-        config.int8_calibrator = _calibrator(trt, calibration, cuda)
+        config.int8_calibrator = _calibrator(trt, calibration, cuda, calibration_cache)
     dynamic = [network.get_input(i) for i in range(network.num_inputs) if -1 in tuple(network.get_input(i).shape)]
     if dynamic:
         profile = builder.create_optimization_profile()
@@ -179,11 +186,13 @@ def build_engine(trt, onnx_path: str, engine_path: str, fp16: bool = False, int8
     if timing_cache:
         Path(timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
     return {"tensorrt": trt.__version__, "fp16": fp16, "int8": int8, "tf32": False, "workspace_mb": workspace_mb,
-            "timing_cache": timing_cache, "build_s": round(time.perf_counter() - t0, 2)}
+            "timing_cache": timing_cache, "build_s": round(time.perf_counter() - t0, 2),
+            "calibration": {"batches": int(len(calibration)), "cache": calibration_cache} if int8 else None}
 
 
-def _calibrator(trt, batches: np.ndarray, cuda: Cuda):
-    """An entropy calibrator over `batches` (k, *input_shape): one batch per get_batch call."""
+def _calibrator(trt, batches: np.ndarray, cuda: Cuda, cache: str | None = None):
+    """An entropy calibrator over `batches` (k, *input_shape): one batch per get_batch call; `cache` is the
+    calibration cache file, read instead of calibrating where it exists, written after calibrating."""
 
     class Calibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
@@ -205,10 +214,11 @@ def _calibrator(trt, batches: np.ndarray, cuda: Cuda):
             return [int(self.device)]
 
         def read_calibration_cache(self):
-            return None
+            return Path(cache).read_bytes() if cache and Path(cache).is_file() else None
 
-        def write_calibration_cache(self, cache) -> None:
-            return None
+        def write_calibration_cache(self, data) -> None:
+            if cache:
+                Path(cache).write_bytes(bytes(data))
 
     return Calibrator()
 
@@ -322,8 +332,12 @@ def main(argv=None) -> int:
                 inputs = f["input"] if "input" in f else f[f.files[0]]
             with np.load(args.outputs) as f:
                 outputs = {k: f[k] for k in f.files if k != "input"}
+        calibration = inputs
+        if args.calibration:
+            with np.load(args.calibration) as f:
+                calibration = f["input"] if "input" in f else f[f.files[0]]
         build = build_engine(trt, args.onnx, args.engine, args.fp16, args.int8, args.workspace_mb,
-                             args.timing_cache, inputs, cuda)
+                             args.timing_cache, calibration, cuda, args.calibration_cache)
         print(f"built {args.engine} in {build['build_s']} s (TensorRT {trt.__version__}, fp16={args.fp16}, "
               f"int8={args.int8}, workspace {args.workspace_mb} MiB)")
         shape = tuple(inputs.shape[1:]) if inputs is not None else None

@@ -26,11 +26,12 @@ def parse_formats(text: str | Sequence[str]) -> list[str]:
     return formats
 
 
-def _exporters(formats: list[str], precision: str, dynamic_batch: bool, simplify: bool, workspace_mb: int) -> list:
+def _exporters(formats: list[str], precision: str, dynamic_batch: bool, simplify: bool, workspace_mb: int,
+               calibration=None) -> list:
     from exporters import get_exporter
 
     options = {"onnx": {"dynamic_batch": dynamic_batch, "simplify": simplify},
-               "tensorrt": {"workspace_mb": workspace_mb, "dynamic_batch": dynamic_batch}}
+               "tensorrt": {"workspace_mb": workspace_mb, "dynamic_batch": dynamic_batch, "calibration": calibration}}
     own = ("tensorrt",) if precision == "int8" else ("openvino", "tensorrt")  # int8 onnx/openvino: quantizers
     return [get_exporter(f, precision=precision if f in own else "fp32", **options.get(f, {})) for f in formats]
 
@@ -59,7 +60,8 @@ def export(model: nn.Module, example_input: torch.Tensor, out: str | Path, forma
         from compressor.jobs.export_int8 import check_int8_formats
 
         check_int8_formats(formats, images is not None)
-    exporters = _exporters(formats, precision, dynamic_batch, simplify, workspace_mb)
+    calibration = images.calibration if precision == "int8" and images is not None else None
+    exporters = _exporters(formats, precision, dynamic_batch, simplify, workspace_mb, calibration)
     out = make_output_dir(check_output_dir(out, must_be_empty=False))
     for exporter in exporters:
         _refuse_clash(exporter, exporter.artifact_path(out / name))
