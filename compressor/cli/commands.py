@@ -82,22 +82,47 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from compressor.fileio import refuse_existing_file
     from compressor.graph.units import find_units
     from compressor.latency.deploy import Deployment
+    from compressor.latency.device import close_device
     from compressor.latency.profiles import load_profile
     from compressor.latency.table import measure_latency_table
 
-    out = refuse_existing_file(args.out)
+    out = refuse_existing_file(args.out) if args.out else None
     profile = load_profile(args.profile)
     loaded = _loaded(args, _data(args))
+    if args.bundle:
+        return _profile_bundle(args, profile, loaded)
     deployment = Deployment(profile, loaded.input_shape)
     units = find_units(loaded.model, deployment.example)
     log(f"timing {len(units) + 1} exported models on {profile.name}")
-    table = measure_latency_table(loaded.model, units, deployment, loaded.arch)
+    try:
+        table = measure_latency_table(loaded.model, units, deployment, loaded.arch)
+    finally:
+        close_device(deployment.device)
     table.save(out)
     if args.json:
         print(table.to_json())
     for name, saving in table.savings_ms.items():
         log(f"  {name:<24} saves {saving:7.4f} ms")
     log(f"baseline {table.baseline_ms:.4f} ms; table written to {out}")
+    return 0
+
+
+def _profile_bundle(args: argparse.Namespace, profile, loaded) -> int:
+    """`profile --bundle DIR`: the candidates exported for the profile, to be timed on the device offline."""
+    import dataclasses
+
+    from compressor.graph.units import find_units
+    from compressor.latency.deploy import Deployment
+    from compressor.latency.device import LocalDevice
+    from compressor.latency.remote.bundle import write_table_bundle
+
+    local = dataclasses.replace(profile, remote=None)  # nothing is timed here: no connection to a device
+    deployment = Deployment(local, loaded.input_shape, LocalDevice(None))
+    units = find_units(loaded.model, deployment.example)
+    folder = write_table_bundle(args.bundle, loaded.model, units, deployment, loaded.arch)
+    log(f"bundle of {len(units) + 1} models for {profile.name} written to {folder}; on the device run "
+        f"`python3 {folder.name}/measure.py --out results.json`, then `compressor prune ... --latency-table "
+        "results.json`")
     return 0
 
 
@@ -202,7 +227,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = BenchConfig(artifact=args.artifact, profile=load_profile(args.profile), baseline=args.baseline,
                          against=args.against, threshold=args.threshold, save_baseline=args.save_baseline,
                          allow_foreign_baseline=args.allow_foreign_baseline, runs=args.runs,
-                         min_time_s=args.min_time, out=args.out)
+                         min_time_s=args.min_time, out=args.out, bundle=args.bundle, results=args.results)
     result = run_bench(config)
     if args.json:
         print(json.dumps(result.report, indent=2))

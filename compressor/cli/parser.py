@@ -108,7 +108,11 @@ def _profile(sub) -> None:
     p = sub.add_parser("profile", help="measure each unit's latency saving (lookup table JSON)")
     model_arguments(p, data_help="data source the zoo model is trained on (sets the input shape)")
     p.add_argument("--profile", required=True)
-    p.add_argument("--out", required=True, help="JSON file to write (refused if it exists)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="JSON file to write (refused if it exists)")
+    where.add_argument("--bundle", help="instead of timing here, write the candidates, the runner and a manifest "
+                                        "to this new folder, for `python3 DIR/measure.py --out results.json` on the "
+                                        "device")
     p.add_argument("--json", action="store_true")
     common_arguments(p)
 
@@ -198,6 +202,9 @@ def _bench(sub) -> None:
     p.add_argument("--min-time", type=float, help="minimum timed seconds (default: the profile's report floor)")
     p.add_argument("--json", action="store_true", help="print the report as JSON to stdout")
     p.add_argument("--out", help="report JSON file to write (refused if it exists)")
+    p.add_argument("--bundle", help="instead of timing here, write the artifact (and --against), the runner and a "
+                                    "manifest to this new folder, for `python3 DIR/measure.py` on the device")
+    p.add_argument("--results", help="judge the figures a bundle's measure.py wrote on the device (results JSON)")
     common_arguments(p)
 
 

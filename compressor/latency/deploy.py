@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.latency.device import Device, LocalDevice
+from compressor.latency.device import Device, device_for
 from compressor.latency.profiles import Profile
 from compressor.latency.timing import Interleaved, TimingPolicy
 from compressor.rewrite.fold import fold_batchnorm
@@ -38,7 +38,7 @@ class Deployment:
         self.runtime = self.backend.runtime
         self.input_shape = (profile.batch, *(profile.input_shape or input_shape))
         self.example = torch.randn(*self.input_shape, generator=torch.Generator().manual_seed(0))
-        self.device: Device = device or LocalDevice(self.backend)
+        self.device: Device = device or device_for(profile, self.backend)
 
     def export(self, model: nn.Module, path: Path) -> Path:
         """Export `deployable(model)`; returns the artifact path (`path` with the exporter's suffix)."""

@@ -8,7 +8,8 @@ through `Device.time`, so a device that is not this machine can take its place.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -40,3 +41,48 @@ class LocalDevice:
 
     def provenance(self) -> dict:
         return machine_info()
+
+    def close(self) -> None:
+        """Nothing to release on this machine."""
+
+
+@dataclass
+class Part:
+    """One device's interleaved measurement of some artifacts: `indices` into the list timed, the
+    reference (index 0) first; `device` names the device (None: this machine)."""
+
+    indices: list[int]
+    result: Interleaved
+    device: str | None = None
+
+
+def time_parts(device: Device, artifacts: Sequence[Path], policy: TimingPolicy, x: np.ndarray) -> list[Part]:
+    """artifacts[1:] each timed against artifacts[0]: one interleaved measurement on one device, or, on a
+    pool (a device with `time_parts`), one part per device in parallel, each with artifacts[0]."""
+    split = getattr(device, "time_parts", None)
+    if split is None:
+        return [Part(list(range(len(artifacts))), device.time(artifacts, policy, x), getattr(device, "name", None))]
+    return [Part(indices, result, name) for indices, result, name in split(artifacts, policy, x)]
+
+
+def device_for(profile, backend=None, log: Callable[[str], None] | None = None) -> Device:
+    """The profile's device: its remote host (or pool of hosts) over SSH when it has a `remote:` section
+    (compressor/latency/remote/), else this machine; `backend` (an exporters.Backend) is the profile's
+    unless given."""
+    if backend is None:
+        from exporters import Backend
+
+        backend = Backend(profile.runtime, profile.precision, profile.resolved_threads, profile.runtime_options,
+                          profile.opset)
+    if getattr(profile, "remote", None) is not None:
+        from compressor.latency.remote.pool import connect
+
+        return connect(profile, backend, log)
+    return LocalDevice(backend)
+
+
+def close_device(device: object) -> None:
+    """Release what a device holds (a remote session's folder and connection); any object may be passed."""
+    close = getattr(device, "close", None)
+    if close is not None:
+        close()

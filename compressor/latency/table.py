@@ -20,6 +20,7 @@ from compressor.fileio import atomic_write_text
 from compressor.graph.surgery import remove_units
 from compressor.graph.units import Unit
 from compressor.latency.deploy import Deployment
+from compressor.latency.device import time_parts
 
 
 @dataclass
@@ -53,19 +54,34 @@ class LatencyTable:
             raise InputError(msg) from e
 
 
+def export_candidates(model: nn.Module, units: list[Unit], deployment: Deployment, folder: Path) -> list[Path]:
+    """The model (baseline first) and each single-unit removal, exported into `folder`."""
+    suffix = deployment.exporter.suffix
+    paths = [deployment.export(model, folder / f"baseline{suffix}")]
+    for i, unit in enumerate(tqdm(units, desc="export candidates", disable=None, leave=False)):
+        paths.append(deployment.export(remove_units(model, [unit]), folder / f"unit{i}{suffix}"))
+    return paths
+
+
 def measure_latency_table(model: nn.Module, units: list[Unit], deployment: Deployment,
                           name: str, workdir: Path | None = None) -> LatencyTable:
-    """Export the model and each single-unit removal, time all in interleaved rounds."""
+    """Export the model and each single-unit removal, time all in interleaved rounds. On a device pool
+    the units are split across the devices, each unit's saving taken against the baseline timed with it
+    on the same device (its stats name the device and that baseline)."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        suffix = deployment.exporter.suffix
-        paths = [deployment.export(model, Path(tmp) / f"baseline{suffix}")]
-        for i, unit in enumerate(tqdm(units, desc="export candidates", disable=None, leave=False)):
-            paths.append(deployment.export(remove_units(model, [unit]), Path(tmp) / f"unit{i}{suffix}"))
-        result = deployment.time(paths, deployment.profile.search_policy)
-    base = result.stats[0]
-    savings = {u.name: base.median - s.median for u, s in zip(units, result.stats[1:], strict=True)}
-    stats = {"baseline": base.to_dict()}
-    stats.update({u.name: s.to_dict() for u, s in zip(units, result.stats[1:], strict=True)})
+        paths = export_candidates(model, units, deployment, Path(tmp))
+        parts = time_parts(deployment.device, paths, deployment.profile.search_policy, deployment.example.numpy())
+    base = parts[0].result.stats[0]
+    savings, stats = {}, {"baseline": base.to_dict() if parts[0].device is None
+                          else {**base.to_dict(), "device": parts[0].device}}
+    for part in parts:
+        part_base = part.result.stats[0]
+        for i, s in zip(part.indices[1:], part.result.stats[1:], strict=True):
+            savings[units[i - 1].name] = part_base.median - s.median
+            stats[units[i - 1].name] = s.to_dict() if part.device is None else {
+                **s.to_dict(), "device": part.device, "baseline_ms": part_base.median}
+    savings = {u.name: savings[u.name] for u in units}
+    stats = {"baseline": stats["baseline"], **{u.name: stats[u.name] for u in units}}
     return LatencyTable(name, list(deployment.input_shape), deployment.profile.to_dict(),
                         deployment.device.provenance(), base.median, savings, stats)
 

@@ -1,0 +1,123 @@
+"""Offline bundles for boards with no network path: artifacts, the runner and a manifest in one folder.
+
+    compressor profile --model M --profile P --bundle DIR      the latency table's candidates (job latency-table)
+    compressor bench --artifact A --against B --bundle DIR     an artifact and its reference (job bench)
+
+Copy DIR to the device and run `python3 DIR/measure.py --out results.json` there
+(Python 3.10+, numpy and the runtime only); bring results.json back to
+`compressor prune --latency-table results.json` or `compressor bench ... --results results.json`.
+A bundle is written to a temporary folder beside DIR and renamed into place, so
+it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from compressor.errors import InputError
+from compressor.graph.units import Unit
+from compressor.latency.deploy import Deployment
+from compressor.latency.machine import machine_info
+from compressor.latency.profiles import Profile
+from compressor.latency.remote.device import RUNNER_FILES, RUNTIMES, files_key
+from compressor.latency.table import export_candidates
+from compressor.latency.timing import TimingPolicy
+
+BUNDLE_KIND = "compressor-bundle"
+RESULTS_KIND = "compressor-bundle-results"
+SCRIPTS = {**RUNNER_FILES, "measure.py": Path(__file__).resolve().parent / "measure.py"}
+
+
+@contextlib.contextmanager
+def staged(folder: str | Path) -> Iterator[Path]:
+    """A temporary folder beside `folder`, renamed to it when the block succeeds, removed if it fails.
+    A `folder` that exists and is not empty is refused."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        msg = f"bundle folder {folder} already exists and is not empty; choose a new one"
+        raise InputError(msg)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    except OSError as e:
+        msg = f"cannot write the bundle beside {folder}: {e.strerror or e}"
+        raise InputError(msg) from e
+    try:
+        yield tmp
+        if folder.exists():
+            folder.rmdir()
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_runtime(profile: Profile) -> None:
+    if profile.runtime not in RUNTIMES:
+        msg = f"a bundle times {' and '.join(RUNTIMES)} artifacts; profile {profile.name} runs {profile.runtime}"
+        raise InputError(msg)
+
+
+def _manifest(job: str, profile: Profile, policy: TimingPolicy, artifacts: list[dict], **extra: object) -> dict:
+    """What measure.py reads: the runtime and its settings, the floors, each artifact's files and sha256."""
+    return {"kind": BUNDLE_KIND, "version": 1, "job": job, "id": secrets.token_hex(8),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "runtime": profile.runtime, "threads": profile.threads, "options": profile.runtime_options,
+            "policy": vars(policy), "profile": {**profile.to_dict(), "threads": profile.threads},
+            "input": "input.npy", "artifacts": artifacts, "made_on": machine_info(), **extra}
+
+
+def _finish(tmp: Path, manifest: dict, x: np.ndarray) -> None:
+    np.save(tmp / "input.npy", np.ascontiguousarray(x, np.float32))
+    for name, source in SCRIPTS.items():
+        shutil.copyfile(source, tmp / name)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _entry(files: Sequence[Path], root: Path, main: Path, unit: str | None = None) -> dict:
+    return {"file": str(main.relative_to(root)), "files": [str(f.relative_to(root)) for f in files],
+            "sha256": files_key(files), "unit": unit}
+
+
+def write_table_bundle(folder: str | Path, model: nn.Module, units: list[Unit], deployment: Deployment,
+                       name: str) -> Path:
+    """The unpruned model and each single-unit removal exported for the profile, with the runner,
+    measure.py and a manifest: measure.py on the device writes the latency table."""
+    profile = deployment.profile
+    _check_runtime(profile)
+    files_of = deployment.exporter.artifact_files
+    with staged(folder) as tmp:
+        paths = export_candidates(model, units, deployment, tmp / "artifacts")
+        artifacts = [_entry(files_of(p), tmp, p, unit) for p, unit in zip(paths, [None, *(u.name for u in units)],
+                                                                             strict=True)]
+        manifest = _manifest("latency-table", profile, profile.search_policy, artifacts, model=name,
+                             input_shape=list(deployment.input_shape))
+        _finish(tmp, manifest, deployment.example.numpy())
+    return Path(folder)
+
+
+def write_bench_bundle(folder: str | Path, artifacts: Sequence[Path], backend, profile: Profile,
+                       policy: TimingPolicy, x: np.ndarray) -> tuple[Path, str]:
+    """Copies of `artifacts` (the first is judged, a second is its reference) with the runner, measure.py
+    and a manifest; the folder and what to do next."""
+    _check_runtime(profile)
+    with staged(folder) as tmp:
+        entries = []
+        for i, artifact in enumerate(artifacts):
+            target = tmp / "artifacts" / str(i)
+            target.mkdir(parents=True)
+            files = [Path(shutil.copy2(f, target / f.name)) for f in backend.exporter.artifact_files(artifact)]
+            entries.append(_entry(files, tmp, target / Path(artifact).name))
+        _finish(tmp, _manifest("bench", profile, policy, entries, sources=[str(a) for a in artifacts]), x)
+    text = (f"bundle written to {folder}: copy it to the device, run `python3 {Path(folder).name}/measure.py "
+            f"--out results.json` there, then repeat this command with --results results.json instead of --bundle")
+    return Path(folder), text

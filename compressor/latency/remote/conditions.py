@@ -1,0 +1,77 @@
+"""Conditions under a device's figures: drift of a re-timed reference, throttling, changing temperature.
+
+A device that heats up or is throttled gives slower figures later in a run than
+earlier (TVM #11465: 0.083 -> 0.148 s per iteration at 90 C). Every figure a
+comparison uses comes from one interleaved measurement, so drift hits all its
+models alike; across measurements it does not. So the first artifact a device
+ever measures (the unpruned baseline, in a prune) is the reference: each later
+measurement that includes it, or that it is added to (at least every
+`retime_every` measurements), compares its median with the first one, and a
+move beyond the tolerance flags the figures as drifted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from compressor.latency.timing import LatencyStats, TimingPolicy
+
+
+def version_matches(found: str, named: str) -> bool:
+    """`named` "1.20" matches 1.20, 1.20.1 and 1.20.1-dev; not 1.2 or 1.21."""
+    found, named = str(found).strip(), str(named).strip()
+    return found == named or found.startswith((named + ".", named + "-", named + "+"))
+
+
+class DriftWatch:
+    """The reference artifact's first median (ms), and how many measurements since it was last timed."""
+
+    def __init__(self, every: int, tolerance: float) -> None:
+        self.every, self.tolerance = every, tolerance
+        self.reference: dict | None = None  # key, name, path, first_ms
+        self.since = 0
+
+    def due(self, keys: Sequence[str]) -> dict | None:
+        """The reference, when it must be added to a measurement of `keys` (it is not among them and
+        `every` measurements have passed without it); else None."""
+        if self.reference is None or self.reference["key"] in keys or self.since + 1 < self.every:
+            return None
+        return self.reference
+
+    def observe(self, measured: dict, stats: list[LatencyStats], added: dict | None) -> dict | None:
+        """Record one measurement (`stats` of [reference if `added`] + measured artifacts); the reference's
+        drift if it was timed, else None. `measured` holds the artifacts' keys, names and remote paths."""
+        keys = measured["keys"]
+        if self.reference is None:
+            self.reference = {"key": keys[0], "name": measured["names"][0], "path": measured["paths"][0],
+                              "first_ms": stats[0].median}
+        ref = self.reference
+        if added is not None:
+            median = stats[0].median
+        elif ref["key"] in keys:
+            median = stats[keys.index(ref["key"])].median
+        else:
+            self.since += 1
+            return None
+        self.since = 0
+        drift = median / ref["first_ms"] - 1
+        return {"artifact": ref["name"], "median_ms": median, "first_ms": ref["first_ms"], "drift": drift,
+                "drifted": abs(drift) > self.tolerance, "retimed": added is not None}
+
+
+def log_entry(host: str, names: list[str], policy: TimingPolicy, result: dict, check: dict | None) -> dict:
+    """One measurement's record for the provenance: where, what, the conditions, and its warnings."""
+    conditions = result["conditions"]
+    what = ", ".join(names)
+    warnings = []
+    if conditions["throttled"]:
+        warnings.append(f"{host}: the CPU was throttled while timing {what}")
+    if conditions["changing"]:
+        warnings.append(f"{host}: {what} timed under changing conditions ({'; '.join(conditions['changing'])})")
+    if check is not None and check["drifted"]:
+        warnings.append(f"{host}: the reference {check['artifact']} now times {check['median_ms']:.3f} ms against "
+                        f"{check['first_ms']:.3f} ms at first ({check['drift']:+.0%}): the device's conditions "
+                        f"changed during the run")
+    return {"host": host, "artifacts": names, "policy": {"min_runs": policy.min_runs, "min_time_s": policy.min_time_s},
+            "threads": result.get("threads"), "session": result.get("settings"), **conditions,
+            "reference": check, "warnings": warnings}

@@ -1,0 +1,126 @@
+"""Remote measurement over a real SSH server (tests/sshd.py) on 127.0.0.1, timing with ONNX Runtime here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from compressor.errors import InputError
+from compressor.latency.deploy import Deployment
+from compressor.latency.device import close_device, time_parts
+from compressor.latency.machine import machine_info
+from compressor.latency.profiles import parse_profile
+from tests.helpers import FAST_PROFILE
+from tests.sshd import TestDevice
+
+PROVENANCE_KEYS = {"host", "hostname", "model", "os", "kernel", "runtime", "runtime_version", "threads", "governor",
+                   "freq_mhz", "measurements", "throttled", "changing_conditions", "drifted"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    device = TestDevice(tmp_path_factory.mktemp("device"))
+    device.start()
+    yield device
+    device.stop()
+
+
+def remote_profile(server: TestDevice, tmp_path: Path, **overrides: object):
+    path = tmp_path / "remote.yaml"
+    path.write_text(FAST_PROFILE + server.remote_section(**overrides))
+    return parse_profile(path.read_text(), str(path))
+
+
+def small_models(tmp_path: Path, deployment: Deployment) -> list[Path]:
+    """Two small ONNX models, the second about twice the work of the first."""
+    paths = []
+    for width in (8, 16):
+        model = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)).eval()
+        paths.append(deployment.export(model, tmp_path / f"w{width}.onnx"))
+    return paths
+
+
+def session_folders(server: TestDevice) -> list[Path]:
+    return sorted(server.workdir.glob("compressor-*"))
+
+
+def test_times_on_the_device_with_its_provenance_and_cleans_up(server, tmp_path):
+    deployment = Deployment(remote_profile(server, tmp_path), (3, 32, 32))
+    try:
+        a, b = small_models(tmp_path, deployment)
+        before = len(server.log)
+        first = deployment.time([a, b], deployment.profile.search_policy)
+        again = deployment.time([a, b], deployment.profile.search_policy)
+        folder, = session_folders(server)
+        assert len(list((folder / "a").iterdir())) == 3  # two artifacts and the input, each uploaded once
+        provenance = deployment.device.provenance()
+    finally:
+        close_device(deployment.device)
+    assert [c.split()[-1] for c in server.log[before:]] == ["measure", "measure"]  # the runner ran there
+    assert first.stats[0].n >= 20 and first.stats[1].samples and len(first.round_medians) == 2
+    assert again.speedup(1, 0) > 1  # the wider model is slower, compared within one measurement
+    assert set(machine_info()) <= set(provenance) and PROVENANCE_KEYS <= set(provenance)
+    assert provenance["host"] == f"127.0.0.1:{server.port}" and provenance["runtime"] == "onnxruntime"
+    assert deployment.profile.threads == provenance["physical_cores"]  # threads: null -> the device's cores
+    entry = provenance["measurements"][0]
+    assert entry["artifacts"] == ["w8.onnx", "w16.onnx"] and set(entry["temperature_c"]) == {"start", "end"}
+    assert entry["session"]["allow_spinning"] is False and entry["throttled"] is False
+    assert session_folders(server) == []  # the runner and artifacts are removed at the end
+
+
+def test_reference_is_retimed_every_few_measurements(server, tmp_path):
+    deployment = Deployment(remote_profile(server, tmp_path, retime_every=2), (3, 32, 32))
+    try:
+        a, b = small_models(tmp_path, deployment)
+        policy = deployment.profile.search_policy
+        deployment.time([a, b], policy)
+        alone = [deployment.time([b], policy) for _ in range(2)]
+        log = deployment.device.provenance()["measurements"]
+    finally:
+        close_device(deployment.device)
+    assert all(len(r.stats) == 1 for r in alone)  # the added reference is not returned
+    assert log[1]["reference"] is None
+    assert log[2]["reference"]["retimed"] and log[2]["reference"]["artifact"] == "w8.onnx"
+    assert log[2]["reference"]["first_ms"] == log[0]["reference"]["median_ms"]
+
+
+def test_runtime_version_named_by_the_profile_is_checked(server, tmp_path):
+    import onnxruntime
+
+    ok = Deployment(remote_profile(server, tmp_path, runtime_version=onnxruntime.__version__.rpartition(".")[0]),
+                    (3, 32, 32))
+    assert not any("names no" in w for w in ok.device.provenance()["warnings"])
+    close_device(ok.device)
+    with pytest.raises(InputError, match=r"has onnxruntime .*the profile names 0\.1\.0"):
+        Deployment(remote_profile(server, tmp_path, runtime_version="0.1.0"), (3, 32, 32))
+    assert session_folders(server) == []
+
+
+def test_pool_of_two_devices_splits_the_table_and_never_mixes_them(server, tmp_path):
+    second = TestDevice(tmp_path / "second", client_key_path=server.client_key_path)
+    second.start()
+    try:
+        both = tmp_path / "known_hosts"
+        both.write_text(server.known_hosts.read_text() + second.known_hosts.read_text())
+        profile = remote_profile(server, tmp_path, hosts=f"['127.0.0.1:{second.port}']", known_hosts=str(both))
+        _run_pool(profile, server, second, tmp_path)
+    finally:
+        second.stop()
+
+
+def _run_pool(profile, server, second, tmp_path):
+    deployment = Deployment(profile, (3, 32, 32))
+    try:
+        a, b = small_models(tmp_path, deployment)
+        parts = time_parts(deployment.device, [a, b, a, b], profile.search_policy, deployment.example.numpy())
+        provenance = deployment.device.provenance()
+    finally:
+        close_device(deployment.device)
+    assert [p.indices for p in parts] == [[0, 1, 2], [0, 3]]  # the reference is timed on every device
+    assert {p.device for p in parts} == {f"127.0.0.1:{second.port}", f"127.0.0.1:{server.port}"}
+    assert len(provenance["pool"]) == 2 and {m["host"] for m in provenance["measurements"]} == {
+        p.device for p in parts}
+    assert session_folders(server) == [] and session_folders(second) == []

@@ -1,0 +1,111 @@
+"""Offline bundles: written here, timed by measure.py with only numpy and the runtime, read back by
+`prune --latency-table` and `bench --results`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from compressor.cli.main import main
+from compressor.graph.units import find_units
+from compressor.latency.deploy import Deployment
+from compressor.latency.profiles import parse_profile
+from compressor.latency.table import load_fitting_table
+from compressor.models.sources import load_model
+from tests.helpers import FAST_PROFILE
+from tests.test_remote_runner import ALLOWED, FORBIDDEN, imported_modules, run_isolated
+
+BUNDLE_FILES = {"artifacts", "input.npy", "manifest.json", "measure.py", "runner.py", "timing.py"}
+
+
+@pytest.fixture(scope="module")
+def table_bundle(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bundle")
+    profile = folder / "fast.yaml"
+    profile.write_text(FAST_PROFILE)
+    code = main(["profile", "--model", "resnet56", "--data", "digits32", "--profile", str(profile),
+                 "--bundle", str(folder / "b")])
+    return code, folder / "b", profile
+
+
+def test_profile_bundle_holds_candidates_runner_and_manifest(table_bundle):
+    code, bundle, _ = table_bundle
+    assert code == 0
+    assert {p.name for p in bundle.iterdir()} == BUNDLE_FILES
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["job"] == "latency-table" and manifest["runtime"] == "onnxruntime"
+    assert len(manifest["artifacts"]) == 28 and manifest["artifacts"][0]["unit"] is None
+    assert not list(bundle.parent.glob(".b.*"))  # no staging folder left
+
+
+def test_measure_py_writes_a_table_that_prune_accepts(table_bundle, tmp_path, digits):
+    _, bundle, profile_path = table_bundle
+    result = run_isolated(bundle / "measure.py", "--out", str(tmp_path / "results.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    direct, everything = imported_modules(result.stderr)
+    assert direct - ALLOWED <= set(__import__("sys").stdlib_module_names) and not everything & FORBIDDEN
+    table = json.loads((tmp_path / "results.json").read_text())
+    assert {"cpu", "hostname", "model", "kernel", "runtime_version", "measurements", "throttled"} <= set(
+        table["machine"])
+    profile = parse_profile(profile_path.read_text(), str(profile_path))
+    loaded = load_model("resnet56", digits)
+    deployment = Deployment(profile, loaded.input_shape)
+    units = find_units(loaded.model, deployment.example)
+    fitted, note = load_fitting_table(tmp_path / "results.json", units, deployment)
+    assert fitted.baseline_ms > 0 and set(fitted.savings_ms) == {u.name for u in units}
+    assert "reusing latency table" in note
+
+
+def test_a_damaged_bundle_is_refused_on_the_device(table_bundle, tmp_path):
+    _, bundle, _ = table_bundle
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(bundle, copy)
+    victim = copy / json.loads((copy / "manifest.json").read_text())["artifacts"][3]["file"]
+    victim.write_bytes(victim.read_bytes()[:-10])
+    result = run_isolated(copy / "measure.py", "--out", str(tmp_path / "r.json"))
+    assert result.returncode == 2 and "does not match its sha256" in result.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bundle_folder_is_never_overwritten(table_bundle, capsys):
+    _, bundle, profile = table_bundle
+    code = main(["profile", "--model", "resnet56", "--data", "digits32", "--profile", str(profile),
+                 "--bundle", str(bundle)])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+
+
+def _two_models(tmp_path: Path, widths: tuple[int, int] = (8, 32)) -> tuple[Path, Path]:
+    from exporters.onnx import OnnxExporter
+
+    paths = []
+    for width in widths:
+        model = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)).eval()
+        paths.append(OnnxExporter().export(model, torch.randn(1, 3, 32, 32), tmp_path / f"w{width}.onnx", 17))
+    return paths[0], paths[1]
+
+
+def test_bench_bundle_gates_on_the_devices_figures(tmp_path, fast_profile, capsys):
+    small, large = _two_models(tmp_path)
+    common = ["bench", "--artifact", str(large), "--against", str(small), "--profile", str(fast_profile)]
+    assert main([*common, "--bundle", str(tmp_path / "bb")]) == 0
+    assert "measure.py" in capsys.readouterr().out
+    result = run_isolated(tmp_path / "bb" / "measure.py", "--out", str(tmp_path / "res.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    code = main([*common, "--results", str(tmp_path / "res.json"), "--out", str(tmp_path / "report.json")])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert code == (1 if report["verdict"]["verdict"] == "regression" else 0)
+    assert report["verdict"]["ratio"] > 1  # the wider model is slower, on the device's own samples
+    assert report["candidate"]["machine"]["results_file"].endswith("res.json")
+    assert report["candidate"]["machine"]["hostname"]
+    (tmp_path / "other").mkdir()
+    other, _ = _two_models(tmp_path / "other", widths=(9, 10))  # an artifact the device did not time
+    capsys.readouterr()
+    assert main([*common[:3], "--against", str(other), *common[5:], "--results", str(tmp_path / "res.json")]) == 2
+    assert "has no figures for" in capsys.readouterr().err
