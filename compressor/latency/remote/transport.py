@@ -98,7 +98,8 @@ def _connect_error(asyncssh, e: BaseException, spec: RemoteSpec, endpoint: Endpo
     if isinstance(e, asyncssh.PermissionDenied):
         return InputError(f"{endpoint} refused the key {spec.key} for user {spec.user!r}: add its public key to "
                           f"~{spec.user}/.ssh/authorized_keys on the device")
-    if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
+    if isinstance(e, (asyncio.TimeoutError, TimeoutError)) or (
+            isinstance(e, asyncssh.DisconnectError) and "timeout" in str(e.reason).lower()):
         return TransientError(f"no SSH answer from {endpoint} within {spec.connect_timeout_s:g} s "
                               "(remote.connect_timeout_s)")
     if isinstance(e, asyncssh.DisconnectError):
