@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import InputError, ValidationError
+from compressor.errors import FidelityFloorError, InputError
 from exporters.base import Staging, as_numpy, boundary
 
 METHODS = ("minmax", "entropy", "percentile")  # ONNX Runtime's calibration methods
@@ -115,14 +115,18 @@ class Quantizer(ABC):
             self.check_exclude(fp32)
             staged = stage.dir / path.name
             # the quantizers print progress to stdout, which is the CLI's --json
+            chunks = list(batches(calibration, batch))
+            if not chunks:
+                msg = f"calibration needs at least {batch} images for the batch size {batch}, got {len(calibration)}"
+                raise InputError(msg)
             with boundary(f"{self.name} quantization of {path.name}"), contextlib.redirect_stdout(io.StringIO()):
-                names = self.write(fp32, list(batches(calibration, batch)), staged)
+                names = self.write(fp32, chunks, staged)
             with boundary(f"running the staged {self.name} artifact {path.name}"):
                 run = self.open_staged(staged)
                 logits = run_batched(run, held_out, batch)
-            if not np.all(np.isfinite(logits)):
-                msg = f"{path}: the quantized artifact gives NaN or Inf logits on the held-out images"
-                raise ValidationError(msg)
+            if not np.all(np.isfinite(logits)):  # refused like any artifact below the floor: the search skips it
+                msg = f"{self.name} INT8 gives NaN or Inf logits on the held-out images; {path} not written"
+                raise FidelityFloorError(msg)
             accepted = accept(logits)
             stage.commit(names)
         return QuantizedArtifact(path, [path.parent / n for n in names], self.describe(), accepted, logits)

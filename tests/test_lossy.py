@@ -57,3 +57,10 @@ def test_floor_names_each_shortfall():
         "accuracy 100.00 -> 50.00% (a drop over 10 points)"]
     with pytest.raises(InputError):
         Floor(min_top1_agreement=120.0)
+
+
+def test_floor_refuses_nan_figures():
+    nan = float("nan")
+    f = lossy_fidelity(np.array([[1.0, 0.0]]), np.array([[1.0, 0.0]]))
+    f.sqnr_db = f.top1_agreement = nan
+    assert len(Floor().shortfalls(f)) == 2

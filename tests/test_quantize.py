@@ -134,6 +134,14 @@ def test_excluded_layer_must_exist(resnet56, images, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_too_few_calibration_images_for_the_batch_refused(resnet56, images, tmp_path):
+    model, x = resnet56
+    with pytest.raises(InputError, match="calibration needs at least 2 images"):
+        get_quantizer("onnxruntime").quantize(model, x.repeat(2, 1, 1, 1), images.calibration[:1], tmp_path / "m",
+                                              images.held_out, lambda logits: None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_settings_runtime_and_images_refused():
     with pytest.raises(InputError, match="unknown calibration method"):
         QuantizeSettings(method="kl")

@@ -115,12 +115,12 @@ class Floor:
     def shortfalls(self, fidelity: LossyFidelity) -> list[str]:
         """Why `fidelity` is below this floor, one phrase per criterion missed (empty: it passes)."""
         out = []
-        if fidelity.top1_agreement < self.min_top1_agreement:
+        if not fidelity.top1_agreement >= self.min_top1_agreement:  # `not >=`: NaN fails
             out.append(f"top-1 agreement {fidelity.top1_agreement:.1f}% < {self.min_top1_agreement:g}%")
-        if fidelity.sqnr_db < self.min_sqnr_db:
+        if not fidelity.sqnr_db >= self.min_sqnr_db:
             out.append(f"SQNR {fidelity.sqnr_db:.1f} dB < {self.min_sqnr_db:g} dB")
         if (self.max_accuracy_drop is not None and fidelity.accuracy is not None
-                and fidelity.reference_accuracy - fidelity.accuracy > self.max_accuracy_drop):
+                and not fidelity.reference_accuracy - fidelity.accuracy <= self.max_accuracy_drop):
             out.append(f"accuracy {fidelity.reference_accuracy:.2f} -> {fidelity.accuracy:.2f}% "
                        f"(a drop over {self.max_accuracy_drop:g} points)")
         return out

@@ -82,10 +82,14 @@ def _try(runtime: str, settings, fp32: Path, example_input, images: Quantization
 
     quantizer = get_quantizer(runtime, settings)
     described = quantizer.describe()
+    before = len(judge.attempts)
     try:
         artifact = quantizer.quantize(fp32, example_input, images.calibration, path, images.held_out,
                                       lambda logits: judge(described, logits))
     except FidelityFloorError as e:
+        if len(judge.attempts) == before:  # refused before the judge saw it (NaN or Inf logits)
+            judge.attempts.append({"excluded": list(described["exclude"]), "fidelity": None, "accepted": False,
+                                   "below_floor": [str(e)]})
         log(str(e))
         return None
     f = artifact.accepted
