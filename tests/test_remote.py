@@ -84,7 +84,7 @@ def test_reference_is_retimed_every_few_measurements(server, tmp_path):
     assert all(len(r.stats) == 1 for r in alone)  # the added reference is not returned
     assert log[1]["reference"] is None
     assert log[2]["reference"]["retimed"] and log[2]["reference"]["artifact"] == "w8.onnx"
-    assert log[2]["reference"]["first_ms"] == log[0]["reference"]["median_ms"]
+    assert log[2]["reference"]["first_ms"] == log[2]["reference"]["earlier_ms"] == log[0]["reference"]["median_ms"]
 
 
 def test_runtime_version_named_by_the_profile_is_checked(server, tmp_path):
@@ -124,3 +124,22 @@ def _run_pool(profile, server, second, tmp_path):
     assert len(provenance["pool"]) == 2 and {m["host"] for m in provenance["measurements"]} == {
         p.device for p in parts}
     assert session_folders(server) == [] and session_folders(second) == []
+
+
+def test_openvino_ir_is_uploaded_with_its_weights_and_timed_there(server, tmp_path):
+    path = tmp_path / "ov.yaml"
+    path.write_text(FAST_PROFILE.replace("runtime: onnxruntime", "runtime: openvino")
+                    .replace("runtime_options: {allow_spinning: false}", "runtime_options: {}")
+                    + server.remote_section())
+    deployment = Deployment(parse_profile(path.read_text(), str(path)), (3, 32, 32))
+    try:
+        a, b = small_models(tmp_path, deployment)
+        result = deployment.time([a, b], deployment.profile.search_policy)
+        folder, = session_folders(server)
+        uploaded = sorted(p.name for p in (folder / "a").rglob("w8.*"))
+        entry = deployment.device.provenance()["measurements"][0]
+    finally:
+        close_device(deployment.device)
+    assert a.suffix == ".xml" and uploaded == ["w8.bin", "w8.xml"]
+    assert result.stats[1].median > 0 and entry["session"]["runtime"] == "openvino"
+    assert entry["session"]["inference_precision_hint"] == "f32" and entry["session"]["num_streams"] == "1"

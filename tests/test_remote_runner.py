@@ -115,3 +115,22 @@ def test_remote_section_pool_and_defaults():
     spec = parse_remote({"host": "a", "hosts": ["b:2222", "[::1]:23", "a"], "user": "pi", "key": "/k"}, "p.yaml")
     assert [str(e) for e in spec.endpoints] == ["a:22", "b:2222", "::1:23"]
     assert spec.known_hosts.name == "known_hosts" and spec.python == "python3" and spec.retries == 1
+
+
+def test_drift_watch_flags_a_moving_reference_and_adds_it_when_due():
+    from compressor.latency.remote.conditions import DriftWatch, version_matches
+    from compressor.latency.timing import LatencyStats
+
+    def seen(watch, keys, ms, added=None):
+        measured = {"keys": keys, "names": [f"{k}.onnx" for k in keys], "paths": [f"/d/{k}" for k in keys]}
+        return watch.observe(measured, [LatencyStats.from_samples([m]) for m in ms], added)
+
+    watch = DriftWatch(every=2, tolerance=0.10)
+    assert seen(watch, ["base", "u1"], [1.0, 0.8])["drifted"] is False
+    assert watch.due(["u2"]) is None and seen(watch, ["u2"], [0.9]) is None  # one measurement without it
+    due = watch.due(["u3"])
+    assert due["key"] == "base"  # the second in a row without it: the reference is added
+    check = seen(watch, ["u3"], [1.25, 0.7], added=due)
+    assert check["retimed"] and check["drifted"] and check["drift"] == pytest.approx(0.25)
+    assert seen(watch, ["base"], [1.04])["drifted"] is False  # against the median of 1.0 and 1.25
+    assert version_matches("1.20.1", "1.20") and not version_matches("1.21.0", "1.2")

@@ -6,13 +6,16 @@ comparison uses comes from one interleaved measurement, so drift hits all its
 models alike; across measurements it does not. So the first artifact a device
 ever measures (the unpruned baseline, in a prune) is the reference: each later
 measurement that includes it, or that it is added to (at least every
-`retime_every` measurements), compares its median with the first one, and a
-move beyond the tolerance flags the figures as drifted.
+`retime_every` measurements), compares its median with the median of its
+earlier figures (robust to one odd figure, and a slow drift still shows), and
+a move beyond the tolerance flags the figures as drifted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import numpy as np
 
 from compressor.latency.timing import LatencyStats, TimingPolicy
 
@@ -29,6 +32,7 @@ class DriftWatch:
     def __init__(self, every: int, tolerance: float) -> None:
         self.every, self.tolerance = every, tolerance
         self.reference: dict | None = None  # key, name, path, first_ms
+        self.seen_ms: list[float] = []  # the reference's medians so far
         self.since = 0
 
     def due(self, keys: Sequence[str]) -> dict | None:
@@ -54,9 +58,11 @@ class DriftWatch:
             self.since += 1
             return None
         self.since = 0
-        drift = median / ref["first_ms"] - 1
-        return {"artifact": ref["name"], "median_ms": median, "first_ms": ref["first_ms"], "drift": drift,
-                "drifted": abs(drift) > self.tolerance, "retimed": added is not None}
+        earlier = float(np.median(self.seen_ms)) if self.seen_ms else median
+        self.seen_ms.append(median)
+        drift = median / earlier - 1
+        return {"artifact": ref["name"], "median_ms": median, "earlier_ms": earlier, "first_ms": ref["first_ms"],
+                "drift": drift, "drifted": abs(drift) > self.tolerance, "retimed": added is not None}
 
 
 def log_entry(host: str, names: list[str], policy: TimingPolicy, result: dict, check: dict | None) -> dict:
@@ -70,7 +76,7 @@ def log_entry(host: str, names: list[str], policy: TimingPolicy, result: dict, c
         warnings.append(f"{host}: {what} timed under changing conditions ({'; '.join(conditions['changing'])})")
     if check is not None and check["drifted"]:
         warnings.append(f"{host}: the reference {check['artifact']} now times {check['median_ms']:.3f} ms against "
-                        f"{check['first_ms']:.3f} ms at first ({check['drift']:+.0%}): the device's conditions "
+                        f"{check['earlier_ms']:.3f} ms before ({check['drift']:+.0%}): the device's conditions "
                         f"changed during the run")
     return {"host": host, "artifacts": names, "policy": {"min_runs": policy.min_runs, "min_time_s": policy.min_time_s},
             "threads": result.get("threads"), "session": result.get("settings"), **conditions,
