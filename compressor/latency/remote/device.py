@@ -19,8 +19,9 @@ import io
 import json
 import secrets
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -36,6 +37,7 @@ RUNTIMES = ("onnxruntime", "openvino")  # what runner.OPENERS opens
 ERRORS = {"missing-runtime": "{host}: {message}", "python": "{host}: {message} (set remote.python)",
           "bad-artifact": "{host}: {message}", "disk": "the device {host} has no space left: {message}"}
 Log = Callable[[str], None]
+T = TypeVar("T")
 
 
 def _stderr(message: str) -> None:
@@ -83,15 +85,7 @@ class RemoteDevice:
     async def open(self) -> None:
         """Connect, upload the runner, probe the device, check its runtime version."""
         self.lock = asyncio.Lock()
-        for attempt in range(self.spec.retries + 1):
-            try:
-                await self.link.open()
-                break
-            except TransientError as e:
-                if attempt == self.spec.retries:
-                    msg = f"{e} (tried {attempt + 1} times)"
-                    raise InputError(msg) from e
-                self.log(f"warning: {e}; retrying")
+        await self._retrying(lambda: asyncio.sleep(0))  # connect
         await self.link.mkdir(self.folder)
         for name, local in RUNNER_FILES.items():
             await self.link.put(local, f"{self.folder}/{name}")
@@ -208,19 +202,24 @@ class RemoteDevice:
                          staging: Path) -> Interleaved:
         """One measurement on this device, retried (reconnecting if need be) after a transient failure."""
         async with self.lock:
-            for attempt in range(self.spec.retries + 1):
-                try:
-                    if self.link.conn is None:
-                        await self.link.open()
-                    keys, result, reference = await self._measure(artifacts, policy, x, staging)
-                    break
-                except TransientError as e:
-                    if attempt == self.spec.retries:
-                        msg = f"{e} (tried {attempt + 1} times)"
-                        raise InputError(msg) from e
-                    self.log(f"warning: {e}; retrying")
-                    await self.link.close()
+            keys, result, reference = await self._retrying(lambda: self._measure(artifacts, policy, x, staging))
             return self._record(artifacts, keys, result, reference, policy)
+
+    async def _retrying(self, step: Callable[[], Awaitable[T]]) -> T:
+        """`step()` on a connected link; after a transient failure (connection lost, runner killed, timeout)
+        reconnect and retry, `spec.retries` times, then InputError."""
+        for attempt in range(self.spec.retries + 1):
+            try:
+                if self.link.conn is None:
+                    await self.link.open()
+                return await step()
+            except TransientError as e:
+                if attempt == self.spec.retries:
+                    msg = f"{e} (tried {attempt + 1} times)"
+                    raise InputError(msg) from e
+                self.log(f"warning: {e}; retrying")
+                await self.link.close()
+        raise AssertionError("unreachable")
 
     def _record(self, artifacts: Sequence[Path], keys: list[str], result: dict, reference: dict | None,
                 policy: TimingPolicy) -> Interleaved:
