@@ -93,6 +93,14 @@ def _search(run: PruneRun) -> dict:
                 "steps": [{"unit": s.unit, "table_saving_ms": s.saving_ms, "kl": s.kl} for s in greedy.steps]}}
 
 
+def _precision(run: PruneRun) -> dict:
+    """What was asked, what was delivered, and the INT8 probe and search behind the choice."""
+    int8 = run.delivered.checks.get("int8") or {}
+    delivered = "int8" if run.chosen.precision == "int8" and "refused" not in int8 else "fp32"
+    return {"asked": run.config.get("precision", "fp32"), "delivered": delivered,
+            "searched": run.chosen.int8, "final_int8": int8 or None}
+
+
 def build_report(run: PruneRun) -> dict:
     """The report dict. Fidelity is measured on the held-out split before and after fine-tuning;
     accuracy (top-1, %) is None where that split is unlabelled."""
@@ -126,7 +134,7 @@ def build_report(run: PruneRun) -> dict:
                      "definitions": FIDELITY_UNITS},
         "criterion": run.config["criterion"],
         "profile": {**plan.deployment.profile.to_dict(), "machine": run.machine},
-        "search": _search(run), "recipe": run.delivered.recipe,
+        "search": _search(run), "recipe": run.delivered.recipe, "precision": _precision(run),
         "checks": run.delivered.checks, "flop_convention": FLOP_CONVENTION, "config": run.config,
         "seconds": run.seconds,
     }
@@ -163,6 +171,7 @@ def render_markdown(r: dict) -> str:
         f"- Target: {r['target_speedup'] or ''}{'x speedup' if r['target_speedup'] else ''}"
         f"{'' if r['target_speedup'] else str(round(r['target_ms'], 4)) + ' ms'} "
         f"(= {r['target_ms']:.3f} ms here): **{'met' if r['target_met'] else 'MISSED'}**.",
+        *_precision_lines(r.get("precision")),
         f"- Criterion: {r['criterion']}; sets proposed by {r['search'].get('selection', 'knapsack')}; "
         f"removed {len(r['removed_units'])} of {len(r['units'])} units: "
         f"{', '.join(r['removed_units']) or 'none'}.",
@@ -188,6 +197,30 @@ def render_markdown(r: dict) -> str:
     if warnings:
         lines += ["Noise warnings: " + "; ".join(warnings), ""]
     return "\n".join(lines)
+
+
+def _precision_lines(p: dict | None) -> list[str]:
+    """The precision line(s) of report.md: what was delivered and, where INT8 was weighed, why."""
+    if not p or p["asked"] == "fp32":
+        return []
+    probe = (p.get("searched") or {}).get("probe") or {}
+    lines = [f"- Precision: asked {p['asked']}, delivered **{p['delivered']}**."]
+    if probe.get("declined"):
+        lines.append(f"- INT8 declined: {probe['declined']}.")
+    elif probe:
+        lines.append(f"- INT8 probe (unpruned): fp32 {probe['fp32_ms']:.3f} ms, INT8 {probe['int8_ms']:.3f} ms "
+                     f"({probe['speedup']:.2f}x); quantizer {probe['quantizer'].get('quantizer', '')}.")
+    final = p.get("final_int8") or {}
+    if final.get("refused"):
+        lines.append(f"- The final INT8 was refused: {final['refused']}")
+    elif final:
+        f, u = final["fidelity"], final["against_unpruned"]
+        lines.append(f"- INT8 on the held-out split: against its fp32 model top-1 agreement "
+                     f"{f['top1_agreement']:.1f}%, SQNR {f['sqnr_db'] or float('inf'):.1f} dB; "
+                     f"against the unpruned model top-1 agreement {u['top1_agreement']:.1f}%, "
+                     f"KL {u['kl_divergence']:.4f} nats"
+                     + (f"; {len(final['excluded'])} layers kept in fp32" if final.get("excluded") else "") + ".")
+    return lines
 
 
 def render_fidelity(f: dict) -> list[str]:

@@ -27,10 +27,12 @@ from compressor.latency.profiles import Profile
 from compressor.models.loaded import LoadedModel
 from compressor.report import PruneRun, build_report, write_report
 from compressor.search.target import Target
-from compressor.stages.choose import choose, selection_for
+from compressor.stages.choose import choose, proposals, selection_for
 from compressor.stages.deliver import deliver, verify
+from compressor.stages.deliver_int8 import deliver_int8
 from compressor.stages.options import PruneOptions
 from compressor.stages.plan import plan as plan_units
+from compressor.stages.precision import choose_precision
 from compressor.stages.reach import check_reachable
 from compressor.stages.recover import finetune_settings, recover
 from compressor.stages.scores import score_candidates
@@ -146,10 +148,17 @@ def _stages(job: Job) -> PruneResult:
     table = latency_table(plan, given, work, log, state)
     if out is not None:
         table.save(out / "latency_table.json")
-    chosen = choose(plan, reach, importance, table, job.target, job.data, options, work, log, state)
+    proposed = proposals(plan, importance, table, job.data, options, log)
+    chosen = None if options.precision == "int8" else choose(plan, reach, importance, table, job.target, proposed,
+                                                              options, work, log, state)
+    if options.precision != "fp32":
+        chosen = choose_precision(plan, reach, importance, table, job.target, job.data, options, chosen, proposed,
+                                  work, log, state)
     recovered = recover(plan, chosen.removed, job.data, options, log, state)
     delivered = deliver(plan, recovered, chosen.removed, job.data, out or work,
                         {"profile": job.profile.name, "criterion": options.criterion})
+    if chosen.precision == "int8":
+        delivered = deliver_int8(plan, recovered, delivered, job.data, out or work, options.seed, log)
     final = verify(plan, delivered, log)
     lr, freeze, mimic = recovered.settings
     config = {"model": job.loaded.arch, "data": job.data.spec, "profile": job.profile.name,

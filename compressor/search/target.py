@@ -72,6 +72,7 @@ class Measured:
     candidate_ms: float
     spread: float  # IQR/median of the per-round speedups
     noisy: bool = False
+    refused: bool = False  # the candidate was not timed (its INT8 fell below the fidelity floor)
 
     @property
     def speedup(self) -> float:

@@ -48,10 +48,12 @@ class Chosen:
     removed: list[Unit]
     search: SearchResult
     selection: str
-    calibration: Calibration  # the table's calibration on the most-pruned candidate
+    calibration: Calibration | None  # the table's calibration on the most-pruned candidate
     floor_units: list[str]  # the most-pruned candidate the calibration was measured on
     floor: Measured
     greedy: GreedyOrder | None = None
+    precision: str = "fp32"  # of the artifact delivered: "fp32" or "int8"
+    int8: dict | None = None  # the INT8 probe and search, where precision was a dimension (stages/precision.py)
 
 
 def candidate_measurer(plan: Plan, reach: Reach, table: LatencyTable, work: Path, log: Callable[[str], None],
@@ -78,18 +80,32 @@ def candidate_measurer(plan: Plan, reach: Reach, table: LatencyTable, work: Path
     return measure
 
 
+@dataclass
+class Proposals:
+    """How the search proposes sets: `selection`, and for greedy the order and its proposer (None: the
+    knapsack over the criterion's scores, the search's default)."""
+
+    selection: str
+    proposer: Callable | None = None
+    order: GreedyOrder | None = None
+
+
+def proposals(plan: Plan, importance: dict[str, float], table: LatencyTable, data: DataBundle,
+              options: PruneOptions, log: Callable[[str], None]) -> Proposals:
+    """The proposer both precisions' searches use."""
+    selection = selection_for(options, plan.loaded)
+    if selection != "greedy":
+        return Proposals(selection)
+    images = torch.cat([b[0] for b in data.loader("train", batch_size=128, limit=GREEDY_IMAGES, seed=options.seed)])
+    order = GreedyOrder(plan.model, plan.candidates, table.savings_ms, images, options.min_blocks_per_stage, log)
+    log(f"proposing sets greedily by their measured KL on {len(images)} calibration images")
+    return Proposals(selection, greedy_proposer(order, importance), order)
+
+
 def choose(plan: Plan, reach: Reach, importance: dict[str, float], table: LatencyTable, target: Target,
-           data: DataBundle, options: PruneOptions, work: Path, log: Callable[[str], None], state: RunState
+           proposed: Proposals, options: PruneOptions, work: Path, log: Callable[[str], None], state: RunState
            ) -> Chosen:
     """Search under the target; UnreachableTargetError if no measured set comes close."""
-    selection = selection_for(options, plan.loaded)
-    proposer, order = None, None
-    if selection == "greedy":
-        images = torch.cat([b[0] for b in data.loader("train", batch_size=128, limit=GREEDY_IMAGES,
-                                                      seed=options.seed)])
-        order = GreedyOrder(plan.model, plan.candidates, table.savings_ms, images, options.min_blocks_per_stage, log)
-        proposer = greedy_proposer(order, importance)
-        log(f"proposing sets greedily by their measured KL on {len(images)} calibration images")
     log(f"searching for {target.describe()} (aiming {reach.margin:.0%} under it)")
     floor_saving = sum(table.savings_ms[name] for name in reach.floor_units)
     calibration = fit_calibration([Observation.measured(table, reach.floor_units, reach.floor.baseline_ms,
@@ -97,10 +113,10 @@ def choose(plan: Plan, reach: Reach, importance: dict[str, float], table: Latenc
     result = search_under_target(plan.candidates, importance, table.savings_ms, table.baseline_ms, target,
                                  candidate_measurer(plan, reach, table, work, log, state), reach.margin,
                                  (floor_saving, reach.floor), options.min_blocks_per_stage, options.max_trials,
-                                 proposer)
+                                 proposed.proposer)
     trial = result.best or (min(result.trials, key=lambda t: t.measured.candidate_ms) if result.trials else None)
     if trial is None:
         msg = f"no removal set reaches {target.describe()} by the latency table"
         raise UnreachableTargetError(msg)
     removed = [u for u in plan.candidates if u.name in trial.choice.removed]
-    return Chosen(removed, result, selection, calibration, reach.floor_units, reach.floor, order)
+    return Chosen(removed, result, proposed.selection, calibration, reach.floor_units, reach.floor, proposed.order)

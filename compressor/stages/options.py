@@ -9,6 +9,7 @@ from compressor.errors import InputError
 # how the search proposes removal sets: the knapsack over the criterion's single-unit scores, or
 # greedy removal scored by the whole set's measured KL (search/greedy.py)
 SELECTIONS = ("knapsack", "greedy")
+PRECISIONS = ("fp32", "int8", "auto")
 
 
 @dataclass
@@ -28,6 +29,7 @@ class PruneOptions:
     seed: int = 0
     latency_table: str | None = None  # reuse a table from `compressor profile` (same model, profile)
     repeats: int = 3  # SR-init seeds
+    precision: str = "fp32"  # "fp32", "int8" (the runtime's own quantizer) or "auto" (whichever measures best)
 
     @classmethod
     def from_kwargs(cls, **options: object) -> PruneOptions:
@@ -48,6 +50,9 @@ class PruneOptions:
             from compressor.criteria.merges import check_criterion
 
             check_criterion(self.criterion)
+        if self.precision not in PRECISIONS:
+            msg = f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}"
+            raise InputError(msg)
         if self.selection is not None and self.selection not in SELECTIONS:
             msg = f"unknown selection {self.selection!r}; known: {', '.join(SELECTIONS)}"
             raise InputError(msg)

@@ -1,0 +1,243 @@
+"""Stages `probe_int8` and `choose_int8`: precision as a dimension of the measured search.
+
+Whether INT8 pays is a measurement, per runtime and per model. `probe_int8` quantizes the unpruned
+model and the most-pruned one with the runtime's own quantizer (compressor/quantize), and times
+fp32, INT8 and the INT8 floor in one interleaved measurement: INT8 that is not faster than fp32 (by
+more than the search's margin) is declined, with both figures. Otherwise `choose_int8` runs the same
+measured search as fp32, in the INT8 frame: every candidate set is exported, re-calibrated and
+quantized (a candidate whose INT8 falls below the fidelity floor is refused, not measured, and the
+search goes on), then timed interleaved against the unpruned INT8 model; the target is divided by
+the INT8 speedup, so a target that INT8 alone meets needs no removal at all.
+
+Fidelity during the search is judged on calibration-split images that calibration does not use
+(`check`), never on the held-out split: that one is for the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressor.data.bundle import DataBundle
+from compressor.errors import FidelityFloorError
+from compressor.graph.surgery import remove_units
+from compressor.latency.deploy import deployable
+from compressor.latency.table import LatencyTable
+from compressor.quantize import QuantizationImages, quantize_checked
+from compressor.search.knapsack import Choice
+from compressor.search.loop import SearchResult, Trial, search_under_target
+from compressor.search.target import Measured, Target, meets
+from compressor.stages.choose import Chosen, Proposals
+from compressor.stages.options import PruneOptions
+from compressor.stages.plan import Plan
+from compressor.stages.reach import Reach
+from compressor.stages.state import RunState
+
+CALIBRATION_IMAGES = 300  # calibration-split images each candidate is calibrated on
+CHECK_IMAGES = 128  # further calibration-split images its fidelity is judged on during the search
+
+
+def search_images(data: DataBundle, seed: int) -> QuantizationImages:
+    """Calibration images and, from the same (calibration) split, images calibration never sees."""
+    x = torch.cat([b[0] for b in data.loader("train", batch_size=128, limit=CALIBRATION_IMAGES + CHECK_IMAGES,
+                                             seed=seed + 1)]).numpy()
+    split = max(1, min(CALIBRATION_IMAGES, len(x) - CHECK_IMAGES // 4))
+    return QuantizationImages(x[:split], x[split:])
+
+
+@dataclass
+class Int8Probe:
+    """INT8 against fp32 on the unpruned and the most-pruned model, from one interleaved measurement (ms)."""
+
+    fp32_ms: float
+    int8_ms: float
+    int8_floor_ms: float
+    speedup: float  # fp32 / int8, unpruned
+    declined: str | None  # why INT8 is not searched (None: it is)
+    quantizer: dict
+    fidelity: dict  # the unpruned INT8 against fp32 on the check images
+    int8_path: Path | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "int8_path"}
+
+
+def _quantize(plan: Plan, model: torch.nn.Module, path: Path, images: QuantizationImages, log: Callable[[str], None]):
+    runtime = plan.deployment.runtime.name
+    return quantize_checked(deployable(model), plan.example, runtime, path, images, opset=plan.deployment.profile.opset,
+                            log=lambda s: log(f"    {s}"))
+
+
+def probe_int8(plan: Plan, reach: Reach, images: QuantizationImages, work: Path, log: Callable[[str], None]
+               ) -> Int8Probe:
+    """Quantize and time the unpruned and the most-pruned model; decline INT8 when it is not faster."""
+    suffix = plan.deployment.exporter.suffix
+    log(f"INT8: quantizing the unpruned model with {plan.deployment.runtime.name}'s own quantizer")
+    try:
+        unpruned = _quantize(plan, plan.model, work / f"int8-base{suffix}", images, log)
+    except FidelityFloorError as e:
+        return Int8Probe(0.0, 0.0, 0.0, 0.0, f"the unpruned model's INT8 is below the fidelity floor ({e})", {}, {})
+    floor_units = [u for u in plan.candidates if u.name in reach.floor_units]
+    try:
+        floor = _quantize(plan, remove_units(plan.model, floor_units, plan.example), work / f"int8-floor{suffix}",
+                          images, log).path
+    except FidelityFloorError:
+        floor = unpruned.path
+    timed = plan.deployment.time([reach.baseline_path, unpruned.path, floor], plan.deployment.profile.search_policy)
+    fp32, int8, int8_floor = (s.median for s in timed.stats)
+    speedup = fp32 / int8
+    declined = None
+    if speedup < 1 + reach.margin:
+        declined = (f"INT8 is not faster on {plan.deployment.profile.name}: fp32 {fp32:.3f} ms, INT8 {int8:.3f} ms "
+                    f"({speedup:.2f}x)")
+    log(declined or f"INT8 pays: fp32 {fp32:.3f} ms, INT8 {int8:.3f} ms ({speedup:.2f}x); "
+                    f"INT8 most pruned {int8_floor:.3f} ms")
+    return Int8Probe(fp32, int8, int8_floor, speedup, declined, unpruned.quantizer, unpruned.fidelity.to_dict(),
+                     unpruned.path)
+
+
+def int8_logits(plan: Plan, artifact: Path, x: np.ndarray) -> torch.Tensor:
+    """The INT8 artifact's logits on `x`, the profile's batch at a time (its input shape is static)."""
+    session = plan.deployment.backend.open(artifact)
+    batch = plan.deployment.input_shape[0]
+    usable = len(x) // batch * batch
+    return torch.from_numpy(np.concatenate([session.run(x[i:i + batch]) for i in range(0, usable, batch)]))
+
+
+@dataclass
+class Int8Search:
+    """The INT8 search's outcome: its trials, the best passing one and its fidelity (KL on the check images)."""
+
+    result: SearchResult
+    removed: tuple[str, ...] | None  # None: no INT8 candidate met the target
+    kl: float | None
+    refused: list[dict]
+
+
+def check_kl(plan: Plan, logits: torch.Tensor, images: QuantizationImages) -> float:
+    """Mean KL(unpruned fp32 || `logits`) over the check images (nats): fidelity lost, on one scale for
+    fp32 and INT8 candidates."""
+    from compressor.metrics.similarity import kl_per_item
+    from compressor.search.greedy import logits_of
+
+    reference = logits_of(plan.model, torch.from_numpy(images.held_out))
+    return float(kl_per_item(reference[:len(logits)], logits).mean())
+
+
+def fp32_kl(plan: Plan, removed: tuple[str, ...], images: QuantizationImages) -> float:
+    """check_kl of the fp32 model without `removed` (before fine-tuning, as the INT8 candidates are)."""
+    from compressor.search.greedy import logits_of
+
+    chosen = [u for u in plan.candidates if u.name in removed]
+    return check_kl(plan, logits_of(remove_units(plan.model, chosen), torch.from_numpy(images.held_out)), images)
+
+
+def _measurer(plan: Plan, probe: Int8Probe, images: QuantizationImages, work: Path, log: Callable[[str], None],
+              state: RunState, refused: list[dict], kls: dict) -> Callable[[tuple[str, ...]], Measured]:
+    suffix = plan.deployment.exporter.suffix
+    saved = state.load("int8_candidates") or {}
+
+    def measure(removed: tuple[str, ...]) -> Measured:
+        key = ",".join(removed)
+        if key in saved:
+            state.note_reused(f"the measured INT8 candidate without {len(removed)} units")
+            kls[removed] = saved[key]["kl"]
+            return Measured(**saved[key]["measured"])
+        chosen = [u for u in plan.candidates if u.name in removed]
+        try:
+            artifact = _quantize(plan, remove_units(plan.model, chosen, plan.example), work / f"int8-cand{suffix}",
+                                 images, log)
+        except FidelityFloorError as e:
+            refused.append({"removed": list(removed), "reason": str(e)})
+            log(f"  INT8 candidate -{len(removed)} units refused by the fidelity floor; the search goes on")
+            return Measured(probe.int8_ms, float("inf"), 0.0, refused=True)
+        m = plan.deployment.time([probe.int8_path, artifact.path], plan.deployment.profile.search_policy)
+        measured = Measured(m.stats[0].median, m.stats[1].median, m.speedup_spread(), m.stats[1].noisy)
+        kls[removed] = check_kl(plan, int8_logits(plan, artifact.path, images.held_out), images)
+        log(f"  INT8 candidate -{len(removed)} units: {measured.candidate_ms:.3f} ms vs INT8 unpruned "
+            f"{measured.baseline_ms:.3f} ms, KL {kls[removed]:.4f}")
+        saved[key] = {"measured": asdict(measured), "kl": kls[removed]}
+        state.save("int8_candidates", saved)
+        return measured
+
+    return measure
+
+
+def choose_int8(plan: Plan, probe: Int8Probe, reach: Reach, importance: dict[str, float], table: LatencyTable,
+                target: Target, images: QuantizationImages, options: PruneOptions, proposer, work: Path,
+                log: Callable[[str], None], state: RunState) -> Int8Search:
+    """The measured search in the INT8 frame (see the module docstring)."""
+    refused: list[dict] = []
+    kls: dict[tuple[str, ...], float] = {}
+    measure = _measurer(plan, probe, images, work, log, state, refused, kls)
+    alone = Measured(probe.fp32_ms, probe.int8_ms, reach.floor.spread)
+    alone_passes = meets(target, alone, reach.margin)
+    if alone_passes:
+        log(f"INT8 alone meets {target.describe()} ({probe.speedup:.2f}x): no unit needs to go")
+        kls[()] = check_kl(plan, int8_logits(plan, probe.int8_path, images.held_out), images)
+        trial = Trial(Choice((), 0.0, 0.0), table.baseline_ms, alone, True)
+        result = SearchResult(trial, [trial], reach.margin)
+    else:
+        int8_target = target
+        if target.speedup is not None:  # in the INT8 frame: what depth must add to INT8's own speedup
+            int8_target = Target(speedup=max(target.speedup / probe.speedup, 1 + reach.margin))
+        floor_saving = sum(table.savings_ms[n] for n in reach.floor_units)
+        floor = Measured(probe.int8_ms, probe.int8_floor_ms, reach.floor.spread)
+        log(f"INT8 search for {int8_target.describe()} over the unpruned INT8 model")
+        result = search_under_target(plan.candidates, importance, table.savings_ms, table.baseline_ms, int8_target,
+                                     measure, reach.margin, (floor_saving, floor), options.min_blocks_per_stage,
+                                     options.max_trials, proposer)
+    best = result.best
+    if best is not None and best.measured.refused:
+        best = None
+    return Int8Search(result, best.choice.removed if best else None, kls.get(best.choice.removed) if best else None,
+                      refused)
+
+
+def _summary(search: Int8Search) -> dict:
+    return {"trials": [{"removed": list(t.choice.removed), "int8_ms": t.measured.candidate_ms,
+                        "int8_unpruned_ms": t.measured.baseline_ms, "passed": t.passed,
+                        "refused": t.measured.refused} for t in search.result.trials],
+            "removed": list(search.removed) if search.removed is not None else None, "kl": search.kl,
+            "refused": search.refused}
+
+
+def choose_precision(plan: Plan, reach: Reach, importance: dict[str, float], table: LatencyTable, target: Target,
+                     data: DataBundle, options: PruneOptions, fp32: Chosen | None, proposed: Proposals, work: Path,
+                     log: Callable[[str], None], state: RunState) -> Chosen:
+    """The (set, precision) pair to deliver: for `auto`, the fp32 search's and the INT8 search's passing
+    sets compared by the fidelity they lose on the check images (KL from the unpruned model, before
+    fine-tuning); for `int8`, the INT8 search's. INT8 declined by the probe leaves the fp32 choice."""
+    from compressor.errors import UnreachableTargetError
+
+    images = search_images(data, options.seed)
+    probe = probe_int8(plan, reach, images, work, log)
+    info: dict = {"probe": probe.to_dict(), "check_images": len(images.held_out),
+                  "calibration_images": len(images.calibration)}
+    if probe.declined and (options.precision == "auto" or probe.int8_path is None):
+        if fp32 is None:
+            raise UnreachableTargetError(f"INT8 was asked for, but {probe.declined}")
+        return replace(fp32, int8=info)
+    if probe.declined:
+        log(f"warning: {probe.declined}; searching INT8 anyway, as --precision int8 asks")
+    search = choose_int8(plan, probe, reach, importance, table, target, images, options, proposed.proposer, work,
+                         log, state)
+    info["search"] = _summary(search)
+    if search.removed is None:
+        if fp32 is None:
+            msg = f"no INT8 candidate meets {target.describe()} above the fidelity floor"
+            raise UnreachableTargetError(msg)
+        return replace(fp32, int8=info)
+    removed = [u for u in plan.candidates if u.name in search.removed]
+    int8 = Chosen(removed, search.result, proposed.selection, fp32.calibration if fp32 else None, reach.floor_units,
+                  reach.floor, proposed.order, "int8", info)
+    if fp32 is None or not fp32.search.best:
+        return int8
+    info["fp32_kl"] = fp32_kl(plan, fp32.search.best.choice.removed, images)
+    log(f"fidelity lost on {len(images.held_out)} check images: fp32 set KL {info['fp32_kl']:.4f}, "
+        f"INT8 set KL {search.kl:.4f}")
+    return int8 if search.kl <= info["fp32_kl"] else replace(fp32, int8=info)
