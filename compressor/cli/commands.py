@@ -40,7 +40,7 @@ def prune_options(args: argparse.Namespace):
         criterion=args.criterion, calibration_size=args.calibration_size, finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr, mimic=args.mimic, selection=args.selection,
         min_blocks_per_stage=args.min_blocks_per_stage, max_trials=args.max_trials, merge=args.merge, seed=args.seed,
-        latency_table=args.latency_table, repeats=args.repeats)
+        latency_table=args.latency_table, repeats=args.repeats, precision=args.precision)
 
 
 def _summary(report: dict, out: str) -> str:

@@ -95,6 +95,9 @@ def _prune(sub) -> None:
     p.add_argument("--merge", action="store_true",
                    help="also offer 'linearise and merge into one conv' for each block (criterion cka or random)")
     p.add_argument("--latency-table", help="reuse a table from `compressor profile` instead of measuring")
+    p.add_argument("--precision", choices=("fp32", "int8", "auto"), default="fp32",
+                   help="int8: quantize with the runtime's own quantizer; auto: measure both and keep the (set, "
+                        "precision) that meets the target losing least fidelity (default: fp32)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out (refused if the model, data, profile, target, "
                         "options or machine differ)")
