@@ -218,6 +218,11 @@ def choose_precision(plan: Plan, reach: Reach, importance: dict[str, float], tab
     probe = probe_int8(plan, reach, images, work, log)
     info: dict = {"probe": probe.to_dict(), "check_images": len(images.held_out),
                   "calibration_images": len(images.calibration)}
+    if fp32 is not None:  # what depth alone reached, kept even when INT8 is delivered
+        best = fp32.search.best
+        info["fp32"] = {"removed": [u.name for u in fp32.removed], "passed": best is not None,
+                        "speedup": (best or max(fp32.search.trials, key=lambda t: t.measured.speedup)).measured.speedup
+                        if fp32.search.trials else None}
     if probe.declined and (options.precision == "auto" or probe.int8_path is None):
         if fp32 is None:
             raise UnreachableTargetError(f"INT8 was asked for, but {probe.declined}")
@@ -237,7 +242,7 @@ def choose_precision(plan: Plan, reach: Reach, importance: dict[str, float], tab
                   reach.floor, proposed.order, "int8", info)
     if fp32 is None or not fp32.search.best:
         return int8
-    info["fp32_kl"] = fp32_kl(plan, fp32.search.best.choice.removed, images)
+    info["fp32_kl"] = info["fp32"]["kl"] = fp32_kl(plan, fp32.search.best.choice.removed, images)
     log(f"fidelity lost on {len(images.held_out)} check images: fp32 set KL {info['fp32_kl']:.4f}, "
         f"INT8 set KL {search.kl:.4f}")
     return int8 if search.kl <= info["fp32_kl"] else replace(fp32, int8=info)

@@ -1,0 +1,112 @@
+"""Depth, INT8 and both: `compressor prune --precision auto` at several speedups, per model and runtime.
+
+Each case is one prune with precision as a search dimension (docs/quantization.md). Its report holds
+what each way measured on the target runtime: depth alone (the fp32 search's best set), INT8 alone
+(the probe: the unpruned model quantized), and depth with INT8 (the INT8 search's set), each with
+the fidelity it loses before fine-tuning (KL from the unpruned model on check images); then what was
+delivered after fine-tuning, with its final interleaved measurement and its held-out fidelity:
+accuracy where the data is labelled (digits32), top-1 agreement with the unpruned model (also where
+the unpruned model is confident) and KL on the photos.
+
+    .venv/bin/python benchmarks/precision_at_speedup.py --cases resnet56:digits32,efficientnet_lite0:photos \\
+        --profiles ort-cpu,openvino-cpu --levels 1.3,1.5,2,3
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+import compressor
+
+
+def run_case(model: str, data: str, profile: str, level: float, epochs: int | None) -> dict:
+    options = {} if epochs is None else {"finetune_epochs": epochs}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="precision-") as tmp:
+        r = compressor.prune(model, data=data, target=compressor.Speedup(level), profile=profile,
+                             out=Path(tmp) / "run", precision="auto", log=lambda s: common.log(f"    {s}"),
+                             **options).report
+    searched = r["precision"]["searched"] or {}
+    probe, final = searched.get("probe") or {}, r["precision"]["final_int8"] or {}
+    int8_search = searched.get("search") or {}
+    joint = next((t for t in int8_search.get("trials", []) if t["passed"]), None)
+    after = r["fidelity"]["after_finetune"]
+    held_out = final.get("against_unpruned") if r["precision"]["delivered"] == "int8" else {
+        "top1_agreement": after["top1_agreement"], "kl_divergence": after["kl_divergence"],
+        "confident_agreement": after["confident_agreement"], "accuracy": r["pruned"]["accuracy"]}
+    int8_only = {"speedup": probe.get("speedup"), "declined": probe.get("declined"), "fidelity": probe.get("fidelity")}
+    return {"model": model, "data": data, "profile": profile, "level": level, "delivered": r["precision"]["delivered"],
+            "depth": searched.get("fp32"), "int8_only": int8_only,
+            "joint": None if joint is None else {"removed": joint["removed"], "kl": int8_search.get("kl"),
+                                                 "speedup": probe["fp32_ms"] / joint["int8_ms"] * (
+                                                     joint["int8_unpruned_ms"] / probe["int8_ms"])},
+            "final": {"speedup_measured": r["speedup_measured"], "speedup_flops": r["speedup_flops"],
+                      "target_met": r["target_met"], "removed": r["removed_units"], "held_out": held_out,
+                      "baseline_accuracy": r["baseline"]["accuracy"]},
+            "seconds": time.perf_counter() - t0}
+
+
+def _fidelity(f: dict | None) -> str:
+    if not f:
+        return ""
+    if f.get("accuracy") is not None:
+        return f"acc {f['accuracy']:.1f}%"
+    confident = f" ({f['confident_agreement']:.0f}% conf.)" if f.get("confident_agreement") is not None else ""
+    return f"agree {f['top1_agreement']:.1f}%{confident}, KL {f['kl_divergence']:.3f}"
+
+
+def render(result: dict) -> str:
+    lines = ["Speedups are measured on the runtime in interleaved rounds (depth and joint: during the search, "
+             "before fine-tuning; delivered: the final measurement). KL: nats per image from the unpruned model "
+             "on check images, before fine-tuning. Held-out fidelity is of the delivered model after fine-tuning.",
+             "", "| model | runtime | target | depth only: x (KL) | INT8 only: x | depth + INT8: x (KL) | delivered "
+             "| measured x | FLOP x | held-out fidelity | time |", "|---|---|---:|---|---|---|---|---:|---:|---|---:|"]
+    for c in result["cases"]:
+        if "error" in c:
+            lines.append(f"| {c['model']} | {c['profile']} | {c['level']:g}x | failed: {c['error']} | | | | | | | |")
+            continue
+        d, i, j, f = c["depth"] or {}, c["int8_only"], c["joint"], c["final"]
+        depth = f"{d['speedup']:.2f} ({d['kl']:.3f})" if d.get("kl") is not None else (
+            f"{d['speedup']:.2f}" if d.get("speedup") else "")
+        int8 = "declined" if i["declined"] and i["speedup"] in (None, 0.0) else f"{i['speedup']:.2f}" + (
+            " (declined)" if i["declined"] else "")
+        joint = f"{j['speedup']:.2f} ({j['kl']:.3f})" if j and j.get("kl") is not None else "-"
+        lines.append(f"| {c['model']} | {c['profile']} | {c['level']:g}x | {depth} | {int8} | {joint} | "
+                     f"{c['delivered']}, {len(f['removed'])} units | {f['speedup_measured']:.2f}"
+                     f"{'' if f['target_met'] else ' (missed)'} | {f['speedup_flops']:.2f} | "
+                     f"{_fidelity(f['held_out'])} | {c['seconds']:.0f} s |")
+    return common.document("Depth, INT8 and both, chosen by measurement", result, lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common.argument_parser(__doc__)
+    parser.add_argument("--cases", type=common.comma_list, default="resnet56:digits32,efficientnet_lite0:photos",
+                        help="comma-separated MODEL:DATA (default: %(default)s)")
+    parser.add_argument("--profiles", type=common.comma_list, default="ort-cpu,openvino-cpu")
+    parser.add_argument("--levels", type=common.float_list, default="1.3,1.5,2,3")
+    parser.add_argument("--finetune-epochs", type=int, default=None, help="default: prune's")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    result = {**common.provenance("precision_at_speedup"), "cases": []}
+    for case in args.cases:
+        model, _, data = case.partition(":")
+        for profile in args.profiles:
+            for level in args.levels:
+                common.log(f"[{model} {profile} {level:g}x] prune --precision auto")
+                try:
+                    result["cases"].append(run_case(model, data, profile, level, args.finetune_epochs))
+                except compressor.CompressorError as e:
+                    result["cases"].append({"model": model, "data": data, "profile": profile, "level": level,
+                                            "error": f"{type(e).__name__}: {e}"})
+                markdown = render(result)
+                common.write_results(args.out, "precision_at_speedup", result, markdown)
+    return common.finish(args.out, "precision_at_speedup", markdown, t0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
