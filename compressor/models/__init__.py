@@ -1,0 +1,2 @@
+"""Models by name: the zoo, architectures (zoo, timm, the user's MODULE:FACTORY), checkpoints, models
+trained here, torch.export programs."""
