@@ -1,1 +1,2 @@
-"""The `compressor` command: the parser (parser.py), one thin function per command (commands.py), exit codes (main.py)."""
+"""The `compressor` command: the parser (parser.py), one thin function per command (commands.py),
+exit codes (main.py)."""
