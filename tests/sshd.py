@@ -48,7 +48,7 @@ class TestDevice:
 
     def __init__(self, root: Path, python: str = sys.executable, quota_bytes: int | None = None,
                  kill_measure_after_s: float | None = None, client_key_path: Path | None = None) -> None:
-        self.root = Path(root)
+        self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.python, self.quota_bytes, self.kill_measure_after_s = python, quota_bytes, kill_measure_after_s
         self.written = 0
