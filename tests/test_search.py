@@ -173,3 +173,19 @@ def test_merges_do_not_count_against_the_blocks_kept_per_stage():
     assert choice is not None and sorted(choice.removed) == ["b0/merge", "b1/merge", "b2/merge"]
     floor = most_removable(units, 1)
     assert len(floor) == 2 and all(u.kind != "merge" for u in floor)
+
+
+
+
+def test_noise_level_table_still_measures_before_giving_up():
+    """On a loaded machine single-unit savings can be noise around zero, the floor's even below it: the
+    scaled request then exceeds anything the table can remove. The loop asks for no more than that, so
+    it measures a set instead of ending with no trial."""
+    units = _units(27)
+    floor = tuple(u.name for u in most_removable(units, 1))
+    savings = {u.name: -0.01 if u.name in floor else 0.02 for u in units}
+    importance = {u.name: 1.0 for u in units}
+    measure = _latency_model(1.6, dict.fromkeys(savings, 0.05), bias=1.0)
+    result = search_under_target(units, importance, savings, 1.6, Target(speedup=1.5), measure,
+                                 margin=0.05, calibration=(sum(savings[n] for n in floor), measure(floor)))
+    assert result.trials

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from compressor.graph.units import Unit
-from compressor.search.knapsack import Choice, choose_units
+from compressor.search.knapsack import Choice, choose_units, most_removable
 from compressor.search.target import MIN_MARGIN, OVERSHOOT_BAND, Measured, Target, meets, required_fraction
 
 
@@ -47,6 +47,9 @@ def search_under_target(units: Sequence[Unit], importance: dict[str, float], sav
 
     `choose(required_ms)` proposes a set saving at least `required_ms` by the table; the default is
     the knapsack over `importance` (search.choose_units), another greedy.greedy_proposer.
+
+    No request exceeds the most the table can remove: on a loaded machine single-unit savings can be
+    noise around zero, and a request past them would end the loop before anything was measured.
     """
     if choose is None:
         def choose(required_ms: float) -> Choice | None:
@@ -60,7 +63,9 @@ def search_under_target(units: Sequence[Unit], importance: dict[str, float], sav
             scale = max(0.2, (1 - m.candidate_ms / m.baseline_ms) / (predicted / table_baseline_ms))
     baseline_ms = calibration[1].baseline_ms if calibration else table_baseline_ms
     low, high = 0.0, float("inf")  # required savings (ms, table frame) known to fail / to pass
-    required = table_baseline_ms * required_fraction(target, baseline_ms, margin) / scale
+    most = most_removable(units, min_per_stage, savings_ms)
+    ceiling = 0.95 * sum(max(savings_ms[u.name], 0.0) for u in most)  # 5% below: the knapsack rounds to bins
+    required = min(ceiling, table_baseline_ms * required_fraction(target, baseline_ms, margin) / scale)
     seen: dict[tuple[str, ...], bool] = {}  # measured sets -> passed
     for _ in range(20 * max_trials):  # choices that repeat a measured set cost no trial
         if len(result.trials) >= max_trials:
