@@ -10,10 +10,13 @@ the unpruned model is confident) and KL on the photos.
 
     .venv/bin/python benchmarks/precision_at_speedup.py --cases resnet56:digits32,efficientnet_lite0:photos \\
         --profiles ort-cpu,openvino-cpu --levels 1.3,1.5,2,3
+
+`--reports a/report.json,b/report.json` tabulates finished `compressor prune --precision auto` runs instead.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -26,11 +29,15 @@ import compressor
 
 def run_case(model: str, data: str, profile: str, level: float, epochs: int | None) -> dict:
     options = {} if epochs is None else {"finetune_epochs": epochs}
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="precision-") as tmp:
-        r = compressor.prune(model, data=data, target=compressor.Speedup(level), profile=profile,
-                             out=Path(tmp) / "run", precision="auto", log=lambda s: common.log(f"    {s}"),
-                             **options).report
+        report = compressor.prune(model, data=data, target=compressor.Speedup(level), profile=profile,
+                                  out=Path(tmp) / "run", precision="auto", log=lambda s: common.log(f"    {s}"),
+                                  **options).report
+    return summarize(report)
+
+
+def summarize(r: dict) -> dict:
+    """One table row from a `prune --precision auto` report (report.json)."""
     searched = r["precision"]["searched"] or {}
     probe, final = searched.get("probe") or {}, r["precision"]["final_int8"] or {}
     int8_search = searched.get("search") or {}
@@ -40,15 +47,15 @@ def run_case(model: str, data: str, profile: str, level: float, epochs: int | No
         "top1_agreement": after["top1_agreement"], "kl_divergence": after["kl_divergence"],
         "confident_agreement": after["confident_agreement"], "accuracy": r["pruned"]["accuracy"]}
     int8_only = {"speedup": probe.get("speedup"), "declined": probe.get("declined"), "fidelity": probe.get("fidelity")}
-    return {"model": model, "data": data, "profile": profile, "level": level, "delivered": r["precision"]["delivered"],
-            "depth": searched.get("fp32"), "int8_only": int8_only,
+    return {"model": r["model"], "data": r["data"], "profile": r["profile"]["name"], "level": r["target_speedup"],
+            "delivered": r["precision"]["delivered"], "depth": searched.get("fp32"), "int8_only": int8_only,
             "joint": None if joint is None else {"removed": joint["removed"], "kl": int8_search.get("kl"),
                                                  "speedup": probe["fp32_ms"] / joint["int8_ms"] * (
                                                      joint["int8_unpruned_ms"] / probe["int8_ms"])},
             "final": {"speedup_measured": r["speedup_measured"], "speedup_flops": r["speedup_flops"],
                       "target_met": r["target_met"], "removed": r["removed_units"], "held_out": held_out,
                       "baseline_accuracy": r["baseline"]["accuracy"]},
-            "seconds": time.perf_counter() - t0}
+            "seconds": r["seconds"]}
 
 
 def _fidelity(f: dict | None) -> str:
@@ -90,9 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles", type=common.comma_list, default="ort-cpu,openvino-cpu")
     parser.add_argument("--levels", type=common.float_list, default="1.3,1.5,2,3")
     parser.add_argument("--finetune-epochs", type=int, default=None, help="default: prune's")
+    parser.add_argument("--reports", type=common.comma_list, default=None,
+                        help="report.json files of `compressor prune --precision auto` runs: tabulate them instead")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     result = {**common.provenance("precision_at_speedup"), "cases": []}
+    if args.reports:
+        result["cases"] = [summarize(json.loads(Path(p).read_text())) for p in args.reports]
+        result["reports"] = args.reports
+        markdown = render(result)
+        common.write_results(args.out, "precision_at_speedup", result, markdown)
+        return common.finish(args.out, "precision_at_speedup", markdown, t0)
     for case in args.cases:
         model, _, data = case.partition(":")
         for profile in args.profiles:

@@ -159,8 +159,8 @@ def render_markdown(r: dict) -> str:
         f"# Pruning report: {r['model']} on {r['data']}",
         "",
         f"Profile **{prof['name']}** ({prof['runtime']}, {prof['device']}, {prof['threads']} threads, "
-        f"batch {prof['batch']}) on {prof['machine']['cpu']} ({prof['machine']['logical_cores']} logical cores), "
-        f"{prof['machine']['date']}.",
+        f"batch {prof['batch']}) on {_where(prof['machine'])}, {prof['machine']['date']}.",
+        *_device_warnings(prof["machine"]),
         "",
         "| | baseline | pruned |", "|---|---:|---:|",
         *[f"| {name} | {x} | {y} |" for name, x, y in rows],
@@ -197,6 +197,24 @@ def render_markdown(r: dict) -> str:
     if warnings:
         lines += ["Noise warnings: " + "; ".join(warnings), ""]
     return "\n".join(lines)
+
+
+def _where(machine: dict) -> str:
+    """The machine that measured: this host, or the remote device(s) by profile name and hostname."""
+    cpu = f"{machine.get('cpu', 'unknown CPU')} ({machine.get('logical_cores', '?')} logical cores)"
+    if not machine.get("host"):
+        return cpu
+    pool = machine.get("pool") or [machine]
+    hosts = ", ".join(f"{d.get('host')} ({d.get('hostname')})" for d in pool)
+    return f"remote device{'s' if len(pool) > 1 else ''} {hosts} over SSH, {cpu}"
+
+
+def _device_warnings(machine: dict) -> list[str]:
+    flags = [name for key, name in (("throttled", "throttled"), ("changing_conditions", "under changing conditions"),
+                                    ("drifted", "drifted against its reference")) if machine.get(key)]
+    lines = [f"**The device {', '.join(flags)} during a measurement** (`report.json` profile.machine.measurements)."
+             ] if flags else []
+    return ["", *lines, *(f"- {w}" for w in machine.get("warnings") or [])] if lines or machine.get("warnings") else []
 
 
 def _precision_lines(p: dict | None) -> list[str]:

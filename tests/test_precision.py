@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import compressor
+from compressor.cli.main import main
 from compressor.latency.profiles import parse_profile
 from compressor.models.sources import load_model
 from tests.helpers import FAST_PROFILE
@@ -28,11 +29,23 @@ def loud_channel(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def test_collapsing_int8_is_refused_and_the_search_goes_on(digits, tmp_path):
+@pytest.fixture(scope="module")
+def openvino_table(tmp_path_factory):
+    """resnet56's latency table on OpenVINO, measured once (27 exports and compilations, most of a prune's
+    time there) for the tests below: latency does not depend on the weights, so it fits loud_channel too."""
+    folder = tmp_path_factory.mktemp("openvino-table")
+    (folder / "profile.yaml").write_text(OPENVINO_FAST)
+    assert main(["profile", "--model", "resnet56", "--data", "digits32", "--profile", str(folder / "profile.yaml"),
+                 "--out", str(folder / "table.json")]) == 0
+    return folder / "table.json"
+
+
+def test_collapsing_int8_is_refused_and_the_search_goes_on(digits, openvino_table, tmp_path):
     model = loud_channel(load_model("resnet56", digits).model)
     result = compressor.prune(model, data=digits, target=compressor.Speedup(1.3),
                               profile=parse_profile(OPENVINO_FAST, "test"), out=tmp_path / "run", precision="auto",
-                              finetune_epochs=0, calibration_size=64, log=None)
+                              finetune_epochs=0, calibration_size=64, latency_table=openvino_table, max_trials=4,
+                              log=None)
     precision = result.report["precision"]
     assert precision["asked"] == "auto" and precision["delivered"] == "fp32"
     assert "below the fidelity floor" in precision["searched"]["probe"]["declined"]
@@ -42,13 +55,14 @@ def test_collapsing_int8_is_refused_and_the_search_goes_on(digits, tmp_path):
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
-def test_int8_decision_follows_its_measurement(runtime, digits, tmp_path):
+def test_int8_decision_follows_its_measurement(runtime, digits, request, tmp_path):
     """Declined exactly when INT8 measured no faster than fp32 by the search's margin; the report gives both
     figures; delivered INT8 comes with its held-out fidelity."""
     profile = parse_profile(FAST_PROFILE if runtime == "onnxruntime" else OPENVINO_FAST, "test")
+    table = request.getfixturevalue("openvino_table") if runtime == "openvino" else None
     result = compressor.prune("resnet56", data=digits, target=compressor.Speedup(1.5), profile=profile,
                               out=tmp_path / "run", precision="auto", finetune_epochs=0, calibration_size=64,
-                              log=None)
+                              latency_table=table, max_trials=4, log=None)
     report = result.report
     probe = report["precision"]["searched"]["probe"]
     assert probe["fp32_ms"] > 0 and probe["int8_ms"] > 0

@@ -19,14 +19,6 @@ PROVENANCE_KEYS = {"host", "hostname", "model", "os", "kernel", "runtime", "runt
                    "freq_mhz", "measurements", "throttled", "changing_conditions", "drifted"}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    device = TestDevice(tmp_path_factory.mktemp("device"))
-    device.start()
-    yield device
-    device.stop()
-
-
 def remote_profile(server: TestDevice, tmp_path: Path, **overrides: object):
     path = tmp_path / "remote.yaml"
     path.write_text(FAST_PROFILE + server.remote_section(**overrides))

@@ -45,6 +45,7 @@ def test_prune_measures_everything_on_the_device(pruned):
     assert measured[-1]["artifacts"] == ["baseline.onnx", "model.onnx"]
     assert all(m["reference"]["artifact"] == "baseline.onnx" for m in measured)
     assert list(device.workdir.iterdir()) == []  # the session's folder is gone
+    assert f"remote device {host} (" in (out / "report.md").read_text()  # the human report names where it ran
 
 
 def test_bench_on_the_device(pruned, tmp_path, capsys):

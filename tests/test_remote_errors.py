@@ -22,14 +22,6 @@ from tests.sshd import TestDevice
 from tests.test_remote import remote_profile, session_folders, small_models
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    device = TestDevice(tmp_path_factory.mktemp("device"))
-    device.start()
-    yield device
-    device.stop()
-
-
 def connect(server, tmp_path, **overrides):
     return Deployment(remote_profile(server, tmp_path, **overrides), (3, 32, 32))
 

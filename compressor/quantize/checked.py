@@ -126,11 +126,12 @@ def quantize_checked(model, example_input, runtime: str, path: str | Path, image
         artifact = _try(runtime, settings, fp32, example_input, images, path, judge, log)
         ranking = None
         if artifact is None and fallback:
-            from compressor.quantize.fallback import rank_layers
+            from compressor.quantize.fallback import MIN_GAIN_DB, rank_layers
 
             ranking = rank_layers(fp32, images, batch, reference, settings, rank_images)
             log("fallback: layers by SQNR gained in fp32: " +
-                ", ".join(f"{n} +{g:.1f} dB" for n, g in list(ranking.items())[:max(fallback)]))
+                (", ".join(f"{n} +{g:.1f} dB" for n, g in list(ranking.items())[:max(fallback)])
+                 or f"none gains {MIN_GAIN_DB} dB or more; no fallback try"))
             for k in sorted(set(fallback)):
                 worst = list(ranking)[:k]
                 if len(worst) < k:

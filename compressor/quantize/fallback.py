@@ -16,11 +16,15 @@ import numpy as np
 from compressor.metrics.lossy import sqnr_db
 from compressor.quantize.images import QuantizationImages
 
+MIN_GAIN_DB = 0.1  # a layer whose fp32 raises the logits' SQNR by less is not what breaks the INT8 model
+
 
 def rank_layers(fp32: Path, images: QuantizationImages, batch: int, reference: np.ndarray, settings,
                 rank_images: int = 64) -> dict[str, float]:
     """{layer (ONNX node name): SQNR gained in dB by keeping it alone in fp32}, largest gain first, layers
-    that gain nothing left out. `reference`: the fp32 logits of `images.held_out`."""
+    gaining less than MIN_GAIN_DB left out (when none is left, no fallback try is made: where every
+    layer is equally broken, as with one activation scale swamped by an outlier, keeping a few in fp32
+    changes nothing). `reference`: the fp32 logits of `images.held_out`."""
     from exporters.int8_ranking import layer_effects
     from exporters.quantizer import batches
 
@@ -29,4 +33,4 @@ def rank_layers(fp32: Path, images: QuantizationImages, batch: int, reference: n
     base, effects = layer_effects(fp32, list(batches(images.calibration, batch)), x, batch,
                                   lambda logits: sqnr_db(expected, logits), settings)
     gains = {layer: score - base for layer, score in effects.items()}
-    return {layer: gain for layer, gain in sorted(gains.items(), key=lambda kv: -kv[1]) if gain > 0}
+    return {layer: gain for layer, gain in sorted(gains.items(), key=lambda kv: -kv[1]) if gain >= MIN_GAIN_DB}

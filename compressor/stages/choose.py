@@ -120,8 +120,7 @@ def choose(plan: Plan, reach: Reach, importance: dict[str, float], table: Latenc
             "keeping the most-pruned candidate, measured when the target's reach was checked")
         floor = tuple(reach.floor_units)
         result.best = Trial(Choice(floor, sum(importance[n] for n in floor), floor_saving),
-                            table.baseline_ms - floor_saving, reach.floor, True)
-        result.trials.append(result.best)
+                            table.baseline_ms - floor_saving, reach.floor, True)  # measured by reach, not a trial
     trial = result.best or (min(result.trials, key=lambda t: t.measured.candidate_ms) if result.trials else None)
     if trial is None:
         msg = f"no removal set reaches {target.describe()} by the latency table"

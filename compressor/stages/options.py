@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from os import PathLike, fspath
 
 from compressor.errors import InputError
 
@@ -39,6 +40,8 @@ class PruneOptions:
         if unknown:
             msg = f"unknown prune option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             raise InputError(msg)
+        if isinstance(options.get("latency_table"), PathLike):
+            options["latency_table"] = fspath(options["latency_table"])  # a Path from Python, as the CLI's string
         return cls(**options)
 
     def check(self) -> None:
