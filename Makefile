@@ -1,6 +1,6 @@
 # Two entry points, each installing what it needs into .venv first:
 #   make demo   prune the built-in default (resnet56 on digits32) to a 2x measured speedup
-#   make test   lint and run the test suite
+#   make test   lint and run the test suite: two workers (a file each), then the timing tests alone
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
@@ -21,7 +21,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not timing"
+	$(VENV)/bin/python -m pytest -q -m timing
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/speedup_vs_flops.py

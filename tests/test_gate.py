@@ -18,6 +18,8 @@ from compressor.models.cifar_resnet import CifarResNet
 from compressor.models.zoo import build
 from tests.helpers import FAST_PROFILE
 
+pytestmark = pytest.mark.timing  # compares real latencies: run alone (make test)
+
 # short CI-gate floors: interleaved rounds of 5, at least 60 runs and 0.15 s per artifact
 FLOORS = ["--runs", "60", "--min-time", "0.15"]
 

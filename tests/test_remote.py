@@ -15,6 +15,8 @@ from compressor.latency.profiles import parse_profile
 from tests.helpers import FAST_PROFILE
 from tests.sshd import TestDevice
 
+pytestmark = pytest.mark.timing  # compares real latencies: run alone (make test)
+
 PROVENANCE_KEYS = {"host", "hostname", "model", "os", "kernel", "runtime", "runtime_version", "threads", "governor",
                    "freq_mhz", "measurements", "throttled", "changing_conditions", "drifted"}
 

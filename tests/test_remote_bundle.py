@@ -19,6 +19,8 @@ from compressor.models.sources import load_model
 from tests.helpers import FAST_PROFILE
 from tests.test_remote_runner import ALLOWED, FORBIDDEN, imported_modules, run_isolated
 
+pytestmark = pytest.mark.timing  # compares real latencies: run alone (make test)
+
 BUNDLE_FILES = {"artifacts", "input.npy", "manifest.json", "measure.py", "runner.py", "timing.py"}
 
 

@@ -7,6 +7,8 @@ import pytest
 
 from compressor.latency.timing import Interleaved, LatencyStats, TimingPolicy, measure, measure_interleaved
 
+pytestmark = pytest.mark.timing  # compares real latencies: run alone (make test)
+
 
 def _busy(ms):
     """Spin for `ms` milliseconds: steadier than sleep, so IQR/median stays near 0."""
