@@ -115,8 +115,8 @@ def choose(plan: Plan, reach: Reach, importance: dict[str, float], table: Latenc
                                  candidate_measurer(plan, reach, table, work, log, state), reach.margin,
                                  (floor_saving, reach.floor), options.min_blocks_per_stage, options.max_trials,
                                  proposed.proposer)
-    if result.best is None and meets(target, reach.floor, reach.margin):
-        log("no set the table proposed met the target (its savings look like noise on this machine); "
+    if not result.trials and meets(target, reach.floor, reach.margin):  # a near miss beats a gutted model
+        log("the table proposed no set to measure (its savings look like noise on this machine); "
             "keeping the most-pruned candidate, measured when the target's reach was checked")
         floor = tuple(reach.floor_units)
         result.best = Trial(Choice(floor, sum(importance[n] for n in floor), floor_saving),
