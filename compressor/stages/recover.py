@@ -83,17 +83,19 @@ def recover(plan: Plan, removed: list[Unit], data: DataBundle, options: PruneOpt
     before = fidelity(model, merge_linearised(pruned), val, reference)
     _log_fidelity(log, "before", before)
     settings = finetune_settings(options, plan.loaded)
-    mimic = plan_mimic(pruned, removed, x) if settings.mimic else None
-    log(f"fine-tuning {len(removed)}-unit-smaller model by distillation for {options.finetune_epochs} epochs "
+    mimic = plan_mimic(pruned, removed, x) if settings.mimic and removed else None
+    epochs = options.finetune_epochs if removed else 0  # nothing removed (INT8 alone met the target): a copy
+    log(f"fine-tuning {len(removed)}-unit-smaller model by distillation for {epochs} epochs "
         f"(lr {settings.lr:g}{', BatchNorm statistics frozen' if settings.freeze_batchnorm else ''}"
-        f"{', mimicking ' + mimic.describe() if mimic else ''})")
+        f"{', mimicking ' + mimic.describe() if mimic else ''})" if removed
+        else "nothing removed: the model is the unpruned one, not fine-tuned")
     names = [u.name for u in removed]
     resume = state.load_tensors("finetune")
     if resume is not None and resume.get("removed") == names:
         state.note_reused(f"fine-tuning, {int(resume['epoch'])} of {options.finetune_epochs} epochs done")
     else:
         resume = None
-    train(pruned, data.loader("train", batch_size=32, shuffle=True, seed=options.seed), options.finetune_epochs,
+    train(pruned, data.loader("train", batch_size=32, shuffle=True, seed=options.seed), epochs,
           settings.lr, teacher=model, desc="fine-tune", freeze_batchnorm=settings.freeze_batchnorm, mimic=mimic,
           on_epoch=lambda epoch: state.save_tensors("finetune", {**epoch, "removed": names}), resume=resume)
     merge_checks = verify_merges(pruned, x)  # the deployed merge of each linearised block, interior exact
