@@ -143,14 +143,15 @@ def _stages(job: Job) -> PruneResult:
     torch.manual_seed(options.seed)
     plan = plan_units(job.loaded, job.profile, options.merge, log, job.device)
     given = given_table(plan, options.latency_table, log)
-    reach = check_reachable(plan, job.target, options.min_blocks_per_stage, work, log, state)
+    reach = check_reachable(plan, job.target, options.min_blocks_per_stage, work, log, state,
+                            int8_may_help=options.precision != "fp32")
     importance = score_candidates(plan, job.data, options, log, state)
     table = latency_table(plan, given, work, log, state)
     if out is not None:
         table.save(out / "latency_table.json")
     proposed = proposals(plan, importance, table, job.data, options, log)
-    chosen = None if options.precision == "int8" else choose(plan, reach, importance, table, job.target, proposed,
-                                                              options, work, log, state)
+    chosen = None if options.precision == "int8" or not reach.reaches else choose(
+        plan, reach, importance, table, job.target, proposed, options, work, log, state)
     if options.precision != "fp32":
         chosen = choose_precision(plan, reach, importance, table, job.target, job.data, options, chosen, proposed,
                                   work, log, state)

@@ -225,7 +225,9 @@ def choose_precision(plan: Plan, reach: Reach, importance: dict[str, float], tab
                         if fp32.search.trials else None}
     if probe.declined and (options.precision == "auto" or probe.int8_path is None):
         if fp32 is None:
-            raise UnreachableTargetError(f"INT8 was asked for, but {probe.declined}")
+            raise UnreachableTargetError(f"INT8 was asked for, but {probe.declined}" if options.precision == "int8"
+                                         else f"{reach.unreachable(target, plan.deployment.profile.name)}, and "
+                                              f"{probe.declined}")
         return replace(fp32, int8=info)
     if probe.declined:
         log(f"warning: {probe.declined}; searching INT8 anyway, as --precision int8 asks")

@@ -35,12 +35,20 @@ class Reach:
     floor_units: list[str]  # the most that may be removed
     floor: Measured
     margin: float  # how far under the target the search aims (from the measured spread)
+    reaches: bool = True  # whether removal alone (fp32) can meet the target
+
+    def unreachable(self, target: Target, profile: str) -> str:
+        """Why removal alone cannot meet `target`: the fastest reachable latency."""
+        floor = self.floor
+        return (f"target {target.describe()} is unreachable on {profile}: the fastest reachable latency is "
+                f"{floor.candidate_ms:.3f} ms ({floor.speedup:.2f}x; unpruned {floor.baseline_ms:.3f} ms)")
 
 
 def check_reachable(plan: Plan, target: Target, min_per_stage: int, work: Path,
-                    log: Callable[[str], None], state: RunState) -> Reach:
+                    log: Callable[[str], None], state: RunState, int8_may_help: bool = False) -> Reach:
     """Export and time the unpruned and the most-pruned models; UnreachableTargetError if even
-    the most-pruned one misses the target (the message gives the fastest reachable latency).
+    the most-pruned one misses the target (the message gives the fastest reachable latency), unless
+    `int8_may_help` (--precision auto or int8): then the INT8 stage decides, with `reaches` False.
     A resumed run reuses the saved measurement (the baseline is exported again: it is deterministic)."""
     deployment, suffix = plan.deployment, plan.deployment.exporter.suffix
     baseline_path = deployment.export(plan.model, work / f"baseline{suffix}")
@@ -56,8 +64,11 @@ def check_reachable(plan: Plan, target: Target, min_per_stage: int, work: Path,
         state.save("reach", {"floor": asdict(floor)})
     log(f"baseline {floor.baseline_ms:.3f} ms; fastest reachable {floor.candidate_ms:.3f} ms "
         f"({floor.speedup:.2f}x) with {min_per_stage} block(s) kept per stage")
-    if floor.candidate_ms > target.goal_ms(floor.baseline_ms):
-        msg = (f"target {target.describe()} is unreachable on {deployment.profile.name}: the fastest reachable "
-               f"latency is {floor.candidate_ms:.3f} ms ({floor.speedup:.2f}x; unpruned {floor.baseline_ms:.3f} ms)")
-        raise UnreachableTargetError(msg)
-    return Reach(baseline_path, [u.name for u in floor_units], floor, margin_from(floor.spread))
+    reach = Reach(baseline_path, [u.name for u in floor_units], floor, margin_from(floor.spread),
+                  floor.candidate_ms <= target.goal_ms(floor.baseline_ms))
+    if not reach.reaches and not int8_may_help:
+        raise UnreachableTargetError(reach.unreachable(target, deployment.profile.name))
+    if not reach.reaches:
+        log(f"removal alone cannot meet {target.describe()} here ({floor.speedup:.2f}x at most); "
+            "INT8 with removal may")
+    return reach
