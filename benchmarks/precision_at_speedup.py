@@ -41,7 +41,8 @@ def summarize(r: dict) -> dict:
     searched = r["precision"]["searched"] or {}
     probe, final = searched.get("probe") or {}, r["precision"]["final_int8"] or {}
     int8_search = searched.get("search") or {}
-    joint = next((t for t in int8_search.get("trials", []) if t["passed"]), None)
+    joint = next((t for t in int8_search.get("trials", []) if t["passed"] and t["removed"] == int8_search["removed"]),
+                 None)  # the INT8 search's choice
     after = r["fidelity"]["after_finetune"]
     held_out = final.get("against_unpruned") if r["precision"]["delivered"] == "int8" else {
         "top1_agreement": after["top1_agreement"], "kl_divergence": after["kl_divergence"],
@@ -50,8 +51,10 @@ def summarize(r: dict) -> dict:
     return {"model": r["model"], "data": r["data"], "profile": r["profile"]["name"], "level": r["target_speedup"],
             "delivered": r["precision"]["delivered"], "depth": searched.get("fp32"), "int8_only": int8_only,
             "joint": None if joint is None else {"removed": joint["removed"], "kl": int8_search.get("kl"),
-                                                 "speedup": probe["fp32_ms"] / joint["int8_ms"] * (
+                                                 "speedup": probe["speedup"] if not joint["removed"] else
+                                                 probe["fp32_ms"] / joint["int8_ms"] * (
                                                      joint["int8_unpruned_ms"] / probe["int8_ms"])},
+            "fp32_floor": r["search"]["floor"]["baseline_ms"] / r["search"]["floor"]["candidate_ms"],
             "final": {"speedup_measured": r["speedup_measured"], "speedup_flops": r["speedup_flops"],
                       "target_met": r["target_met"], "removed": r["removed_units"], "held_out": held_out,
                       "baseline_accuracy": r["baseline"]["accuracy"]},
@@ -79,10 +82,15 @@ def render(result: dict) -> str:
             continue
         d, i, j, f = c["depth"] or {}, c["int8_only"], c["joint"], c["final"]
         depth = f"{d['speedup']:.2f} ({d['kl']:.3f})" if d.get("kl") is not None else (
-            f"{d['speedup']:.2f}" if d.get("speedup") else "")
+            f"{d['speedup']:.2f}" if d.get("speedup") else
+            f"unreachable ({c['fp32_floor']:.2f} at most)" if c.get("fp32_floor") else "")
+        if d and d.get("passed") is False:
+            depth += " (missed)"
         int8 = "declined" if i["declined"] and i["speedup"] in (None, 0.0) else f"{i['speedup']:.2f}" + (
             " (declined)" if i["declined"] else "")
-        joint = f"{j['speedup']:.2f} ({j['kl']:.3f})" if j and j.get("kl") is not None else "-"
+        joint = ("INT8 alone, no removal" if j and not j["removed"] else
+                 f"{j['speedup']:.2f}, {len(j['removed'])} units ({j['kl']:.3f})" if j and j.get("kl") is not None
+                 else "-")
         lines.append(f"| {c['model']} | {c['profile']} | {c['level']:g}x | {depth} | {int8} | {joint} | "
                      f"{c['delivered']}, {len(f['removed'])} units | {f['speedup_measured']:.2f}"
                      f"{'' if f['target_met'] else ' (missed)'} | {f['speedup_flops']:.2f} | "
