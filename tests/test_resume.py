@@ -25,7 +25,16 @@ ARGS = ["--model", "resnet56", "--data", "digits32", "--target-speedup", "1.3", 
 def _prune(profile: Path, out: Path, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "compressor.cli.main", "prune", *ARGS, "--profile", str(profile),
                "--out", str(out), *extra]
-    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, preexec_fn=_signals_as_from_a_shell)
+
+
+def _signals_as_from_a_shell() -> None:
+    """In the child: SIGINT and SIGTERM unblocked and at their defaults, as a shell starts a command. A test
+    worker (pytest-xdist) may run with them blocked or ignored, which the child would inherit; the prune
+    then never sees the signal and runs to the end."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _interrupt_during_table(profile: Path, out: Path, sig: int) -> tuple[int, list[str]]:
