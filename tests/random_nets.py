@@ -147,11 +147,12 @@ def _shortcut(rng: random.Random, cin: int, cout: int, stride: int) -> nn.Module
     return nn.Conv2d(cin, cout, 1, stride, bias=False)
 
 
-def _block(rng: random.Random, cin: int, stride: int, act: type[nn.Module]) -> tuple[nn.Module, int]:
-    """One random block and its output channels."""
+def _block(rng: random.Random, cin: int, stride: int, act: type[nn.Module], two_add: bool = True
+           ) -> tuple[nn.Module, int]:
+    """One random block and its output channels (`two_add`: a TwoAddBlock, not a unit, may be drawn)."""
     form = rng.choice(ADD_FORMS)
     shape = rng.random()
-    if shape < 0.15 and stride == 1:
+    if shape < 0.15 and stride == 1 and two_add:
         return TwoAddBlock(cin, act), cin
     if shape < 0.35 and stride == 1:
         return PreActBlock(cin, _branch(rng, cin, cin, 1, act, rng.random() < 0.3), act, form), cin
@@ -178,9 +179,11 @@ def random_net(seed: int, num_classes: int = 7) -> RandomNet:
     size = rng.choice((12, 16, 19, 24))
     channels = rng.choice((3, 6, 8, 11))
     layers: list[nn.Module] = [*_conv_bn(3, channels, 3, 1), act()]
-    for _ in range(rng.randint(2, 6)):
+    count, units = rng.randint(2, 6), 0
+    for i in range(count):
         stride = 2 if rng.random() < 0.25 else 1
-        block, channels = _block(rng, channels, stride, act)
+        block, channels = _block(rng, channels, stride, act, two_add=units > 0 or i < count - 1)
+        units += not isinstance(block, TwoAddBlock)  # the last block is a unit if none before it was
         layers.append(block)
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
     torch.manual_seed(seed)

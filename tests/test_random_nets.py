@@ -8,7 +8,7 @@ import random
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from compressor.graph.surgery import remove_units
@@ -23,8 +23,9 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(seed=st.integers(0, 10**6), subset_seed=st.integers(0, 10**6))
+@example(seed=7982, subset_seed=0)  # drew only two-addition blocks before the generator forced a unit
 def test_pruned_random_net_equals_its_muted_reference(seed, subset_seed):
     net = random_net(seed)
     x = torch.randn(3, *net.input_shape, generator=torch.Generator().manual_seed(seed))
@@ -40,7 +41,7 @@ def test_pruned_random_net_equals_its_muted_reference(seed, subset_seed):
     assert check_equivalent(pruned, folded, x, FOLD_RTOL, "folding") <= FOLD_RTOL
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(seed=st.integers(0, 10**6))
 def test_random_net_onnx_export_agrees_with_torch(seed, tmp_path_factory):
     import onnxruntime as ort
