@@ -210,11 +210,13 @@ def _where(machine: dict) -> str:
 
 
 def _device_warnings(machine: dict) -> list[str]:
+    """report.md lines on a device that throttled, changed or drifted while measuring, and its warnings."""
     flags = [name for key, name in (("throttled", "throttled"), ("changing_conditions", "under changing conditions"),
                                     ("drifted", "drifted against its reference")) if machine.get(key)]
     lines = [f"**The device {', '.join(flags)} during a measurement** (`report.json` profile.machine.measurements)."
              ] if flags else []
-    return ["", *lines, *(f"- {w}" for w in machine.get("warnings") or [])] if lines or machine.get("warnings") else []
+    lines += [f"- {w}" for w in machine.get("warnings") or []]
+    return ["", *lines] if lines else []
 
 
 def _precision_lines(p: dict | None) -> list[str]:

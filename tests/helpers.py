@@ -1,7 +1,10 @@
-"""Shared test helpers: hand-set weights with known answers, a fast timing profile."""
+"""Shared test helpers: hand-set weights with known answers, a fast timing profile, ONNX agreement."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,3 +46,15 @@ def zero_branch(model: nn.Module, name: str) -> None:
     last = bns[-1][1]
     last.weight.data.zero_()
     last.bias.data.zero_()
+
+
+def assert_onnx_matches(model: nn.Module, onnx_path: Path, x: torch.Tensor) -> None:
+    """`model` and the exported `onnx_path` (batch 1, input "input") agree on every image of `x` in ONNX
+    Runtime within the export check's tolerance (atol 1e-4 + rtol 1e-3)."""
+    import onnxruntime as ort
+
+    with torch.no_grad():
+        expected = model(x).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = np.concatenate([session.run(None, {"input": x[i:i + 1].numpy()})[0] for i in range(len(x))])
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)

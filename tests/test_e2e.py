@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
 from compressor.cli.main import main
 from compressor.models.checkpoint import load_checkpoint
-from tests.helpers import FAST_PROFILE
+from tests.helpers import FAST_PROFILE, assert_onnx_matches
 
 REPORT_KEYS = {"flops", "macs", "params", "latency_ms", "accuracy"}
 LATENCY_KEYS = {"median", "p90", "iqr", "n", "noisy"}
@@ -67,11 +65,7 @@ def test_checkpoint_and_onnx_agree(run, digits):
     assert raw["removed_units"] == report["removed_units"]
     pruned = load_checkpoint(out / "model.pt").model
     x = torch.cat([b[0] for b in digits.loader("val", batch_size=16, limit=16)])
-    with torch.no_grad():
-        expected = pruned(x).numpy()
-    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    got = np.concatenate([session.run(None, {"input": x[i:i + 1].numpy()})[0] for i in range(len(x))])
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
+    assert_onnx_matches(pruned, out / "model.onnx", x)
     graph = onnx.load(out / "model.onnx").graph
     assert not [n for n in graph.node if n.op_type == "BatchNormalization"]
     assert len(graph.node) < len(onnx.load(out / "baseline.onnx").graph.node)

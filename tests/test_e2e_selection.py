@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import onnxruntime as ort
 import torch
 
 from compressor.cli.main import main
 from compressor.models.checkpoint import load_checkpoint
-from tests.helpers import FAST_PROFILE
+from tests.helpers import FAST_PROFILE, assert_onnx_matches
 
 
 def test_prune_with_merge_units(tmp_path, digits):
@@ -37,11 +35,7 @@ def test_prune_with_merge_units(tmp_path, digits):
     assert all(c["interior_max_rel_error"] <= 1e-5 for c in report["checks"]["merges"].values())
     deployed = merge_linearised(load_checkpoint(out / "model.pt").model).eval()
     x = torch.cat([b[0] for b in digits.loader("val", batch_size=8, limit=8)])
-    with torch.no_grad():
-        expected = deployed(x).numpy()
-    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    got = np.concatenate([session.run(None, {"input": x[i:i + 1].numpy()})[0] for i in range(len(x))])
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
+    assert_onnx_matches(deployed, out / "model.onnx", x)
 
 
 def test_prune_with_greedy_selection(tmp_path):

@@ -175,8 +175,6 @@ def test_merges_do_not_count_against_the_blocks_kept_per_stage():
     assert len(floor) == 2 and all(u.kind != "merge" for u in floor)
 
 
-
-
 def test_noise_level_table_still_measures_before_giving_up():
     """On a loaded machine single-unit savings can be noise around zero, the floor's even below it: the
     scaled request then exceeds anything the table can remove. The loop asks for no more than that, so

@@ -22,9 +22,8 @@ from compressor.latency.predictor import Calibration, Observation, fit_calibrati
 from compressor.latency.table import LatencyTable
 from compressor.models.loaded import LoadedModel
 from compressor.search.greedy import GreedyOrder, greedy_proposer
-from compressor.search.knapsack import Choice
-from compressor.search.loop import SearchResult, Trial, search_under_target
-from compressor.search.target import Measured, Target, meets
+from compressor.search.loop import SearchResult, search_under_target
+from compressor.search.target import Measured, Target
 from compressor.stages.options import PruneOptions
 from compressor.stages.plan import Plan
 from compressor.stages.reach import Reach, timed_pair
@@ -115,12 +114,6 @@ def choose(plan: Plan, reach: Reach, importance: dict[str, float], table: Latenc
                                  candidate_measurer(plan, reach, table, work, log, state), reach.margin,
                                  (floor_saving, reach.floor), options.min_blocks_per_stage, options.max_trials,
                                  proposed.proposer)
-    if not result.trials and meets(target, reach.floor, reach.margin):  # a near miss beats a gutted model
-        log("the table proposed no set to measure (its savings look like noise on this machine); "
-            "keeping the most-pruned candidate, measured when the target's reach was checked")
-        floor = tuple(reach.floor_units)
-        result.best = Trial(Choice(floor, sum(importance[n] for n in floor), floor_saving),
-                            table.baseline_ms - floor_saving, reach.floor, True)  # measured by reach, not a trial
     trial = result.best or (min(result.trials, key=lambda t: t.measured.candidate_ms) if result.trials else None)
     if trial is None:
         msg = f"no removal set reaches {target.describe()} by the latency table"
