@@ -38,7 +38,9 @@ def _prediction_error(trials, table=None, calibration=None) -> dict:
     """MAPE and share within 10% of the table's prediction over every measured candidate,
     with the prediction rescaled to the candidate's own interleaved baseline; with a
     `calibration` (compressor.latency.predictor, fitted on the floor candidate before the search),
-    the calibrated prediction's error too."""
+    the calibrated prediction's error too. Candidates refused before timing (an INT8 artifact below the
+    fidelity floor, recorded at an infinite latency) have no measurement to compare and are left out."""
+    trials = [t for t in trials if not t.measured.refused]
     if not trials:
         return {"candidates": 0}
     measured = [t.measured.candidate_ms for t in trials]
@@ -77,15 +79,21 @@ def _side(cost: Cost, stats: LatencyStats, accuracy: float | None, batch: int) -
             "latency_ms": {**_latency(stats), "batch": batch}, "accuracy": accuracy}
 
 
+def _trial(t) -> dict:
+    """One measured candidate; a refused one (below the INT8 fidelity floor) was not timed: no latency."""
+    timed = not t.measured.refused
+    return {"removed": list(t.choice.removed), "predicted_ms": t.predicted_ms,
+            "measured_ms": t.measured.candidate_ms if timed else None, "baseline_ms": t.measured.baseline_ms,
+            "speedup": t.measured.speedup if timed else None, "passed": t.passed, "refused": t.measured.refused,
+            "importance_lost": t.choice.importance_lost}
+
+
 def _search(run: PruneRun) -> dict:
     search, greedy, table = run.chosen.search, run.chosen.greedy, run.table
     return {"margin": search.margin, "table_baseline_ms": table.baseline_ms,
             "floor": {"removed": run.chosen.floor_units, "baseline_ms": run.chosen.floor.baseline_ms,
                       "candidate_ms": run.chosen.floor.candidate_ms},
-            "trials": [{"removed": list(t.choice.removed), "predicted_ms": t.predicted_ms,
-                        "measured_ms": t.measured.candidate_ms, "baseline_ms": t.measured.baseline_ms,
-                        "speedup": t.measured.speedup, "passed": t.passed,
-                        "importance_lost": t.choice.importance_lost} for t in search.trials],
+            "trials": [_trial(t) for t in search.trials],
             "table_error": _prediction_error(search.trials, table, run.chosen.calibration),
             "selection": run.chosen.selection,
             "greedy": None if greedy is None else {
