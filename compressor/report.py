@@ -90,7 +90,9 @@ def _trial(t) -> dict:
 
 def _search(run: PruneRun) -> dict:
     search, greedy, table = run.chosen.search, run.chosen.greedy, run.table
-    return {"margin": search.margin, "table_baseline_ms": table.baseline_ms,
+    frame = "fp32" if run.chosen.precision == "fp32" else (
+        "int8: baseline_ms is the fp32 baseline measured with each candidate over the probe's INT8 speedup")
+    return {"margin": search.margin, "frame": frame, "table_baseline_ms": table.baseline_ms,
             "floor": {"removed": run.chosen.floor_units, "baseline_ms": run.chosen.floor.baseline_ms,
                       "candidate_ms": run.chosen.floor.candidate_ms},
             "trials": [_trial(t) for t in search.trials],

@@ -103,3 +103,9 @@ def test_a_target_beyond_removal_alone_is_searched_with_int8(digits, openvino_ta
     assert floor["baseline_ms"] / floor["candidate_ms"] < TARGET_BEYOND_FP32  # removal alone could not
     assert report["precision"]["delivered"] == "int8" and "fp32" not in report["precision"]["searched"]
     assert report["target_met"] == (report["pruned"]["latency_ms"]["median"] <= report["target_ms"])
+    margin, timed = report["search"]["margin"], [t for t in report["precision"]["searched"]["search"]["trials"]
+                                                 if not t["refused"]]
+    assert timed and report["search"]["frame"].startswith("int8")
+    for trial in timed:  # each INT8 candidate passes exactly when it meets the target against fp32, measured together
+        assert trial["speedup"] == pytest.approx(trial["fp32_unpruned_ms"] / trial["int8_ms"])
+        assert trial["passed"] == (trial["speedup"] >= TARGET_BEYOND_FP32 * (1 + margin) - 1e-9)

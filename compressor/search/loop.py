@@ -49,7 +49,8 @@ def search_under_target(units: Sequence[Unit], importance: dict[str, float], sav
     the knapsack over `importance` (search.choose_units), another greedy.greedy_proposer.
 
     No request exceeds the most the table can remove: on a loaded machine single-unit savings can be
-    noise around zero, and a request past them would end the loop before anything was measured.
+    noise around zero, and a request past them would end the loop before the sets that remove the most
+    were measured (first request or after a failed candidate alike).
     """
     if choose is None:
         def choose(required_ms: float) -> Choice | None:
@@ -103,5 +104,9 @@ def search_under_target(units: Sequence[Unit], importance: dict[str, float], sav
         proposal = table_baseline_ms * need / scale
         if not low < proposal < high:
             proposal = (low + high) / 2 if high < float("inf") else max(proposal, low * 1.05)
+        if proposal > ceiling:  # past the most the table can remove: ask for that once, then stop
+            if low >= ceiling:
+                break
+            proposal = ceiling
         required = proposal
     return result
