@@ -48,8 +48,15 @@ def summarize(r: dict) -> dict:
         "top1_agreement": after["top1_agreement"], "kl_divergence": after["kl_divergence"],
         "confident_agreement": after["confident_agreement"], "accuracy": r["pruned"]["accuracy"]}
     int8_only = {"speedup": probe.get("speedup"), "declined": probe.get("declined"), "fidelity": probe.get("fidelity")}
+    depth = searched.get("fp32")
+    if r["precision"]["asked"] == "fp32":  # a depth-only run: its own search is the depth figure
+        passing = [t for t in r["search"]["trials"] if t["passed"]]
+        best = min(passing, key=lambda t: t["importance_lost"]) if passing else None
+        depth = {"removed": r["removed_units"], "passed": best is not None,
+                 "speedup": (best or max(r["search"]["trials"], key=lambda t: t["speedup"]))["speedup"]}
+        int8_only["declined"] = "not asked"
     return {"model": r["model"], "data": r["data"], "profile": r["profile"]["name"], "level": r["target_speedup"],
-            "delivered": r["precision"]["delivered"], "depth": searched.get("fp32"), "int8_only": int8_only,
+            "delivered": r["precision"]["delivered"], "depth": depth, "int8_only": int8_only,
             "joint": None if joint is None else {"removed": joint["removed"], "kl": int8_search.get("kl"),
                                                  "speedup": _joint_speedup(joint, probe)},
             "fp32_floor": r["search"]["floor"]["baseline_ms"] / r["search"]["floor"]["candidate_ms"],
@@ -94,8 +101,8 @@ def render(result: dict) -> str:
             f"unreachable ({c['fp32_floor']:.2f} at most)" if c.get("fp32_floor") else "")
         if d and d.get("passed") is False:
             depth += " (missed)"
-        int8 = "declined" if i["declined"] and i["speedup"] in (None, 0.0) else f"{i['speedup']:.2f}" + (
-            " (declined)" if i["declined"] else "")
+        int8 = (i["declined"] if i["declined"] == "not asked" else "declined") if i["speedup"] in (None, 0.0) else (
+            f"{i['speedup']:.2f}" + (" (declined)" if i["declined"] else ""))
         joint = ("INT8 alone, no removal" if j and not j["removed"] else
                  f"{j['speedup']:.2f}, {len(j['removed'])} units ({j['kl']:.3f})" if j and j.get("kl") is not None
                  else "-")

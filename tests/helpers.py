@@ -38,6 +38,16 @@ def randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
     return model.eval()
 
 
+def resnet20() -> nn.Module:
+    """A ResNet-20 for 32x32 inputs (9 blocks, 10 classes) with seeded random weights and BatchNorm
+    statistics: a whole model a third the depth of resnet56, for end-to-end prunes that test how sets
+    are chosen rather than what a trained model keeps (`--model tests.helpers:resnet20`)."""
+    from compressor.models.cifar_resnet import CifarResNet
+
+    torch.manual_seed(0)
+    return randomise_batchnorm(CifarResNet(20, 10))
+
+
 def zero_branch(model: nn.Module, name: str) -> None:
     """Zero the last BatchNorm of a block's residual branch: the branch then outputs 0."""
     block = model.get_submodule(name)

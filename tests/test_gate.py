@@ -145,9 +145,11 @@ def test_save_baseline_then_compare(artifacts, capsys, tmp_path):
     assert data["profile"]["name"] == "ort-cpu-fast" and data["machine"]["cpu"]
     assert len(data["artifact"]["sha256"]) == 64 and data["artifact"]["input_shape"] == [1, 3, 32, 32]
 
+    # the same artifact timed again in a separate run: what is under test is saving and comparing, and
+    # separate runs drift by 10% or more on a shared machine (1.108 in one CI-like run), hence the threshold
     report_path = tmp_path / "report.json"
     code, out, err = _bench(capsys, "--artifact", artifacts["base"], "--profile", artifacts["profile"], *FLOORS,
-                            "--baseline", str(saved), "--out", str(report_path))
+                            "--baseline", str(saved), "--out", str(report_path), "--threshold", "1.5")
     assert code == 0, out + err
     assert "verdict:" in out and "Mann-Whitney" in out and "same sha256" in out
     report = json.loads(report_path.read_text())
