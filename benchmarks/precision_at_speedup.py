@@ -56,7 +56,8 @@ def summarize(r: dict) -> dict:
                  "speedup": (best or max(r["search"]["trials"], key=lambda t: t["speedup"]))["speedup"]}
         int8_only["declined"] = "not asked"
     return {"model": r["model"], "data": r["data"], "profile": r["profile"]["name"], "level": r["target_speedup"],
-            "delivered": r["precision"]["delivered"], "depth": depth, "int8_only": int8_only,
+            "asked": r["precision"]["asked"], "delivered": r["precision"]["delivered"], "depth": depth,
+            "int8_only": int8_only,
             "joint": None if joint is None else {"removed": joint["removed"], "kl": int8_search.get("kl"),
                                                  "speedup": _joint_speedup(joint, probe)},
             "fp32_floor": r["search"]["floor"]["baseline_ms"] / r["search"]["floor"]["candidate_ms"],
@@ -98,6 +99,7 @@ def render(result: dict) -> str:
         d, i, j, f = c["depth"] or {}, c["int8_only"], c["joint"], c["final"]
         depth = f"{d['speedup']:.2f} ({d['kl']:.3f})" if d.get("kl") is not None else (
             f"{d['speedup']:.2f}" if d.get("speedup") else
+            "not searched" if c.get("asked") == "int8" else
             f"unreachable ({c['fp32_floor']:.2f} at most)" if c.get("fp32_floor") else "")
         if d and d.get("passed") is False:
             depth += " (missed)"
@@ -106,7 +108,8 @@ def render(result: dict) -> str:
         joint = ("INT8 alone, no removal" if j and not j["removed"] else
                  f"{j['speedup']:.2f}, {len(j['removed'])} units ({j['kl']:.3f})" if j and j.get("kl") is not None
                  else "-")
-        lines.append(f"| {c['model']} | {c['profile']} | {c['level']:g}x | {depth} | {int8} | {joint} | "
+        asked = "" if c.get("asked", "auto") == "auto" else f" ({c['asked']})"
+        lines.append(f"| {c['model']} | {c['profile']} | {c['level']:g}x{asked} | {depth} | {int8} | {joint} | "
                      f"{c['delivered']}, {len(f['removed'])} units | {f['speedup_measured']:.2f}"
                      f"{'' if f['target_met'] else ' (missed)'} | {f['speedup_flops']:.2f} | "
                      f"{_fidelity(f['held_out'])} | {c['seconds']:.0f} s |")

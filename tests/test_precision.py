@@ -109,3 +109,5 @@ def test_a_target_beyond_removal_alone_is_searched_with_int8(digits, openvino_ta
     for trial in timed:  # each INT8 candidate passes exactly when it meets the target against fp32, measured together
         assert trial["speedup"] == pytest.approx(trial["fp32_unpruned_ms"] / trial["int8_ms"])
         assert trial["passed"] == (trial["speedup"] >= TARGET_BEYOND_FP32 * (1 + margin) - 1e-9)
+    kept = min((t for t in timed if t["passed"]), key=lambda t: t["kl"])  # the passing set that loses the least
+    assert sorted(report["removed_units"]) == sorted(kept["removed"])

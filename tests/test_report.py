@@ -28,3 +28,17 @@ def test_a_refused_candidate_has_no_latency_in_the_report():
     refused = json.loads(json.dumps(rows, allow_nan=False))[1]  # strict JSON: no Infinity or NaN
     assert (refused["measured_ms"], refused["speedup"], refused["refused"]) == (None, None, True)
     assert rows[0]["measured_ms"] == 8.0 and rows[0]["speedup"] == pytest.approx(1.25)
+
+
+def test_the_one_line_summary_gives_the_delivered_int8_fidelity():
+    from compressor.cli.commands import _summary
+
+    latency = {"latency_ms": {"median": 1.0}}
+    report = {"model": "m", "speedup_measured": 2.0, "speedup_flops": 1.0,
+              "baseline": {**latency, "accuracy": 99.0}, "pruned": {**latency, "accuracy": 98.0},
+              "fidelity": {"after_finetune": {"top1_agreement": 100.0}},
+              "precision": {"delivered": "fp32"}}
+    assert "accuracy 99.00 -> 98.00%, top-1 agreement 100.0%" in _summary(report, "out")
+    report["precision"] = {"delivered": "int8",
+                           "final_int8": {"against_unpruned": {"top1_agreement": 85.9, "accuracy": 97.5}}}
+    assert "INT8 accuracy 99.00 -> 97.50%, top-1 agreement 85.9%" in _summary(report, "out")

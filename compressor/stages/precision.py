@@ -8,7 +8,9 @@ measured search as fp32, in the INT8 frame: every candidate set is exported, re-
 quantized (a candidate whose INT8 falls below the fidelity floor is refused, not measured, and the
 search goes on), then timed interleaved against the unpruned fp32 model, so that a candidate passes
 exactly when it meets the target as the final measurement judges it. The target is divided by the
-probe's INT8 speedup, so a target that INT8 alone meets needs no removal at all.
+probe's INT8 speedup, so a target that INT8 alone meets needs no removal at all. Of the sets that
+pass, the one whose INT8 loses the least (KL on the check images, measured for every candidate) is
+kept, as `choose_precision` then compares it with the fp32 search's set.
 
 Why against fp32 and not against the unpruned INT8 model: passing in the INT8 frame would then be the
 product of two ratios from different measurements (the probe's and the candidate's), and INT8 timings
@@ -206,9 +208,11 @@ def choose_int8(plan: Plan, probe: Int8Probe, reach: Reach, importance: dict[str
         result = search_under_target(plan.candidates, importance, table.savings_ms, table.baseline_ms, int8_target,
                                      measure, reach.margin, (floor_saving, floor), options.min_blocks_per_stage,
                                      options.max_trials, proposer)
-    best = result.best
-    if best is not None and best.measured.refused:
-        best = None
+    # among the sets that passed, the one that loses the least, measured (KL on the check images): the
+    # loop's own pick is by the criterion's importance, which only estimates that loss
+    passing = [t for t in result.trials if t.passed and not t.measured.refused and t.choice.removed in found.kls]
+    best = min(passing, key=lambda t: found.kls[t.choice.removed]) if passing else None
+    result.best = best
     found.result = result
     found.removed = best.choice.removed if best else None
     found.kl = found.kls.get(best.choice.removed) if best else None
@@ -221,7 +225,7 @@ def _summary(search: Int8Search) -> dict:
         timed = fp32_ms is not None and not t.measured.refused
         return {"removed": list(t.choice.removed), "int8_ms": t.measured.candidate_ms if timed else None,
                 "fp32_unpruned_ms": fp32_ms, "speedup": fp32_ms / t.measured.candidate_ms if timed else None,
-                "passed": t.passed, "refused": t.measured.refused}
+                "kl": search.kls.get(t.choice.removed), "passed": t.passed, "refused": t.measured.refused}
 
     return {"trials": [row(t) for t in search.result.trials],
             "removed": list(search.removed) if search.removed is not None else None, "kl": search.kl,
