@@ -13,6 +13,7 @@ from compressor.latency.table import LatencyTable
 from compressor.latency.timing import Interleaved, LatencyStats
 from compressor.metrics.fidelity import CONFIDENT
 from compressor.metrics.flops import Cost, count_cost
+from compressor.search.loop import Trial
 from compressor.search.target import Target
 from compressor.stages.choose import Chosen
 from compressor.stages.deliver import Delivered
@@ -34,7 +35,7 @@ def _latency(stats: LatencyStats) -> dict:
             "min": stats.min, "p99": stats.p99, "cold_ms": stats.cold_ms, "warning": stats.warning}
 
 
-def _prediction_error(trials, table=None, calibration=None) -> dict:
+def _prediction_error(trials: list[Trial], table=None, calibration=None) -> dict:
     """MAPE and share within 10% of the table's prediction over every measured candidate,
     with the prediction rescaled to the candidate's own interleaved baseline; with a
     `calibration` (compressor.latency.predictor, fitted on the floor candidate before the search),
@@ -79,7 +80,7 @@ def _side(cost: Cost, stats: LatencyStats, accuracy: float | None, batch: int) -
             "latency_ms": {**_latency(stats), "batch": batch}, "accuracy": accuracy}
 
 
-def _trial(t) -> dict:
+def _trial(t: Trial) -> dict:
     """One measured candidate; a refused one (below the INT8 fidelity floor) was not timed: no latency."""
     timed = not t.measured.refused
     return {"removed": list(t.choice.removed), "predicted_ms": t.predicted_ms,

@@ -146,7 +146,7 @@ def test_save_baseline_then_compare(artifacts, capsys, tmp_path):
     assert len(data["artifact"]["sha256"]) == 64 and data["artifact"]["input_shape"] == [1, 3, 32, 32]
 
     # the same artifact timed again in a separate run: what is under test is saving and comparing, and
-    # separate runs drift by 10% or more on a shared machine (1.108 in one CI-like run), hence the threshold
+    # separate runs drift by 10% or more on a shared machine (1.108 in one full `make test` here), hence the threshold
     report_path = tmp_path / "report.json"
     code, out, err = _bench(capsys, "--artifact", artifacts["base"], "--profile", artifacts["profile"], *FLOORS,
                             "--baseline", str(saved), "--out", str(report_path), "--threshold", "1.5")

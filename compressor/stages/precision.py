@@ -158,7 +158,7 @@ def _measurer(plan: Plan, probe: Int8Probe, reach: Reach, images: QuantizationIm
 
     def measure(removed: tuple[str, ...]) -> Measured:
         key = ",".join(removed)
-        if key in saved:
+        if "fp32_ms" in saved.get(key, {}):  # older states timed candidates against INT8: measured again
             state.note_reused(f"the measured INT8 candidate without {len(removed)} units")
             found.kls[removed], found.fp32_ms[removed] = saved[key]["kl"], saved[key]["fp32_ms"]
             return Measured(**saved[key]["measured"])
