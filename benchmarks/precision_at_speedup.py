@@ -49,11 +49,9 @@ def summarize(r: dict) -> dict:
         "confident_agreement": after["confident_agreement"], "accuracy": r["pruned"]["accuracy"]}
     int8_only = {"speedup": probe.get("speedup"), "declined": probe.get("declined"), "fidelity": probe.get("fidelity")}
     depth = searched.get("fp32")
-    if r["precision"]["asked"] == "fp32":  # a depth-only run: its own search is the depth figure
-        passing = [t for t in r["search"]["trials"] if t["passed"]]
-        best = min(passing, key=lambda t: t["importance_lost"]) if passing else None
-        depth = {"removed": r["removed_units"], "passed": best is not None,
-                 "speedup": (best or max(r["search"]["trials"], key=lambda t: t["speedup"]))["speedup"]}
+    if r["precision"]["asked"] == "fp32":  # a depth-only run: the trial of the set it removed is the depth figure
+        chosen = next(t for t in r["search"]["trials"] if set(t["removed"]) == set(r["removed_units"]))
+        depth = {"removed": r["removed_units"], "passed": chosen["passed"], "speedup": chosen["speedup"]}
         int8_only["declined"] = "not asked"
     return {"model": r["model"], "data": r["data"], "profile": r["profile"]["name"], "level": r["target_speedup"],
             "asked": r["precision"]["asked"], "delivered": r["precision"]["delivered"], "depth": depth,

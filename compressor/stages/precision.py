@@ -210,7 +210,7 @@ def choose_int8(plan: Plan, probe: Int8Probe, reach: Reach, importance: dict[str
                                      options.max_trials, proposer)
     # among the sets that passed, the one that loses the least, measured (KL on the check images): the
     # loop's own pick is by the criterion's importance, which only estimates that loss
-    passing = [t for t in result.trials if t.passed and not t.measured.refused and t.choice.removed in found.kls]
+    passing = [t for t in result.trials if t.passed]  # a refused candidate never passes (no latency)
     best = min(passing, key=lambda t: found.kls[t.choice.removed]) if passing else None
     result.best = best
     found.result = result
