@@ -1,5 +1,6 @@
-"""Graph vocabulary shared by finding units, surgery and rewriting: tracing with torch.fx,
-which nodes are residual additions, which are elementwise activations."""
+"""Graph vocabulary shared by finding units, surgery and rewriting: which nodes are residual additions,
+which are elementwise activations (as torch.fx or torch.export records them), and torch.fx's trace, the
+fallback of capture.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from torch.utils.hooks import RemovableHandle
 
 from compressor.errors import TraceError, first_line
 
-ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ATEN = torch.ops.aten
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, _ATEN.add.Tensor, _ATEN.add_.Tensor}
 ADD_METHODS = {"add", "add_"}
 ACTIVATION_MODULES: dict[type[nn.Module], str] = {
     nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
@@ -22,6 +24,9 @@ ACTIVATION_FUNCTIONS = {
     torch.relu: "relu", nn.functional.relu: "relu", nn.functional.relu6: "relu6",
     nn.functional.silu: "silu", nn.functional.hardswish: "hardswish", nn.functional.gelu: "gelu",
     torch.sigmoid: "sigmoid",
+    _ATEN.relu.default: "relu", _ATEN.relu_.default: "relu", _ATEN.relu6.default: "relu6",
+    _ATEN.silu.default: "silu", _ATEN.silu_.default: "silu", _ATEN.hardswish.default: "hardswish",
+    _ATEN.hardswish_.default: "hardswish", _ATEN.gelu.default: "gelu", _ATEN.sigmoid.default: "sigmoid",
 }
 ACTIVATION_BUILDERS: dict[str, type[nn.Module]] = {v: k for k, v in ACTIVATION_MODULES.items()}
 # ops that keep the sign of their input: a ReLU before them still bounds their output
@@ -52,17 +57,19 @@ class _WhereTracer(fx.Tracer):
             self.inside.pop()
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """symbolic_trace, with a TraceError naming the submodule whose forward fx could not trace and why
-    (data-dependent control flow, a block taking two inputs through Python logic, ...)."""
+def trace_fx(model: nn.Module, export_error: str | None = None) -> fx.GraphModule:
+    """torch.fx's symbolic_trace (the fallback where torch.export cannot capture the model), with a
+    TraceError naming the submodule whose forward could not be traced and why (data-dependent control
+    flow, ...); `export_error` is why torch.export failed, said in the same line."""
     tracer = _WhereTracer()
     try:
         graph = tracer.trace(model)
     except Exception as e:  # fx raises many types (TraceError, TypeError, ...)
         where = f"submodule {tracer.failed_in!r} ({type(model.get_submodule(tracer.failed_in)).__name__})" \
             if tracer.failed_in else "its forward"
-        msg = (f"cannot trace {type(model).__name__} with torch.fx: {where} failed with "
-               f"{type(e).__name__}: {first_line(e)}; units are found in a traced graph, so the model's forward "
+        export = f"torch.export failed with {export_error}; " if export_error else ""
+        msg = (f"cannot capture {type(model).__name__}: {export}torch.fx: {where} failed with "
+               f"{type(e).__name__}: {first_line(e)}; units are found in a captured graph, so the model's forward "
                "(and its blocks') must not branch on tensor values")
         raise TraceError(msg) from e
     return fx.GraphModule(tracer.root, graph, type(model).__name__)

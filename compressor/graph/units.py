@@ -1,10 +1,22 @@
-"""Find the removable residual units of a model by tracing its graph.
+"""Find the removable units of a model in its captured graph (capture.py).
 
-A unit is a submodule whose forward computes ``act(branch(x) + shortcut(x))``
-(``act`` optional, elementwise) where ``shortcut`` is the identity or a child
-submodule (a projection). Removing it means the branch outputs zero, so the
-unit becomes ``act(shortcut(x))``. Nothing here is specific to an
-architecture: any module that torch.fx can trace works.
+A unit is something the search may remove, found by what the graph computes, not
+by architecture tables:
+
+- a *block* whose forward is ``act(branch(x) + shortcut(x))`` with one addition,
+  the shortcut the identity or a child module (a projection): removing it leaves
+  ``act(shortcut(x))`` (kind "identity" or "projection", named by its module path,
+  "layer2.0"; a ResNet block, a MobileNetV2 inverted residual, a bottleneck inside
+  a C2f split-concat block, which then passes its input to the concat unchanged);
+- a *branch* of a block with several residual additions or more than the addition
+  (a pre-norm transformer block, ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``):
+  any addition ``y = s + f(s)`` whose shortcut reads ``s`` or a projection of it
+  (branches.py); removing it leaves ``y = s`` (kind "branch", named by the block's
+  path and the branch's main child module, "blocks.3/attn");
+- a whole multi-branch block whose branches are all removable (kind "block", named
+  by its path), so the search can take both branches at once.
+
+Units of one block path are alternatives: the search takes at most one of them.
 """
 
 from __future__ import annotations
@@ -13,23 +25,28 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from compressor.errors import InputError, first_line
-from compressor.graph.activations import IDEMPOTENT_AFTER, SIGN_PRESERVING_MODULES, activation_of, is_add, trace
+from compressor.errors import InputError
+from compressor.graph.activations import IDEMPOTENT_AFTER, SIGN_PRESERVING_MODULES, activation_of, is_add
+from compressor.graph.branches import Branch, analyse_add, block_additions, branch_name
+from compressor.graph.capture import capture, outputs_of, tensor_inputs
 
 MERGE_SUFFIX = "/merge"  # a merge unit's name: its block's path + this
+BLOCK_KINDS = ("identity", "projection", "block")  # kinds whose removal takes the whole block out
 
 
 @dataclass(frozen=True)
 class Unit:
-    """A residual block the search may remove, or (kind "merge") linearise and merge into one conv.
+    """Something the search may remove: a residual block, one residual branch of a block, or (kind "merge")
+    a block linearised and merged into one conv.
 
-    name: qualified module path ("layer2.0"; "layer2.0/merge" for a merge unit);
-    kind: "identity" or "projection" (removal to the shortcut), or "merge";
-    shortcut: the projection's path relative to the block; post_add: activations
-    applied after the add that the replacement keeps; stage: the block's output
-    shape, e.g. "32x16x16" (units of one stage share it); order: position in the graph.
+    name: "layer2.0" (a block), "blocks.3/attn" (a branch), "layer2.0/merge" (a merge unit);
+    kind: "identity" or "projection" (a one-addition block removed to its shortcut), "branch", "block"
+    (every branch of a multi-branch block), or "merge"; shortcut: the projection's path relative to the
+    block; post_add: activations after the addition that the replacement keeps; stage: the block's output
+    shape, e.g. "32x16x16" (blocks of one stage share it); order: position in the graph; branches: which of
+    the block's own additions (in graph order) a branch or block unit removes; input_shape: the block's
+    input shape without the batch dimension (what rebuilding it captures on).
     """
 
     name: str
@@ -39,94 +56,45 @@ class Unit:
     shortcut: str | None = None
     post_add: tuple[str, ...] = ()
     anchored: bool = False  # its stage also has a block that is not a unit (that block always stays)
+    branches: tuple[int, ...] = ()
+    input_shape: tuple[int, ...] = ()
 
     @property
     def removable_to(self) -> str:
         if self.kind == "merge":
             return "one merged convolution"
+        if self.kind == "branch":
+            return f"its block without the {self.name.partition('/')[2]} branch"
+        if self.kind == "block":
+            return "its block without any residual branch"
         return "its projection shortcut" if self.kind == "projection" else "identity"
 
     @property
     def path(self) -> str:
         """The block's module path."""
-        return self.name.removesuffix(MERGE_SUFFIX) if self.kind == "merge" else self.name
+        return self.name.partition("/")[0]
+
+    @property
+    def removes_block(self) -> bool:
+        """Whether removing the unit takes its whole block out of its stage."""
+        return self.kind in BLOCK_KINDS
 
 
-def _through_identity(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
-    """Skip nn.Identity calls (e.g. a shortcut that is an Identity module)."""
-    while node.op == "call_module" and isinstance(modules[node.target], nn.Identity):
-        node = node.all_input_nodes[0]
-    return node
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(int(d) for d in shape[1:]) if shape is not None else None
 
 
-def _ancestors(node: fx.Node, stop: fx.Node) -> list[fx.Node]:
-    """All nodes between `stop` (exclusive) and `node` (inclusive)."""
-    seen: dict[fx.Node, None] = {}
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n is stop or n in seen:
-            continue
-        seen[n] = None
-        stack.extend(a for a in n.all_input_nodes)
-    return list(seen)
+def _stage(node: fx.Node) -> str:
+    shape = _shape(node)
+    return "x".join(str(d) for d in shape) if shape is not None else "?"
 
 
-@dataclass(frozen=True)
-class _BlockShape:
-    kind: str
-    shortcut: str | None
-    post_add: tuple[str, ...]
-
-
-def _analyse_block(block: nn.Module) -> _BlockShape | str:
-    """Recognise ``act(branch(x) + shortcut(x))`` in a block's own traced graph; else why not."""
-    try:
-        graph = fx.symbolic_trace(block).graph
-    except Exception as e:  # fx raises many types (TraceError, TypeError, ...)
-        return f"its forward cannot be traced on its own ({type(e).__name__})"
-    modules = dict(block.named_modules())
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    outputs = [n for n in graph.nodes if n.op == "output"]
-    if len(placeholders) != 1:
-        return f"its forward takes {len(placeholders)} inputs, not one"
-    if len(outputs) != 1 or not isinstance(outputs[0].args[0], fx.Node):
-        return "it does not return one tensor"
-    x, node = placeholders[0], outputs[0].args[0]
-    post: list[str] = []
-    while not is_add(node):
-        act = activation_of(node, modules)
-        if act is None or len(node.all_input_nodes) != 1:
-            return "its output is not act(a + b): something other than an activation follows the addition"
-        post.append(act)
-        node = node.all_input_nodes[0]
-    operands = [_through_identity(a, modules) for a in node.args[:2] if isinstance(a, fx.Node)]
-    if len(operands) != 2 or any(k != "alpha" for k in node.kwargs):
-        return "its addition does not add two tensors"
-    if x in operands:
-        return _BlockShape("identity", None, tuple(reversed(post)))
-    chains = sorted((_ancestors(a, x) for a in operands), key=len)
-    shortcut_nodes, branch_nodes = chains
-    if any(n.op != "call_module" for n in shortcut_nodes) or set(shortcut_nodes) & set(branch_nodes):
-        return "neither side of its addition is the input or a projection module of the input"
-    heads = {str(n.target).split(".")[0] for n in shortcut_nodes}
-    if len(heads) != 1:
-        return "its shortcut is not one child module"
-    head = heads.pop()
-    leaves = [n for n, m in block.get_submodule(head).named_modules() if not list(m.children())]
-    if len(leaves) != len(shortcut_nodes):
-        return "its shortcut module is not used whole"
-    return _BlockShape("projection", head, tuple(reversed(post)))
-
-
-def _producer_activation(gm: fx.GraphModule, block_nodes: set[fx.Node]) -> str | None | bool:
-    """Activation producing the block's single external input; False if not single-input."""
+def _producer_activation(gm: fx.GraphModule, block_nodes: list[fx.Node]) -> str | None:
+    """The activation producing the block's input (through pooling, dropout and the like), if any."""
     modules = dict(gm.named_modules())
-    external = {a for n in block_nodes for a in n.all_input_nodes if a not in block_nodes}
-    external = {a for a in external if a.op != "get_attr"}
-    if len(external) != 1:
-        return False
-    source = external.pop()
+    source = tensor_inputs(block_nodes)[0]
     while (source.op == "call_module" and isinstance(modules[source.target], SIGN_PRESERVING_MODULES)
            and len(source.all_input_nodes) == 1):
         source = source.all_input_nodes[0]
@@ -134,85 +102,125 @@ def _producer_activation(gm: fx.GraphModule, block_nodes: set[fx.Node]) -> str |
 
 
 def find_units(model: nn.Module, example_input: torch.Tensor) -> list[Unit]:
-    """Every removable residual block of `model`, in graph order.
+    """Every removable unit of `model`, in graph order (module docstring).
 
-    A post-add activation is dropped from the replacement when the block's input
+    A post-add activation is dropped from a block's replacement when the block's input
     was produced by an activation that makes it a no-op (ReLU after ReLU), so
     an identity unit becomes a true nn.Identity.
     """
     return find_units_explained(model, example_input)[0]
 
 
-def _traced_with_shapes(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
-    gm = trace(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example_input)
-    except Exception as e:
-        msg = (f"{type(model).__name__} fails on a {list(example_input.shape)} input: "
-               f"{type(e).__name__}: {first_line(e)}")
-        raise InputError(msg) from e
-    finally:
-        model.train(was_training)
-    return gm
+def _post_add(add: fx.Node, out: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node] | None:
+    """The activations from the addition to the block's output, or None if anything else is there."""
+    chain, node = [], add
+    while node is not out:
+        users = list(node.users)
+        if len(users) != 1 or activation_of(users[0], modules) is None:
+            return None
+        node = users[0]
+        chain.append(node)
+    return chain
+
+
+def _one_addition_block(branch: Branch, block_nodes: list[fx.Node], source: fx.Node, out: fx.Node,
+                        modules: dict[str, nn.Module]) -> list[fx.Node] | None:
+    """The post-add activations if the block is exactly act(branch(x) + shortcut(x)) on its input, else None."""
+    if branch.source is not source:
+        return None
+    post = _post_add(branch.add, out, modules)
+    if post is None:
+        return None
+    covered = branch.nodes | branch.projection | {branch.add, *post}
+    return post if set(block_nodes) == covered else None
 
 
 def find_units_explained(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Unit], dict[str, str]]:
     """(the units, as find_units; {module path: why it is not a unit} for every module with an addition
-    that was not recognised)."""
-    gm = _traced_with_shapes(model, example_input)
-    units: dict[str, Unit] = {}
-    rejected: dict[str, str] = {}
+    that gave no unit)."""
+    gm = capture(model, example_input)
     nodes = list(gm.graph.nodes)
-    for node in nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        if not is_add(node) or not stack:
+    modules = dict(gm.named_modules())
+    keys = {k for n in nodes for k in (n.meta.get("nn_module_stack") or {})}
+    calls: dict[str, str] = {}  # call key -> path of every module whose own forward adds
+    for n in nodes:
+        stack = n.meta.get("nn_module_stack") or {}
+        if stack and is_add(n):
+            key = next(reversed(stack))
+            calls.setdefault(key, stack[key][0])
+    units: list[Unit] = []
+    rejected: dict[str, str] = {}
+    for key, path in calls.items():
+        if key != path or f"{path}@1" in keys:
+            rejected.setdefault(path, "it is called more than once")
             continue
-        path = list(stack)[-1]
-        if path in units or path in rejected:
-            continue
-        shape = _analyse_block(model.get_submodule(path))
-        if isinstance(shape, str):
-            rejected[path] = shape
-            continue
-        block_nodes = {n for n in nodes if path in (n.meta.get("nn_module_stack") or {})}
-        producer = _producer_activation(gm, block_nodes)
-        users_outside = [n for n in block_nodes if any(u not in block_nodes for u in n.users)]
-        if producer is False or len(users_outside) != 1:
-            rejected[path] = "in the model it reads more than one input or feeds more than one consumer"
-            continue
-        meta = users_outside[0].meta.get("tensor_meta")
-        stage = "x".join(str(d) for d in meta.shape[1:]) if meta is not None else "?"
-        post = shape.post_add
-        if shape.kind == "identity" and all((p, producer) in IDEMPOTENT_AFTER for p in post):
-            post = ()
-        units[path] = Unit(path, shape.kind, stage, len(units), shape.shortcut, post)
-    anchored = _anchored_stages(list(units.values()), nodes)
-    return [replace(u, anchored=u.stage in anchored) for u in units.values()], rejected
+        found = _block_units(model, gm, nodes, modules, key, path, len(units))
+        if isinstance(found, str):
+            rejected[path] = found
+        else:
+            units += found
+    anchored = _anchored_stages(units, nodes)
+    return [replace(u, anchored=u.stage in anchored) for u in units], rejected
+
+
+def _block_units(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], modules: dict[str, nn.Module],
+                 key: str, path: str, order: int) -> list[Unit] | str:
+    """The units of one block call (a one-addition block, or its branches and the whole block), or why none."""
+    block_nodes = [n for n in nodes if key in (n.meta.get("nn_module_stack") or {})]
+    inputs, outs = tensor_inputs(block_nodes), outputs_of(block_nodes)
+    if len(inputs) != 1:
+        return f"in the model it reads {len(inputs)} inputs, not one"
+    if len(outs) != 1:
+        return "in the model more than one of its values is read outside it"
+    block = model.get_submodule(path)
+    adds = block_additions(block_nodes, key)
+    analysed = [analyse_add(a, set(block_nodes), block, key) for a in adds]
+    valid = [(i, b) for i, b in enumerate(analysed) if isinstance(b, Branch)]
+    if not valid:
+        return next(r for r in analysed if isinstance(r, str))
+    stage, input_shape = _stage(outs[0]), _shape(inputs[0]) or ()
+    if len(adds) == 1:
+        post_nodes = _one_addition_block(valid[0][1], block_nodes, inputs[0], outs[0], modules)
+        if post_nodes is not None:
+            branch = valid[0][1]
+            post = tuple(activation_of(n, modules) for n in post_nodes)
+            if not branch.projection and all((p, _producer_activation(gm, block_nodes)) in IDEMPOTENT_AFTER
+                                             for p in post):
+                post = ()
+            kind = "projection" if branch.projection else "identity"
+            return [Unit(path, kind, stage, order, branch.projection_child, post, branches=(0,),
+                         input_shape=input_shape)]
+    units, names = [], set()
+    for i, branch in valid:
+        name = branch_name(branch, block, key, i)
+        name = name if name not in names else f"{name}{i}"
+        names.add(name)
+        units.append(Unit(f"{path}/{name}", "branch", stage, order + len(units), branch.projection_child,
+                          branches=(i,), input_shape=input_shape))
+    if len(valid) == len(adds) > 1:
+        units.append(Unit(path, "block", stage, order + len(units), branches=tuple(range(len(adds))),
+                          input_shape=input_shape))
+    return units
 
 
 def _anchored_stages(units: list[Unit], nodes: list[fx.Node]) -> set[str]:
-    """Stages whose first unit is fed, at the stage's shape, by a sibling block that is not a
+    """Stages whose first block unit is fed, at the stage's shape, by a sibling block that is not a
     unit (EfficientNet's and MobileNetV2's first, non-residual block of a stage): that block
     survives any removal, so the stage keeps a block even with all its units gone."""
     firsts: dict[str, Unit] = {}
     for u in units:
-        firsts.setdefault(u.stage, u)
-    names = {u.name for u in units}
+        if u.removes_block:
+            firsts.setdefault(u.stage, u)
+    paths = {u.path for u in units}
     anchored = set()
     for stage, first in firsts.items():
-        inside = {n for n in nodes if first.name in (n.meta.get("nn_module_stack") or {})}
-        feeds = [a for n in inside for a in n.all_input_nodes if a not in inside]
-        if not feeds:
+        inside = {n for n in nodes if first.path in (n.meta.get("nn_module_stack") or {})}
+        feeds = [a for n in inside for a in n.all_input_nodes if a not in inside and a.op != "get_attr"]
+        if not feeds or _stage(feeds[0]) != stage:
             continue
-        meta = feeds[0].meta.get("tensor_meta")
-        if meta is None or "x".join(str(d) for d in meta.shape[1:]) != stage:
-            continue
-        parent, depth = first.name.rpartition(".")[0], first.name.count(".")
-        for path in feeds[0].meta.get("nn_module_stack") or {}:
-            if path.count(".") == depth and path.rpartition(".")[0] == parent and path not in names:
+        parent, depth = first.path.rpartition(".")[0], first.path.count(".")
+        for key in feeds[0].meta.get("nn_module_stack") or {}:
+            if key.count(".") == depth and key.rpartition(".")[0] == parent and key not in paths:
                 anchored.add(stage)
     return anchored
 
