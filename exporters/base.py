@@ -57,6 +57,10 @@ class Session(ABC):
     def run(self, x: np.ndarray) -> np.ndarray:
         """First output for input `x` (float32, NCHW)."""
 
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        """Every output for input `x`, in the artifact's order (a runtime that gives only one: that one)."""
+        return [self.run(x)]
+
     @abstractmethod
     def prepare(self, x: np.ndarray) -> None:
         """Bind `x` so that `__call__` runs inference only."""

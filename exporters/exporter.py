@@ -15,7 +15,7 @@ import numpy as np
 
 from compressor.errors import InputError, ValidationError
 from exporters.base import Staging, as_numpy, boundary
-from exporters.reference import reference_output
+from exporters.reference import reference_outputs
 
 
 class Exporter(ABC):
@@ -52,7 +52,13 @@ class Exporter(ABC):
             x = as_numpy(example_input)
             with boundary(f"running the staged {self.name} artifact {path.name}"):
                 got = self.run_staged(staged, x)
-            self.check_close(got, reference_output(model, x), str(path))
+            got = got if isinstance(got, list) else [got]
+            expected = reference_outputs(model, x)
+            if len(got) != len(expected):
+                msg = f"{path}: the artifact gives {len(got)} outputs, the model {len(expected)}"
+                raise ValidationError(msg)
+            for value, (name, reference) in zip(got, expected, strict=True):
+                self.check_close(value, reference, str(path), name)
             stage.commit(names)
         return path
 
@@ -61,8 +67,9 @@ class Exporter(ABC):
         """Write the artifact at `staged` (in a private folder); returns the file names written, main last."""
 
     @abstractmethod
-    def run_staged(self, staged: Path, x: np.ndarray) -> np.ndarray:
-        """Run the staged artifact on `x` with this backend's runtime (one thread)."""
+    def run_staged(self, staged: Path, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """Run the staged artifact on `x` with this backend's runtime (one thread): every output, in order
+        (or its only output)."""
 
     def artifact_path(self, path: str | Path) -> Path:
         """`path` with this exporter's suffix (an IR named model.onnx would mislead every reader)."""

@@ -44,7 +44,7 @@ class OnnxExporter(Exporter):
     def run_staged(self, staged: Path, x):
         from exporters.onnxruntime import OnnxRuntimeSession
 
-        return OnnxRuntimeSession(staged, 1).run(x)
+        return OnnxRuntimeSession(staged, 1).run_all(x)
 
     def write(self, model, example_input, staged: Path, opset: int) -> list[str]:
         """Write and check the ONNX file at `staged`; returns the file names written (graph last)."""
@@ -55,11 +55,15 @@ class OnnxExporter(Exporter):
         if isinstance(model, (str, Path)):
             proto = onnx.load(str(model))  # with its external data, if any
         else:
-            axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if self.dynamic_batch else None
+            from exporters.reference import flat_outputs
+
+            with torch.no_grad():
+                outputs = [name for name, _ in flat_outputs(model.eval()(example_input))]
+            axes = {name: {0: "batch"} for name in ["input", *outputs]} if self.dynamic_batch else None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(model.eval(), (example_input,), str(staged), dynamo=False,
-                                  opset_version=opset, input_names=["input"], output_names=["logits"],
+                                  opset_version=opset, input_names=["input"], output_names=outputs,
                                   dynamic_axes=axes, do_constant_folding=True)
             if self.simplify or sum(p.stat().st_size for p in staged.parent.iterdir()) > self.external_data_bytes:
                 proto = onnx.load(str(staged))

@@ -39,7 +39,13 @@ class OnnxRuntimeSession(Session):
         self._feed: dict[str, np.ndarray] = {}
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})[0]
+        return self.run_all(x)[0]
+
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        return list(self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)}))
+
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
 
     def input_shape(self) -> list[int | None]:
         return [d if isinstance(d, int) and d > 0 else None for d in self.session.get_inputs()[0].shape]

@@ -59,8 +59,8 @@ class OpenVinoExporter(Exporter):
         ov.save_model(converted, str(staged), compress_to_fp16=self.precision == "fp16")
         return [staged.with_suffix(".bin").name, staged.name]
 
-    def run_staged(self, staged: Path, x: np.ndarray) -> np.ndarray:
-        return OpenVinoSession(staged, 1).run(x)
+    def run_staged(self, staged: Path, x: np.ndarray) -> list[np.ndarray]:
+        return OpenVinoSession(staged, 1).run_all(x)
 
 
 class OpenVinoSession(Session):
@@ -101,8 +101,11 @@ class OpenVinoSession(Session):
                 self.settings[key.lower()] = str(config.get(key))
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        return self.run_all(x)[0]
+
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
         out = self.request.infer({0: np.ascontiguousarray(x, np.float32)}, share_inputs=False)
-        return np.array(out[self.compiled.output(0)])
+        return [np.array(out[port]) for port in self.compiled.outputs]
 
     def input_shape(self) -> list[int | None]:
         partial = self.compiled.input(0).get_partial_shape()

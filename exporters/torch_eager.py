@@ -46,11 +46,11 @@ class TorchExporter(Exporter):
         torch.export.save(program, str(staged))
         return [staged.name]
 
-    def run_staged(self, staged: Path, x: np.ndarray) -> np.ndarray:
+    def run_staged(self, staged: Path, x: np.ndarray) -> list[np.ndarray]:
         session = TorchSession(staged, 1)
         if self.dynamic_batch:  # the program must take another batch size too
             session.run(np.concatenate([x, x, x]))
-        return session.run(x)
+        return session.run_all(x)
 
 
 class TorchSession(Session):
@@ -68,11 +68,17 @@ class TorchSession(Session):
         self._input = None
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        return self.run_all(x)[0]
+
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
         import torch
+
+        from exporters.reference import flat_outputs
 
         torch.set_num_threads(self.threads)
         with torch.inference_mode():
-            return self.module(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+            value = self.module(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+        return [t.numpy() for _, t in flat_outputs(value)]
 
     def prepare(self, x: np.ndarray) -> None:
         import torch

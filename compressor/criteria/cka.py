@@ -16,7 +16,7 @@ from compressor.metrics.similarity import linear_cka
 
 @register("cka", cost="1 forward pass + U suffix passes (about U/2 full passes); naive: U + 1")
 def cka_importance(ctx: ScoringContext) -> dict[str, float]:
-    runner = SuffixRunner(ctx.model, ctx.units)
+    runner = SuffixRunner(ctx.model, ctx.units, ctx.example)
     base: list[torch.Tensor] = []
     removed: dict[str, list[torch.Tensor]] = {u.name: [] for u in ctx.units}
     with torch.no_grad():

@@ -5,7 +5,9 @@ per channel p = share of positive values over batch and spatial positions,
 H(p) = -(p log2 p + (1 - p) log2 (1 - p)) bits, layer entropy = mean over
 channels. H = 0: the activation is always on (linear) or always off (dead).
 A unit's importance is the mean entropy of the activations inside it (0 if it
-has none): low entropy marks a block that is nearly linear, hence removable or
+has none; a transformer branch's are those of the modules on the branch, e.g. the
+MLP's GELU, whose share of positive inputs is read like a rectifier's, as EGP does
+on Swin-T): low entropy marks a block that is nearly linear, hence removable or
 foldable. `activation_entropies` exposes the per-activation values, which the
 folding work uses to pick activations to linearise.
 
@@ -19,7 +21,8 @@ from torch import fx, nn
 from torch.utils.data import DataLoader
 
 from compressor.criteria.registry import ScoringContext, register
-from compressor.graph.activations import activation_of, trace
+from compressor.graph.activations import activation_of
+from compressor.graph.capture import capture
 from compressor.graph.prefix import _subgraph
 
 
@@ -31,10 +34,22 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
     return terms + torch.where(q > 0, -q * torch.log2(q.clamp_min(1e-300)), 0.0)
 
 
-def _activation_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+RECTIFIERS = ("relu", "relu6")
+# gated activations that are near zero for negative inputs and near the identity for positive ones: the share
+# of positive inputs says how often they pass, as for a rectifier (EGP measures GELU layers of Swin-T this way)
+GATES = ("gelu", "silu", "hardswish")
+
+
+def _activation_nodes(gm: fx.GraphModule, kinds: tuple[str, ...]) -> list[fx.Node]:
     modules = dict(gm.named_modules())
-    return [n for n in gm.graph.nodes if activation_of(n, modules) in ("relu", "relu6")
-            and len(n.all_input_nodes) == 1]
+    return [n for n in gm.graph.nodes if activation_of(n, modules) in kinds and len(n.all_input_nodes) == 1]
+
+
+def _channel_dim(node: fx.Node, gm: fx.GraphModule) -> int:
+    """Where an activation's channels are: last for tokens (after a Linear or LayerNorm), else dimension 1."""
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Linear, nn.LayerNorm)):
+        return -1
+    return 1
 
 
 def _node_name(node: fx.Node) -> str:
@@ -42,14 +57,16 @@ def _node_name(node: fx.Node) -> str:
 
 
 @torch.no_grad()
-def activation_entropies(model: nn.Module, loader: DataLoader) -> dict[str, dict]:
+def activation_entropies(model: nn.Module, loader: DataLoader,
+                         kinds: tuple[str, ...] = RECTIFIERS) -> dict[str, dict]:
     """Per rectifier: {"entropy": mean bits over channels, "unit_path": module path, "channels": C}.
 
     Keys are module paths (call_module) or fx node names (functional calls); a
     module called twice (e.g. torchvision's shared `relu`) appears under each call's node name.
     """
-    gm = trace(model.eval())
-    nodes = _activation_nodes(gm)
+    example = next(iter(loader))[0]
+    gm = capture(model.eval(), example)
+    nodes = _activation_nodes(gm, kinds)
     if not nodes:
         return {}
     calls: dict[str, int] = {}
@@ -57,11 +74,13 @@ def activation_entropies(model: nn.Module, loader: DataLoader) -> dict[str, dict
         calls[_node_name(n)] = calls.get(_node_name(n), 0) + 1
     names = [_node_name(n) if calls[_node_name(n)] == 1 else n.name for n in nodes]
     tap = _subgraph(gm, None, [n.all_input_nodes[0] for n in nodes])
+    channel_dims = [_channel_dim(n.all_input_nodes[0], gm) for n in nodes]
     positive: list[torch.Tensor | None] = [None] * len(nodes)
     counts = [0] * len(nodes)
     for x, *_ in loader:
         for i, pre in enumerate(tap(x)):
-            flat = pre.transpose(0, 1).reshape(pre.shape[1], -1) if pre.dim() > 1 else pre.reshape(1, -1)
+            dim = channel_dims[i] % pre.dim() if pre.dim() > 1 else 0
+            flat = pre.movedim(dim, 0).reshape(pre.shape[dim], -1) if pre.dim() > 1 else pre.reshape(1, -1)
             on = (flat > 0).sum(1).double()
             positive[i] = on if positive[i] is None else positive[i] + on
             counts[i] += flat.shape[1]
@@ -75,9 +94,11 @@ def activation_entropies(model: nn.Module, loader: DataLoader) -> dict[str, dict
 
 @register("entropy", cost="1 forward pass")
 def entropy_importance(ctx: ScoringContext) -> dict[str, float]:
-    layers = activation_entropies(ctx.model, ctx.calibration)
+    layers = activation_entropies(ctx.model, ctx.calibration, RECTIFIERS + GATES)
     scores = {}
-    for unit in ctx.units:
-        inside = [v["entropy"] for v in layers.values() if unit.name in v["module_stack"]]
+    for unit in ctx.units:  # a branch: the activations in the modules on it ("blocks.3/mlp": blocks.3.mlp)
+        keys = [f"{unit.path}.{m}" for m in unit.members] if unit.members else [unit.path]
+        inside = [v["entropy"] for v in layers.values()
+                  if any(k == key or k.startswith(key + ".") for k in v["module_stack"] for key in keys)]
         scores[unit.name] = sum(inside) / len(inside) if inside else 0.0
     return scores

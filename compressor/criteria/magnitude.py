@@ -15,12 +15,19 @@ from compressor.graph.units import Unit
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def branch_parameters(block: nn.Module, shortcut: str | None, weights_only: bool = True) -> list[torch.Tensor]:
-    """Parameters of `block` outside its shortcut: conv/linear weights, or all of them."""
+def branch_parameters(block: nn.Module, shortcut: str | None, weights_only: bool = True,
+                      members: tuple[str, ...] = ()) -> list[torch.Tensor]:
+    """Parameters of `block` outside its shortcut (or, given `members`, of those children and own parameters
+    only: a transformer branch's): conv/linear weights, or all of them."""
     skip = f"{shortcut}." if shortcut else None
     found = []
+    if members:
+        own = dict(block.named_parameters(recurse=False))
+        found += [own[m] for m in members if m in own and not weights_only]
     for name, module in block.named_modules():
         if skip and (name + ".").startswith(skip):
+            continue
+        if members and name.split(".")[0] not in members:
             continue
         if weights_only:
             if isinstance(module, WEIGHTED):
@@ -33,7 +40,7 @@ def branch_parameters(block: nn.Module, shortcut: str | None, weights_only: bool
 def _per_unit(ctx: ScoringContext, reduce: callable) -> dict[str, float]:
     scores = {}
     for unit in ctx.units:
-        weights = branch_parameters(ctx.model.get_submodule(unit.name), unit.shortcut)
+        weights = branch_parameters(ctx.model.get_submodule(unit.path), unit.shortcut, members=unit.members)
         count = sum(w.numel() for w in weights)
         scores[unit.name] = reduce(weights, count) if count else 0.0
     return scores
@@ -51,4 +58,4 @@ def magnitude_l2(ctx: ScoringContext) -> dict[str, float]:
 
 def unit_parameters(model: nn.Module, unit: Unit) -> list[torch.Tensor]:
     """All parameters of the unit's residual branch (what removing the unit deletes)."""
-    return branch_parameters(model.get_submodule(unit.name), unit.shortcut, weights_only=False)
+    return branch_parameters(model.get_submodule(unit.path), unit.shortcut, weights_only=False, members=unit.members)

@@ -34,8 +34,9 @@ def score_merge_units(criterion: str, ctx: ScoringContext, merges: list[Unit]) -
     from compressor.rewrite.block import merge_block
 
     blocks = units_by_name(ctx.units, [u.path for u in merges])
-    runner = SuffixRunner(ctx.model, blocks)
-    merged = {u.path: merge_block(ctx.model.get_submodule(u.path)).module.eval() for u in merges}
+    runner = SuffixRunner(ctx.model, blocks, ctx.example)
+    merged = {u.path: merge_block(ctx.model.get_submodule(u.path), u.input_shape or None).module.eval()
+              for u in merges}
     base: list[torch.Tensor] = []
     outputs: dict[str, list[torch.Tensor]] = {u.name: [] for u in merges}
     with torch.no_grad():

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -27,6 +28,11 @@ class ScoringContext:
     seed: int = 0
     use_cache: bool = True  # prefix caching where the criterion supports it
     repeats: int = 3  # seeds averaged by stochastic criteria (SR-init)
+
+    @property
+    def example(self) -> torch.Tensor:
+        """The first calibration batch: what the model's graph is captured on."""
+        return next(iter(self.calibration))[0]
 
 
 Criterion = Callable[[ScoringContext], dict[str, float]]

@@ -1,6 +1,6 @@
 """SR-init, stochastic re-initialisation (Tang, Lu, Xuan 2023): importance = top-1 accuracy
 drop (percentage points) on the calibration set when all of a unit's parameters,
-shortcut included, are re-initialised (Kaiming-normal convs and linears, BatchNorm
+shortcut included (a transformer branch: its modules'), are re-initialised (Kaiming-normal convs and linears, BatchNorm
 gamma 1, beta 0, running statistics 0/1), averaged over ScoringContext.repeats seeds.
 
 SR-init measures sensitivity to re-initialisation, not to removal: a block whose
@@ -22,11 +22,13 @@ from compressor.graph.prefix import SuffixRunner
 
 
 @torch.no_grad()
-def reinitialised(block: nn.Module, seed: int) -> nn.Module:
-    """A copy of `block` with every parameter and BatchNorm statistic freshly initialised."""
+def reinitialised(block: nn.Module, seed: int, members: tuple[str, ...] = ()) -> nn.Module:
+    """A copy of `block` with every parameter and BatchNorm statistic freshly initialised; only those of
+    the children named in `members` where given (a transformer branch's modules)."""
     fresh = copy.deepcopy(block).eval()
     g = torch.Generator().manual_seed(seed)
-    for module in fresh.modules():
+    chosen = [m for name, m in fresh.named_children() if name in members] if members else [fresh]
+    for module in (sub for part in chosen for sub in part.modules()):
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             fan_out = module.weight.shape[0] * module.weight[0, 0].numel()
             module.weight.copy_(torch.randn(module.weight.shape, generator=g) * (2.0 / fan_out) ** 0.5)
@@ -39,9 +41,9 @@ def reinitialised(block: nn.Module, seed: int) -> nn.Module:
 
 @register("sr_init", cost="1 forward pass + U x repeats suffix passes; naive: U x repeats + 1")
 def sr_init_importance(ctx: ScoringContext) -> dict[str, float]:
-    runner = SuffixRunner(ctx.model, ctx.units)
-    blocks = {u.name: [reinitialised(ctx.model.get_submodule(u.name), ctx.seed + r) for r in range(ctx.repeats)]
-              for u in ctx.units}
+    runner = SuffixRunner(ctx.model, ctx.units, ctx.example)
+    blocks = {u.name: [reinitialised(ctx.model.get_submodule(u.path), ctx.seed + r, u.members)
+                        for r in range(ctx.repeats)] for u in ctx.units}
     correct_base = 0
     correct = {u.name: 0 for u in ctx.units}
     total = 0

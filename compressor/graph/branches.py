@@ -184,3 +184,15 @@ def branch_name(branch: Branch, block: nn.Module, block_key: str | None, index: 
     if not top:
         return f"add{index}"
     return max(sorted(top), key=lambda c: sum(p.numel() for p in block.get_submodule(c).parameters()))
+
+
+def branch_members(branch: Branch, block_key: str | None, block_path: str) -> tuple[str, ...]:
+    """The block's children and own parameters (names relative to the block) that the branch's nodes use:
+    what removing the branch deletes."""
+    found = {c.split(".")[0] for n in branch.nodes if (c := _child_of(n, block_key)) is not None}
+    prefix = f"{block_path}." if block_path else ""
+    for node in branch.nodes:
+        for a in node.all_input_nodes:
+            if a.op == "get_attr" and str(a.target).startswith(prefix):
+                found.add(str(a.target)[len(prefix):].split(".")[0])
+    return tuple(sorted(found))

@@ -116,7 +116,7 @@ def _groups(graph: fx.Graph, paths: dict[str, nn.Module], depth_of_key) -> dict[
     """Nodes grouped by the module call (call key) chosen by `depth_of_key` from each node's stack."""
     groups: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
-        if node.op != "call_function":
+        if node.op not in ("call_function", "call_module"):
             continue
         key = depth_of_key(node.meta.get("nn_module_stack") or {})
         if key is not None and key[1] in paths:
@@ -133,9 +133,13 @@ def lift_calls(gm: fx.GraphModule, modules: dict[str, nn.Module], values: dict[s
     lifted = 0
     for key, group in _groups(gm.graph, modules, pick).items():
         inputs, outs = tensor_inputs(group), outputs_of(group)
-        if len(inputs) != 1 or len(outs) != 1 or isinstance(outs[0].meta.get("val"), (list, tuple)):
-            continue
         path = pick(group[0].meta["nn_module_stack"])[1]
+        if len(group) == 1 and group[0].op == "call_module" and group[0].target == path:
+            continue  # already this module's call
+        # several values (a list of tensors, a tuple of metadata: TensorMetadata itself is a NamedTuple)
+        if len(inputs) != 1 or len(outs) != 1 or isinstance(outs[0].meta.get("val"), (list, tuple)) \
+                or type(outs[0].meta.get("tensor_meta")) in (list, tuple):
+            continue
         if values is not None and not _reproduces(modules[path], values, inputs[0], outs[0]):
             continue
         out = outs[0]
@@ -177,7 +181,7 @@ def _innermost_key(stack: dict) -> tuple[str, str] | None:
     return key, stack[key][0]
 
 
-def _record_values(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, object]:
+def record_values(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, object]:
     """Every node's value on `x` (one interpreted forward pass), by node name."""
     values: dict[str, object] = {}
 
@@ -192,7 +196,7 @@ def _record_values(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, object]:
     return values
 
 
-def _root_for(graph: fx.Graph, model: nn.Module, fallback: nn.Module) -> dict[str, object]:
+def root_for(graph: fx.Graph, model: nn.Module, fallback: nn.Module) -> dict[str, object]:
     """The attributes the graph's call_module and get_attr nodes name, taken from `model` (so the graph runs
     on the model's own layers and parameters) or, for constants export created, from `fallback`."""
     root: dict[str, object] = {}
@@ -237,7 +241,7 @@ def _functional(gm: fx.GraphModule) -> None:
             node.target = overload
 
 
-def _structure_key(model: nn.Module, shape: tuple[int, ...]) -> str:
+def structure_key(model: nn.Module, shape: tuple[int, ...]) -> str:
     """A digest of what the captured graph depends on: every module's path, type, settings, parameter and
     buffer shapes and plain attributes (never the weights' values), a GraphModule's code, and the input shape."""
     h = hashlib.sha256(repr(tuple(shape)).encode())
@@ -264,15 +268,15 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     shape (not its weights), so capturing a copy of the same architecture again costs no export.
     TraceError (one line, naming the submodule and the reason) where neither can capture it."""
     model.eval()
-    key = _structure_key(model, tuple(example_input.shape[1:]))
+    key = structure_key(model, tuple(example_input.shape[1:]))
     cached = _CACHE.get(key)
     if cached is not None:
         _CACHE.move_to_end(key)
         graph, info, constants = copy.deepcopy(cached[0]), cached[1], cached[2]
-        gm = fx.GraphModule(_root_for(graph, model, _Holder(constants)), graph, type(model).__name__)
+        gm = fx.GraphModule(root_for(graph, model, ConstantHolder(constants)), graph, type(model).__name__)
     else:
         graph, info, constants = _capture_graph(model, example_input)
-        gm = fx.GraphModule(_root_for(graph, model, _Holder(constants)), graph, type(model).__name__)
+        gm = fx.GraphModule(root_for(graph, model, ConstantHolder(constants)), graph, type(model).__name__)
         if info.method == "torch.fx":
             _shapes(gm, model, example_input)
         _CACHE[key] = (copy.deepcopy(gm.graph), info, constants)
@@ -282,7 +286,7 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     return gm
 
 
-class _Holder(nn.Module):
+class ConstantHolder(nn.Module):
     """Constants an exported program created (tensors not on the model), as attributes by their targets."""
 
     def __init__(self, constants: dict[str, object]) -> None:
@@ -347,7 +351,7 @@ def _exported_graph(model: nn.Module, x: torch.Tensor) -> tuple[fx.Graph, dict[s
     for node in graph.nodes:
         node.meta["nn_module_stack"] = _normalised_stack(node.meta.get("nn_module_stack"))
     _functional(unlifted)
-    values = _record_values(unlifted, xb)
+    values = record_values(unlifted, xb)
     leaves = {path: m for path, m in model.named_modules() if path and _liftable(m)}
     lift_calls(unlifted, leaves, values, _innermost_key)
     remove_dead(graph)
@@ -360,7 +364,7 @@ def _exported_graph(model: nn.Module, x: torch.Tensor) -> tuple[fx.Graph, dict[s
         if isinstance(value, torch.Tensor):
             node.meta["tensor_meta"] = _extract_tensor_metadata(value)
     constants = {n.target: _attr(unlifted, n.target) for n in graph.nodes if n.op == "get_attr"
-                 and not _has_attr(model, n.target)}
+                 and not has_attr(model, n.target)}
     return graph, constants
 
 
@@ -376,7 +380,7 @@ def remove_dead(graph: fx.Graph) -> None:
         graph.erase_node(node)
 
 
-def _has_attr(model: nn.Module, target: str) -> bool:
+def has_attr(model: nn.Module, target: str) -> bool:
     try:
         _attr(model, target)
     except AttributeError:

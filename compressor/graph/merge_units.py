@@ -11,6 +11,8 @@ choices exclusive).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from compressor.errors import MergeRefused
@@ -25,12 +27,14 @@ def find_merge_units(model: nn.Module, units: list[Unit]) -> tuple[list[Unit], d
     merges: list[Unit] = []
     refused: dict[str, str] = {}
     for unit in units:
+        if unit.kind not in ("identity", "projection"):
+            continue  # a transformer's branch or block is not a conv block
         try:
-            merge_block(model.get_submodule(unit.name))
+            merge_block(model.get_submodule(unit.name), unit.input_shape or None)
         except MergeRefused as e:
             refused[unit.name] = e.reason
             continue
-        merges.append(Unit(unit.name + MERGE_SUFFIX, "merge", unit.stage, unit.order, unit.shortcut, unit.post_add))
+        merges.append(replace(unit, name=unit.name + MERGE_SUFFIX, kind="merge"))
     return merges, refused
 
 

@@ -1,9 +1,10 @@
 """Prefix caching: capture every unit's block input in one pass, then run only the
 part of the network after a unit (its suffix) on a replacement output.
 
-Built on the model's fx graph, so it works for any traceable model. Where a
-unit's suffix also reads values from before the unit (a long skip), that unit
-falls back to a full forward pass with the block swapped.
+Built on the model's captured graph (capture.py), so it works for any model that
+can be captured. Where a unit's suffix also reads values from before the unit (a
+long skip), that unit falls back to a full forward pass with the block swapped. A
+symbolic batch size the suffix needs is read again from the block's output.
 """
 
 from __future__ import annotations
@@ -11,17 +12,32 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from compressor.graph.activations import trace
+from compressor.graph.capture import capture, is_symbolic, outputs_of, tensor_inputs
 from compressor.graph.surgery import replacement_for
 from compressor.graph.units import Unit
 
 
 def _classifier_input(gm: fx.GraphModule) -> fx.Node:
-    """The input of the last nn.Linear: the penultimate features. Else the output itself."""
+    """The input of the last nn.Linear: the penultimate features. Else the (first) output itself."""
     modules = dict(gm.named_modules())
-    output = _output_node(gm)
     linears = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], nn.Linear)]
-    return linears[-1].all_input_nodes[0] if linears else output
+    return linears[-1].all_input_nodes[0] if linears else _output_nodes(gm)[0]
+
+
+def _symbolic_copy(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node], source: fx.Node) -> bool:
+    """Copy a symbolic size node into `graph`, its batch read again from `source` (the new input, whose
+    dimension 0 is the batch, the only dimension captured symbolic). False if it is not a size."""
+    if node in env:
+        return True
+    if not is_symbolic(node):
+        return False
+    if node.target is torch.ops.aten.sym_size.int:
+        env[node] = graph.call_function(torch.ops.aten.sym_size.int, (source, 0))
+        return True
+    if not all(_symbolic_copy(graph, a, env, source) for a in node.all_input_nodes):
+        return False
+    env[node] = graph.node_copy(node, lambda a: env[a])
+    return True
 
 
 def _subgraph(gm: fx.GraphModule, start: fx.Node | None, outputs: list[fx.Node]) -> fx.GraphModule | None:
@@ -39,6 +55,13 @@ def _subgraph(gm: fx.GraphModule, start: fx.Node | None, outputs: list[fx.Node])
             break
         if node.op == "placeholder" and start is not None:
             continue
+        for a in node.all_input_nodes:
+            if a in env:
+                continue
+            if a.op == "get_attr":  # export puts every parameter read at the top of the graph
+                env[a] = graph.node_copy(a)
+            elif start is not None and is_symbolic(a):
+                _symbolic_copy(graph, a, env, env[start])
         missing = [a for a in node.all_input_nodes if a not in env]
         if missing:
             if node in needed or any(u in needed for u in node.users):
@@ -56,34 +79,38 @@ class SuffixRunner:
 
     capture(x) -> (features, logits, {unit: block input}) in one pass;
     removed(unit, block_input) -> (features, logits) of the model without `unit`.
+    `logits` is the model's output, or the tuple of its outputs where it has several.
     """
 
-    def __init__(self, model: nn.Module, units: list[Unit]) -> None:
+    def __init__(self, model: nn.Module, units: list[Unit], example_input: torch.Tensor) -> None:
         self.model = model.eval()
         self.units = units
-        gm = trace(self.model)
+        gm = capture(self.model, example_input)
         nodes = list(gm.graph.nodes)
         features = _classifier_input(gm)
-        output = _output_node(gm)
+        outputs = _output_nodes(gm)
+        self._several = len(outputs) > 1
         self._inputs: dict[str, fx.Node] = {}
         self.suffixes: dict[str, fx.GraphModule | None] = {}
-        self.replacements = {u.name: replacement_for(model.get_submodule(u.name), u).eval() for u in units}
+        self.replacements = {u.name: replacement_for(model.get_submodule(u.path), u).eval() for u in units}
         for unit in units:
-            block = [n for n in nodes if unit.name in (n.meta.get("nn_module_stack") or {})]
-            inside = set(block)
-            block_input = next(a for n in block for a in n.all_input_nodes if a not in inside)
-            block_output = next(n for n in block if any(u not in inside for u in n.users))
-            self._inputs[unit.name] = block_input
-            self.suffixes[unit.name] = _subgraph(gm, block_output, [features, output])
-        self.prefix = _subgraph(gm, None, [features, output, *self._inputs.values()])
+            block = [n for n in nodes if unit.path in (n.meta.get("nn_module_stack") or {})]
+            self._inputs[unit.name] = tensor_inputs(block)[0]
+            self.suffixes[unit.name] = _subgraph(gm, outputs_of(block)[0], [features, *outputs])
+        self.prefix = _subgraph(gm, None, [features, *outputs, *self._inputs.values()])
+        self._count = len(outputs)
         modules = dict(gm.named_modules())
         linears = [n.target for n in nodes if n.op == "call_module" and isinstance(modules[n.target], nn.Linear)]
         self._classifier = self.model.get_submodule(linears[-1]) if linears else None
 
+    def _logits(self, values: tuple) -> torch.Tensor | tuple:
+        return tuple(values) if self._several else values[0]
+
     @torch.no_grad()
-    def capture(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        features, logits, *inputs = self.prefix(x)
-        return features, logits, dict(zip(self._inputs, inputs, strict=True))
+    def capture(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | tuple, dict[str, torch.Tensor]]:
+        values = self.prefix(x)
+        features, outputs, inputs = values[0], values[1:1 + self._count], values[1 + self._count:]
+        return features, self._logits(outputs), dict(zip(self._inputs, inputs, strict=True))
 
     @torch.no_grad()
     def removed(self, unit: Unit, block_input: torch.Tensor,
@@ -97,7 +124,8 @@ class SuffixRunner:
         """Features and logits with `unit` replaced by `module`, run from the cached block input."""
         suffix = self.suffixes[unit.name]
         if suffix is not None:
-            return suffix(module(block_input))
+            values = suffix(module(block_input))
+            return values[0], self._logits(values[1:])
         return self.naive_with_block(unit, module, x)
 
     @torch.no_grad()
@@ -108,12 +136,12 @@ class SuffixRunner:
     @torch.no_grad()
     def naive_with_block(self, unit: Unit, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Full forward pass of the model with `unit` swapped for `module` (restored afterwards)."""
-        original = self.model.get_submodule(unit.name)
-        self.model.set_submodule(unit.name, module)
+        original = self.model.get_submodule(unit.path)
+        self.model.set_submodule(unit.path, module)
         try:
             return self.full(x)
         finally:
-            self.model.set_submodule(unit.name, original)
+            self.model.set_submodule(unit.path, original)
 
     @torch.no_grad()
     def full(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,11 +159,14 @@ class SuffixRunner:
         return captured[-1], logits
 
 
-def _output_node(gm: fx.GraphModule) -> fx.Node:
-    return next(n for n in gm.graph.nodes if n.op == "output").args[0]
+def _output_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The graph's output tensors, flattened (one for a model returning a tensor)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    return [n for n in leaves if isinstance(n, fx.Node)]
 
 
-def features_and_logits(model: nn.Module) -> fx.GraphModule:
-    """`model` as a module returning (penultimate features, logits)."""
-    gm = trace(model.eval())
-    return _subgraph(gm, None, [_classifier_input(gm), _output_node(gm)])
+def features_and_logits(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
+    """`model` as a module returning (penultimate features, *its output tensors, flattened)."""
+    gm = capture(model.eval(), example_input)
+    return _subgraph(gm, None, [_classifier_input(gm), *_output_nodes(gm)])

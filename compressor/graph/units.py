@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from compressor.errors import InputError
 from compressor.graph.activations import IDEMPOTENT_AFTER, SIGN_PRESERVING_MODULES, activation_of, is_add
-from compressor.graph.branches import Branch, analyse_add, block_additions, branch_name
+from compressor.graph.branches import Branch, analyse_add, block_additions, branch_members, branch_name
 from compressor.graph.capture import capture, outputs_of, tensor_inputs
 
 MERGE_SUFFIX = "/merge"  # a merge unit's name: its block's path + this
@@ -45,8 +45,9 @@ class Unit:
     (every branch of a multi-branch block), or "merge"; shortcut: the projection's path relative to the
     block; post_add: activations after the addition that the replacement keeps; stage: the block's output
     shape, e.g. "32x16x16" (blocks of one stage share it); order: position in the graph; branches: which of
-    the block's own additions (in graph order) a branch or block unit removes; input_shape: the block's
-    input shape without the batch dimension (what rebuilding it captures on).
+    the block's own additions (in graph order) a branch or block unit removes; members: the block's
+    children and own parameters (relative names) that a branch or block unit removes with its branches;
+    input_shape: the block's input shape without the batch dimension (what rebuilding it captures on).
     """
 
     name: str
@@ -58,6 +59,7 @@ class Unit:
     anchored: bool = False  # its stage also has a block that is not a unit (that block always stays)
     branches: tuple[int, ...] = ()
     input_shape: tuple[int, ...] = ()
+    members: tuple[str, ...] = ()
 
     @property
     def removable_to(self) -> str:
@@ -190,16 +192,18 @@ def _block_units(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], mod
             kind = "projection" if branch.projection else "identity"
             return [Unit(path, kind, stage, order, branch.projection_child, post, branches=(0,),
                          input_shape=input_shape)]
-    units, names = [], set()
+    units, names, every = [], set(), set()
     for i, branch in valid:
         name = branch_name(branch, block, key, i)
         name = name if name not in names else f"{name}{i}"
         names.add(name)
+        members = branch_members(branch, key, path)
+        every |= set(members)
         units.append(Unit(f"{path}/{name}", "branch", stage, order + len(units), branch.projection_child,
-                          branches=(i,), input_shape=input_shape))
+                          branches=(i,), input_shape=input_shape, members=members))
     if len(valid) == len(adds) > 1:
         units.append(Unit(path, "block", stage, order + len(units), branches=tuple(range(len(adds))),
-                          input_shape=input_shape))
+                          input_shape=input_shape, members=tuple(sorted(every))))
     return units
 
 

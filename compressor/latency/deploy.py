@@ -20,9 +20,10 @@ from compressor.rewrite.fold import fold_batchnorm
 from compressor.rewrite.linearised import merge_linearised
 
 
-def deployable(model: nn.Module) -> nn.Module:
-    """What is exported: linearised blocks merged into one conv, then BatchNorm folded."""
-    return fold_batchnorm(merge_linearised(model))[0]
+def deployable(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+    """What is exported: linearised blocks merged into one conv, then BatchNorm folded (the model captured on
+    `example_input`, and the fold checked on it)."""
+    return fold_batchnorm(merge_linearised(model), example_input)[0]
 
 
 class Deployment:
@@ -42,7 +43,7 @@ class Deployment:
 
     def export(self, model: nn.Module, path: Path) -> Path:
         """Export `deployable(model)`; returns the artifact path (`path` with the exporter's suffix)."""
-        return self.backend.export(deployable(model), self.example, path)
+        return self.backend.export(deployable(model, self.example), self.example, path)
 
     def validate(self, artifact: Path, model: nn.Module, x: torch.Tensor) -> float:
         """Run `artifact` on `x` and compare with torch (linearised blocks merged, as exported);

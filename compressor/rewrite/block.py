@@ -1,12 +1,13 @@
 """Linearise a block and merge it into one conv (the DepthShrinker / EGP step; RepVGG for the shortcut).
 
-The block's traced graph (torch.fx, so any module works, no per-architecture tables)
-must become linear ops from one input to one output once its activations are removed:
-Conv2d, BatchNorm2d, Identity / Dropout (eval), and additions (residual shortcuts, the
-identity folded into the kernel centre, a projection added as a parallel branch).
-Activations at the very end (after the residual add) stay, applied to the merged conv's
-output; every other activation is removed. Anything else (pooling, squeeze-excite's
-multiply, concatenation) refuses the merge, naming the node.
+The block's captured graph (graph/capture.py: torch.export, so any module works, no per-
+architecture tables; torch.fx where no input shape is known) must become linear ops from
+one input to one output once its activations are removed: Conv2d, BatchNorm2d, Identity
+/ Dropout (eval), and additions (residual shortcuts, the identity folded into the kernel
+centre, a projection added as a parallel branch). Activations at the very end (after the
+residual add) stay, applied to the merged conv's output; every other activation is
+removed. Anything else (pooling, squeeze-excite's multiply, concatenation) refuses the
+merge, naming the node.
 
 The merge is checked against the *linearised* block (activations removed, trailing
 ones kept): interior within MERGE_RTOL, the border ring's error reported.
@@ -15,13 +16,15 @@ ones kept): interior within MERGE_RTOL, the border ring's error reported.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
-from compressor.errors import InputError, MergeRefused, ValidationError
-from compressor.graph.activations import ACTIVATION_BUILDERS, activation_of, is_add
+from compressor.errors import CompressorError, InputError, MergeRefused, ValidationError
+from compressor.graph.activations import ACTIVATION_BUILDERS, activation_of, is_add, trace_fx
+from compressor.graph.capture import capture
 from compressor.rewrite.compose import MERGE_RTOL, Merged, add_identity, add_parallel, as_merged, bn_as_conv, compose
 
 PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout2d)  # no-ops in eval mode
@@ -81,17 +84,28 @@ def _activation(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     return activation_of(node, modules)
 
 
-def _plan(block: nn.Module) -> _Plan:
-    """Trace a copy of `block` (eval mode); find the trailing activations and the ones to remove."""
+def _captured(block: nn.Module, input_shape: Sequence[int] | None) -> fx.GraphModule:
+    """A captured copy of `block` (eval mode): on an input of `input_shape` (C, H, W), else by torch.fx."""
+    copied = copy.deepcopy(block).eval()
     try:
-        gm = fx.symbolic_trace(copy.deepcopy(block).eval())
-    except Exception as e:  # fx raises many types (TraceError, TypeError, ...)
-        raise MergeRefused(f"cannot trace {type(block).__name__} with torch.fx: {type(e).__name__}: {e}") from e
+        if input_shape is not None:
+            return capture(copied, torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0)))
+        return trace_fx(copied)
+    except CompressorError as e:
+        raise MergeRefused(f"cannot capture {type(block).__name__}: {e}") from e
+
+
+def _plan(block: nn.Module, input_shape: Sequence[int] | None = None) -> _Plan:
+    """Capture a copy of `block` (eval mode); find the trailing activations and the ones to remove."""
+    gm = _captured(block, input_shape)
     modules = dict(gm.named_modules())
     outputs = [n for n in gm.graph.nodes if n.op == "output"]
-    if len(outputs) != 1 or not isinstance(outputs[0].args[0], fx.Node):
+    out = outputs[0].args[0] if len(outputs) == 1 else None
+    if isinstance(out, (tuple, list)) and len(out) == 1:
+        out = out[0]
+    if not isinstance(out, fx.Node):
         raise MergeRefused(f"{type(block).__name__} does not return a single tensor")
-    post, node = [], outputs[0].args[0]
+    post, node = [], out
     while _activation(node, modules) is not None:
         post.append(node)
         node = node.args[0]
@@ -129,7 +143,8 @@ def _linear_map(plan: _Plan) -> Merged:
                     raise MergeRefused(f"{node.name}: the block takes more than one input")
                 maps[node] = None
             elif node.op == "output":
-                last = plan.post[0].args[0] if plan.post else node.args[0]
+                out = node.args[0][0] if isinstance(node.args[0], (tuple, list)) else node.args[0]
+                last = plan.post[0].args[0] if plan.post else out
                 result = maps[last]
             elif node in plan.linearised or node.op == "call_module" and isinstance(modules[node.target],
                                                                                     PASS_THROUGH):
@@ -155,13 +170,14 @@ def _linear_map(plan: _Plan) -> Merged:
     return result
 
 
-def merge_block(block: nn.Module) -> MergedBlock:
-    """`block` (eval mode, activations inside removed) as one conv, followed by its trailing activations.
+def merge_block(block: nn.Module, input_shape: Sequence[int] | None = None) -> MergedBlock:
+    """`block` (eval mode, activations inside removed) as one conv, followed by its trailing activations;
+    `input_shape` (C, H, W) is what the block is captured on (None: torch.fx traces it).
 
     MergeRefused names the node and why (e.g. squeeze-excite's multiply, a dilated conv).
     The result may be exact only away from the border: see `MergedBlock.border`.
     """
-    plan = _plan(block)
+    plan = _plan(block, input_shape)
     merged = _linear_map(plan)
     modules = dict(plan.graph.named_modules())
     post: list[nn.Module] = []
@@ -175,10 +191,10 @@ def merge_block(block: nn.Module) -> MergedBlock:
                        tuple(n.name for n in plan.post))
 
 
-def linearise(block: nn.Module) -> fx.GraphModule:
-    """A traced copy of `block` (eval mode) with every activation removed except the trailing ones:
+def linearise(block: nn.Module, input_shape: Sequence[int] | None = None) -> fx.GraphModule:
+    """A captured copy of `block` (eval mode) with every activation removed except the trailing ones:
     what `merge_block` reproduces."""
-    plan = _plan(block)
+    plan = _plan(block, input_shape)
     for node in plan.linearised:
         node.replace_all_uses_with(node.args[0])
         plan.graph.graph.erase_node(node)
@@ -195,7 +211,7 @@ def check_merge(original_block: nn.Module, merged: MergedBlock, x: torch.Tensor,
     `rtol` of its max |value|, or the shapes differ; the border's error is reported, not
     bounded. InputError if `x` is too small to have an interior.
     """
-    reference = linearise(original_block)(x)
+    reference = linearise(original_block, tuple(x.shape[1:]))(x)
     got = merged.module.eval()(x)
     if got.shape != reference.shape:
         raise ValidationError(f"merged block gives shape {tuple(got.shape)}, the original {tuple(reference.shape)}")

@@ -25,7 +25,8 @@ from torch.nn.utils import skip_init
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from compressor.errors import InputError, MergeRefused, ValidationError
-from compressor.graph.activations import trace
+from compressor.graph.activations import trace_fx
+from compressor.graph.capture import capture
 
 FOLDABLE = (
     (nn.Conv1d, nn.BatchNorm1d, fuse_conv_bn_eval),
@@ -119,9 +120,9 @@ def fold_bn_into_conv(bn: nn.Module, conv: nn.Module) -> nn.Module:
 class _Folder:
     """Folds on a traced copy; records every replaced module for the checkpoint's structure."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, example_input: torch.Tensor | None) -> None:
         self.model = copy.deepcopy(model).eval()
-        self.graph = trace(self.model)
+        self.graph = capture(self.model, example_input) if example_input is not None else trace_fx(self.model)
         self.calls = Counter(n.target for n in self.graph.graph.nodes if n.op == "call_module")
         self.result = FoldResult(self.model)
         self.reasons: dict[str, list[str]] = defaultdict(list)
@@ -187,17 +188,18 @@ def fold_model(model: nn.Module, example_input: torch.Tensor | None = None,
     """A copy of `model` (eval mode) with every BatchNorm that folds exactly folded away.
 
     `merge_exact` also merges adjacent convs where the merge is exact and costs no more
-    multiply-adds (compressor.rewrite.pairs). With `example_input`, the result is checked
-    against the original (ValidationError beyond FOLD_RTOL of the output's range).
+    multiply-adds (compressor.rewrite.pairs). With `example_input`, the model is captured on it
+    (graph/capture.py) and the result checked against the original (ValidationError beyond
+    FOLD_RTOL of the output's range); without one, only torch.fx can read its graph.
     """
-    folder = _Folder(model)
+    folder = _Folder(model, example_input)
     folder.after_layer()
     folder.before_conv()
     folder.result.left = folder.leftovers()
     if merge_exact:
         from compressor.rewrite.pairs import merge_exact_pairs
 
-        folder.result.merges = merge_exact_pairs(folder.model, folder.replace)
+        folder.result.merges = merge_exact_pairs(folder.model, folder.replace, example_input)
     if example_input is not None:
         what = "BatchNorm folding" + (" and conv merging" if folder.result.merges else "")
         folder.result.max_rel_error = check_equivalent(model, folder.model, example_input, FOLD_RTOL, what)

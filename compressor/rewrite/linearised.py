@@ -22,11 +22,12 @@ class LinearisedBlock(nn.Module):
     the merged conv directly diverged here: without BatchNorm its outputs start ~100x too large).
     `merge_linearised` turns it into the single conv before export."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, input_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         from compressor.rewrite.block import linearise
 
-        self.block = linearise(block)
+        self.input_shape = tuple(input_shape) if input_shape else None  # (C, H, W) it is captured on
+        self.block = linearise(block, self.input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
@@ -44,7 +45,8 @@ def merge_linearised(model: nn.Module) -> nn.Module:
         return model
     merged = copy.deepcopy(model)
     for name in names:
-        merged.set_submodule(name, merge_block(merged.get_submodule(name).block).module)
+        linearised = merged.get_submodule(name)
+        merged.set_submodule(name, merge_block(linearised.block, linearised.input_shape).module)
     return merged.train(model.training)
 
 
@@ -73,7 +75,7 @@ def verify_merges(model: nn.Module, x: torch.Tensor, min_size: int = 16) -> dict
     for name, block in blocks.items():
         _, c, h, w = shapes[name]
         block_input = torch.randn(1, c, max(h, min_size), max(w, min_size), generator=g)
-        merged = merge_block(block.block)
+        merged = merge_block(block.block, block.input_shape)
         check = check_merge(block.block, merged, block_input)
         checks[name] = {"exact": merged.exact, "border_px": merged.border,
                         "interior_max_rel_error": check.interior_rel, "border_max_abs_error": check.border_abs,

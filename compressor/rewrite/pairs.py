@@ -13,10 +13,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
+import torch
 from torch import fx, nn
 
 from compressor.errors import MergeRefused
-from compressor.graph.activations import trace
+from compressor.graph.activations import trace_fx
+from compressor.graph.capture import capture
 from compressor.rewrite.compose import compose, conv_macs
 
 
@@ -32,13 +34,15 @@ def _producer(node: fx.Node, model: nn.Module) -> fx.Node | None:
     return prev if prev.op == "call_module" and len(prev.users) == 1 else None
 
 
-def merge_exact_pairs(model: nn.Module, replace: Callable[[str, nn.Module], None]) -> list[tuple[str, str]]:
+def merge_exact_pairs(model: nn.Module, replace: Callable[[str, nn.Module], None],
+                      example_input: torch.Tensor | None = None) -> list[tuple[str, str]]:
     """Merge conv -> conv pairs of `model` that compose exactly and cost no more; returns (first, second) names.
 
     `replace(name, module)` installs a module (the second conv becomes the merged conv, the
-    first nn.Identity); chains merge left to right.
+    first nn.Identity); chains merge left to right. The graph is captured on `example_input` (torch.fx
+    reads it without one).
     """
-    graph = trace(model).graph
+    graph = (capture(model, example_input) if example_input is not None else trace_fx(model)).graph
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     merged: list[tuple[str, str]] = []
     for node in graph.nodes:

@@ -39,7 +39,8 @@ def _onnx_copies(plan: Plan, folded: torch.nn.Module, out: Path) -> None:
 
     onnx = get_exporter("onnx")
     onnx.export(folded, plan.example, out / "model.onnx", plan.deployment.profile.opset)
-    onnx.export(fold_batchnorm(plan.model)[0], plan.example, out / "baseline.onnx", plan.deployment.profile.opset)
+    baseline = fold_batchnorm(plan.model, plan.example)[0]
+    onnx.export(baseline, plan.example, out / "baseline.onnx", plan.deployment.profile.opset)
 
 
 def _program(plan: Plan, recovered: Recovered, out: Path) -> dict:
@@ -56,7 +57,7 @@ def deliver(plan: Plan, recovered: Recovered, removed: list[Unit], data: DataBun
     """Fold BatchNorm (checked to FOLD_RTOL), export both models (each validated against torch on
     held-out images), write model.pt (state_dict and recipe), recipe.json and model.pt2."""
     deployment, x = plan.deployment, plan.example
-    folded, folds = fold_batchnorm(recovered.deployed)
+    folded, folds = fold_batchnorm(recovered.deployed, plan.example)
     fold_error = check_equivalent(recovered.deployed, folded, x, FOLD_RTOL, "BatchNorm folding")
     suffix = deployment.exporter.suffix
     model_path = deployment.export(recovered.pruned, out / f"model{suffix}")

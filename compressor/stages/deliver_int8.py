@@ -37,8 +37,9 @@ def deliver_int8(plan: Plan, recovered: Recovered, delivered: Delivered, data: D
     log(f"INT8: quantizing the fine-tuned model ({len(images.calibration)} calibration images, "
         f"{len(images.held_out)} held-out)")
     try:
-        quantized = quantize_checked(deployable(recovered.deployed), plan.example, plan.deployment.runtime.name, path,
-                                     images, opset=plan.deployment.profile.opset, log=lambda s: log(f"    {s}"))
+        quantized = quantize_checked(deployable(recovered.deployed, plan.example), plan.example,
+                                     plan.deployment.runtime.name, path, images, opset=plan.deployment.profile.opset,
+                                     log=lambda s: log(f"    {s}"))
     except FidelityFloorError as e:
         log(f"the final INT8 is refused ({e}); delivering fp32")
         return replace(delivered, checks={**delivered.checks, "int8": {"refused": str(e), "attempts": e.attempts}})

@@ -78,8 +78,8 @@ class Int8Probe:
 
 def _quantize(plan: Plan, model: torch.nn.Module, path: Path, images: QuantizationImages, log: Callable[[str], None]):
     runtime = plan.deployment.runtime.name
-    return quantize_checked(deployable(model), plan.example, runtime, path, images, opset=plan.deployment.profile.opset,
-                            log=lambda s: log(f"    {s}"))
+    return quantize_checked(deployable(model, plan.example), plan.example, runtime, path, images,
+                            opset=plan.deployment.profile.opset, log=lambda s: log(f"    {s}"))
 
 
 def probe_int8(plan: Plan, reach: Reach, images: QuantizationImages, work: Path, log: Callable[[str], None]
