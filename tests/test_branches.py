@@ -1,0 +1,273 @@
+"""Residual branches as units: pre-norm transformer blocks (two branches in one module), split-concat (C2f)
+bottlenecks, models torch.fx cannot trace, several outputs. Removal must equal the model whose removed
+branches output zero (SURGERY_RTOL: exact up to fp32 summation order), and export must agree with torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compressor.errors import TraceError
+from compressor.graph.capture import capture
+from compressor.graph.surgery import remove_units
+from compressor.graph.units import find_units, find_units_explained
+
+SURGERY_RTOL = 1e-5
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """timm's pre-norm block: x + ls1(attn(norm1(x))), then + ls2(mlp(norm2(x)))."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim), Attention(dim, 2), LayerScale(dim)
+        self.norm2, self.ls2 = nn.LayerNorm(dim), nn.Identity()
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.muted: set[str] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.ls1(self.attn(self.norm1(x)))
+        x = x + (a * 0 if "attn" in self.muted else a)
+        m = self.ls2(self.mlp(self.norm2(x)))
+        return x + (m * 0 if "mlp" in self.muted else m)
+
+
+class TinyViT(nn.Module):
+    def __init__(self, dim: int = 16, depth: int = 3, classes: int = 5) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.1)
+        self.blocks = nn.Sequential(*[Block(dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.blocks(x)).mean(1))
+
+
+class Conv(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.cv1, self.cv2 = Conv(c, c), Conv(c, c)
+        self.muted = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.cv2(self.cv1(x))
+        return x + (y * 0 if self.muted else y)
+
+
+class C2f(nn.Module):
+    """YOLOv8's split-concat block: Python iteration over a chunk, which torch.fx cannot trace."""
+
+    def __init__(self, c: int, n: int = 2) -> None:
+        super().__init__()
+        self.c = c // 2
+        self.cv1, self.cv2 = Conv(c, 2 * self.c), Conv((2 + n) * self.c, c)
+        self.m = nn.ModuleList(Bottleneck(self.c) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class TinyDetector(nn.Module):
+    """Two heads at two scales, returning a tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = Conv(3, 8)
+        self.stage1 = C2f(8)
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.SiLU())
+        self.stage2 = C2f(16)
+        self.head1, self.head2 = nn.Conv2d(8, 6, 1), nn.Conv2d(16, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p1 = self.stage1(self.stem(x))
+        p2 = self.stage2(self.down(p1))
+        return self.head1(p1), self.head2(p2)
+
+
+def _randomised(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+
+
+def _mute(model: nn.Module, names: list[str]) -> None:
+    for name in names:
+        path, _, branch = name.partition("/")
+        block = model.get_submodule(path)
+        if isinstance(block, Block):
+            block.muted |= {branch} if branch else {"attn", "mlp"}
+        else:
+            block.muted = True
+
+
+def test_a_prenorm_block_gives_two_branch_units_and_the_block():
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    units = find_units(model, torch.randn(1, 3, 16, 16))
+    assert [(u.name, u.kind) for u in units[:3]] == [("blocks.0/attn", "branch"), ("blocks.0/mlp", "branch"),
+                                                    ("blocks.0", "block")]
+    assert len(units) == 9
+    attn = units[0]
+    assert set(attn.members) == {"attn", "ls1", "norm1"}  # layer scale and the norm go with the branch
+    assert units[2].removes_block and not attn.removes_block
+
+
+@pytest.mark.parametrize("removed", [["blocks.0/attn"], ["blocks.1/mlp"], ["blocks.2"],
+                                     ["blocks.0/attn", "blocks.1/mlp", "blocks.2"]])
+def test_removing_branches_equals_the_muted_model(removed):
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    x = torch.randn(4, 3, 16, 16)
+    units = {u.name: u for u in find_units(model, x[:1])}
+    pruned = remove_units(model, [units[n] for n in removed], x)
+    _mute(model, removed)
+    with torch.no_grad():
+        assert _rel(pruned(x), model(x)) <= SURGERY_RTOL
+    params = sum(p.numel() for p in pruned.parameters())
+    assert params < sum(p.numel() for p in model.parameters())  # a smaller module, not a mask
+    assert not any("muted" in k for k in pruned.state_dict())
+
+
+def test_two_branches_of_one_block_removed_together_leave_the_identity():
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    x = torch.randn(2, 3, 16, 16)
+    units = {u.name: u for u in find_units(model, x)}
+    pruned = remove_units(model, [units["blocks.1/attn"], units["blocks.1/mlp"]], x)
+    whole = remove_units(model, [units["blocks.1"]], x)
+    with torch.no_grad():
+        assert _rel(pruned(x), whole(x)) <= SURGERY_RTOL
+    assert not list(pruned.blocks[1].parameters())
+
+
+def test_c2f_bottlenecks_are_units_and_the_concat_keeps_its_channels():
+    model = _randomised(TinyDetector())
+    x = torch.randn(2, 3, 16, 16)
+    units, _ = find_units_explained(model, x)
+    assert [u.name for u in units] == ["stage1.m.0", "stage1.m.1", "stage2.m.0", "stage2.m.1"]
+    assert all(u.kind == "identity" for u in units)
+    pruned = remove_units(model, [units[0], units[3]], x)
+    _mute(model, [units[0].name, units[3].name])
+    with torch.no_grad():
+        for got, expected in zip(pruned(x), model(x), strict=True):
+            assert _rel(got, expected) <= SURGERY_RTOL
+    assert isinstance(pruned.stage1.m[0], nn.Identity)
+
+
+def test_models_fx_cannot_trace_are_captured_with_torch_export():
+    gm = capture(_randomised(TinyDetector()), torch.randn(1, 3, 16, 16))
+    assert gm.meta["capture"].method == "torch.export"
+    assert {"stage1.m.0.cv1.conv", "head2"} <= {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    with pytest.raises(Exception, match="Proxy"):
+        torch.fx.symbolic_trace(TinyDetector())
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = Gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(x)
+
+
+class Gate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.sum() > 0 else x  # data-dependent control flow: neither export nor fx can capture it
+
+
+def test_a_model_neither_capture_can_follow_is_refused_naming_the_submodule():
+    with pytest.raises(TraceError) as caught:
+        capture(DataDependent(), torch.randn(1, 3, 8, 8))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "'gate' (Gate)" in message and "torch.export failed" in message
+
+
+class ChannelsLayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # normalises over channels of NCHW
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias).permute(0, 3, 1, 2)
+
+
+def test_only_layers_with_torch_nns_own_forward_are_lifted():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), ChannelsLayerNorm(4), nn.ReLU()).eval()
+    gm = capture(model, torch.randn(1, 3, 8, 8))
+    modules = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert modules == ["0", "2"]  # the subclass's permutes stay ATen operations
+    x = torch.randn(3, 3, 8, 8)  # another batch size: the batch is symbolic
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+
+
+def test_pruned_transformer_exports_to_onnx_and_openvino_agreeing_with_torch(tmp_path):
+    from exporters import get_exporter
+
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    x = torch.randn(1, 3, 16, 16)
+    units = {u.name: u for u in find_units(model, x)}
+    pruned = remove_units(model, [units["blocks.0/attn"], units["blocks.2"]], x)
+    for fmt in ("onnx", "openvino"):
+        get_exporter(fmt).export(pruned, x, tmp_path / f"m.{fmt}")  # validated against torch before written
+
+
+def test_a_tuple_output_exports_every_output(tmp_path):
+    import onnxruntime as ort
+
+    from exporters import get_exporter
+
+    model = _randomised(TinyDetector())
+    x = torch.randn(1, 3, 16, 16)
+    path = get_exporter("onnx").export(model, x, tmp_path / "det.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["output0", "output1"]
+    got = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        for value, expected in zip(got, model(x), strict=True):
+            assert value.shape == tuple(expected.shape)
