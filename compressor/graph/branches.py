@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from compressor.graph.activations import is_add
-from compressor.graph.capture import is_symbolic
+from compressor.graph.nodes import is_symbolic
 
 
 @dataclass(frozen=True)

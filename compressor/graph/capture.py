@@ -39,6 +39,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from compressor.errors import InputError, first_line
+from compressor.graph.derive import LINEAGE, derive, expanded
+from compressor.graph.nodes import attr, has_attr, liftable, outputs_of, remove_dead, tensor_inputs
 
 # |lifted layer - captured ops| <= LIFT_RTOL * max|captured|: the same kernels on the same values, so only a
 # different summation order (a fused path chosen for one call and not the other) can move the last bits
@@ -70,46 +72,6 @@ def _normalised_stack(stack: dict | None) -> dict[str, tuple[str, str]]:
         call = key[len(ROOT_PREFIX):]
         out[call] = (path, kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind)))
     return out
-
-
-def innermost(node: fx.Node) -> tuple[str, str] | None:
-    """(call key, module path) of the innermost module a node ran in; None at the model's top level."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return None
-    key = next(reversed(stack))
-    return key, stack[key][0]
-
-
-def is_symbolic(node: fx.Node) -> bool:
-    """A node whose value is a symbolic size (the captured batch), not a tensor."""
-    return bool(node.meta.get("symbolic")) or isinstance(node.meta.get("val"), torch.SymInt)
-
-
-def tensor_inputs(nodes: set[fx.Node] | list[fx.Node]) -> list[fx.Node]:
-    """The nodes outside `nodes` whose tensors they read (parameters and symbolic sizes left out), in order."""
-    inside = set(nodes)
-    found: dict[fx.Node, None] = {}
-    for n in nodes:
-        for a in n.all_input_nodes:
-            if a not in inside and a.op != "get_attr" and not is_symbolic(a):
-                found[a] = None
-    return list(found)
-
-
-def outputs_of(nodes: set[fx.Node] | list[fx.Node]) -> list[fx.Node]:
-    """The nodes of `nodes` whose tensors a node outside them reads, in graph order (a symbolic size computed
-    inside and reused later is not an output: any tensor of the batch gives it again)."""
-    inside = set(nodes)
-    return [n for n in nodes if not is_symbolic(n) and any(u not in inside for u in n.users)]
-
-
-def _liftable(module: nn.Module) -> bool:
-    """A torch.nn layer with no children whose forward is torch.nn's own (a subclass that overrides forward,
-    e.g. a LayerNorm over channels, may compute something else than its base class's call)."""
-    forward = getattr(type(module), "forward", None)
-    return (not any(True for _ in module.children()) and forward is not None
-            and getattr(forward, "__module__", "").startswith("torch.nn.modules"))
 
 
 def _groups(graph: fx.Graph, paths: dict[str, nn.Module], depth_of_key) -> dict[str, list[fx.Node]]:
@@ -206,18 +168,11 @@ def root_for(graph: fx.Graph, model: nn.Module, fallback: nn.Module) -> dict[str
         elif node.op == "get_attr":
             for owner in (model, fallback):
                 try:
-                    root[node.target] = _attr(owner, node.target)
+                    root[node.target] = attr(owner, node.target)
                     break
                 except AttributeError:
                     continue
     return root
-
-
-def _attr(owner: nn.Module, target: str) -> object:
-    *parents, name = target.split(".")
-    for p in parents:
-        owner = getattr(owner, p)
-    return getattr(owner, name)
 
 
 def _functional(gm: fx.GraphModule) -> None:
@@ -242,9 +197,19 @@ def _functional(gm: fx.GraphModule) -> None:
 
 
 def structure_key(model: nn.Module, shape: tuple[int, ...]) -> str:
-    """A digest of what the captured graph depends on: every module's path, type, settings, parameter and
-    buffer shapes and plain attributes (never the weights' values), a GraphModule's code, and the input shape."""
-    h = hashlib.sha256(repr(tuple(shape)).encode())
+    """A digest of what the captured graph depends on: the model's structure (module_digest) and the input
+    shape (without the batch dimension)."""
+    return _with_shape(module_digest(model), shape)
+
+
+def _with_shape(digest: str, shape: tuple[int, ...]) -> str:
+    return hashlib.sha256(f"{digest}|{tuple(shape)}".encode()).hexdigest()
+
+
+def module_digest(model: nn.Module) -> str:
+    """A digest of every module's path, type, settings, parameter and buffer shapes and plain attributes
+    (never the weights' values), and a GraphModule's code."""
+    h = hashlib.sha256()
     for name, m in model.named_modules():
         plain = {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"
                  and isinstance(v, (bool, int, float, str, tuple, type(None)))}
@@ -268,22 +233,64 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     shape (not its weights), so capturing a copy of the same architecture again costs no export.
     TraceError (one line, naming the submodule and the reason) where neither can capture it."""
     model.eval()
-    key = structure_key(model, tuple(example_input.shape[1:]))
+    shape = tuple(example_input.shape[1:])
+    key = structure_key(model, shape)
     cached = _CACHE.get(key)
     if cached is not None:
         _CACHE.move_to_end(key)
         graph, info, constants = copy.deepcopy(cached[0]), cached[1], cached[2]
         gm = fx.GraphModule(root_for(graph, model, ConstantHolder(constants)), graph, type(model).__name__)
     else:
-        graph, info, constants = _capture_graph(model, example_input)
-        gm = fx.GraphModule(root_for(graph, model, ConstantHolder(constants)), graph, type(model).__name__)
-        if info.method == "torch.fx":
-            _shapes(gm, model, example_input)
-        _CACHE[key] = (copy.deepcopy(gm.graph), info, constants)
+        gm = _derived(model, example_input, shape)
+        if gm is None:
+            graph, info, constants = _capture_graph(model, example_input)
+            gm = fx.GraphModule(root_for(graph, model, ConstantHolder(constants)), graph, type(model).__name__)
+            if info.method == "torch.fx":
+                _shapes(gm, model, example_input)
+            gm.meta["capture"] = info
+            gm.meta["constants"] = constants
+        _CACHE[key] = (copy.deepcopy(gm.graph), gm.meta["capture"], gm.meta["constants"])
         while len(_CACHE) > CACHE_SIZE:
             _CACHE.popitem(last=False)
+        info = gm.meta["capture"]
     gm.meta["capture"] = info
     return gm
+
+
+def _derived(model: nn.Module, x: torch.Tensor, shape: tuple[int, ...]) -> fx.GraphModule | None:
+    """The graph of a model surgery made, derived from its parent's cached graph (derive.py), checked
+    against the model on `x`; None where that cannot be done."""
+    lineage = getattr(model, LINEAGE, None)
+    parent = _CACHE.get(_with_shape(lineage[0], shape)) if lineage else None
+    if parent is None:
+        return None
+    start = time.perf_counter()
+    _CACHE.move_to_end(_with_shape(lineage[0], shape))
+    constants = dict(parent[2])
+    graph = derive(parent[0], model, lineage[1], capture, constants)
+    if graph is None:
+        return None
+    try:
+        gm = fx.GraphModule(root_for(graph, model, ConstantHolder(constants)), graph, type(model).__name__)
+        with torch.no_grad():
+            same = _same_outputs(gm(x), model(x))
+    except Exception:  # a derived graph that does not even run is simply not used
+        return None
+    if not same:
+        return None
+    gm.meta["capture"] = CaptureInfo(f"derived from its parent's {parent[1].method} graph",
+                                     time.perf_counter() - start)
+    gm.meta["constants"] = constants
+    return gm
+
+
+def _same_outputs(got: object, expected: object) -> bool:
+    a = [t for t in torch.utils._pytree.tree_flatten(got)[0] if isinstance(t, torch.Tensor)]
+    b = [t for t in torch.utils._pytree.tree_flatten(expected)[0] if isinstance(t, torch.Tensor)]
+    if len(a) != len(b) or any(p.shape != q.shape for p, q in zip(a, b, strict=True)):
+        return False
+    return all(float((p - q).abs().max()) <= LIFT_RTOL * max(float(q.abs().max()), 1e-12)
+               for p, q in zip(a, b, strict=True) if q.numel())
 
 
 class ConstantHolder(nn.Module):
@@ -311,6 +318,11 @@ def _shapes(gm: fx.GraphModule, model: nn.Module, x: torch.Tensor) -> None:
 
 def _capture_graph(model: nn.Module, x: torch.Tensor) -> tuple[fx.Graph, CaptureInfo, dict[str, object]]:
     start = time.perf_counter()
+    if isinstance(model, fx.GraphModule):  # a rebuilt block: its own graph, its children captured
+        constants: dict[str, object] = {}
+        graph = expanded(model, x, capture, constants)
+        if graph is not None:
+            return graph, CaptureInfo("its own graph, children captured", time.perf_counter() - start), constants
     try:
         graph, constants = _exported_graph(model, x)
         return graph, CaptureInfo("torch.export", time.perf_counter() - start), constants
@@ -352,7 +364,7 @@ def _exported_graph(model: nn.Module, x: torch.Tensor) -> tuple[fx.Graph, dict[s
         node.meta["nn_module_stack"] = _normalised_stack(node.meta.get("nn_module_stack"))
     _functional(unlifted)
     values = record_values(unlifted, xb)
-    leaves = {path: m for path, m in model.named_modules() if path and _liftable(m)}
+    leaves = {path: m for path, m in model.named_modules() if path and liftable(m)}
     lift_calls(unlifted, leaves, values, _innermost_key)
     remove_dead(graph)
     for node in graph.nodes:  # keep what later steps read; export's fake values and traces are heavy to copy
@@ -363,29 +375,9 @@ def _exported_graph(model: nn.Module, x: torch.Tensor) -> tuple[fx.Graph, dict[s
         value = values.get(node.name)
         if isinstance(value, torch.Tensor):
             node.meta["tensor_meta"] = _extract_tensor_metadata(value)
-    constants = {n.target: _attr(unlifted, n.target) for n in graph.nodes if n.op == "get_attr"
+    constants = {n.target: attr(unlifted, n.target) for n in graph.nodes if n.op == "get_attr"
                  and not has_attr(model, n.target)}
     return graph, constants
-
-
-def remove_dead(graph: fx.Graph) -> None:
-    """Erase nodes nothing reads, but never one that writes into its input (fx's own pass lints call_module
-    targets against the graph's owner, which a graph on the model's modules does not have yet)."""
-    for node in reversed(list(graph.nodes)):
-        if node.users or node.op in ("placeholder", "output"):
-            continue
-        target = node.target
-        if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
-            continue
-        graph.erase_node(node)
-
-
-def has_attr(model: nn.Module, target: str) -> bool:
-    try:
-        _attr(model, target)
-    except AttributeError:
-        return False
-    return True
 
 
 def clear_cache() -> None:

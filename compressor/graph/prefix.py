@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from compressor.graph.capture import capture, is_symbolic, outputs_of, tensor_inputs
+from compressor.graph.capture import capture
+from compressor.graph.nodes import is_symbolic, outputs_of, tensor_inputs
 from compressor.graph.surgery import replacement_for
 from compressor.graph.units import Unit
 

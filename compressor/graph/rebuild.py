@@ -26,16 +26,8 @@ from torch import fx, nn
 
 from compressor.errors import ValidationError
 from compressor.graph.branches import Branch, analyse_add, block_additions
-from compressor.graph.capture import (
-    ConstantHolder,
-    capture,
-    has_attr,
-    lift_calls,
-    record_values,
-    remove_dead,
-    root_for,
-    structure_key,
-)
+from compressor.graph.capture import ConstantHolder, capture, lift_calls, record_values, root_for, structure_key
+from compressor.graph.nodes import has_attr, remove_dead
 
 # |rebuilt - muted reference| <= REBUILD_RTOL * max|reference|: the same operations on the same values, only
 # the summation order of a lifted child may differ from the captured ATen calls

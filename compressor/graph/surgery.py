@@ -10,6 +10,8 @@ from torch import nn
 
 from compressor.errors import ValidationError
 from compressor.graph.activations import ACTIVATION_BUILDERS
+from compressor.graph.capture import module_digest
+from compressor.graph.derive import LINEAGE
 from compressor.graph.units import Unit
 
 REMOVED_ATTRIBUTE = "compressor_removed"  # on a pruned model: the names of the units surgery removed
@@ -44,7 +46,8 @@ def remove_units(model: nn.Module, units: Iterable[Unit],
     """A copy of `model` with every unit in `units` removed: a one-addition block replaced by its shortcut,
     a block with branch units rebuilt without those branches (several branch units of one block together),
     a "merge" unit's block linearised (rewrite/linearised.py; merged into one conv at export).
-    The copy records the removed names in its `compressor_removed` attribute.
+    The copy records the removed names in its `compressor_removed` attribute, and where it came from (its
+    lineage: capture then derives its graph from the model's instead of exporting it again, graph/derive.py).
 
     With `example_input`, the result is run once and must give outputs of the same shapes as the original
     (ValidationError otherwise).
@@ -66,6 +69,7 @@ def remove_units(model: nn.Module, units: Iterable[Unit],
 
             pruned.set_submodule(path, rebuilt_block(block, group[0].input_shape, branches))
     setattr(pruned, REMOVED_ATTRIBUTE, tuple(getattr(model, REMOVED_ATTRIBUTE, ())) + tuple(u.name for u in units))
+    setattr(pruned, LINEAGE, (module_digest(model), tuple(path for path, _ in _by_block(units))))
     if example_input is not None:
         check_same_output_shape(model, pruned, example_input)
     return pruned

@@ -29,7 +29,8 @@ from torch import fx, nn
 from compressor.errors import InputError
 from compressor.graph.activations import IDEMPOTENT_AFTER, SIGN_PRESERVING_MODULES, activation_of, is_add
 from compressor.graph.branches import Branch, analyse_add, block_additions, branch_members, branch_name
-from compressor.graph.capture import capture, outputs_of, tensor_inputs
+from compressor.graph.capture import capture
+from compressor.graph.nodes import outputs_of, tensor_inputs
 
 MERGE_SUFFIX = "/merge"  # a merge unit's name: its block's path + this
 BLOCK_KINDS = ("identity", "projection", "block")  # kinds whose removal takes the whole block out

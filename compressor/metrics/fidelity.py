@@ -42,7 +42,13 @@ class Outputs:
     features: torch.Tensor
     named: dict[str, torch.Tensor]
     labels: torch.Tensor
-    spec: OutputSpec
+    spec: OutputSpec | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.named, torch.Tensor):  # a classifier's logits alone
+            self.named = named_outputs(self.named)
+        if self.spec is None:
+            self.spec = OutputSpec(tuple(self.named), tuple(n for n, t in self.named.items() if t.dim() == 2))
 
     @property
     def logits(self) -> torch.Tensor | None:
