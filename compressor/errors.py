@@ -5,7 +5,7 @@
         UnreachableTargetError      the target cannot be met even with every unit removed
         MergeRefused                a fold or merge that cannot be done (exactly)
         MissingBackendError         an optional backend is not installed
-        TraceError                  a model torch.fx cannot trace, naming the module and why
+        TraceError                  a model neither torch.export nor torch.fx can capture, naming the module and why
       TargetMissedError (1)         the final, longer measurement did not confirm the target
       ValidationError (3)           a transformed or exported model failed its numerical check
         FidelityFloorError          a lossy (INT8) artifact fell below the fidelity floor: refused, not written
@@ -46,7 +46,8 @@ class MissingBackendError(InputError):
 
 
 class TraceError(InputError):
-    """torch.fx cannot trace the model (data-dependent control flow, ...); names the module (exit 2)."""
+    """Neither torch.export nor torch.fx can capture the model (data-dependent control flow, ...); names the
+    module and both reasons (exit 2)."""
 
 
 class TargetMissedError(CompressorError):

@@ -265,7 +265,9 @@ def render_fidelity(f: dict) -> list[str]:
     lines = [f"Fidelity to the unpruned model on the held-out split ({f['images']} images, never used for "
              f"scoring or fine-tuning{'' if f['labelled'] else '; unlabelled, so no accuracy'}):", "",
              "| | before fine-tuning | after fine-tuning |", "|---|---:|---:|"]
-    lines += [f"| {name} | {before[key]:{spec}} | {after[key]:{spec}} |" for name, key, spec in rows]
+    lines += [f"| {name} | {before[key]:{spec}} | {after[key]:{spec}} |" for name, key, spec in rows
+              if before.get(key) is not None and after.get(key) is not None]
+    lines += _per_output_rows(before, after)
     if after.get("confident_agreement") is not None:
         lines.append(f"| top-1 agreement where the unpruned model is confident (%) | "
                      f"{before['confident_agreement']:.2f} | {after['confident_agreement']:.2f} |")
@@ -281,6 +283,19 @@ def render_fidelity(f: dict) -> list[str]:
         lines += ["", f"For scale: the unpruned model agrees with itself on {f['unpruned_shift_agreement']:.1f}% "
                       "of these images when each is shifted by one pixel."]
     return [*lines, ""]
+
+
+OUTPUT_FIGURES = (("kl_divergence", "KL (nats/item)", ".4f"), ("top1_agreement", "top-1 agreement (%)", ".2f"),
+                  ("cosine_similarity", "cosine similarity", ".4f"), ("normalised_mse", "normalised MSE", ".4f"))
+
+
+def _per_output_rows(before: dict, after: dict) -> list[str]:
+    """One row per output and figure, for a model with several outputs (metrics/outputs.py)."""
+    outputs = after.get("per_output") or {}
+    if len(outputs) < 2:
+        return []
+    return [f"| output `{name}`: {label} | {before['per_output'][name][key]:{spec}} | {figures[key]:{spec}} |"
+            for name, figures in outputs.items() for key, label, spec in OUTPUT_FIGURES if key in figures]
 
 
 def plot_speedup(r: dict, final: Interleaved, path: Path) -> None:

@@ -129,7 +129,7 @@ NOT_LOGITS = """
             self.conv = nn.Conv2d(3, 4, 3)
         def forward(self, x):
             y = self.conv(x)
-            return {"logits": y.mean((2, 3)), "features": y}
+            return {"mean": float(y.mean()), "label": "cat"}  # no tensor at all
 
     def build():
         return Pair()
@@ -162,9 +162,9 @@ CASES = [
     Case("NaN or Inf weights", "NaN or Inf values in conv1.weight",
          lambda f: _prune(f, **{"--model": "resnet20", "--weights": _weights(
              f, lambda s: s["conv1.weight"].fill_(float("nan")))})),
-    Case("a model whose output is not logits", "not a batch x classes tensor of logits",
+    Case("a model whose output holds no tensor", "holds no tensor",
          lambda f: (_module(f, NOT_LOGITS), _prune(f, **{"--model": "usermodel:build"}))[1]),
-    Case("a model the tracer cannot handle", "cannot trace",
+    Case("a model the tracer cannot handle", "cannot capture",
          lambda f: (_module(f, UNTRACEABLE), _prune(f, **{"--model": "usermodel:build"}))[1]),
     Case("unknown data spec", "unknown data source 'mnist'", lambda f: _prune(f, **{"--data": "mnist"})),
     Case("a data folder with no images", "not an image folder",

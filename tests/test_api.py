@@ -163,7 +163,7 @@ def test_untraceable_model_names_the_module(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     line = _error(capsys, ["units", "--model", "branchy:build", "--input-shape", "3,16,16"])
-    assert "cannot trace" in line and "'1' (Gate)" in line
+    assert "cannot capture" in line and "'1' (Gate)" in line
 
 
 def test_model_without_units_says_what_would_be_one(capsys, fast_profile, tmp_path, monkeypatch):

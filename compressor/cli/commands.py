@@ -40,7 +40,8 @@ def prune_options(args: argparse.Namespace):
         criterion=args.criterion, calibration_size=args.calibration_size, finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr, mimic=args.mimic, selection=args.selection,
         min_blocks_per_stage=args.min_blocks_per_stage, max_trials=args.max_trials, merge=args.merge, seed=args.seed,
-        latency_table=args.latency_table, repeats=args.repeats, precision=args.precision)
+        latency_table=args.latency_table, repeats=args.repeats, precision=args.precision,
+        logits=[n for n in args.logits.split(",") if n] if args.logits else None)
 
 
 def _summary(report: dict, out: str) -> str:
@@ -51,7 +52,11 @@ def _summary(report: dict, out: str) -> str:
     if report["precision"]["delivered"] == "int8":
         fidelity = report["precision"]["final_int8"]["against_unpruned"]
         accuracy, label = fidelity["accuracy"], "INT8 "
-    quality = f"{label}top-1 agreement {fidelity['top1_agreement']:.1f}%"
+    if fidelity.get("top1_agreement") is not None:
+        quality = f"{label}top-1 agreement {fidelity['top1_agreement']:.1f}%"
+    else:  # no class logits: each output's cosine similarity to the unpruned model's
+        quality = ", ".join(f"{name} cosine {v['cosine_similarity']:.3f}"
+                            for name, v in (fidelity.get("per_output") or {}).items())
     if b["accuracy"] is not None and accuracy is not None:
         quality = f"{label}accuracy {b['accuracy']:.2f} -> {accuracy:.2f}%, {quality.removeprefix(label)}"
     return (f"{report['model']}: {b['latency_ms']['median']:.3f} -> {p['latency_ms']['median']:.3f} ms "

@@ -98,6 +98,10 @@ def _prune(sub) -> None:
     p.add_argument("--precision", choices=("fp32", "int8", "auto"), default="fp32",
                    help="int8: quantize with the runtime's own quantizer; auto: measure both and keep the (set, "
                         "precision) that meets the target losing least fidelity (default: fp32)")
+    p.add_argument("--logits", default=None,
+                   help="comma-separated names of the model's outputs that are class logits (a lone output is "
+                        "'logits', a tuple's 'output0', 'output1' ..., a dict's by key; default: the 2-D ones); "
+                        "logits are compared by KL and top-1 agreement, other outputs by cosine and normalised MSE")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out (refused if the model, data, profile, target, "
                         "options or machine differ)")

@@ -56,18 +56,19 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def _num_classes(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Classes from the model's output on one random input; InputError if it is not a logits matrix."""
+    """Classes from the model's output on one random input: those of its first 2-D (batch x classes) output;
+    0 for a model without one (a detector's maps; any structure of tensors is taken)."""
     try:
         with torch.no_grad():
             out = model.eval()(torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0)))
     except Exception as e:
         msg = f"the model fails on a 1x{'x'.join(map(str, input_shape))} input: {type(e).__name__}: {first_line(e)}"
         raise InputError(msg) from e
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        what = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a tensor of shape {tuple(out.shape)}"
-        msg = f"the model's output is {what}, not a batch x classes tensor of logits"
-        raise InputError(msg)
-    return int(out.shape[1])
+    from compressor.metrics.outputs import named_outputs
+
+    outputs = named_outputs(out)
+    logits = [t for t in outputs.values() if t.dim() == 2]
+    return int(logits[0].shape[1]) if logits else 0
 
 
 def from_module(model: nn.Module, input_shape: tuple[int, int, int], arch: str | None = None,

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compressor.errors import InputError
 from compressor.graph.surgery import remove_units
 from compressor.graph.units import Unit
-from compressor.metrics.similarity import kl_per_item
+from compressor.metrics.outputs import divergence, named_outputs, output_spec
 from compressor.search.knapsack import Choice, choose_units, removable_limits
 
 BATCH = 64  # images per forward pass
@@ -41,19 +42,34 @@ class Step:
     kl: float
 
 
-def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`model`'s logits on `x` in eval mode, BATCH images at a time (its mode restored)."""
+def logits_of(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`model`'s named outputs (metrics/outputs.py) on `x` in eval mode, BATCH images at a time (its mode
+    restored)."""
     mode = model.training
     model.eval()
     with torch.no_grad():
-        out = torch.cat([model(x[i:i + BATCH]) for i in range(0, len(x), BATCH)])
+        parts = [named_outputs(model(x[i:i + BATCH])) for i in range(0, len(x), BATCH)]
     model.train(mode)
-    return out
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
-def kl_from(reference: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean KL(reference || logits) over the rows of two logit matrices (nats)."""
-    return float(kl_per_item(reference, logits).mean())
+def class_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`model`'s class logits on `x` (its first class-logits output, metrics/outputs.py): what INT8 fidelity
+    compares. InputError for a model without one."""
+    named = logits_of(model, x)
+    first = output_spec(named).first_logits
+    if first is None:
+        msg = f"the model has no class-logits output (its outputs: {', '.join(named)}); INT8 is judged on class logits"
+        raise InputError(msg)
+    return named[first]
+
+
+def kl_from(reference: dict[str, torch.Tensor] | torch.Tensor, logits: dict[str, torch.Tensor] | torch.Tensor
+            ) -> float:
+    """Mean KL(reference || logits) over the images (nats): of the class logits, and for a model with other
+    outputs the mean with their normalised squared errors (metrics/outputs.divergence)."""
+    reference, logits = named_outputs(reference), named_outputs(logits)
+    return float(divergence(output_spec(reference), reference, logits).mean())
 
 
 class GreedyOrder:

@@ -21,7 +21,7 @@ from compressor.errors import FidelityFloorError
 from compressor.latency.deploy import deployable
 from compressor.metrics.lossy import lossy_fidelity
 from compressor.quantize import quantization_images, quantize_checked
-from compressor.search.greedy import logits_of
+from compressor.search.greedy import class_logits
 from compressor.stages.deliver import Delivered
 from compressor.stages.plan import Plan
 from compressor.stages.precision import int8_logits
@@ -44,7 +44,7 @@ def deliver_int8(plan: Plan, recovered: Recovered, delivered: Delivered, data: D
         log(f"the final INT8 is refused ({e}); delivering fp32")
         return replace(delivered, checks={**delivered.checks, "int8": {"refused": str(e), "attempts": e.attempts}})
     held_out = torch.from_numpy(images.held_out)
-    unpruned = logits_of(plan.model, held_out)
+    unpruned = class_logits(plan.model, held_out)
     int8 = int8_logits(plan, quantized.path, images.held_out)
     against_unpruned = lossy_fidelity(unpruned[:len(int8)].numpy(), int8.numpy(), images.labels[:len(int8)]
                                       if images.labels is not None else None)

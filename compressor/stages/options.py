@@ -31,6 +31,7 @@ class PruneOptions:
     latency_table: str | None = None  # reuse a table from `compressor profile` (same model, profile)
     repeats: int = 3  # SR-init seeds
     precision: str = "fp32"  # "fp32", "int8" (the runtime's own quantizer) or "auto" (whichever measures best)
+    logits: list[str] | None = None  # names of the outputs that are class logits (None: the 2-D outputs)
 
     @classmethod
     def from_kwargs(cls, **options: object) -> PruneOptions:
@@ -40,6 +41,8 @@ class PruneOptions:
         if unknown:
             msg = f"unknown prune option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             raise InputError(msg)
+        if isinstance(options.get("logits"), str):
+            options["logits"] = [n for n in options["logits"].split(",") if n]
         if isinstance(options.get("latency_table"), PathLike):
             options["latency_table"] = fspath(options["latency_table"])  # a Path from Python, as the CLI's string
         return cls(**options)

@@ -135,18 +135,18 @@ def check_kl(plan: Plan, logits: torch.Tensor, images: QuantizationImages) -> fl
     """Mean KL(unpruned fp32 || `logits`) over the check images (nats): fidelity lost, on one scale for
     fp32 and INT8 candidates."""
     from compressor.metrics.similarity import kl_per_item
-    from compressor.search.greedy import logits_of
+    from compressor.search.greedy import class_logits
 
-    reference = logits_of(plan.model, torch.from_numpy(images.held_out))
+    reference = class_logits(plan.model, torch.from_numpy(images.held_out))
     return float(kl_per_item(reference[:len(logits)], logits).mean())
 
 
 def fp32_kl(plan: Plan, removed: tuple[str, ...], images: QuantizationImages) -> float:
     """check_kl of the fp32 model without `removed` (before fine-tuning, as the INT8 candidates are)."""
-    from compressor.search.greedy import logits_of
+    from compressor.search.greedy import class_logits
 
     chosen = [u for u in plan.candidates if u.name in removed]
-    return check_kl(plan, logits_of(remove_units(plan.model, chosen), torch.from_numpy(images.held_out)), images)
+    return check_kl(plan, class_logits(remove_units(plan.model, chosen), torch.from_numpy(images.held_out)), images)
 
 
 def _measurer(plan: Plan, probe: Int8Probe, reach: Reach, images: QuantizationImages, work: Path,

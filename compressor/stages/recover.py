@@ -66,8 +66,7 @@ class Recovered:
 
 
 def _log_fidelity(log: Callable[[str], None], when: str, f: Fidelity) -> None:
-    log(f"held-out fidelity {when} fine-tuning: top-1 agreement {f.top1_agreement:.1f}%, "
-        f"KL {f.kl_divergence:.4f} nats, CKA {f.feature_cka:.3f}")
+    log(f"held-out fidelity {when} fine-tuning: {f.summary()}, CKA {f.feature_cka:.3f}")
 
 
 def recover(plan: Plan, removed: list[Unit], data: DataBundle, options: PruneOptions,
@@ -77,9 +76,10 @@ def recover(plan: Plan, removed: list[Unit], data: DataBundle, options: PruneOpt
     model, x = plan.model, plan.example
     pruned = remove_units(model, removed, x)  # merged blocks linearised, BatchNorm kept for fine-tuning
     val = data.loader("val")
-    reference = outputs(model, val)
+    reference = outputs(model, val, options.logits)
     stability = shift_agreement(model, val)
-    log(f"the unpruned model agrees with itself on {stability:.1f}% of the held-out images shifted by one pixel")
+    if stability is not None:
+        log(f"the unpruned model agrees with itself on {stability:.1f}% of the held-out images shifted by one pixel")
     before = fidelity(model, merge_linearised(pruned), val, reference)
     _log_fidelity(log, "before", before)
     settings = finetune_settings(options, plan.loaded)
