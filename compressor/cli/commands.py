@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from compressor.errors import InputError, TargetMissedError
@@ -146,8 +147,12 @@ def cmd_units(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
+        width = max([24, *(len(r["name"]) + 1 for r in rows)])
         for r in rows:
-            print(f"{r['name']:<24} {r['kind']:<11} stage {r['stage']:<12} -> {r['becomes']}")
+            print(f"{r['name']:<{width}} {r['kind']:<11} stage {r['stage']:<12} -> {r['becomes']}")
+        kinds = Counter(r["kind"] for r in rows)
+        print(f"{len(rows)} units of {loaded.arch} on a {'x'.join(map(str, loaded.input_shape))} input: "
+              + ", ".join(f"{n} {k}" for k, n in kinds.items()))
     return 0
 
 

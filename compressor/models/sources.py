@@ -97,13 +97,19 @@ def _zoo(spec: str, data: object | None) -> LoadedModel:
     return pretrained_on(spec, data)
 
 
+def _native_input(model: nn.Module) -> tuple[int, int, int] | None:
+    """The input shape an architecture declares for itself (timm's pretrained_cfg["input_size"]), if any."""
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    return tuple(int(d) for d in size) if isinstance(size, (tuple, list)) and len(size) == 3 else None
+
+
 def _user(spec: str, data: object | None, weights: str | None, input_shape: tuple[int, int, int] | None
           ) -> LoadedModel:
-    shape = input_shape or (tuple(data.input_shape) if data is not None else None)
+    model = build_arch(spec)
+    shape = input_shape or (tuple(data.input_shape) if data is not None else None) or _native_input(model)
     if shape is None:
         msg = f"--model {spec}: give --input-shape C,H,W or --data, so the input shape is known"
         raise InputError(msg)
-    model = build_arch(spec)
     if weights:
         load_weights(model, weights)
     return from_module(model, shape, arch=spec, source=f"{spec}" + (f" with weights {weights}" if weights else
