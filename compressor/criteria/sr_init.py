@@ -19,6 +19,7 @@ from torch import nn
 
 from compressor.criteria.registry import ScoringContext, register
 from compressor.graph.prefix import SuffixRunner
+from compressor.metrics.outputs import first_logits
 
 
 @torch.no_grad()
@@ -52,12 +53,13 @@ def sr_init_importance(ctx: ScoringContext) -> dict[str, float]:
             _, logits, inputs = runner.capture(x)
         else:
             logits, inputs = runner.full(x)[1], {}
+        logits = first_logits(logits, why="sr_init")
         correct_base += (logits.argmax(1) == y).sum().item()
         total += len(y)
         for unit in ctx.units:
             for block in blocks[unit.name]:
                 out = (runner.with_block(unit, block, inputs[unit.name], x) if ctx.use_cache
                        else runner.naive_with_block(unit, block, x))
-                correct[unit.name] += (out[1].argmax(1) == y).sum().item()
+                correct[unit.name] += (first_logits(out[1]).argmax(1) == y).sum().item()
     base = 100.0 * correct_base / max(total, 1)
     return {name: base - 100.0 * c / max(total * ctx.repeats, 1) for name, c in correct.items()}

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from compressor.criteria.magnitude import unit_parameters
 from compressor.criteria.registry import ScoringContext, register
+from compressor.metrics.outputs import first_logits
 
 
 @register("taylor", cost="1 forward + 1 backward pass")
@@ -24,7 +25,7 @@ def taylor_importance(ctx: ScoringContext) -> dict[str, float]:
     for x, y in ctx.calibration:
         n += len(x)
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y, reduction="sum").backward()
+        F.cross_entropy(first_logits(model(x), why="taylor"), y, reduction="sum").backward()
         for name, ps in params.items():
             totals[name] += sum((p * p.grad).abs().sum().item() for p in ps if p.grad is not None)
     return {name: total / max(n, 1) for name, total in totals.items()}

@@ -38,12 +38,15 @@ def block_io_shapes(model: nn.Module, paths: Sequence[str], x: torch.Tensor) -> 
     return shapes
 
 
-def _module_description(module: nn.Module, skip: str | None) -> list[str]:
-    """Each submodule's type and its parameters' and buffers' shapes, in order (the shortcut left out)."""
+def _module_description(module: nn.Module, skip: str | None, members: tuple[str, ...] = ()) -> list[str]:
+    """Each submodule's type and its parameters' and buffers' shapes, in order (the shortcut left out; only
+    the children in `members` where given: a transformer branch's modules)."""
     lines = []
     prefix = f"{skip}." if skip else None
     for name, sub in module.named_modules():
         if prefix and (name + ".").startswith(prefix):
+            continue
+        if members and name.split(".")[0] not in members:
             continue
         tensors = [f"{n}{tuple(t.shape)}" for n, t in [*sub.named_parameters(recurse=False),
                                                        *sub.named_buffers(recurse=False)]]
@@ -54,13 +57,15 @@ def _module_description(module: nn.Module, skip: str | None) -> list[str]:
 
 def unit_signatures(model: nn.Module, units: Sequence[Unit], x: torch.Tensor) -> dict[str, str]:
     """{unit name: structural signature}: a short hash of the unit's kind, what removing it leaves
-    (shortcut, post-add activations), the removed part's modules with their settings and parameter
-    shapes, and the shapes the unit reads and writes. Equal signatures mean equal latency savings."""
+    (shortcut, post-add activations, which of its block's additions), the removed part's modules with their
+    settings and parameter shapes (a branch's own modules only), and the shapes the unit reads and writes.
+    Equal signatures mean equal latency savings."""
     shapes = block_io_shapes(model, [u.path for u in units], x)
     signatures = {}
     for unit in units:
         block = model.get_submodule(unit.path)
         parts = [unit.kind, str(unit.shortcut), ",".join(unit.post_add), repr(shapes.get(unit.path)),
-                 *_module_description(block, unit.shortcut if unit.kind != "merge" else None)]
+                 repr(unit.branches), *_module_description(block, unit.shortcut if unit.kind != "merge" else None,
+                                                           unit.members)]
         signatures[unit.name] = hashlib.sha1("\n".join(parts).encode()).hexdigest()[:12]
     return signatures

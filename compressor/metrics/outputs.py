@@ -134,3 +134,14 @@ def divergence(spec: OutputSpec, reference: dict[str, torch.Tensor], other: dict
         else:
             terms.append(((a - b) ** 2).flatten(1).mean(1) / a.var().clamp_min(1e-12))
     return torch.stack(terms).mean(0)
+
+
+def first_logits(value: object, logits: Sequence[str] | None = None, why: str = "this") -> torch.Tensor:
+    """The first class-logits output of a model output `value` (output_spec); InputError saying `why` it is
+    needed where the model has none."""
+    outputs = named_outputs(value)
+    name = output_spec(value, logits).first_logits
+    if name is None:
+        msg = f"{why} needs a class-logits output; the model's outputs are {', '.join(outputs)} (none is 2-D)"
+        raise InputError(msg)
+    return outputs[name]

@@ -122,11 +122,11 @@ class GreedyOrder:
         blocks = {u.path for u in taken}
         removed_per_stage: dict[str, int] = {}
         for u in taken:
-            if u.kind != "merge":
+            if u.removes_block:
                 removed_per_stage[u.stage] = removed_per_stage.get(u.stage, 0) + 1
         return [u for u in self.units
                 if u.path not in blocks and self.savings_ms[u.name] > 0
-                and (u.kind == "merge" or removed_per_stage.get(u.stage, 0) < self.limits.get(u.stage, 0))]
+                and (not u.removes_block or removed_per_stage.get(u.stage, 0) < self.limits.get(u.stage, 0))]
 
     def _prefix(self, k: int) -> list[Unit]:
         return [self._by_name[s.unit] for s in self.steps[:k]]

@@ -26,12 +26,12 @@ class Choice:
 
 
 def removable_limits(units: Sequence[Unit], min_per_stage: int) -> dict[str, int]:
-    """How many units each stage may lose so that `min_per_stage` blocks survive, counting a
-    merged block and a stage's block that is not a unit (Unit.anchored) as survivors."""
+    """How many blocks each stage may lose so that `min_per_stage` blocks survive, counting a merged
+    block, a block that lost a branch and a stage's block that is not a unit (Unit.anchored) as survivors."""
     counts: dict[str, int] = {}
     anchors: dict[str, int] = {}
     for u in units:
-        if u.kind != "merge":
+        if u.removes_block:
             counts[u.stage] = counts.get(u.stage, 0) + 1
             anchors[u.stage] = int(u.anchored)
     return {s: max(0, n - max(0, min_per_stage - anchors[s])) for s, n in counts.items()}
@@ -103,7 +103,7 @@ def choose_units(units: Sequence[Unit], importance: dict[str, float], savings_ms
             if u.stage == stage:
                 blocks.setdefault(u.path, []).append(u)
         members = list(blocks.values())
-        groups = [[(int(round(gains[u.name] / size)), importance[u.name], int(u.kind != "merge")) for u in options]
+        groups = [[(int(round(gains[u.name] / size)), importance[u.name], int(u.removes_block)) for u in options]
                   for options in members]
         table, picks = _stage_table(groups, limits.get(stage, 0), nbins)
         merged = np.full(nbins, np.inf)
@@ -136,7 +136,7 @@ def most_removable(units: Sequence[Unit], min_per_stage: int, savings_ms: dict[s
     limits = removable_limits(units, min_per_stage)
     chosen: list[Unit] = []
     for stage, limit in limits.items():
-        members = [u for u in units if u.stage == stage and u.kind != "merge"]
+        members = [u for u in units if u.stage == stage and u.removes_block]
         if savings_ms is not None:
             members.sort(key=lambda u: -savings_ms[u.name])
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,8 +17,9 @@ from compressor.latency.device import Device
 from compressor.latency.profiles import Profile
 from compressor.models.loaded import LoadedModel
 
-NO_UNITS_HINT = ("a removable unit is a submodule whose forward computes act(branch(x) + shortcut(x)), "
-                 "the shortcut being the identity or a child module (a projection), e.g. a ResNet BasicBlock")
+NO_UNITS_HINT = ("a removable unit is a residual addition y = s + f(s) inside a submodule, the shortcut reading s "
+                 "itself or through a child module (a projection): a ResNet BasicBlock, a transformer block's "
+                 "attention or MLP branch, a C2f bottleneck")
 
 
 def no_units_message(arch: str, rejected: dict[str, str]) -> str:
@@ -55,8 +57,8 @@ def plan(loaded: LoadedModel, profile: Profile, merge: bool, log: Callable[[str]
     units, rejected = find_units_explained(model, deployment.example)
     if not units:
         raise InputError(no_units_message(loaded.arch, rejected))
-    log(f"{len(units)} removable units in {loaded.arch}: "
-        f"{sum(u.kind == 'identity' for u in units)} identity, {sum(u.kind == 'projection' for u in units)} projection")
+    kinds = Counter(u.kind for u in units)
+    log(f"{len(units)} removable units in {loaded.arch}: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()))
     merges: list[Unit] = []
     if merge:
         merges, refused = find_merge_units(model, units)
