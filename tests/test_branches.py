@@ -271,3 +271,53 @@ def test_a_tuple_output_exports_every_output(tmp_path):
     with torch.no_grad():
         for value, expected in zip(got, model(x), strict=True):
             assert value.shape == tuple(expected.shape)
+
+
+def test_a_checkpoint_with_branches_removed_loads_into_a_fresh_model(tmp_path):
+    from compressor.graph.recipe import apply_recipe, make_recipe
+    from compressor.models.checkpoint import load_checkpoint, save_checkpoint
+    from compressor.models.loaded import LoadedModel
+
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    x = torch.randn(2, 3, 16, 16)
+    units = {u.name: u for u in find_units(model, x)}
+    removed = [units["blocks.0/attn"], units["blocks.2"]]
+    pruned = remove_units(model, removed, x)
+    with torch.no_grad():
+        pruned.blocks[1].mlp[0].weight.mul_(1.5)  # weights the fresh model does not have: they come from the file
+    recipe = make_recipe(removed, (3, 16, 16))
+    path = save_checkpoint(tmp_path / "m.pt", LoadedModel(pruned, "tests.test_branches:TinyViT", 5, (3, 16, 16),
+                                                          "test", [u.name for u in removed]), recipe)
+    again = load_checkpoint(path)
+    with torch.no_grad():
+        assert torch.equal(again.model(x), pruned(x))
+    rebuilt = apply_recipe(TinyViT(), recipe)
+    assert set(rebuilt.state_dict()) == set(pruned.state_dict())
+
+
+@pytest.mark.parametrize("criterion", ["cka", "sr_init", "magnitude", "taylor", "entropy", "random"])
+def test_every_criterion_scores_branch_units(criterion):
+    """A branch whose output is zeroed (its layer scale 0) costs nothing to remove: CKA and Taylor give it the
+    least importance; every criterion scores every unit."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from compressor.criteria import ScoringContext, score_units
+
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    with torch.no_grad():
+        model.blocks[1].ls1.gamma.zero_()
+    x = torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        labels = model(x).argmax(1)
+    units = find_units(model, x[:1])
+    scores = score_units(criterion, ScoringContext(model, units, DataLoader(TensorDataset(x, labels), batch_size=16),
+                                                   repeats=1))
+    assert set(scores) == {u.name for u in units}
+    assert all(isinstance(v, float) and v == v for v in scores.values())
+    if criterion in ("cka", "taylor"):
+        assert min(scores, key=scores.get) == "blocks.1/attn"
+        assert scores["blocks.1/attn"] == pytest.approx(0.0, abs=1e-9)
+    if criterion == "magnitude":  # the branch's own weights: attention's are not the MLP's
+        assert scores["blocks.0/attn"] != scores["blocks.0/mlp"]
