@@ -112,8 +112,8 @@ def test_stage_floor_block_exclusivity_useless_units_and_fallback(inputs):
     assert order.choose(1.5) is None
     assert order.evaluations == 3
 
-    def knapsack(required_ms: float):
-        return choose_units(units, {u.name: 5.0 for u in units}, savings, required_ms, 2)
+    def knapsack(required_ms: float, below_ms: float = float("inf"), exclude=()):
+        return choose_units(units, {u.name: 5.0 for u in units}, savings, required_ms, 2, below_ms, exclude)
 
     choose = least_kl(order, [knapsack])
     assert choose(1.0).removed == ("a",)  # the knapsack's (a/merge, b) would also do, at a higher KL
