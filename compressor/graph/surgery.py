@@ -12,6 +12,10 @@ from compressor.errors import ValidationError
 from compressor.graph.activations import ACTIVATION_BUILDERS
 from compressor.graph.units import Unit
 
+# the names of the units a pruned module lacks, recorded on it by remove_units: what a `runtime: table` artifact
+# names, so that its latency can be predicted (exporters/table.py reads this attribute by the same name)
+REMOVED_ATTR = "compressor_removed_units"
+
 
 def replacement_for(block: nn.Module, unit: Unit) -> nn.Module:
     """What `block` becomes when its residual branch outputs zero: act(shortcut(x))."""
@@ -31,9 +35,12 @@ def remove_units(model: nn.Module, units: Iterable[Unit],
     conv by merge_units.merge_linearised, which export does).
 
     With `example_input`, the result is run once and must give an output of the
-    same shape as the original (ValidationError otherwise).
+    same shape as the original (ValidationError otherwise). The names of the units
+    it lacks (those `model` already lacked, then `units`) are its REMOVED_ATTR.
     """
+    units = list(units)
     pruned = copy.deepcopy(model)
+    setattr(pruned, REMOVED_ATTR, tuple(dict.fromkeys([*getattr(model, REMOVED_ATTR, ()), *(u.name for u in units)])))
     for unit in units:
         block = pruned.get_submodule(unit.path)
         if unit.kind == "merge":

@@ -1,0 +1,107 @@
+"""The table runtime: artifacts that name the units their model lacks, for a device that predicts latency.
+
+A profile with `runtime: table` times nothing: its device (compressor/latency/replay.py) predicts each
+artifact's latency from a latency table measured on the target, by the units the artifact's model lacks.
+So the artifact is a small JSON file naming them (compressor.graph.surgery.remove_units records them on
+the pruned module, attribute REMOVED_ATTR), beside the model exported to ONNX (`<name>.onnx`), which
+ONNX Runtime runs wherever outputs are needed: the export's own check, the checks on held-out images.
+Timing a session of this runtime on this machine would time ONNX Runtime; only the predicting device
+gives its figures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from compressor.errors import InputError
+from exporters.base import Runtime, Session
+from exporters.exporter import Exporter
+from exporters.onnx import OnnxExporter
+
+KIND = "compressor-table-artifact"
+# set on a pruned module by compressor.graph.surgery.remove_units (this package may import nothing of
+# compressor but its errors, so the name is repeated there; tests/test_table_device.py checks they agree)
+REMOVED_ATTR = "compressor_removed_units"
+
+
+def outputs_path(artifact: Path) -> Path:
+    """The ONNX file beside a table artifact that computes its outputs."""
+    return Path(artifact).with_suffix(OnnxExporter.suffix)
+
+
+def read_artifact(path: str | Path) -> tuple[str, ...]:
+    """The unit names a table artifact's model lacks; InputError for a file that is not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        msg = f"{path} is not a table artifact (JSON written by the table exporter): {e}"
+        raise InputError(msg) from e
+    data = data if isinstance(data, dict) else {}
+    removed = data.get("removed")
+    if data.get("kind") != KIND or not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
+        msg = f"{path} is not a table artifact: it lacks kind {KIND!r} and a list of removed unit names"
+        raise InputError(msg)
+    return tuple(removed)
+
+
+class TableExporter(Exporter):
+    """A JSON file naming the units the model lacks, and the model as ONNX beside it, checked in ONNX
+    Runtime against torch with the ONNX exporter's tolerance (atol 1e-4 + rtol 1e-3, see exporters/onnx.py)."""
+
+    name = "table"
+    suffix = ".table"
+    TOLERANCES = OnnxExporter.TOLERANCES
+
+    def write(self, model, example_input, staged: Path, opset: int) -> list[str]:
+        if isinstance(model, (str, Path)):
+            msg = "the table format exports an nn.Module (it records the units the module lacks), not a file"
+            raise InputError(msg)
+        names = OnnxExporter().write(model, example_input, outputs_path(staged), opset)
+        removed = [str(n) for n in getattr(model, REMOVED_ATTR, ())]
+        staged.write_text(json.dumps({"kind": KIND, "version": 1, "removed": removed,
+                                      "outputs": outputs_path(staged).name}, indent=2) + "\n")
+        return [*names, staged.name]
+
+    def run_staged(self, staged: Path, x: np.ndarray) -> np.ndarray:
+        from exporters.onnxruntime import OnnxRuntimeSession
+
+        return OnnxRuntimeSession(outputs_path(staged), 1).run(x)
+
+    def artifact_files(self, path: Path) -> list[Path]:
+        return [*OnnxExporter().artifact_files(outputs_path(path)), Path(path)]
+
+
+class TableSession(Session):
+    """The artifact's removed units (`removed`), and its outputs computed by ONNX Runtime."""
+
+    def __init__(self, artifact: Path, threads: int, options: dict | None = None) -> None:
+        from exporters.onnxruntime import OnnxRuntimeSession
+
+        self.removed = read_artifact(artifact)
+        self.outputs = OnnxRuntimeSession(outputs_path(artifact), threads)
+        self.settings = {"runtime": "table", "removed": list(self.removed),
+                         "outputs": {**self.outputs.settings, "file": outputs_path(artifact).name}}
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.outputs.run(x)
+
+    def input_shape(self) -> list[int | None]:
+        return self.outputs.input_shape()
+
+    def prepare(self, x: np.ndarray) -> None:
+        self.outputs.prepare(x)
+
+    def __call__(self) -> object:
+        return self.outputs()
+
+
+class TableRuntime(Runtime):
+    name = "table"
+    artifact_format = "table"
+
+    def open(self, artifact: Path, threads: int, options: dict | None = None) -> Session:
+        return TableSession(artifact, threads, options)
