@@ -11,6 +11,7 @@ gives its figures.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -35,15 +36,13 @@ def outputs_path(artifact: Path) -> Path:
 def read_artifact(path: str | Path) -> tuple[str, ...]:
     """The unit names a table artifact's model lacks; InputError for a file that is not one."""
     path = Path(path)
-    try:
+    data = None
+    with contextlib.suppress(OSError, UnicodeDecodeError, json.JSONDecodeError):
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        msg = f"{path} is not a table artifact (JSON written by the table exporter): {e}"
-        raise InputError(msg) from e
-    data = data if isinstance(data, dict) else {}
-    removed = data.get("removed")
-    if data.get("kind") != KIND or not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
-        msg = f"{path} is not a table artifact: it lacks kind {KIND!r} and a list of removed unit names"
+    removed = data.get("removed") if isinstance(data, dict) and data.get("kind") == KIND else None
+    if not isinstance(removed, list) or not all(isinstance(n, str) for n in removed):
+        what = "does not exist" if not path.exists() else "is not a table artifact"
+        msg = f"{path} {what}: the table exporter writes a JSON file of kind {KIND!r} naming the units a model lacks"
         raise InputError(msg)
     return tuple(removed)
 

@@ -52,13 +52,27 @@ class ReplayTable:
 
     path: str
     sha256: str
-    model: str
-    input_shape: list[int]
-    profile: dict
-    machine: dict
     baseline_ms: float
     savings_ms: dict[str, float]
     interactions: list[Interaction] = field(default_factory=list)
+    measured: dict = field(default_factory=dict)  # what the file says of its measurement: model, input_shape,
+    # profile, machine (compressor.latency.table.LatencyTable's fields)
+
+    @property
+    def model(self) -> str:
+        return str(self.measured.get("model", "?"))
+
+    @property
+    def input_shape(self) -> list[int]:
+        return self.measured["input_shape"]
+
+    @property
+    def machine(self) -> dict:
+        return self.measured.get("machine") or {}
+
+    @property
+    def profile(self) -> dict:
+        return self.measured.get("profile") or {}
 
     def predict_ms(self, removed: Collection[str]) -> float:
         """Latency (ms) of the model without `removed`; InputError for a unit the table has no saving for."""
@@ -91,12 +105,10 @@ def _interactions(raw: object, savings: dict[str, float], path: Path) -> list[In
     terms = []
     for i, term in enumerate(raw):
         units = term.get("units") if isinstance(term, dict) else None
-        if not isinstance(units, list) or len(units) < 2 or not all(isinstance(u, str) for u in units):
-            msg = f"latency table {path}: interactions_ms[{i}] needs 'units', a list of two or more unit names"
-            raise InputError(msg)
-        unknown = [u for u in units if u not in savings]
-        if unknown:
-            msg = f"latency table {path}: interactions_ms[{i}] names unit(s) not in savings_ms: {', '.join(unknown)}"
+        if not (isinstance(units, list) and len(units) >= 2 and all(isinstance(u, str) and u in savings
+                                                                         for u in units)):
+            msg = (f"latency table {path}: interactions_ms[{i}] needs 'units', a list of two or more names of units "
+                   f"in savings_ms, got {units!r}")
             raise InputError(msg)
         terms.append(Interaction(frozenset(units), _number(term.get("saving_ms"), f"interactions_ms[{i}].saving_ms",
                                                             path)))
@@ -122,12 +134,12 @@ def _version1(data: dict, path: Path, digest: str) -> ReplayTable:
     if baseline <= 0:
         msg = f"latency table {path}: baseline_ms must be positive, got {baseline}"
         raise InputError(msg)
-    profile, machine = data.get("profile") or {}, data.get("machine") or {}
-    if not isinstance(profile, dict) or not isinstance(machine, dict):
+    measured = {k: data[k] for k in ("model", "input_shape", "profile", "machine") if k in data}
+    if not all(isinstance(measured.get(k) or {}, dict) for k in ("profile", "machine")):
         msg = f"latency table {path}: profile and machine must be mappings"
         raise InputError(msg)
-    return ReplayTable(str(path), digest, str(data.get("model", "?")), shape, profile, machine, baseline, savings,
-                       _interactions(data.get("interactions_ms", []), savings, path))
+    return ReplayTable(str(path), digest, baseline, savings, _interactions(data.get("interactions_ms", []), savings,
+                                                                            path), measured)
 
 
 # how each table version is read (issue: a fitted table of another version registers its reader here)

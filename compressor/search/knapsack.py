@@ -3,7 +3,9 @@
 An exact knapsack over discretised savings (dynamic programming), with a
 per-stage floor on surviving blocks. Any unit kind with an importance and a
 measured saving fits; the units of one block (remove it, merge it) are
-alternatives, of which at most one is taken.
+alternatives, of which at most one is taken. The search asks for the best set
+it has not measured yet, saving less than a set that overshot: choose_units
+takes the sets to leave out and an upper bound on the saving, and stays exact.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def _nothing_left(result: SearchResult, low: float) -> str:
     overshot = [t for t in result.trials if t.overshot]
     if overshot:
         closest = min(overshot, key=lambda t: t.choice.predicted_saving_ms)
-        missed = f", saves more than the {low:.3f} ms of a set that missed" if low > 0 else ""
+        missed = f", saves more than the {low:.3f} ms (by the table) of a set that missed" if low > 0 else ""
         return (f"no set not yet measured removes less than the passing one that measured "
                 f"{closest.measured.speedup:.2f}x{missed} and is {predicted}")
     if result.trials:
