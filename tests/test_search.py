@@ -234,14 +234,15 @@ def test_the_knapsack_proposes_the_best_set_not_yet_measured(seed):
     savings = _exact_bins(rng, units)
     importance = {u.name: rng.random() for u in units}
     required = rng.uniform(0.2, 0.5)
-    below = rng.choice([float("inf"), rng.uniform(0.5, 0.8)])
-    ranked = sorted(_allowed_sets(units, savings, required, below),
+    below = rng.choice([None, *_allowed_sets(units, savings, 0.5, 0.8)])
+    below_ms = sum(savings[n] for n in below) if below else float("inf")
+    ranked = sorted(_allowed_sets(units, savings, required, below_ms),
                     key=lambda s: sum(importance[n] for n in s))
     excluded = [ranked[i] for i in sorted(rng.sample(range(min(len(ranked), 6)), min(len(ranked), 3)))]
     choice = choose_units(units, importance, savings, required, 1, below, excluded)
     left = [s for s in ranked if s not in excluded]
     assert choice is not None and choice.removed == left[0]
-    assert required - 1e-9 <= choice.predicted_saving_ms < below
+    assert required - 1e-9 <= choice.predicted_saving_ms < below_ms
 
 
 def test_with_every_allowed_set_measured_nothing_is_proposed():

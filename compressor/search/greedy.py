@@ -68,7 +68,7 @@ class GreedyOrder:
     stepping up its requirement finds sets between two prefixes. The result is a search.Choice
     whose importance_lost is that set's KL. Like the knapsack, it proposes no set the search already
     measured (`exclude`) and, after a pass that removed more than the target needs, only sets saving
-    less than it (`below_ms`).
+    less than it (`below`).
     """
 
     def __init__(self, model: nn.Module, units: Sequence[Unit], savings_ms: dict[str, float],
@@ -139,11 +139,13 @@ class GreedyOrder:
                   f"{saved + self.savings_ms[best]:.3f} ms; {len(kls)} sets evaluated)")
         return True
 
-    def choose(self, required_ms: float, below_ms: float = math.inf, exclude: Collection[Collection[str]] = ()
-               ) -> Choice | None:
-        """The shortest prefix that one more unit brings to `required_ms` (and not to `below_ms`), completed
-        by the least-KL such unit, of the sets not in `exclude` (None if no allowed set reaches it this way)."""
+    def choose(self, required_ms: float, below: Collection[str] | None = None,
+               exclude: Collection[Collection[str]] = ()) -> Choice | None:
+        """The shortest prefix that one more unit brings to `required_ms` (and not to the saving of the set
+        `below`), completed by the least-KL such unit, of the sets not in `exclude` (None if no allowed set
+        reaches it this way)."""
         excluded = {frozenset(s) for s in exclude}
+        below_ms = math.inf if below is None else sum(self.savings_ms[n] for n in below)
         if required_ms <= 0 and frozenset() not in excluded:
             return Choice((), 0.0, 0.0)
         k = 0
@@ -166,7 +168,7 @@ class GreedyOrder:
 
 def least_kl(order: GreedyOrder, proposers: Sequence[Proposer]) -> Proposer:
     """Propose, of the sets that `order` and the other `proposers` put forward for a required saving (less
-    than `below_ms`, none of `exclude`), the one with the least measured KL (order.kl_of; None if none
+    than the set `below`'s, none of `exclude`), the one with the least measured KL (order.kl_of; None if none
     reaches the saving).
 
     The greedy order is myopic: it can strand itself (a block taken by removal cannot be merged, a
@@ -176,11 +178,11 @@ def least_kl(order: GreedyOrder, proposers: Sequence[Proposer]) -> Proposer:
     proposal the same scale, so a search compares its passes on KL.
     """
 
-    def choose(required_ms: float, below_ms: float = math.inf, exclude: Collection[Collection[str]] = ()
+    def choose(required_ms: float, below: Collection[str] | None = None, exclude: Collection[Collection[str]] = ()
                ) -> Choice | None:
         best: Choice | None = None
         for propose in (order.choose, *proposers):
-            chosen = propose(required_ms, below_ms=below_ms, exclude=exclude)
+            chosen = propose(required_ms, below=below, exclude=exclude)
             if chosen is None:
                 continue
             kl = order.kl_of(chosen.removed) if chosen.removed else 0.0
@@ -197,11 +199,11 @@ def greedy_proposer(order: GreedyOrder, importance: dict[str, float] | None = No
     units, savings, floor = order.units, order.savings_ms, order.min_per_stage
 
     def knapsack_over(scores: Callable[[], dict[str, float]]) -> Proposer:
-        def propose(required_ms: float, below_ms: float = math.inf, exclude: Collection[Collection[str]] = ()
-                    ) -> Choice | None:
+        def propose(required_ms: float, below: Collection[str] | None = None,
+                    exclude: Collection[Collection[str]] = ()) -> Choice | None:
             values = scores()
             return choose_units(units, {u.name: values.get(u.name, 0.0) for u in units}, savings, required_ms, floor,
-                                below_ms, exclude)
+                                below, exclude)
 
         return propose
 

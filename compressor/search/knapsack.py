@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
@@ -30,9 +29,9 @@ class Choice:
     predicted_saving_ms: float
 
 
-# what the search asks for: propose(required_ms, below_ms=math.inf, exclude=()), a set saving at least
-# `required_ms` and less than `below_ms` by the table, none of the sets in `exclude` (those already measured);
-# choose_units is one, greedy.greedy_proposer another
+# what the search asks for: propose(required_ms, below=None, exclude=()), a set saving at least `required_ms`
+# by the table and, given the set `below` (one that overshot), less than it, none of the sets in `exclude`
+# (those already measured); choose_units is one, greedy.greedy_proposer another
 Proposer = Callable[..., "Choice | None"]
 
 
@@ -88,14 +87,15 @@ def _stage_table(groups: list[list[Option]], limit: int, nbins: int
 
 
 def choose_units(units: Sequence[Unit], importance: dict[str, float], savings_ms: dict[str, float],
-                 required_ms: float, min_per_stage: int = 1, below_ms: float = math.inf,
+                 required_ms: float, min_per_stage: int = 1, below: Collection[str] | None = None,
                  exclude: Collection[Collection[str]] = ()) -> Choice | None:
-    """The removal set of least total importance whose predicted saving >= `required_ms` and < `below_ms`,
-    other than the sets in `exclude` (those the search already measured).
+    """The removal set of least total importance whose predicted saving >= `required_ms` and, given a set
+    `below`, < that set's saving, other than the sets in `exclude` (those the search already measured).
 
     Among sets of (nearly) equal importance the one saving least is preferred:
     keep as much of the model as the target allows. None if no allowed set
-    saves enough. Savings are compared in bins of 1/BINS of the total saving.
+    saves enough. Savings are compared in bins of 1/BINS of the total saving
+    (`below` too: a set saving less than it by the bins).
     """
     excluded = {frozenset(s) for s in exclude}
     if required_ms <= 0 and frozenset() not in excluded:
@@ -105,9 +105,9 @@ def choose_units(units: Sequence[Unit], importance: dict[str, float], savings_ms
     if total <= 0:
         return None
     size = total / BINS
-    problem = _Problem(list(units), importance, {n: int(round(g / size)) for n, g in gains.items()},
-                       max(0, int(np.ceil(required_ms / size - 1e-9))),
-                       int(np.ceil(below_ms / size - 1e-9)) - 1 if math.isfinite(below_ms) else None,
+    bins = {n: int(round(g / size)) for n, g in gains.items()}
+    most = None if below is None else sum(bins[n] for n in below) - 1
+    problem = _Problem(list(units), importance, bins, max(0, int(np.ceil(required_ms / size - 1e-9))), most,
                        removable_limits(units, min_per_stage))
     names = _best_untried(problem, excluded)
     if names is None:

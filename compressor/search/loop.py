@@ -40,12 +40,10 @@ def _scale(choice: Choice, m: Measured, table_baseline_ms: float, scale: float) 
     return max(0.2, got / (choice.predicted_saving_ms / table_baseline_ms))
 
 
-def _nothing_left(result: SearchResult, low: float) -> str:
-    """Why no set was left to propose, in one sentence."""
+def _nothing_left(result: SearchResult, closest: Trial | None, low: float) -> str:
+    """Why no set was left to propose, in one sentence (`closest`: the pass that overshot saving least)."""
     predicted = "predicted by the table (recalibrated on the measurements) to meet the target"
-    overshot = [t for t in result.trials if t.overshot]
-    if overshot:
-        closest = min(overshot, key=lambda t: t.choice.predicted_saving_ms)
+    if closest is not None:
         missed = f", saves more than the {low:.3f} ms (by the table) of a set that missed" if low > 0 else ""
         return (f"no set not yet measured removes less than the passing one that measured "
                 f"{closest.measured.speedup:.2f}x{missed} and is {predicted}")
@@ -74,7 +72,7 @@ def search_under_target(units: Sequence[Unit], importance: dict[str, float], sav
     `max_trials` sets were measured. The result keeps the pass within the band, else
     the passing candidate with the least importance lost; `ended` says why it stopped.
 
-    `choose(required_ms, below_ms=, exclude=)` proposes a set; the default is the knapsack over
+    `choose(required_ms, below=, exclude=)` proposes a set; the default is the knapsack over
     `importance` (search.choose_units), another greedy.greedy_proposer.
 
     No request exceeds the most the table can remove: on a loaded machine single-unit savings can be
@@ -82,8 +80,9 @@ def search_under_target(units: Sequence[Unit], importance: dict[str, float], sav
     were measured (first request or after a failed candidate alike).
     """
     if choose is None:
-        def choose(required_ms: float, below_ms: float = math.inf, exclude: Collection = ()) -> Choice | None:
-            return choose_units(units, importance, savings_ms, required_ms, min_per_stage, below_ms, exclude)
+        def choose(required_ms: float, below: Collection[str] | None = None, exclude: Collection = ()
+                   ) -> Choice | None:
+            return choose_units(units, importance, savings_ms, required_ms, min_per_stage, below, exclude)
 
     result = SearchResult(None, margin=margin)
     scale = 1.0
@@ -92,16 +91,17 @@ def search_under_target(units: Sequence[Unit], importance: dict[str, float], sav
         if predicted > 0:
             scale = max(0.2, (1 - m.candidate_ms / m.baseline_ms) / (predicted / table_baseline_ms))
     baseline_ms = calibration[1].baseline_ms if calibration else table_baseline_ms
-    low, below = 0.0, math.inf  # table ms: proposals save more than a missing set, less than an overshooting pass
+    low = 0.0  # table ms: proposals save more than a set that missed
+    closest: Trial | None = None  # ... and less than the pass that overshot saving least
     most = most_removable(units, min_per_stage, savings_ms)
     ceiling = 0.95 * sum(max(savings_ms[u.name], 0.0) for u in most)  # 5% below: the knapsack rounds to bins
     required = min(ceiling, table_baseline_ms * required_fraction(target, baseline_ms, margin) / scale)
     tried: set[frozenset[str]] = set()
     result.ended = f"max_trials ({max_trials}) candidates were measured"
     while len(result.trials) < max_trials:
-        choice = choose(required, below_ms=below, exclude=frozenset(tried))
+        choice = choose(required, below=closest.choice.removed if closest else None, exclude=frozenset(tried))
         if choice is None or frozenset(choice.removed) in tried:
-            result.ended = _nothing_left(result, low)
+            result.ended = _nothing_left(result, closest, low)
             break
         m = measure(choice.removed)
         trial = Trial(choice, table_baseline_ms - choice.predicted_saving_ms, m, meets(target, m, margin))
@@ -116,13 +116,15 @@ def search_under_target(units: Sequence[Unit], importance: dict[str, float], sav
                 result.ended = f"a candidate met the target within {OVERSHOOT_BAND:.0%} of the latency aimed at"
                 break
             trial.overshot = True
-            below = min(below, choice.predicted_saving_ms)
+            if closest is None or choice.predicted_saving_ms < closest.choice.predicted_saving_ms:
+                closest = trial
         elif m.refused:  # not timed (below the INT8 fidelity floor): the same request, without that set
             continue
         else:
             low = max(low, choice.predicted_saving_ms)
         scale = _scale(choice, m, table_baseline_ms, scale)
         required = min(ceiling, table_baseline_ms * need / scale)
+        below = closest.choice.predicted_saving_ms if closest else math.inf
         if not low <= required < below:
             required = (low + below) / 2 if below < math.inf else max(required, low)
     return result
