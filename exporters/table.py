@@ -3,7 +3,7 @@
 A profile with `runtime: table` times nothing: its device (compressor/latency/replay.py) predicts each
 artifact's latency from a latency table measured on the target, by the units the artifact's model lacks.
 So the artifact is a small JSON file naming them (compressor.graph.surgery.remove_units records them on
-the pruned module, attribute REMOVED_ATTR), beside the model exported to ONNX (`<name>.onnx`), which
+the pruned module, attribute REMOVED_ATTRIBUTE), beside the model exported to ONNX (`<name>.onnx`), which
 ONNX Runtime runs wherever outputs are needed: the export's own check, the checks on held-out images.
 Timing a session of this runtime on this machine would time ONNX Runtime; only the predicting device
 gives its figures.
@@ -21,11 +21,12 @@ from compressor.errors import InputError
 from exporters.base import Runtime, Session
 from exporters.exporter import Exporter
 from exporters.onnx import OnnxExporter
+from exporters.onnxruntime import OnnxRuntimeSession
 
 KIND = "compressor-table-artifact"
 # set on a pruned module by compressor.graph.surgery.remove_units (this package may import nothing of
 # compressor but its errors, so the name is repeated there; tests/test_table_device.py checks they agree)
-REMOVED_ATTR = "compressor_removed_units"
+REMOVED_ATTRIBUTE = "compressor_removed"
 
 
 def outputs_path(artifact: Path) -> Path:
@@ -60,42 +61,26 @@ class TableExporter(Exporter):
             msg = "the table format exports an nn.Module (it records the units the module lacks), not a file"
             raise InputError(msg)
         names = OnnxExporter().write(model, example_input, outputs_path(staged), opset)
-        removed = [str(n) for n in getattr(model, REMOVED_ATTR, ())]
+        removed = [str(n) for n in getattr(model, REMOVED_ATTRIBUTE, ())]
         staged.write_text(json.dumps({"kind": KIND, "version": 1, "removed": removed,
                                       "outputs": outputs_path(staged).name}, indent=2) + "\n")
         return [*names, staged.name]
 
-    def run_staged(self, staged: Path, x: np.ndarray) -> np.ndarray:
-        from exporters.onnxruntime import OnnxRuntimeSession
-
-        return OnnxRuntimeSession(outputs_path(staged), 1).run(x)
+    def run_staged(self, staged: Path, x: np.ndarray):
+        return OnnxExporter().run_staged(outputs_path(staged), x)
 
     def artifact_files(self, path: Path) -> list[Path]:
         return [*OnnxExporter().artifact_files(outputs_path(path)), Path(path)]
 
 
-class TableSession(Session):
-    """The artifact's removed units (`removed`), and its outputs computed by ONNX Runtime."""
+class TableSession(OnnxRuntimeSession):
+    """The artifact's removed units (`removed`); its outputs are the ONNX file's beside it, in ONNX Runtime."""
 
     def __init__(self, artifact: Path, threads: int, options: dict | None = None) -> None:
-        from exporters.onnxruntime import OnnxRuntimeSession
-
         self.removed = read_artifact(artifact)
-        self.outputs = OnnxRuntimeSession(outputs_path(artifact), threads)
+        super().__init__(outputs_path(artifact), threads, options)
         self.settings = {"runtime": "table", "removed": list(self.removed),
-                         "outputs": {**self.outputs.settings, "file": outputs_path(artifact).name}}
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.outputs.run(x)
-
-    def input_shape(self) -> list[int | None]:
-        return self.outputs.input_shape()
-
-    def prepare(self, x: np.ndarray) -> None:
-        self.outputs.prepare(x)
-
-    def __call__(self) -> object:
-        return self.outputs()
+                         "outputs": {**self.settings, "file": outputs_path(artifact).name}}
 
 
 class TableRuntime(Runtime):

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from compressor.errors import InputError
-from compressor.graph.surgery import REMOVED_ATTR, remove_units
+from compressor.graph.surgery import REMOVED_ATTRIBUTE, remove_units
 from compressor.graph.units import find_units
-from compressor.latency.deploy import Deployment, deployable
+from compressor.latency.deploy import Deployment
 from compressor.latency.profiles import load_profile, parse_profile
 from compressor.latency.replay import TableDevice, load_replay_table
 from compressor.latency.timing import TimingPolicy
@@ -55,15 +55,14 @@ def units(model):
 
 
 def test_surgery_records_the_removed_units_under_the_name_the_exporter_reads(model, units):
-    from exporters.table import REMOVED_ATTR as READ
+    from exporters.table import REMOVED_ATTRIBUTE as READ
 
-    assert READ == REMOVED_ATTR
+    assert READ == REMOVED_ATTRIBUTE
     once = remove_units(model, units[:2])
     twice = remove_units(once, [units[5]])
-    assert getattr(once, REMOVED_ATTR) == ("layer1.0", "layer1.1")
-    assert getattr(twice, REMOVED_ATTR) == ("layer1.0", "layer1.1", "layer2.2")
-    assert getattr(deployable(twice), REMOVED_ATTR) == ("layer1.0", "layer1.1", "layer2.2")  # folded as exported
-    assert not hasattr(model, REMOVED_ATTR)
+    assert getattr(once, REMOVED_ATTRIBUTE) == ("layer1.0", "layer1.1")
+    assert getattr(twice, REMOVED_ATTRIBUTE) == ("layer1.0", "layer1.1", "layer2.2")
+    assert not hasattr(model, REMOVED_ATTRIBUTE)
 
 
 def test_device_predicts_each_artifact_from_the_table(tmp_path, model, units):
@@ -168,4 +167,4 @@ def test_int8_is_refused_on_the_table_runtime(tmp_path, model):
 
     images = QuantizationImages(np.zeros((4, 3, 32, 32), np.float32), np.zeros((4, 3, 32, 32), np.float32))
     with pytest.raises(InputError, match="INT8.*'table'"):
-        quantize_checked(deployable(model), X, "table", tmp_path / "q.table", images)
+        quantize_checked(model, X, "table", tmp_path / "q.table", images)

@@ -12,9 +12,7 @@ from compressor.errors import ValidationError
 from compressor.graph.activations import ACTIVATION_BUILDERS
 from compressor.graph.units import Unit
 
-# the names of the units a pruned module lacks, recorded on it by remove_units: what a `runtime: table` artifact
-# names, so that its latency can be predicted (exporters/table.py reads this attribute by the same name)
-REMOVED_ATTR = "compressor_removed_units"
+REMOVED_ATTRIBUTE = "compressor_removed"  # on a pruned model: the names of the units surgery removed
 
 
 def replacement_for(block: nn.Module, unit: Unit) -> nn.Module:
@@ -35,12 +33,11 @@ def remove_units(model: nn.Module, units: Iterable[Unit],
     conv by merge_units.merge_linearised, which export does).
 
     With `example_input`, the result is run once and must give an output of the
-    same shape as the original (ValidationError otherwise). The names of the units
-    it lacks (those `model` already lacked, then `units`) are its REMOVED_ATTR.
+    same shape as the original (ValidationError otherwise).
+    The copy records the removed names in its `compressor_removed` attribute.
     """
     units = list(units)
     pruned = copy.deepcopy(model)
-    setattr(pruned, REMOVED_ATTR, tuple(dict.fromkeys([*getattr(model, REMOVED_ATTR, ()), *(u.name for u in units)])))
     for unit in units:
         block = pruned.get_submodule(unit.path)
         if unit.kind == "merge":
@@ -49,6 +46,7 @@ def remove_units(model: nn.Module, units: Iterable[Unit],
             pruned.set_submodule(unit.path, LinearisedBlock(block))
         else:
             pruned.set_submodule(unit.path, replacement_for(block, unit))
+    setattr(pruned, REMOVED_ATTRIBUTE, tuple(getattr(model, REMOVED_ATTRIBUTE, ())) + tuple(u.name for u in units))
     if example_input is not None:
         check_same_output_shape(model, pruned, example_input)
     return pruned
