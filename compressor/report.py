@@ -162,7 +162,8 @@ def render_markdown(r: dict) -> str:
         ("latency median (ms)", f"{b[lat]['median']:.3f}", f"{p[lat]['median']:.3f}"),
         ("latency p90 (ms)", f"{b[lat]['p90']:.3f}", f"{p[lat]['p90']:.3f}"),
         ("latency IQR (ms)", f"{b[lat]['iqr']:.3f}", f"{p[lat]['iqr']:.3f}"),
-        ("timed runs", str(b[lat]["n"]), str(p[lat]["n"])),
+        ("timed runs" if r.get("latency_source") != "predicted" else "runs (predicted: none timed)", str(b[lat]["n"]),
+         str(p[lat]["n"])),
     ]
     if b["accuracy"] is not None:
         rows.append(("validation accuracy (%)", f"{b['accuracy']:.2f}", f"{p['accuracy']:.2f}"))
@@ -186,7 +187,8 @@ def render_markdown(r: dict) -> str:
         f"- Criterion: {r['criterion']}; sets proposed by {r['search'].get('selection', 'knapsack')}; "
         f"removed {len(r['removed_units'])} of {len(r['units'])} units: "
         f"{', '.join(r['removed_units']) or 'none'}.",
-        f"- Lookup-table prediction error over {r['search']['table_error'].get('candidates', 0)} measured "
+        f"- Lookup-table prediction error over {r['search']['table_error'].get('candidates', 0)} "
+        f"{r.get('latency_source', 'measured')} "
         f"candidates: MAPE {r['search']['table_error'].get('mape', float('nan')):.1%}, within 10%: "
         f"{r['search']['table_error'].get('within_10pct', float('nan')):.0%}"
         + (f" (calibrated on the most-pruned candidate, scale {cal['scale']:.2f}: MAPE {cal['mape']:.1%}, "
@@ -248,8 +250,8 @@ def _predicted_lines(machine: dict) -> list[str]:
         return []
     return ["", f"**Every latency and speedup in this report is predicted, not measured**: the latency table "
                 f"`{predicted['table']}` (sha256 {predicted['sha256'][:12]}, measured on profile "
-                f"{predicted.get('profile')} ({predicted.get('runtime')}), {predicted.get('measured')}) was replayed "
-                "for the units each model lacks (`runtime: table`); nothing was timed."]
+                f"{predicted.get('profile')} ({predicted.get('runtime')}), {predicted.get('measured_at')}) was "
+                "replayed for the units each model lacks (`runtime: table`); nothing was timed."]
 
 
 def _where(machine: dict) -> str:

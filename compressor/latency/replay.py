@@ -142,7 +142,7 @@ def _version1(data: dict, path: Path, digest: str) -> ReplayTable:
                                                                             path), measured)
 
 
-# how each table version is read (issue: a fitted table of another version registers its reader here)
+# how each table version is read: a table of another version (a fitted latency model) registers its reader
 FORMATS: dict[int, Callable[[dict, Path, str], ReplayTable]] = {1: _version1}
 
 
@@ -198,7 +198,7 @@ class TableDevice:
         measured_on = {k: t.machine.get(k) for k in ("cpu", "logical_cores", "physical_cores", "hostname")
                        if k in t.machine}
         return {**measured_on, "predicted": {"table": t.path, "sha256": t.sha256, "model": t.model,
-                                             "measured": t.machine.get("date"), "runtime": t.profile.get("runtime"),
+                                             "measured_at": t.machine.get("date"), "runtime": t.profile.get("runtime"),
                                              "profile": t.profile.get("name"), "interactions": len(t.interactions)},
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
