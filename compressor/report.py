@@ -14,7 +14,7 @@ from compressor.latency.timing import Interleaved, LatencyStats
 from compressor.metrics.fidelity import CONFIDENT
 from compressor.metrics.flops import Cost, count_cost
 from compressor.search.loop import Trial
-from compressor.search.target import Target
+from compressor.search.target import OVERSHOOT_BAND, Target
 from compressor.stages.choose import Chosen
 from compressor.stages.deliver import Delivered
 from compressor.stages.plan import Plan
@@ -86,14 +86,14 @@ def _trial(t: Trial) -> dict:
     return {"removed": list(t.choice.removed), "predicted_ms": t.predicted_ms,
             "measured_ms": t.measured.candidate_ms if timed else None, "baseline_ms": t.measured.baseline_ms,
             "speedup": t.measured.speedup if timed else None, "passed": t.passed, "refused": t.measured.refused,
-            "importance_lost": t.choice.importance_lost}
+            "overshot": t.overshot, "importance_lost": t.choice.importance_lost}
 
 
 def _search(run: PruneRun) -> dict:
     search, greedy, table = run.chosen.search, run.chosen.greedy, run.table
     frame = "fp32" if run.chosen.precision == "fp32" else (
         "int8: baseline_ms is the fp32 baseline measured with each candidate over the probe's INT8 speedup")
-    return {"margin": search.margin, "frame": frame, "table_baseline_ms": table.baseline_ms,
+    return {"margin": search.margin, "frame": frame, "table_baseline_ms": table.baseline_ms, "ended": search.ended,
             "floor": {"removed": run.chosen.floor_units, "baseline_ms": run.chosen.floor.baseline_ms,
                       "candidate_ms": run.chosen.floor.candidate_ms},
             "trials": [_trial(t) for t in search.trials],
@@ -145,6 +145,7 @@ def build_report(run: PruneRun) -> dict:
                      "definitions": FIDELITY_UNITS},
         "criterion": run.config["criterion"],
         "profile": {**plan.deployment.profile.to_dict(), "machine": run.machine},
+        "latency_source": "predicted" if run.machine.get("predicted") else "measured",
         "search": _search(run), "recipe": run.delivered.recipe, "precision": _precision(run),
         "checks": run.delivered.checks, "flop_convention": FLOP_CONVENTION, "config": run.config,
         "seconds": run.seconds,
@@ -161,7 +162,8 @@ def render_markdown(r: dict) -> str:
         ("latency median (ms)", f"{b[lat]['median']:.3f}", f"{p[lat]['median']:.3f}"),
         ("latency p90 (ms)", f"{b[lat]['p90']:.3f}", f"{p[lat]['p90']:.3f}"),
         ("latency IQR (ms)", f"{b[lat]['iqr']:.3f}", f"{p[lat]['iqr']:.3f}"),
-        ("timed runs", str(b[lat]["n"]), str(p[lat]["n"])),
+        ("timed runs" if r.get("latency_source") != "predicted" else "runs (predicted: none timed)", str(b[lat]["n"]),
+         str(p[lat]["n"])),
     ]
     if b["accuracy"] is not None:
         rows.append(("validation accuracy (%)", f"{b['accuracy']:.2f}", f"{p['accuracy']:.2f}"))
@@ -171,14 +173,13 @@ def render_markdown(r: dict) -> str:
         "",
         f"Profile **{prof['name']}** ({prof['runtime']}, {prof['device']}, {prof['threads']} threads, "
         f"batch {prof['batch']}) on {_where(prof['machine'])}, {prof['machine']['date']}.",
+        *_predicted_lines(prof["machine"]),
         *_device_warnings(prof["machine"]),
         "",
         "| | baseline | pruned |", "|---|---:|---:|",
         *[f"| {name} | {x} | {y} |" for name, x, y in rows],
         "",
-        f"- Measured speedup: **{r['speedup_measured']:.2f}x** (interleaved rounds; per-round spread "
-        f"{r['speedup_round_spread']:.1%}); FLOP-estimated: {r['speedup_flops']:.2f}x; "
-        f"measured / estimated = {r['speedup_fidelity']:.2f}.",
+        _speedup_line(r),
         f"- Target: {r['target_speedup'] or ''}{'x speedup' if r['target_speedup'] else ''}"
         f"{'' if r['target_speedup'] else str(round(r['target_ms'], 4)) + ' ms'} "
         f"(= {r['target_ms']:.3f} ms here): **{'met' if r['target_met'] else 'MISSED'}**.",
@@ -186,12 +187,14 @@ def render_markdown(r: dict) -> str:
         f"- Criterion: {r['criterion']}; sets proposed by {r['search'].get('selection', 'knapsack')}; "
         f"removed {len(r['removed_units'])} of {len(r['units'])} units: "
         f"{', '.join(r['removed_units']) or 'none'}.",
-        f"- Lookup-table prediction error over {r['search']['table_error'].get('candidates', 0)} measured "
+        f"- Lookup-table prediction error over {r['search']['table_error'].get('candidates', 0)} "
+        f"{r.get('latency_source', 'measured')} "
         f"candidates: MAPE {r['search']['table_error'].get('mape', float('nan')):.1%}, within 10%: "
         f"{r['search']['table_error'].get('within_10pct', float('nan')):.0%}"
         + (f" (calibrated on the most-pruned candidate, scale {cal['scale']:.2f}: MAPE {cal['mape']:.1%}, "
            f"within 10%: {cal['within_10pct']:.0%})" if (cal := r['search']['table_error'].get('calibrated'))
            else "") + ".",
+        *_search_lines(r),
         f"- Checks: BatchNorm folding max relative error {r['checks']['fold_max_rel_error']:.2e} "
         f"(tolerance {r['checks']['fold_tolerance_rel']:g}); {r['checks']['artifact_format']} vs torch max |diff| "
         f"{r['checks']['artifact_max_abs_error']:.2e} (atol {r['checks']['artifact_tolerance']['atol']:g} + "
@@ -199,8 +202,7 @@ def render_markdown(r: dict) -> str:
         f"- {r['flop_convention']}.",
         "",
         *render_fidelity(r["fidelity"]),
-        f"Re-time both models yourself: `{r['checks']['artifacts'][1]}` and `{r['checks']['artifacts'][0]}` "
-        "in this folder (and `baseline.onnx`, `model.onnx` on any ONNX runtime).",
+        _retime_line(r),
         "",
     ]
     warnings = [f"{k}: {r[k]['latency_ms']['warning']}" for k in ("baseline", "pruned")
@@ -210,8 +212,52 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _speedup_line(r: dict) -> str:
+    if r.get("latency_source") == "predicted":
+        return (f"- Predicted speedup: **{r['speedup_measured']:.2f}x** (by the latency table, not measured); "
+                f"FLOP-estimated: {r['speedup_flops']:.2f}x; predicted / estimated = {r['speedup_fidelity']:.2f}.")
+    return (f"- Measured speedup: **{r['speedup_measured']:.2f}x** (interleaved rounds; per-round spread "
+            f"{r['speedup_round_spread']:.1%}); FLOP-estimated: {r['speedup_flops']:.2f}x; "
+            f"measured / estimated = {r['speedup_fidelity']:.2f}.")
+
+
+def _search_lines(r: dict) -> list[str]:
+    """Why the search stopped; and where the delivered set is faster than the search aims at, why no set closer."""
+    search = r["search"]
+    if not search.get("ended"):
+        return []
+    lines = [f"- The search {r.get('latency_source', 'measured')} {len(search['trials'])} candidate(s) and stopped: "
+             f"{search['ended']}."]
+    if any(t.get("overshot") and t["removed"] == r["removed_units"] for t in search["trials"]):
+        lines.append(f"- The delivered set is faster than needed (more than {OVERSHOOT_BAND:.0%} under the latency "
+                     f"aimed at) because {search['ended']}.")
+    return lines
+
+
+def _retime_line(r: dict) -> str:
+    if r.get("latency_source") == "predicted":
+        return ("Verify on the target before relying on these figures: time `baseline.onnx` and `model.onnx` of this "
+                "folder there, e.g. `compressor bench --artifact model.onnx --against baseline.onnx --profile "
+                "<the target's profile> --bundle DIR`, then `--results results.json` from the device.")
+    return (f"Re-time both models yourself: `{r['checks']['artifacts'][1]}` and `{r['checks']['artifacts'][0]}` "
+            "in this folder (and `baseline.onnx`, `model.onnx` on any ONNX runtime).")
+
+
+def _predicted_lines(machine: dict) -> list[str]:
+    """report.md's warning that no figure was measured, for a device that predicts (`runtime: table`)."""
+    predicted = machine.get("predicted")
+    if not predicted:
+        return []
+    return ["", f"**Every latency and speedup in this report is predicted, not measured**: the latency table "
+                f"`{predicted['table']}` (sha256 {predicted['sha256'][:12]}, measured on profile "
+                f"{predicted.get('profile')} ({predicted.get('runtime')}), {predicted.get('measured_at')}) was "
+                "replayed for the units each model lacks (`runtime: table`); nothing was timed."]
+
+
 def _where(machine: dict) -> str:
     """The machine that measured: this host, or the remote device(s) by profile name and hostname."""
+    if machine.get("predicted"):
+        return f"no device (latencies predicted for {machine.get('cpu', 'an unknown CPU')} by a latency table)"
     cpu = f"{machine.get('cpu', 'unknown CPU')} ({machine.get('logical_cores', '?')} logical cores)"
     if not machine.get("host"):
         return cpu
@@ -309,7 +355,7 @@ def plot_speedup(r: dict, final: Interleaved, path: Path) -> None:
     ax1.set_xticks([1, 2], ["baseline", "pruned"])
     ax1.set_ylabel("latency per inference (ms)")
     ax1.set_title(f"{r['profile']['name']}: {final.stats[0].n} + {final.stats[1].n} runs")
-    ax2.bar(["FLOP estimate", "measured"], [r["speedup_flops"], r["speedup_measured"]],
+    ax2.bar(["FLOP estimate", r.get("latency_source", "measured")], [r["speedup_flops"], r["speedup_measured"]],
             color=["#999999", "#1f77b4"])
     if r["target_speedup"]:
         ax2.axhline(r["target_speedup"], color="red", linestyle="--", label="target")

@@ -17,12 +17,14 @@ EXPORTERS: dict[str, str] = {
     "openvino": "exporters.openvino:OpenVinoExporter",
     "tensorrt": "exporters.tensorrt:TensorRTExporter",
     "torch": "exporters.torch_eager:TorchExporter",
+    "table": "exporters.table:TableExporter",  # names the units a model lacks: latency predicted, not timed
 }
 RUNTIMES: dict[str, str] = {
     "onnxruntime": "exporters.onnxruntime:OnnxRuntime",
     "openvino": "exporters.openvino:OpenVinoRuntime",
     "tensorrt": "exporters.tensorrt:TensorRTRuntime",
     "torch": "exporters.torch_eager:TorchRuntime",
+    "table": "exporters.table:TableRuntime",  # predicted by a measured latency table (compressor/latency/replay.py)
 }
 
 # INT8 for a runtime, through that runtime's own quantizer (exporters/quantizer.py's interface)

@@ -68,3 +68,13 @@ def assert_onnx_matches(model: nn.Module, onnx_path: Path, x: torch.Tensor) -> N
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = np.concatenate([session.run(None, {"input": x[i:i + 1].numpy()})[0] for i in range(len(x))])
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
+
+
+def assert_exit_matches_target(code: int, report: dict, speedup: float | None = None, ms: float | None = None) -> None:
+    """A prune timed on a loaded machine may miss its target in the final measurement (exit 1), but where it
+    exits 0 the measured speedup (or latency) meets the target asked for: `speedup` (x) or `ms`, judged here
+    from the report's medians, not from its own verdict."""
+    assert code == (0 if report["target_met"] else 1)
+    if code == 0:
+        base, pruned = report["baseline"]["latency_ms"]["median"], report["pruned"]["latency_ms"]["median"]
+        assert (base / pruned >= speedup) if speedup is not None else (pruned <= ms), (base, pruned, speedup, ms)

@@ -13,7 +13,7 @@ import torch
 import compressor
 from compressor.cli.main import main
 from compressor.latency.profiles import parse_profile
-from tests.helpers import FAST_PROFILE
+from tests.helpers import FAST_PROFILE, assert_exit_matches_target
 
 MYNET = '''
 import torch
@@ -88,6 +88,7 @@ def test_prune_own_module_with_a_dataloader(tmp_path, monkeypatch, digits, fast)
     assert {"model.pt", "recipe.json", "model.pt2", "model.onnx", "report.json"} <= {p.name for p in out.iterdir()}
     assert result.report["target_met"] == (result.report["pruned"]["latency_ms"]["median"]
                                            <= result.report["target_ms"])
+    assert_exit_matches_target(0 if result.report["target_met"] else 1, result.report, speedup=1.3)
     assert result.recipe == json.loads((out / "recipe.json").read_text())
     removed = [u["name"] for u in result.recipe["units"]]
     assert removed and all(n.startswith("blocks.") for n in removed)
@@ -114,7 +115,7 @@ def test_cli_prunes_module_factory_with_weights(tmp_path, monkeypatch, fast_prof
                  "--profile", str(fast_profile), "--target-speedup", "1.3", "--out", str(out),
                  "--finetune-epochs", "0", "--calibration-size", "64"])
     report = json.loads((out / "report.json").read_text())
-    assert code == (0 if report["target_met"] else 1), capsys.readouterr().err
+    assert_exit_matches_target(code, report, speedup=1.3)
     assert report["model"] == "mynet_user:build" and report["config"]["model"] == "mynet_user:build"
     for name in ("model.pt", "recipe.json", "model.pt2", "model.onnx", "report.json"):
         assert (out / name).is_file()
@@ -190,6 +191,7 @@ def test_any_input_shape_and_batch(tmp_path, fast):
     result = compressor.prune(model, data=data, target=compressor.Speedup(1.2), profile=profile, out=None,
                               finetune_epochs=0, calibration_size=16, criterion="magnitude", log=None)
     report = result.report
+    assert_exit_matches_target(0 if report["target_met"] else 1, report, speedup=1.2)
     assert report["baseline"]["latency_ms"]["batch"] == 4 == report["pruned"]["latency_ms"]["batch"]
     assert report["profile"]["batch"] == 4 and report["profile"]["input_shape"] == [3, 64, 64]
     assert report["recipe"]["input_shape"] == [3, 64, 64]

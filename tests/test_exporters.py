@@ -139,6 +139,25 @@ class TestTorch(BackendContract):
     format, runtime = "torch", "torch"
 
 
+class TestTable(BackendContract):
+    """The table runtime's artifact: the removed units' names, with the model as ONNX for its outputs."""
+
+    format, runtime = "table", "table"
+
+    def test_names_the_units_the_model_lacks(self, tmp_path, resnet20):
+        from compressor.graph.surgery import remove_units
+        from compressor.graph.units import find_units
+        from exporters.table import read_artifact
+
+        units = find_units(resnet20, X)
+        pruned = remove_units(resnet20, [units[1], units[4]])
+        path = self.exporter().export(pruned, X, tmp_path / "m", 17)
+        names = (units[1].name, units[4].name)
+        assert read_artifact(path) == names
+        assert get_runtime("table").open(path, 1).removed == names
+        assert read_artifact(self.exporter().export(resnet20, X, tmp_path / "base", 17)) == ()
+
+
 ZOO_MODELS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
               "resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
               "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
@@ -324,5 +343,5 @@ def test_cli_export_unwritable_output(tmp_path, capsys):
 
 
 def test_every_registered_format_is_covered():
-    covered = {c.format for c in (TestOnnx, TestOpenVinoFP32, TestTorch)} | {"tensorrt"}
+    covered = {c.format for c in (TestOnnx, TestOpenVinoFP32, TestTorch, TestTable)} | {"tensorrt"}
     assert covered == set(EXPORTERS)

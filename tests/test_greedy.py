@@ -112,8 +112,8 @@ def test_stage_floor_block_exclusivity_useless_units_and_fallback(inputs):
     assert order.choose(1.5) is None
     assert order.evaluations == 3
 
-    def knapsack(required_ms: float):
-        return choose_units(units, {u.name: 5.0 for u in units}, savings, required_ms, 2)
+    def knapsack(required_ms: float, below=None, exclude=()):
+        return choose_units(units, {u.name: 5.0 for u in units}, savings, required_ms, 2, below, exclude)
 
     choose = least_kl(order, [knapsack])
     assert choose(1.0).removed == ("a",)  # the knapsack's (a/merge, b) would also do, at a higher KL
@@ -149,3 +149,20 @@ def test_proposer_keeps_the_least_kl_of_greedy_and_knapsacks(inputs):
     assert chosen.importance_lost == pytest.approx(set_kl_of(order, ("a", "c")))
     assert order.kl_of(("a", "b")) > 10 * chosen.importance_lost
     assert order.evaluations == 3 + 2  # singles, then a + b and a + c: the knapsacks' (a, b) was one of them
+
+
+def test_greedy_proposes_no_set_already_measured_and_respects_the_upper_bound(inputs):
+    """The search's rule holds for greedy proposals too: a set already measured is not proposed again, and
+    after an overshoot only sets saving less than it are."""
+    order = GreedyOrder(Saturating().eval(), UNITS, SAVINGS, inputs, min_per_stage=0)
+    assert order.choose(0.5).removed == ("a",)
+    assert order.choose(0.5, exclude=[("a",)]).removed == ("b",)  # b alone is as free as a
+    assert order.choose(0.5, exclude=[("a",), ("b",)]).removed == ("c",)
+    assert order.choose(1.5, below=("a", "b")) is None  # every set reaching 1.5 ms saves 2 ms or more
+    assert order.choose(1.5, exclude=[("a", "c")]).removed == ("a", "b")
+    choose = greedy_proposer(order, importance={"a": 1.0, "b": 1.0, "c": 5.0})
+    first = choose(1.9)
+    again = choose(1.9, exclude=[first.removed])
+    assert again is not None and set(again.removed) != set(first.removed)
+    assert choose(1.9, exclude=[("a", "b"), ("a", "c"), ("b", "c")]).removed == ("a", "b", "c")
+    assert choose(1.9, below=("a", "b", "c"), exclude=[("a", "b"), ("a", "c"), ("b", "c")]) is None

@@ -42,3 +42,26 @@ def test_the_one_line_summary_gives_the_delivered_int8_fidelity():
     report["precision"] = {"delivered": "int8",
                            "final_int8": {"against_unpruned": {"top1_agreement": 85.9, "accuracy": 97.5}}}
     assert "INT8 accuracy 99.00 -> 97.50%, top-1 agreement 85.9%" in _summary(report, "out")
+
+
+def test_predicted_figures_are_called_predicted():
+    """A run on the table device (runtime: table) timed nothing: its summary says so."""
+    from compressor.cli.commands import _summary
+
+    latency = {"latency_ms": {"median": 1.0}}
+    report = {"model": "m", "speedup_measured": 2.0, "speedup_flops": 1.0, "latency_source": "predicted",
+              "baseline": {**latency, "accuracy": None}, "pruned": {**latency, "accuracy": None},
+              "fidelity": {"after_finetune": {"top1_agreement": 100.0}}, "precision": {"delivered": "fp32"}}
+    assert "2.00x PREDICTED by the latency table, not measured" in _summary(report, "out")
+    assert "measured" not in _summary(report, "out").replace("not measured", "")
+
+
+def test_a_delivered_set_faster_than_needed_is_explained():
+    from compressor.report import _search_lines
+
+    trials = [{"removed": ["a"], "overshot": True}, {"removed": ["b"], "overshot": False}]
+    report = {"removed_units": ["a"], "latency_source": "measured",
+              "search": {"trials": trials, "ended": "no set not yet measured removes less than ..."}}
+    lines = _search_lines(report)
+    assert "measured 2 candidate(s)" in lines[0] and "faster than needed" in lines[1]
+    assert len(_search_lines({**report, "removed_units": ["b"]})) == 1

@@ -10,7 +10,7 @@ import pytest
 from compressor.graph.units import Unit
 from compressor.search.knapsack import BINS, choose_units, most_removable, removable_limits
 from compressor.search.loop import search_under_target
-from compressor.search.target import Measured, Target
+from compressor.search.target import OVERSHOOT_BAND, Measured, Target, required_fraction
 
 
 def _units(n: int, stages: int = 3) -> list[Unit]:
@@ -204,3 +204,121 @@ def test_a_failed_candidate_does_not_end_the_search_before_the_most_removable_se
                                  margin=0.05, calibration=(sum(savings[n] for n in floor), measure(floor)))
     assert len(result.trials) >= 2 and not result.trials[0].passed
     assert result.best is not None and result.best.measured.speedup >= 2.0 * 1.05
+
+
+def _exact_bins(rng: random.Random, units: list[Unit]) -> dict[str, float]:
+    """Savings that are whole bins of the knapsack (they sum to BINS thousandths of a ms), so that it is
+    exact and a brute force can be compared set for set."""
+    cuts = sorted(rng.sample(range(1, BINS), len(units) - 1))
+    return {u.name: (b - a) / 1000 for u, a, b in zip(units, [0, *cuts], [*cuts, BINS], strict=True)}
+
+
+def _allowed_sets(units, savings, required, below, min_per_stage=1):
+    """Every set the stage floor allows with required <= saving < below, by brute force."""
+    limits = removable_limits(units, min_per_stage)
+    for r in range(len(units) + 1):
+        for subset in itertools.combinations(units, r):
+            if any(sum(u.stage == s for u in subset) > limit for s, limit in limits.items()):
+                continue
+            saving = sum(savings[u.name] for u in subset)
+            if required - 1e-9 <= saving < below - 1e-9:
+                yield tuple(u.name for u in subset)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_knapsack_proposes_the_best_set_not_yet_measured(seed):
+    """With sets excluded (already measured) and an upper bound on the saving (after an overshoot), the
+    knapsack's proposal is the least-importance allowed set that is left, set for set as a brute force."""
+    rng = random.Random(seed)
+    units = _units(9)
+    savings = _exact_bins(rng, units)
+    importance = {u.name: rng.random() for u in units}
+    required = rng.uniform(0.2, 0.5)
+    below = rng.choice([None, *_allowed_sets(units, savings, 0.5, 0.8)])
+    below_ms = sum(savings[n] for n in below) if below else float("inf")
+    ranked = sorted(_allowed_sets(units, savings, required, below_ms),
+                    key=lambda s: sum(importance[n] for n in s))
+    excluded = [ranked[i] for i in sorted(rng.sample(range(min(len(ranked), 6)), min(len(ranked), 3)))]
+    choice = choose_units(units, importance, savings, required, 1, below, excluded)
+    left = [s for s in ranked if s not in excluded]
+    assert choice is not None and choice.removed == left[0]
+    assert required - 1e-9 <= choice.predicted_saving_ms < below_ms
+
+
+def test_with_every_allowed_set_measured_nothing_is_proposed():
+    units = _units(6)
+    savings = _exact_bins(random.Random(0), units)
+    importance = {u.name: 1.0 for u in units}  # ties everywhere: the most sets to go through
+    allowed = list(_allowed_sets(units, savings, 0.3, float("inf")))
+    assert choose_units(units, importance, savings, 0.3, 1, exclude=allowed[1:]).removed == allowed[0]
+    assert choose_units(units, importance, savings, 0.3, 1, exclude=allowed) is None
+
+
+def test_excluding_the_empty_set_proposes_the_least_important_unit():
+    units = _units(3, stages=1)
+    importance = {"u0": 0.3, "u1": 0.1, "u2": 0.2}
+    savings = {u.name: 1.0 for u in units}
+    assert choose_units(units, importance, savings, 0.0).removed == ()
+    assert choose_units(units, importance, savings, 0.0, exclude=[()]).removed == ("u1",)
+
+
+def _overshooting(big_real_ms: float, small_saving: float):
+    """A model whose `big` unit saves far more when measured than the table says, and six small units that
+    save what it says: the knapsack's first set (big alone, least important) overshoots a 1.3x target."""
+    units = [Unit("big", "identity", "stage0", 0), *[Unit(f"s{i}", "identity", f"stage{i % 3}", 1 + i)
+                                                     for i in range(6)]]
+    savings = {"big": 0.3, **{f"s{i}": small_saving for i in range(6)}}
+    importance = {"big": 0.1, **{f"s{i}": 1.0 + i / 100 for i in range(6)}}
+    measured: list[tuple[str, ...]] = []
+
+    def measure(removed):
+        measured.append(removed)
+        saved = sum(big_real_ms if n == "big" else savings[n] for n in removed)
+        return Measured(1.0, 1.0 - saved, spread=0.0)
+
+    return units, savings, importance, measure, measured
+
+
+def test_after_an_overshoot_the_search_proposes_a_set_that_removes_less():
+    """The convnext_tiny case: its first set measured 1.87x at a 1.3x target; asked for less, the knapsack
+    proposed the same set again and the search ended. Now it proposes the best set not yet measured that
+    removes less (two small units: they miss), then one between the two, which lands within the band."""
+    units, savings, importance, measure, measured = _overshooting(0.5, 0.09)
+    result = search_under_target(units, importance, savings, 1.0, Target(speedup=1.3), measure, margin=0.02,
+                                 calibration=(0.3, Measured(1.0, 0.7, 0.0)))
+    assert measured[0] == ("big",) and result.trials[0].passed and result.trials[0].overshot
+    assert len(measured) == len(set(measured)), "a set was measured twice"
+    assert all(sum(savings[n] for n in s) < 0.3 for s in measured[1:])
+    speedup = result.best.measured.speedup
+    aimed = 1 / (1 - required_fraction(Target(speedup=1.3), 1.0, 0.02))
+    assert 1.3 * 1.02 <= speedup <= aimed / (1 - OVERSHOOT_BAND)
+    assert not result.best.overshot and "within" in result.ended
+
+
+def test_when_no_untried_set_removes_less_the_search_says_why():
+    """Small units saving too little to reach the target between them: no set that removes less than the
+    overshooting one is predicted to meet it, and the result says so, naming the measured speedup."""
+    units, savings, importance, measure, measured = _overshooting(0.5, 0.01)
+    result = search_under_target(units, importance, savings, 1.0, Target(speedup=1.3), measure, margin=0.02,
+                                 calibration=(0.3, Measured(1.0, 0.7, 0.0)))
+    assert measured == [("big",)]
+    assert result.best.choice.removed == ("big",) and result.best.overshot
+    assert "no set not yet measured removes less" in result.ended and "2.00x" in result.ended
+
+
+@pytest.mark.parametrize("bias", [0.6, 0.8, 1.0, 1.3, 2.0])
+def test_no_set_is_measured_twice(bias):
+    units = _units(27)
+    rng = random.Random(5)
+    savings = {u.name: rng.uniform(0.04, 0.07) for u in units}
+    importance = {u.name: rng.random() for u in units}
+    measured: list[tuple[str, ...]] = []
+    model = _latency_model(1.6, savings, bias)
+
+    def measure(removed):
+        measured.append(removed)
+        return model(removed)
+
+    search_under_target(units, importance, savings, 1.6, Target(speedup=1.8), measure, margin=0.02,
+                        max_trials=8)
+    assert len(measured) == len({frozenset(s) for s in measured})

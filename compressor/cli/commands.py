@@ -60,8 +60,11 @@ def _summary(report: dict, out: str) -> str:
                             for name, v in (fidelity.get("per_output") or {}).items())
     if b["accuracy"] is not None and accuracy is not None:
         quality = f"{label}accuracy {b['accuracy']:.2f} -> {accuracy:.2f}%, {quality.removeprefix(label)}"
+    how = "measured"
+    if report.get("latency_source") == "predicted":  # runtime: table: nothing was timed
+        how = "PREDICTED by the latency table, not measured"
     return (f"{report['model']}: {b['latency_ms']['median']:.3f} -> {p['latency_ms']['median']:.3f} ms "
-            f"({report['speedup_measured']:.2f}x measured, {report['speedup_flops']:.2f}x by FLOPs), "
+            f"({report['speedup_measured']:.2f}x {how}, {report['speedup_flops']:.2f}x by FLOPs), "
             f"{quality}; report in {out}/report.md")
 
 
@@ -85,7 +88,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     log(_summary(report, args.out))
     if not report["target_met"]:
         median = report["pruned"]["latency_ms"]["median"]
-        msg = f"target missed in the final measurement: {median:.3f} ms > {report['target_ms']:.3f} ms"
+        final = "final prediction" if report.get("latency_source") == "predicted" else "final measurement"
+        msg = f"target missed in the {final}: {median:.3f} ms > {report['target_ms']:.3f} ms"
         raise TargetMissedError(msg)
     return 0
 

@@ -287,6 +287,9 @@ def run_bench(config: BenchConfig) -> BenchResult:
         close_device(device)
     reference = _reference(config, opened, timed, baseline, policy, machine)
     notes += reference[3] if reference else []
+    if machine.get("predicted"):  # runtime: table (compressor/latency/replay.py)
+        notes.append(f"note: every figure is PREDICTED by the latency table {machine['predicted']['table']}, "
+                     "not measured")
     notes += [f"warning: noisy measurement, IQR/median {s.relative_iqr:.0%} > {policy.remeasure_iqr:.0%} "
               f"after {policy.max_repeats} attempts" for s in (timed.stats, timed.other_stats) if s and s.noisy]
     record = measurement(opened, timed.stats, profile, policy, timed.mode, machine)

@@ -123,6 +123,9 @@ def run(loaded: LoadedModel, data: DataBundle, target: Target, profile: Profile,
         if own:  # the profile's device: this machine, or its remote host(s), connected before anything slow
             device = device_for(profile, log=log)
         machine = device.provenance()
+        if machine.get("predicted"):
+            log(f"profile {profile.name} predicts every latency from the table {machine['predicted']['table']}: "
+                "nothing is timed, and the report's figures are predictions")
         state = RunState(out, fingerprint(loaded, data, target, profile, options, machine), resume)
         return _stages(Job(loaded, data, target, profile, options, out, work, log, device, state))
     except CompressorError as e:

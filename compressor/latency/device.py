@@ -67,8 +67,12 @@ def time_parts(device: Device, artifacts: Sequence[Path], policy: TimingPolicy, 
 
 def device_for(profile, backend=None, log: Callable[[str], None] | None = None) -> Device:
     """The profile's device: its remote host (or pool of hosts) over SSH when it has a `remote:` section
-    (compressor/latency/remote/), else this machine; `backend` (an exporters.Backend) is the profile's
-    unless given."""
+    (compressor/latency/remote/), a latency table replayed for `runtime: table` (replay.py: predicted, not
+    timed), else this machine; `backend` (an exporters.Backend) is the profile's unless given."""
+    if profile.runtime == "table":
+        from compressor.latency.replay import table_device
+
+        return table_device(profile)
     if backend is None:
         from exporters import Backend
 

@@ -119,6 +119,23 @@ def _check_runtime(raw: dict, source: str) -> None:
         raise InputError(msg)
 
 
+def _table_options(options: dict, raw: dict, source: str) -> dict:
+    """A `runtime: table` profile's options, its table's path resolved against the profile file's folder
+    (the table is read when the device is made: compressor/latency/replay.py)."""
+    table = options.get("table")
+    if not isinstance(table, str) or not table.strip():
+        msg = (f"profile {source}: runtime table replays a measured latency table: name it in "
+               "runtime_options: {table: FILE}")
+        raise InputError(msg)
+    if raw.get("remote") is not None:
+        msg = f"profile {source}: runtime table predicts latency from a table here; it takes no remote: section"
+        raise InputError(msg)
+    path = Path(table).expanduser()
+    if not path.is_absolute() and not source.startswith("builtin:"):
+        path = Path(source).parent / path
+    return {**options, "table": str(path)}
+
+
 def parse_profile(text: str, source: str) -> Profile:
     """Parse and check profile YAML; every problem is an InputError naming the field."""
     try:
@@ -146,6 +163,8 @@ def parse_profile(text: str, source: str) -> Profile:
     if not isinstance(options, dict):
         msg = "profile field 'runtime_options' must be a mapping"
         raise InputError(msg)
+    if raw["runtime"] == "table":
+        options = _table_options(options, raw, source)
     return Profile(
         name=_name(raw, "name", source), runtime=_name(raw, "runtime", source), device=str(raw.get("device", "cpu")),
         precision=str(raw.get("precision", "fp32")), threads=_positive_int(raw, "threads", None),

@@ -18,7 +18,8 @@ new set another proposer puts forward.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ from compressor.errors import InputError
 from compressor.graph.surgery import remove_units
 from compressor.graph.units import Unit
 from compressor.metrics.outputs import divergence, named_outputs, output_spec
-from compressor.search.knapsack import Choice, choose_units, removable_limits
+from compressor.search.knapsack import Choice, Proposer, choose_units, removable_limits
 
 BATCH = 64  # images per forward pass
 
@@ -81,7 +82,9 @@ class GreedyOrder:
     order that one more allowed unit brings to `required_ms`, and of those units (already evaluated
     at that step) the one with the least KL; so the proposals are not only prefixes, and a search
     stepping up its requirement finds sets between two prefixes. The result is a search.Choice
-    whose importance_lost is that set's KL.
+    whose importance_lost is that set's KL. Like the knapsack, it proposes no set the search already
+    measured (`exclude`) and, after a pass that removed more than the target needs, only sets saving
+    less than it (`below`).
     """
 
     def __init__(self, model: nn.Module, units: Sequence[Unit], savings_ms: dict[str, float],
@@ -152,32 +155,37 @@ class GreedyOrder:
                   f"{saved + self.savings_ms[best]:.3f} ms; {len(kls)} sets evaluated)")
         return True
 
-    def choose(self, required_ms: float) -> Choice | None:
-        """The shortest prefix that one more unit brings to `required_ms`, completed by the least-KL such
-        unit (None if no allowed set reaches it this way)."""
-        if required_ms <= 0:
+    def choose(self, required_ms: float, below: Collection[str] | None = None,
+               exclude: Collection[Collection[str]] = ()) -> Choice | None:
+        """The shortest prefix that one more unit brings to `required_ms` (and not to the saving of the set
+        `below`), completed by the least-KL such unit, of the sets not in `exclude` (None if no allowed set
+        reaches it this way)."""
+        excluded = {frozenset(s) for s in exclude}
+        below_ms = math.inf if below is None else sum(self.savings_ms[n] for n in below)
+        if required_ms <= 0 and frozenset() not in excluded:
             return Choice((), 0.0, 0.0)
         k = 0
         while True:
             saved = self.steps[k - 1].saving_ms if k else 0.0
+            if saved >= below_ms:  # every longer prefix saves more still
+                return None
+            prefix = {u.name for u in self._prefix(k)}
             kls = self._completions(k)
-            reaching = [n for n in kls if saved + self.savings_ms[n] >= required_ms]
+            reaching = [n for n in kls if required_ms <= saved + self.savings_ms[n] < below_ms
+                        and frozenset(prefix | {n}) not in excluded]
             if reaching:
                 last = min(reaching, key=lambda n: (kls[n], self._by_name[n].order))
-                names = {u.name for u in self._prefix(k)} | {last}
-                removed = tuple(u.name for u in self.units if u.name in names)
+                removed = tuple(u.name for u in self.units if u.name in prefix | {last})
                 return Choice(removed, kls[last], saved + self.savings_ms[last])
             if k == len(self.steps) and not self.extend():
                 return None
             k += 1
 
 
-Proposer = Callable[[float], Choice | None]
-
-
 def least_kl(order: GreedyOrder, proposers: Sequence[Proposer]) -> Proposer:
-    """Propose, of the sets that `order` and the other `proposers` put forward for a required saving,
-    the one with the least measured KL (order.kl_of; None if none reaches the saving).
+    """Propose, of the sets that `order` and the other `proposers` put forward for a required saving (less
+    than the set `below`'s, none of `exclude`), the one with the least measured KL (order.kl_of; None if none
+    reaches the saving).
 
     The greedy order is myopic: it can strand itself (a block taken by removal cannot be merged, a
     stage at its floor takes no more), and since it prefers units by KL per ms it reaches a large
@@ -186,10 +194,11 @@ def least_kl(order: GreedyOrder, proposers: Sequence[Proposer]) -> Proposer:
     proposal the same scale, so a search compares its passes on KL.
     """
 
-    def choose(required_ms: float) -> Choice | None:
+    def choose(required_ms: float, below: Collection[str] | None = None, exclude: Collection[Collection[str]] = ()
+               ) -> Choice | None:
         best: Choice | None = None
         for propose in (order.choose, *proposers):
-            chosen = propose(required_ms)
+            chosen = propose(required_ms, below=below, exclude=exclude)
             if chosen is None:
                 continue
             kl = order.kl_of(chosen.removed) if chosen.removed else 0.0
@@ -206,9 +215,11 @@ def greedy_proposer(order: GreedyOrder, importance: dict[str, float] | None = No
     units, savings, floor = order.units, order.savings_ms, order.min_per_stage
 
     def knapsack_over(scores: Callable[[], dict[str, float]]) -> Proposer:
-        def propose(required_ms: float) -> Choice | None:
+        def propose(required_ms: float, below: Collection[str] | None = None,
+                    exclude: Collection[Collection[str]] = ()) -> Choice | None:
             values = scores()
-            return choose_units(units, {u.name: values.get(u.name, 0.0) for u in units}, savings, required_ms, floor)
+            return choose_units(units, {u.name: values.get(u.name, 0.0) for u in units}, savings, required_ms, floor,
+                                below, exclude)
 
         return propose
 
