@@ -27,11 +27,16 @@ ATen inside every module), hence this file.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
+import logging
 import operator
 import time
+import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -342,6 +347,22 @@ def _batched(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x] * CAPTURE_BATCH)[:CAPTURE_BATCH]
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.export logs and warns as it goes (guards, symbolic shapes, a failure it then raises); the
+    user sees what capture concludes, in one line, not those."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    sink = io.StringIO()  # on a failure export prints the partial graph
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _exported_graph(model: nn.Module, x: torch.Tensor) -> tuple[fx.Graph, dict[str, object]]:
     from torch.export import Dim, export
 
@@ -352,7 +373,8 @@ def _exported_graph(model: nn.Module, x: torch.Tensor) -> tuple[fx.Graph, dict[s
     except Exception as e:
         msg = f"{type(model).__name__} fails on a {list(x.shape)} input: {type(e).__name__}: {first_line(e)}"
         raise InputError(msg) from e
-    program = export(model, (xb,), dynamic_shapes=({0: Dim("batch")},), strict=False)
+    with _quiet():
+        program = export(model, (xb,), dynamic_shapes=({0: Dim("batch")},), strict=False)
     unlifted = program.module()
     graph = unlifted.graph
     for node in list(graph.nodes):
