@@ -180,6 +180,16 @@ def root_for(graph: fx.Graph, model: nn.Module, fallback: nn.Module) -> dict[str
     return root
 
 
+def _is_view(node: fx.Node) -> bool:
+    """Whether a node's value shares memory with one of its inputs (slice, view, transpose, an unbind's item)."""
+    if node.target is operator.getitem:
+        return True
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return any(r.alias_info is not None for r in target._schema.returns)
+
+
 def _functional(gm: fx.GraphModule) -> None:
     """Turn in-place ATen ops (add_, relu_, ...) into their out-of-place forms where nothing else reads the
     tensor they overwrite afterwards, so removing or copying nodes cannot change what another node reads;
@@ -193,7 +203,8 @@ def _functional(gm: fx.GraphModule) -> None:
         if not schema.name.endswith("_") or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         mutated = node.args[0]
-        if any(order[u] > order[node] for u in mutated.users if u is not node) or mutated.op == "placeholder":
+        if any(order[u] > order[node] for u in mutated.users if u is not node) or mutated.op == "placeholder" \
+                or _is_view(mutated):  # writing into a view writes into the tensor it views, read later maybe
             continue
         base = getattr(torch.ops.aten, schema.name.split("::")[-1][:-1], None)
         overload = getattr(base, target._overloadname, None) if base is not None else None
