@@ -261,7 +261,7 @@ def measure(job: dict) -> dict:
     result = measure_interleaved(runs, TimingPolicy.from_dict(job["policy"]), job.get("burst", 5))
     after = conditions()
     return {"stats": [s.to_dict(with_samples=True) for s in result.stats], "round_medians": result.round_medians,
-            "settings": settings, "threads": job["threads"],
+            "burst": result.burst, "cooldown_s": result.cooldown_s, "settings": settings, "threads": job["threads"],
             "conditions": changes(before, after, cooled, job.get("cool_max_s", 0))}
 
 
