@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from compressor.latency.table import LatencyTable
 from compressor.report import _prediction_error, _trial
 from compressor.search.knapsack import Choice
 from compressor.search.loop import Trial
@@ -18,13 +19,21 @@ def _trials() -> list[Trial]:
     return [timed, refused]
 
 
+TABLE = LatencyTable("m", [1, 3, 8, 8], {}, {}, 10.0, {"a": 1.0, "b": 1.0})  # version 1: 10 ms - 1 ms per unit
+
+
 def test_a_refused_candidate_is_left_out_of_the_table_error():
-    error = _prediction_error(_trials())
+    error = _prediction_error(_trials(), TABLE)
     assert error["candidates"] == 1 and error["mape"] == pytest.approx(1 / 8)  # |9 - 8| / 8, not NaN
 
 
+def test_the_table_error_is_taken_at_each_candidates_own_baseline():
+    halved = Trial(Choice(("a",), 0.1, 1.0), 9.0, Measured(20.0, 16.0, 0.01), False)  # the machine ran 2x slower
+    assert _prediction_error([halved], TABLE)["mape"] == pytest.approx(2 / 16)  # predicted 18 ms, measured 16
+
+
 def test_a_refused_candidate_has_no_latency_in_the_report():
-    rows = [_trial(t) for t in _trials()]
+    rows = [_trial(t, TABLE) for t in _trials()]
     refused = json.loads(json.dumps(rows, allow_nan=False))[1]  # strict JSON: no Infinity or NaN
     assert (refused["measured_ms"], refused["speedup"], refused["refused"]) == (None, None, True)
     assert rows[0]["measured_ms"] == 8.0 and rows[0]["speedup"] == pytest.approx(1.25)
