@@ -121,6 +121,9 @@ def test_ratio_se_of_known_rounds():
                "stats": [{"median": 2.0, "iqr": 0.1}, {"median": 1.0, "iqr": 0.02, "noisy": True}]}
     (m,) = measurements_of(session)
     assert (m.removed, m.saved, m.session, m.noisy, m.baseline_ms) == (("a",), 0.5, 4, True, 2.0)
+    burst = {**session, "round_medians": [[2.0, 2.0, 8.0, 2.0], [1.0, 1.0, 4.0, 1.0]],  # a burst of load in round 3
+             "stats": [{"median": 2.0, "iqr": 0.1}, {"median": 4.0, "iqr": 0.1}]}  # and medians read unluckily
+    assert measurements_of(burst)[0].saved == pytest.approx(0.5)  # the per-round pairs still say half
 
 
 def _with_merges(units: list[Unit]) -> list[Unit]:

@@ -9,7 +9,8 @@ removal set S is predicted to save
 of the baseline latency, n_g(S) counting the units of g in S and x_t(S) interaction terms (a stage
 emptied, adjacent removals in a stage), kept only where the measurements show them. Each measurement is
 one removal set timed in one interleaved session with the baseline: y = 1 - median(set) /
-median(baseline), with the standard error of that ratio from its per-round ratios.
+median(baseline), taken as the median of the per-round ratios, with its standard error from their
+spread.
 
 The fit is weighted least squares, weights 1 / (se^2 + tau^2): tau^2 is the scatter between
 measurements that their own rounds do not show (drift between sessions, a set that is not quite
@@ -77,6 +78,16 @@ def ratio_se(set_rounds: Sequence[float], base_rounds: Sequence[float], ratio: f
     return max(SE_FLOOR, MEDIAN_SE * ratio * spread / np.sqrt(max(1, len(r))))
 
 
+def paired_ratio(set_rounds: Sequence[float], base_rounds: Sequence[float], set_median: float,
+                 base_median: float) -> float:
+    """median(set) / median(baseline) from one session: the median of the per-round ratios (each round's
+    pair timed moments apart, so a burst of load on the machine hits both) where there are 4 rounds or
+    more, else the ratio of the two medians."""
+    if len(set_rounds) >= 4 and len(set_rounds) == len(base_rounds):
+        return float(np.median(np.asarray(set_rounds, float) / np.asarray(base_rounds, float)))
+    return set_median / base_median
+
+
 def measurements_of(session: dict) -> list[SetMeasurement]:
     """The measurements of one timed session: `sets` (index 0 the baseline, []), `stats` (medians,
     IQRs, noisy) and `round_medians` per artifact, `id`."""
@@ -84,7 +95,7 @@ def measurements_of(session: dict) -> list[SetMeasurement]:
     out = []
     for removed, stats, rounds in zip(session["sets"][1:], session["stats"][1:], session["round_medians"][1:],
                                       strict=True):
-        ratio = stats["median"] / base["median"]
+        ratio = paired_ratio(rounds, base_rounds, stats["median"], base["median"])
         iqrs = (stats["iqr"] / stats["median"], base["iqr"] / base["median"])
         out.append(SetMeasurement(tuple(removed), 1.0 - ratio, ratio_se(rounds, base_rounds, ratio, iqrs),
                                   session["id"], stats["median"], base["median"], bool(stats.get("noisy"))))
