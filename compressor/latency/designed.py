@@ -97,10 +97,12 @@ class DesignRun:
         self.exported = 0
 
     def export(self, removed: tuple[str, ...]) -> Path:
+        """The model without `removed`, exported (and so validated against its torch model); the shape check
+        of surgery is left out here, as for every single-unit removal before: a table exports many sets."""
         chosen = [self.by_name[n] for n in removed]
         self.exported += 1
         path = self.work / f"set{self.exported}{self.deployment.exporter.suffix}"
-        return self.deployment.export(remove_units(self.model, chosen, self.deployment.example), path)
+        return self.deployment.export(remove_units(self.model, chosen), path)
 
     def time_batch(self, progress: Progress, save: Callable[[Progress], None]) -> None:
         """Export and time the planned sets, a session (per device) at a time, saving after each."""
