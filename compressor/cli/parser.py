@@ -122,7 +122,7 @@ def _profile(sub) -> None:
                                        "uncertainty, fitted on designed removal sets (latency table JSON)")
     model_arguments(p, data_help="data source the zoo model is trained on (sets the input shape)")
     p.add_argument("--profile", required=True)
-    p.add_argument("--uncertainty", type=positive_float, default=0.015,
+    p.add_argument("--uncertainty", type=positive_float, default=0.02,
                    help="measure more sets until random removal sets are predicted within this relative standard "
                         "error (root mean square; default %(default)s)")
     p.add_argument("--max-sets", type=positive_int, help="at most this many removal sets (default: twice the "

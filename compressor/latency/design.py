@@ -80,14 +80,15 @@ def random_sets(units: Sequence[Unit], n: int, rng: random.Random, min_per_stage
 def initial_design(units: Sequence[Unit], infos: Sequence[UnitInfo], rng: random.Random,
                    min_per_stage: int = 1, n_random: int | None = None) -> list[tuple[str, ...]]:
     """Single-unit sets for groups of one, the most removable set, and `n_random` balanced random sets
-    (default: twice the number of groups, at least 6)."""
+    (default: one more than the number of groups, at least 4: with the others, twice as many sets as
+    coefficients for a model of a few groups)."""
     members: dict[str, list[str]] = {}
     for info in infos:
         members.setdefault(info.group, []).append(info.name)
     singles = [(names[0],) for names in members.values() if len(names) == 1]
     floor = tuple(u.name for u in most_removable(units, min_per_stage))
     sets = list(dict.fromkeys([*singles, *([floor] if floor else [])]))
-    n_random = max(6, 2 * len(members)) if n_random is None else n_random
+    n_random = max(4, len(members) + 1) if n_random is None else n_random
     return sets + random_sets(units, n_random, rng, min_per_stage, sets)
 
 

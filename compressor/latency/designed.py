@@ -48,7 +48,7 @@ class DesignOptions:
     sets_per_session: sets timed with one baseline in one interleaved session (per device)."""
 
     min_per_stage: int = 1
-    target_sd: float = 0.015
+    target_sd: float = 0.02
     max_sets: int | None = None
     batch: int = 4
     sets_per_session: int = 6
@@ -109,8 +109,10 @@ class DesignRun:
         devices = len(getattr(self.deployment.device, "devices", [None]))
         policy = self.deployment.profile.search_policy
         floors = {"min_runs": policy.min_runs, "min_time_s": policy.min_time_s}
+        most = self.options.sets_per_session * devices
+        size = -(-len(progress.planned) // -(-len(progress.planned) // most)) if progress.planned else 0  # balanced
         while progress.planned:
-            chunk = [tuple(s) for s in progress.planned[:self.options.sets_per_session * devices]]
+            chunk = [tuple(s) for s in progress.planned[:size]]
             paths = [self.export(s) for s in chunk]
             parts = time_parts(self.deployment.device, [self.baseline, *paths], policy, self.deployment.example.numpy())
             for part in parts:
