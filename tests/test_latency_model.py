@@ -15,7 +15,6 @@ from compressor.latency.design import (
     initial_design,
     query_sd,
     random_set,
-    random_sets,
     unit_infos,
 )
 from compressor.latency.model import (
@@ -41,7 +40,8 @@ def _layout() -> tuple[list[Unit], list[UnitInfo]]:
     units, order = [], 0
     for stage, kind, n in LAYOUT:
         for _ in range(n):
-            units.append(Unit(f"{stage}.{order}", kind, stage, order, shortcut="proj" if kind == "projection" else None))
+            shortcut = "proj" if kind == "projection" else None
+            units.append(Unit(f"{stage}.{order}", kind, stage, order, shortcut=shortcut))
             order += 1
     return units, unit_infos(units, {u.name: f"{u.stage}/{u.kind}" for u in units})
 

@@ -1,6 +1,5 @@
 """The timing protocol: statistics, run/time floors, cold start, re-measuring, interleaving."""
 
-import sys
 import threading
 import time
 
