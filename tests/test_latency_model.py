@@ -103,6 +103,13 @@ def test_an_interaction_in_the_data_is_found_and_only_then():
     assert [name for name, _ in extra] == ["adjacent:s1"] and extra[0][1] == pytest.approx(0.01, abs=0.003)
     pair = ["s1.0", "s1.1"]
     assert fused.saved_fraction(pair) == pytest.approx(2 * TRUTH["s1/identity"] + 0.01, abs=0.004)
+    # the same model as an additive replay reads it: unit savings, and sets of units saving more together
+    savings, interactions = fused.unit_savings_ms(), fused.interactions_ms()
+    assert len(interactions) == 5  # adjacency in stage s1: one term per neighbouring pair of its 6 blocks
+    for s in [pair, ["s1.0", "s1.2", "s1.3", "s2.7"], [u.name for u in units]]:
+        replayed = fused.baseline_ms - sum(savings[n] for n in s) - sum(
+            i["saving_ms"] for i in interactions if set(i["units"]) <= set(s))
+        assert replayed == pytest.approx(fused.predict_ms(s), rel=1e-12)
 
 
 def test_a_group_never_measured_has_an_infinite_uncertainty():

@@ -319,6 +319,20 @@ class LatencyModel:
     def unit_sd_ms(self) -> dict[str, float]:
         return {u.name: self.sd_ms([u.name]) for u in self.units}
 
+    def interactions_ms(self) -> list[dict]:
+        """The interaction terms as sets of units that, all removed, save `saving_ms` beyond their units'
+        own savings: a stage emptied is one such set, adjacency one per neighbouring pair. So baseline -
+        sum of unit savings - sum of the interactions whose units are all removed = predict_ms, exactly."""
+        out = []
+        for term, c in zip(self.terms, self.coef, strict=True):
+            ms = float(c) * self.baseline_ms
+            if term.kind == "emptied":
+                out.append({"units": list(term.units), "saving_ms": ms, "term": term.name})
+            elif term.kind == "adjacent":
+                out += [{"units": [a, b], "saving_ms": ms, "term": term.name}
+                        for a, b in itertools.pairwise(term.units)]
+        return out
+
     def to_dict(self) -> dict:
         sd = self.term_sd()
         return {"baseline_ms": self.baseline_ms, "units": [asdict(u) for u in self.units],

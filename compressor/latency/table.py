@@ -5,7 +5,10 @@ per group with its standard error (and the interaction terms the measurements sh
 covariance of those coefficients, every designed removal set with the session it was timed in, and
 where it was measured. It predicts any removal set's latency in milliseconds, with an uncertainty,
 without calibration. `savings_ms` (each unit's saving removed alone) is kept for what reads per-unit
-savings (the knapsack, greedy selection, version-1 readers).
+savings (the knapsack, greedy selection, version-1 readers), and `interactions_ms` lists the
+interaction terms as sets of units that save more (or less) together, so that baseline_ms - the sum of
+the removed units' savings - the savings of the interactions whose units are all removed is the
+model's prediction exactly: what an additive replay of the table needs.
 
 Version 1 (no `version` key: single-unit savings read as differences of medians) still loads; it
 predicts the baseline minus the sum of savings, with no uncertainty known.
@@ -43,6 +46,7 @@ class LatencyTable:
     design: dict | None = None  # how sets were chosen, the sessions that timed them, why measuring stopped
     savings_sd_ms: dict[str, float] = field(default_factory=dict)
     seconds: float | None = None  # to measure it, exports included
+    interactions_ms: list[dict] = field(default_factory=list)  # sets of units saving more together (ms)
     _fitted: LatencyModel | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
@@ -51,7 +55,7 @@ class LatencyTable:
         sessions = design.get("sessions") or []
         stats = {"baseline": {**sessions[0]["stats"][0], "device": sessions[0].get("device")}} if sessions else {}
         table = cls(name, list(input_shape), profile, machine, fitted.baseline_ms, fitted.unit_savings_ms(), stats,
-                    VERSION, fitted.to_dict(), design, fitted.unit_sd_ms(), seconds)
+                    VERSION, fitted.to_dict(), design, fitted.unit_sd_ms(), seconds, fitted.interactions_ms())
         table._fitted = fitted
         return table
 
