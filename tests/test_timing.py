@@ -242,3 +242,26 @@ def test_blocks_with_a_cool_down_idle_after_each_and_leave_their_first_run_untim
     for before, after in zip(blocks, blocks[1:], strict=False):
         assert after[0][1] - before[-1][1] >= 0.004  # idle for the cool-down between two models' blocks
     assert result.stats[0].n == burst * len(blocks) // 2 >= 20  # the waking runs are not among the samples
+
+
+def test_onnx_runtime_spinning_by_default_gets_a_cool_down_and_none_without(tmp_path):
+    """A real ONNX Runtime pool: with its default spinning its workers stay busy after a run, so interleaved
+    blocks are followed by a cool-down; with spinning off nothing stays busy and none is slept."""
+    import torch
+    from torch import nn
+
+    from exporters.onnx import OnnxExporter
+    from exporters.onnxruntime import OnnxRuntimeSession
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.Flatten(),
+                          nn.Linear(32 * 32 * 32, 3)).eval()  # large enough for the intra-op pool to work
+    path = OnnxExporter().export(model, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx", 17)
+    policy = TimingPolicy(min_runs=20, min_time_s=0.1, warmup_runs=5, warmup_s=0.05, remeasure_iqr=10.0)
+    found = {}
+    for label, options in (("default", {}), ("off", {"allow_spinning": False})):
+        sessions = [OnnxRuntimeSession(path, 2, options) for _ in range(2)]
+        for s in sessions:
+            s.prepare(np.zeros((1, 3, 32, 32), np.float32))
+        found[label] = measure_interleaved(sessions, policy)
+    assert found["default"].cooldown_s > 0.005 and found["default"].burst > 5
+    assert (found["off"].cooldown_s, found["off"].burst) == (0.0, 5)
