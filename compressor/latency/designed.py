@@ -162,14 +162,14 @@ def measure_latency_table(model: nn.Module, units: Sequence[Unit], deployment: D
             fitted = _fit(infos, progress, options)
             measured = {tuple(s) for session in progress.sessions for s in session["sets"][1:]}
             asked = (queries(fitted) if queries is not None else []) or fallback(fitted)
-            worst = query_sd(fitted, asked)
+            uncertainty = query_sd(fitted, asked)
             log(f"  fitted on {len(measured)} sets: the sets the search may ask about are predicted within "
-                f"{worst:.1%} (1 sd, root mean square; wanted {options.target_sd:.1%})")
-            if worst <= options.target_sd:
-                stopped = f"uncertainty {worst:.2%} <= {options.target_sd:.2%} after {len(measured)} sets"
+                f"{uncertainty:.1%} (1 sd, root mean square; wanted {options.target_sd:.1%})")
+            if uncertainty <= options.target_sd:
+                stopped = f"uncertainty {uncertainty:.2%} <= {options.target_sd:.2%} after {len(measured)} sets"
                 break
             if len(measured) >= budget:
-                stopped = f"budget of {budget} sets spent (uncertainty {worst:.2%} > {options.target_sd:.2%})"
+                stopped = f"budget of {budget} sets spent (uncertainty {uncertainty:.2%} > {options.target_sd:.2%})"
                 break
             pool = random_sets(units, POOL, rng, options.min_per_stage, sorted(measured))
             noise = float(np.hypot(np.median([m.se for s in progress.sessions for m in measurements_of(s)]),
