@@ -97,7 +97,7 @@ def _trial(t: Trial, table: LatencyTable) -> dict:
     timed = not t.measured.refused
     model_ms, model_sd = _at_baseline(table, t.choice.removed, t.measured.baseline_ms)
     return {"removed": list(t.choice.removed), "predicted_ms": t.predicted_ms, "model_ms": model_ms,
-            "model_sd_ms": model_sd,
+            "model_sd_ms": model_sd if np.isfinite(model_sd) else None,  # None: a group no set measured
             "measured_ms": t.measured.candidate_ms if timed else None, "baseline_ms": t.measured.baseline_ms,
             "speedup": t.measured.speedup if timed else None, "passed": t.passed, "refused": t.measured.refused,
             "importance_lost": t.choice.importance_lost}
@@ -336,7 +336,7 @@ def plot_prediction(r: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
     if trials:
         x = [t["model_ms"] for t in trials]
-        ax.errorbar(x, [t["measured_ms"] for t in trials], xerr=[2 * t["model_sd_ms"] for t in trials], fmt="o",
+        ax.errorbar(x, [t["measured_ms"] for t in trials], xerr=[2 * (t["model_sd_ms"] or 0) for t in trials], fmt="o",
                     color="#1f77b4", ecolor="#9ecae1", capsize=2, label="candidates (+-2 sd)")
         for t in trials:
             ax.annotate(f"-{len(t['removed'])}", (t["model_ms"], t["measured_ms"]), fontsize=6,

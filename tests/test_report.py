@@ -51,3 +51,14 @@ def test_the_one_line_summary_gives_the_delivered_int8_fidelity():
     report["precision"] = {"delivered": "int8",
                            "final_int8": {"against_unpruned": {"top1_agreement": 85.9, "accuracy": 97.5}}}
     assert "INT8 accuracy 99.00 -> 97.50%, top-1 agreement 85.9%" in _summary(report, "out")
+
+
+def test_a_set_with_a_group_no_set_measured_has_no_sd_in_the_report():
+    from compressor.latency.model import LatencyModel, SetMeasurement, UnitInfo
+
+    infos = [UnitInfo("a", "ga", "s", 0, "a"), UnitInfo("b", "gb", "s", 1, "b")]
+    model = LatencyModel.fit(infos, [SetMeasurement(("a",), 0.1, 0.01, 0, 9.0, 10.0)])  # b never removed
+    table = LatencyTable.from_model("m", [1, 3, 8, 8], {}, {}, model, {"sessions": []})
+    row = _trial(Trial(Choice(("a", "b"), 0.1, 1.0), 9.0, Measured(10.0, 8.0, 0.01), False), table)
+    json.dumps(row, allow_nan=False)  # strict JSON: no Infinity
+    assert row["model_sd_ms"] is None and row["model_ms"] == pytest.approx(9.0)  # b: saving 0, unknown
