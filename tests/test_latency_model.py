@@ -229,3 +229,12 @@ def test_aiming_past_uncertainty_asks_for_the_shortfall():
     assert asked == pytest.approx([0.9, 1.3])  # asked again for the shortfall: 0.9 + 0.5 - 1.0 more
     assert propose(2.9).removed == ("a", "b", "c")  # 3.0 < 2.9 + 0.2, and nothing saves more: the last reached
     assert TAU_FLOOR > 0
+
+
+def test_branches_of_one_block_are_never_one_group():
+    """Where a signature describes a whole block, its branch units still fall into groups of their own kind."""
+    units = [Unit(f"blocks.{b}/{part}", "identity", "s", 2 * b + i) for b in range(2)
+             for i, part in enumerate(("attn", "mlp"))]
+    infos = unit_infos(units, dict.fromkeys((u.name for u in units), "same"))
+    groups = {i.name: i.group for i in infos}
+    assert groups["blocks.0/attn"] == groups["blocks.1/attn"] != groups["blocks.0/mlp"] == groups["blocks.1/mlp"]

@@ -30,8 +30,11 @@ P_LOW, P_HIGH = 0.15, 0.95  # the spread of inclusion probabilities over a batch
 
 
 def unit_infos(units: Sequence[Unit], signatures: dict[str, str]) -> list[UnitInfo]:
-    """The model's view of `units`, each in the group of its structural signature."""
-    return [UnitInfo(u.name, signatures[u.name], u.stage, u.order, u.path, u.kind) for u in units]
+    """The model's view of `units`, each in the group of its structural signature and of what the unit takes
+    from its block (the part of its name after "/": "attn" and "mlp" of one transformer block differ even
+    where a signature describes the whole block)."""
+    return [UnitInfo(u.name, f"{signatures[u.name]}{'/' + u.name.partition('/')[2] if '/' in u.name else ''}",
+                     u.stage, u.order, u.path, u.kind) for u in units]
 
 
 def ordered(units: Sequence[Unit], names: set[str] | frozenset[str]) -> tuple[str, ...]:
