@@ -127,8 +127,8 @@ class Interleaved:
         return float((q75 - q25) / q50)
 
 
-BUSY_SHARE = 0.25  # a process using more than this share of one core while its caller sleeps is still busy
-QUIET_S = 0.02  # ... and idle once it has used less for this long
+BUSY_SHARE = 0.10  # a process using more than this share of one core while its caller sleeps is still busy
+QUIET_S = 0.03  # ... and idle once it has used less for this long (a thread waiting for a core counts as busy)
 PROBE_MAX_S = 0.3  # the longest tail of busy threads looked for (ms-scale spinning pools stay far under it)
 MAX_COOLDOWN_S = 0.15  # a longer tail is not a spinning pool (another thread of the caller's is working)
 BLOCK_PER_COOLDOWN = 3  # a block of timed runs lasts at least this many cool-downs (75% of the wall time timed)
