@@ -41,6 +41,21 @@ class QuotaSFTPServer(asyncssh.SFTPServer):
         return super().write(file_obj, offset, data)
 
 
+class TrackedServer(asyncssh.SSHServer):
+    """Keeps the device's open connections, so that `stop` drops them as a killed sshd does."""
+
+    def __init__(self, device: TestDevice) -> None:
+        self.device = device
+        self.conn = None
+
+    def connection_made(self, conn) -> None:
+        self.conn = conn
+        self.device.connections.add(conn)
+
+    def connection_lost(self, exc) -> None:
+        self.device.connections.discard(self.conn)
+
+
 class TestDevice:
     """One SSH server with its keys; `start()` returns its port. `log` lists the commands it ran."""
 
@@ -68,6 +83,7 @@ class TestDevice:
         self.server = None
         self.port = 0
         self.children: set[asyncio.subprocess.Process] = set()
+        self.connections: set = set()
 
     # ------------------------------------------------------------ serving
 
@@ -115,13 +131,14 @@ class TestDevice:
 
     async def _start(self) -> int:
         self.server = await asyncssh.create_server(
-            asyncssh.SSHServer, "127.0.0.1", 0, server_host_keys=[self.host_key],
+            lambda: TrackedServer(self), "127.0.0.1", self.port, server_host_keys=[self.host_key],
             authorized_client_keys=self.authorized, process_factory=self._handle, encoding=None,
             sftp_factory=lambda chan: QuotaSFTPServer(chan, self), password_auth=False, kbdint_auth=False,
             allow_scp=False)
         return self.server.sockets[0].getsockname()[1]
 
     def start(self) -> int:
+        """Serve (again, after `stop`, on the same port with the same host key: a device back after a reboot)."""
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
         self.known_hosts = self.write_known_hosts(self.root / "known_hosts", self.host_key)
@@ -137,6 +154,8 @@ class TestDevice:
                 if child.returncode is None:
                     child.kill()
             self.server.close()
+            for conn in list(self.connections):  # a killed sshd takes its connections with it
+                conn.abort()
             await self.server.wait_closed()
 
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(30)

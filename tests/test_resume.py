@@ -87,22 +87,27 @@ def test_resume_reuses_the_measured_part_and_makes_the_same_choice(interrupted, 
     # chooses the same units: nothing was lost or corrupted by the interruption
     from compressor.criteria import ScoringContext, score_units
     from compressor.graph.units import find_units
+    from compressor.latency.table import LatencyTable
     from compressor.models.sources import load_model
+    from compressor.search.knapsack import choose_units
     from compressor.search.loop import search_under_target
     from compressor.search.target import Measured, Target
+    from compressor.search.uncertain import aiming_past_uncertainty
 
     model = load_model("resnet56", digits).model
     units = find_units(model, torch.randn(1, 3, 32, 32))
     scores = score_units("cka", ScoringContext(model, units, digits.loader("train", batch_size=128, limit=64)))
-    table = json.loads((out / "latency_table.json").read_text())
+    table = LatencyTable.load(out / "latency_table.json")
     search, floor = report["search"], report["search"]["floor"]
     trial = search["trials"][0]
     measured = Measured(trial["baseline_ms"], trial["measured_ms"], 0.0)
-    floor_saving = sum(table["savings_ms"][n] for n in floor["removed"])
-    again = search_under_target(units, scores, table["savings_ms"], table["baseline_ms"], Target(speedup=1.3),
+    propose = aiming_past_uncertainty(lambda need: choose_units(units, scores, table.savings_ms, need, 1),
+                                      table.saving_ms, table.sd_ms)
+    again = search_under_target(units, scores, table.savings_ms, table.baseline_ms, Target(speedup=1.3),
                                 lambda removed: measured, search["margin"],
-                                (floor_saving, Measured(floor["baseline_ms"], floor["candidate_ms"], 0.0)),
-                                1, 1)
+                                (table.saving_ms(floor["removed"]), Measured(floor["baseline_ms"],
+                                                                             floor["candidate_ms"], 0.0)),
+                                1, 1, propose)
     assert list(again.trials[0].choice.removed) == report["removed_units"]
 
 

@@ -96,30 +96,25 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from compressor.fileio import refuse_existing_file
-    from compressor.graph.units import find_units
-    from compressor.latency.deploy import Deployment
-    from compressor.latency.device import close_device
+    from compressor.jobs.profile import describe, measure_table
+    from compressor.latency.designed import DesignOptions
     from compressor.latency.profiles import load_profile
-    from compressor.latency.table import measure_latency_table
 
     out = refuse_existing_file(args.out) if args.out else None
     profile = load_profile(args.profile)
     loaded = _loaded(args, _data(args))
     if args.bundle:
         return _profile_bundle(args, profile, loaded)
-    deployment = Deployment(profile, loaded.input_shape)
-    units = find_units(loaded.model, deployment.example)
-    log(f"timing {len(units) + 1} exported models on {profile.name}")
-    try:
-        table = measure_latency_table(loaded.model, units, deployment, loaded.arch)
-    finally:
-        close_device(deployment.device)
+    options = DesignOptions(min_per_stage=args.min_blocks_per_stage, target_sd=args.uncertainty,
+                            max_sets=args.max_sets)
+    log(f"measuring the latency model of {loaded.arch} on {profile.name}")
+    table = measure_table(loaded, profile, options, log)
     table.save(out)
     if args.json:
         print(table.to_json())
-    for name, saving in table.savings_ms.items():
-        log(f"  {name:<24} saves {saving:7.4f} ms")
-    log(f"baseline {table.baseline_ms:.4f} ms; table written to {out}")
+    for line in describe(table):
+        log(line)
+    log(f"table written to {out}")
     return 0
 
 

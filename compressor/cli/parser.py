@@ -34,6 +34,16 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
 def input_shape(text: str) -> tuple[int, int, int]:
     """C,H,W (commas or x), e.g. 3,224,224."""
     parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
@@ -112,9 +122,17 @@ def _prune(sub) -> None:
 
 
 def _profile(sub) -> None:
-    p = sub.add_parser("profile", help="measure each unit's latency saving (lookup table JSON)")
+    p = sub.add_parser("profile", help="measure the latency model: each structure group's saving, with its "
+                                       "uncertainty, fitted on designed removal sets (latency table JSON)")
     model_arguments(p, data_help="data source the zoo model is trained on (sets the input shape)")
     p.add_argument("--profile", required=True)
+    p.add_argument("--uncertainty", type=positive_float, default=0.02,
+                   help="measure more sets until random removal sets are predicted within this relative standard "
+                        "error (root mean square; default %(default)s)")
+    p.add_argument("--max-sets", type=positive_int, help="at most this many removal sets (default: twice the "
+                                                         "initial design)")
+    p.add_argument("--min-blocks-per-stage", type=non_negative_int, default=1,
+                   help="the sets keep this many blocks per stage, as `prune` does (default %(default)s)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="JSON file to write (refused if it exists)")
     where.add_argument("--bundle", help="instead of timing here, write the candidates, the runner and a manifest "

@@ -37,7 +37,7 @@ from compressor.stages.reach import check_reachable
 from compressor.stages.recover import finetune_settings, recover
 from compressor.stages.scores import score_candidates
 from compressor.stages.state import RunState
-from compressor.stages.table import given_table, latency_table
+from compressor.stages.table import given_table, latency_table, table_design
 
 Log = Callable[[str], None]
 
@@ -149,7 +149,7 @@ def _stages(job: Job) -> PruneResult:
     reach = check_reachable(plan, job.target, options.min_blocks_per_stage, work, log, state,
                             int8_may_help=options.precision != "fp32")
     importance = score_candidates(plan, job.data, options, log, state)
-    table = latency_table(plan, given, work, log, state)
+    table = latency_table(plan, given, work, log, state, *table_design(plan, reach, importance, job.target, options))
     if out is not None:
         table.save(out / "latency_table.json")
     proposed = proposals(plan, importance, table, job.data, options, log)

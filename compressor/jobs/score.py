@@ -29,9 +29,9 @@ class ScoredModel:
 
 def _savings(loaded: LoadedModel, units: list, profile: Profile, log: Callable[[str], None]) -> dict[str, float]:
     from compressor.latency.deploy import Deployment
-    from compressor.latency.table import measure_latency_table
+    from compressor.latency.designed import measure_latency_table
 
-    log(f"measuring the latency saving of each unit on {profile.name}")
+    log(f"measuring the latency saving of each unit on {profile.name} (latency model by designed sets)")
     table = measure_latency_table(loaded.model, units, Deployment(profile, loaded.input_shape), loaded.arch)
     return {u.name: table.savings_ms[u.name] for u in units}
 

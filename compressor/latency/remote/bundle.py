@@ -1,6 +1,6 @@
 """Offline bundles for boards with no network path: artifacts, the runner and a manifest in one folder.
 
-    compressor profile --model M --profile P --bundle DIR      the latency table's candidates (job latency-table)
+    compressor profile --model M --profile P --bundle DIR      the latency table's designed sets (job latency-table)
     compressor bench --artifact A --against B --bundle DIR     an artifact and its reference (job bench)
 
 Copy DIR to the device and run `python3 DIR/measure.py --out results.json` there
@@ -27,10 +27,10 @@ from torch import nn
 from compressor.errors import InputError
 from compressor.graph.units import Unit
 from compressor.latency.deploy import Deployment
+from compressor.latency.designed import DesignOptions, bundle_design
 from compressor.latency.machine import machine_info
 from compressor.latency.profiles import Profile
 from compressor.latency.remote.device import RUNNER_FILES, RUNTIMES, files_key
-from compressor.latency.table import export_candidates
 from compressor.latency.timing import TimingPolicy
 
 BUNDLE_KIND = "compressor-bundle"
@@ -83,24 +83,24 @@ def _finish(tmp: Path, manifest: dict, x: np.ndarray) -> None:
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _entry(files: Sequence[Path], root: Path, main: Path, unit: str | None = None) -> dict:
+def _entry(files: Sequence[Path], root: Path, main: Path, removed: Sequence[str] | None = None) -> dict:
     return {"file": str(main.relative_to(root)), "files": [str(f.relative_to(root)) for f in files],
-            "sha256": files_key(files), "unit": unit}
+            "sha256": files_key(files), "removed": None if removed is None else list(removed)}
 
 
 def write_table_bundle(folder: str | Path, model: nn.Module, units: list[Unit], deployment: Deployment,
-                       name: str) -> Path:
-    """The unpruned model and each single-unit removal exported for the profile, with the runner,
-    measure.py and a manifest: measure.py on the device writes the latency table."""
+                       name: str, options: DesignOptions | None = None) -> Path:
+    """The unpruned model and the latency model's designed removal sets exported for the profile (the
+    baseline first), with the runner, measure.py and a manifest: measure.py on the device times them in
+    one interleaved session and writes the table, whose model `prune --latency-table` fits."""
     profile = deployment.profile
     _check_runtime(profile)
     files_of = deployment.exporter.artifact_files
     with staged(folder) as tmp:
-        paths = export_candidates(model, units, deployment, tmp / "artifacts")
-        artifacts = [_entry(files_of(p), tmp, p, unit) for p, unit in zip(paths, [None, *(u.name for u in units)],
-                                                                             strict=True)]
+        design, exported = bundle_design(model, units, deployment, tmp / "artifacts", options)
+        artifacts = [_entry(files_of(p), tmp, p, removed) for removed, p in exported]
         manifest = _manifest("latency-table", profile, profile.search_policy, artifacts, model=name,
-                             input_shape=list(deployment.input_shape))
+                             input_shape=list(deployment.input_shape), units=design.pop("units"), design=design)
         _finish(tmp, manifest, deployment.example.numpy())
     return Path(folder)
 

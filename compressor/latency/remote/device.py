@@ -235,7 +235,7 @@ class RemoteDevice:
         for warning in entry["warnings"]:
             self.warnings.append(warning)
             self.log(f"warning: {warning}")
-        return Interleaved(stats, rounds)
+        return Interleaved(stats, rounds, result.get("burst", 5), result.get("cooldown_s", 0.0))
 
     def time(self, artifacts: Sequence[Path], policy: TimingPolicy, x: np.ndarray) -> Interleaved:
         """Interleaved protocol measurement of `artifacts` on the device, each on input `x`."""

@@ -179,20 +179,22 @@ def changes(before: dict, after: dict, cooled_s: float, max_s: float) -> dict:
 
 def open_ort(artifact: str, threads: int, options: dict):
     """ONNX Runtime as exporters/onnxruntime.py opens it: explicit intra-op threads, one inter-op thread,
-    sequential, ORT_ENABLE_ALL, spinning off unless options.allow_spinning."""
+    sequential, ORT_ENABLE_ALL, the runtime's default spinning unless options.allow_spinning says."""
     import onnxruntime as ort
 
-    spinning = bool(options.get("allow_spinning", False))
+    spinning = None if options.get("allow_spinning") is None else bool(options["allow_spinning"])
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if spinning is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     session = ort.InferenceSession(artifact, so, providers=["CPUExecutionProvider"])
     settings = {"runtime": "onnxruntime", "version": ort.__version__, "provider": "CPUExecutionProvider",
                 "intra_op_num_threads": threads, "execution_mode": "sequential",
-                "graph_optimization": "ORT_ENABLE_ALL", "allow_spinning": spinning}
+                "graph_optimization": "ORT_ENABLE_ALL",
+                "allow_spinning": "default (on)" if spinning is None else spinning}
     name = session.get_inputs()[0].name
 
     def prepared(x):
@@ -259,7 +261,7 @@ def measure(job: dict) -> dict:
     result = measure_interleaved(runs, TimingPolicy.from_dict(job["policy"]), job.get("burst", 5))
     after = conditions()
     return {"stats": [s.to_dict(with_samples=True) for s in result.stats], "round_medians": result.round_medians,
-            "settings": settings, "threads": job["threads"],
+            "burst": result.burst, "cooldown_s": result.cooldown_s, "settings": settings, "threads": job["threads"],
             "conditions": changes(before, after, cooled, job.get("cool_max_s", 0))}
 
 
