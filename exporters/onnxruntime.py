@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions with the MEASURE.md settings: explicit threads, sequential, ORT_ENABLE_ALL."""
+"""ONNX Runtime sessions with the settings of docs/measurement.md: explicit threads, sequential, ORT_ENABLE_ALL."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class OnnxRuntimeSession(Session):
         import onnxruntime as ort
 
         spinning = bool((options or {}).get("allow_spinning", False))
+        # compressor/latency/remote/runner.py repeats these lines on purpose (the device has no compressor)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

@@ -235,8 +235,7 @@ class TensorRTExporter(Exporter):
         (folder / "bundle.json").write_text(json.dumps(manifest, indent=2) + "\n")
         for f in folder.iterdir():
             os.chmod(f, 0o755 if f.suffix in (".sh", ".py") else 0o644)
-        os.chmod(folder, 0o755)
-        os.replace(folder, final)
+        stage.commit([final.name])
         self.outcome = (f"TensorRT is not usable here ({reason}); no engine was built. Wrote a device bundle "
                         f"{final}: build and validate it on the device with `{build}`")
         return final

@@ -21,6 +21,7 @@ from compressor.graph.surgery import remove_units
 from compressor.graph.units import Unit
 from compressor.latency.deploy import Deployment
 from compressor.latency.device import time_parts
+from compressor.latency.machine import machine_differences
 
 
 @dataclass
@@ -103,7 +104,7 @@ def load_fitting_table(path: str | Path, units: Sequence[Unit], deployment: Depl
         raise InputError(msg)
     here = deployment.device.provenance()
     note = f"reusing latency table {path} (measured {table.machine.get('date')})"
-    if (table.machine.get("cpu"), table.machine.get("logical_cores")) != (here["cpu"], here["logical_cores"]):
+    if machine_differences(table.machine, here):
         note = (f"warning: latency table {path} was measured on {table.machine.get('cpu')}, this device is "
                 f"{here['cpu']}; candidates are still measured here. " + note)
     return table, note
