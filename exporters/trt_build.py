@@ -262,15 +262,20 @@ class EngineRunner:
 
 
 def compare(got: np.ndarray, expected: np.ndarray, name: str, atol: float, rtol: float, range_rtol: float) -> float:
-    """Largest |difference|; MismatchError naming the output when beyond tolerance."""
+    """Largest |difference| (inf where `got` holds NaN or Inf); MismatchError naming the output unless,
+    elementwise, |got - expected| <= atol + rtol * |expected| + range_rtol * max|expected|. The one tolerance
+    check: every exporter's (exporters.Exporter.check_close) calls it too."""
     if got.shape != expected.shape:
         raise MismatchError(f"output {name!r} has shape {got.shape}, the reference has {expected.shape}")
     diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
-    worst = float(diff.max()) if diff.size else 0.0
-    allowed = atol + rtol * np.abs(expected) + range_rtol * float(np.abs(expected).max())
-    if not np.all(diff <= allowed):
+    worst = float(np.nanmax(diff)) if diff.size else 0.0
+    if diff.size and not np.all(np.isfinite(got)):
+        worst = float("inf")
+    scale = float(np.abs(expected).max()) if expected.size else 0.0
+    if not np.all(diff <= atol + rtol * np.abs(expected) + range_rtol * scale):
+        ranged = f" + {range_rtol:g}*max|reference|" if range_rtol else ""
         raise MismatchError(f"output {name!r} differs from the reference by up to {worst:.3g} "
-                            f"(tolerance {atol:g} + {rtol:g}*|reference| + {range_rtol:g}*max|reference|)")
+                            f"(tolerance {atol:g} + {rtol:g}*|reference|{ranged})")
     return worst
 
 

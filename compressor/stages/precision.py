@@ -112,10 +112,10 @@ def probe_int8(plan: Plan, reach: Reach, images: QuantizationImages, work: Path,
 
 def int8_logits(plan: Plan, artifact: Path, x: np.ndarray) -> torch.Tensor:
     """The INT8 artifact's logits on `x`, the profile's batch at a time (its input shape is static)."""
+    from exporters.quantizer import run_batched
+
     session = plan.deployment.backend.open(artifact)
-    batch = plan.deployment.input_shape[0]
-    usable = len(x) // batch * batch
-    return torch.from_numpy(np.concatenate([session.run(x[i:i + batch]) for i in range(0, usable, batch)]))
+    return torch.from_numpy(run_batched(session.run, x, plan.deployment.input_shape[0]))
 
 
 @dataclass
