@@ -3,12 +3,16 @@ measures faster and keeps its fidelity; a collapsing INT8 is refused and the sea
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
 import compressor
 from compressor.cli.main import main
-from compressor.errors import UnreachableTargetError
+from compressor.errors import InputError, UnreachableTargetError
 from compressor.latency.profiles import parse_profile
 from compressor.models.sources import load_model
 from tests.helpers import FAST_PROFILE
@@ -111,3 +115,22 @@ def test_a_target_beyond_removal_alone_is_searched_with_int8(digits, openvino_ta
         assert trial["passed"] == (trial["speedup"] >= TARGET_BEYOND_FP32 * (1 + margin) - 1e-9)
     kept = min((t for t in timed if t["passed"]), key=lambda t: t["kl"])  # the passing set that loses the least
     assert sorted(report["removed_units"]) == sorted(kept["removed"])
+
+
+def test_int8_on_a_runtime_without_a_quantizer_is_refused_in_seconds(digits, tmp_path):
+    """torch (and tensorrt) have no INT8 quantizer here: --precision int8 is refused before the model loads,
+    not after reachability, scores and the latency table."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "compressor.cli.main", "prune", "--model", "resnet56", "--data",
+                           "digits32", "--profile", "torch-cpu", "--target-speedup", "2", "--precision", "int8",
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
+    assert time.perf_counter() - started < 15, done.stderr[-1000:]
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+        "compressor prune: error: --precision int8: INT8 is available on profiles that run onnxruntime or "
+        "openvino; profile torch-cpu runs torch")
+    assert not (tmp_path / "run").exists()
+    started = time.perf_counter()
+    with pytest.raises(InputError, match="profile torch-cpu runs torch"):  # the same from Python, on one's own module
+        compressor.prune(load_model("resnet56", digits).model, data=digits, target=compressor.Speedup(2),
+                         profile="torch-cpu", out=tmp_path / "api", precision="int8", log=None)
+    assert time.perf_counter() - started < 5 and not (tmp_path / "api").exists()

@@ -149,10 +149,20 @@ def quantize_checked(model, example_input, runtime: str, path: str | Path, image
                           list(artifact.quantizer["exclude"]), attempts, ranking)
 
 
-def check_runtime(runtime: str) -> None:
-    """InputError naming the runtimes INT8 is available for, before anything slow happens."""
+def int8_available(runtime: str) -> bool:
+    """Whether `runtime` has its own INT8 quantizer here (exporters.registry.QUANTIZERS)."""
     from exporters.registry import QUANTIZERS
 
-    if runtime not in QUANTIZERS:
-        msg = f"INT8 is available for {', '.join(sorted(QUANTIZERS))}, not {runtime!r}"
+    return runtime in QUANTIZERS
+
+
+def check_runtime(runtime: str, profile: str | None = None) -> None:
+    """InputError naming the runtimes INT8 is available for, before anything slow happens (`profile`: the
+    profile's name, for the message)."""
+    from exporters.registry import QUANTIZERS
+
+    if not int8_available(runtime):
+        where = f"profile {profile} runs {runtime}" if profile else f"not {runtime!r}"
+        msg = (f"--precision int8: INT8 is available on profiles that run {' or '.join(sorted(QUANTIZERS))}; "
+               f"{where}")
         raise InputError(msg)
