@@ -134,3 +134,72 @@ def test_int8_on_a_runtime_without_a_quantizer_is_refused_in_seconds(digits, tmp
         compressor.prune(load_model("resnet56", digits).model, data=digits, target=compressor.Speedup(2),
                          profile="torch-cpu", out=tmp_path / "api", precision="int8", log=None)
     assert time.perf_counter() - started < 5 and not (tmp_path / "api").exists()
+
+
+@pytest.fixture
+def probed(digits, tmp_path):
+    """resnet20 on ONNX Runtime, planned and its reach measured, with the search's INT8 images."""
+    from compressor.models.sources import from_module
+    from compressor.search.target import Target
+    from compressor.stages.plan import plan
+    from compressor.stages.precision import search_images
+    from compressor.stages.reach import check_reachable
+    from compressor.stages.state import RunState
+    from tests.helpers import resnet20
+
+    planned = plan(from_module(resnet20(), (3, 32, 32)), parse_profile(FAST_PROFILE, "test"), False, lambda _: None)
+    work = tmp_path / "work"
+    work.mkdir()
+    state = RunState(tmp_path, {"run": "int8"}, resume=False)
+    reach = check_reachable(planned, Target(speedup=1.5), 1, work, lambda _: None, state, int8_may_help=True)
+    return planned, reach, search_images(digits, 0), work, state
+
+
+def test_a_resumed_int8_search_stays_in_the_saved_probe_frame(probed):
+    """The saved INT8 candidates were judged in the frame of the probe that ran with them: a resumed run reuses
+    that probe (not measured again) and reads every saved candidate in its frame."""
+    from compressor.search.loop import SearchResult
+    from compressor.stages.precision import Int8Search, _measurer, probe_int8
+
+    planned, reach, images, work, state = probed
+    state.save("int8_probe", {"fp32_ms": 1.0, "int8_ms": 0.5, "int8_floor_ms": 0.25, "speedup": 2.0, "declined": None,
+                              "quantizer": {"quantizer": "saved"}, "fidelity": {}, "floor_refused": None})
+    unit = planned.units[0].name
+    state.save("int8_candidates", {unit: {"measured": {"baseline_ms": 0.8, "candidate_ms": 0.45, "spread": 0.01,
+                                                       "noisy": False, "refused": False},  # an older probe's 1.25x
+                                          "kl": 0.1, "fp32_ms": 1.0}})
+    probe = probe_int8(planned, reach, images, work, lambda _: None, state)
+    assert (probe.fp32_ms, probe.int8_ms, probe.speedup) == (1.0, 0.5, 2.0) and probe.int8_path.is_file()
+    found = Int8Search(SearchResult(None), None, None)
+    m = _measurer(planned, probe, reach, images, work, lambda _: None, state, found)((unit,))
+    assert m.baseline_ms == pytest.approx(1.0 / 2.0) and m.candidate_ms == 0.45 and found.fp32_ms[(unit,)] == 1.0
+    assert any("INT8 probe" in r for r in state.reused)
+
+
+def test_a_refused_most_pruned_int8_is_reported_and_does_not_skew_the_floor(probed, monkeypatch):
+    """When the most-pruned model's INT8 falls below the fidelity floor it is not timed, the report says so,
+    and the INT8 search's calibration point takes the fp32 floor's saving, not the unpruned INT8's (which would
+    read as "removal saves nothing")."""
+    import compressor.stages.precision as precision
+    from compressor.errors import FidelityFloorError
+
+    planned, reach, images, work, state = probed
+    real = precision._quantize
+
+    def refusing_the_floor(plan, model, path, images, log):  # the quantizer's verdict on one model, nothing else
+        if path.name.startswith("int8-floor"):
+            raise FidelityFloorError("INT8 below the fidelity floor: top-1 agreement 12.0% < 70%")
+        return real(plan, model, path, images, log)
+
+    monkeypatch.setattr(precision, "_quantize", refusing_the_floor)
+    probe = precision.probe_int8(planned, reach, images, work, lambda _: None, state)
+    assert probe.int8_floor_ms is None and "12.0%" in probe.floor_refused
+    assert state.load("int8_probe")["floor_refused"] == probe.floor_refused
+    point = probe.floor_point(reach)
+    assert point.baseline_ms == probe.int8_ms
+    assert 1 - point.candidate_ms / point.baseline_ms == pytest.approx(1 - reach.floor.candidate_ms /
+                                                                       reach.floor.baseline_ms)
+    from compressor.report import _precision_lines
+
+    lines = _precision_lines({"asked": "auto", "delivered": "fp32", "searched": {"probe": probe.to_dict()}})
+    assert any("most-pruned model's INT8 was refused" in line for line in lines)
