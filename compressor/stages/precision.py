@@ -52,11 +52,16 @@ CHECK_IMAGES = 128  # further calibration-split images its fidelity is judged on
 
 
 def search_images(data: DataBundle, seed: int) -> QuantizationImages:
-    """Calibration images and, from the same (calibration) split, images calibration never sees."""
-    x = torch.cat([b[0] for b in data.loader("train", batch_size=128, limit=CALIBRATION_IMAGES + CHECK_IMAGES,
-                                             seed=seed + 1)]).numpy()
+    """Calibration images and, from the same (calibration) split, check images calibration never sees, and
+    after those the selection images a fallback ranks layers on (none where the split has no more: then the
+    calibration images; never the check images)."""
+    from compressor.quantize.images import SELECTION_SIZE
+
+    x = torch.cat([b[0] for b in data.loader("train", batch_size=128, seed=seed + 1,
+                                             limit=CALIBRATION_IMAGES + CHECK_IMAGES + SELECTION_SIZE)]).numpy()
+    x, selection = x[:CALIBRATION_IMAGES + CHECK_IMAGES], x[CALIBRATION_IMAGES + CHECK_IMAGES:]
     split = max(1, min(CALIBRATION_IMAGES, len(x) - CHECK_IMAGES // 4))
-    return QuantizationImages(x[:split], x[split:])
+    return QuantizationImages(x[:split], x[split:], selection=selection if len(selection) else None)
 
 
 PROBE_STATE = "int8_probe"  # the probe's figures in a run's state: a resumed search stays in their frame
