@@ -62,13 +62,15 @@ def test_collapsing_int8_is_refused_and_the_search_goes_on(digits, openvino_tabl
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
-def test_int8_decision_follows_its_measurement(runtime, digits, request, tmp_path):
-    """Declined exactly when INT8 measured no faster than fp32 by the search's margin; the report gives both
-    figures; delivered INT8 comes with its held-out fidelity."""
+def test_int8_asked_is_delivered_and_the_probe_says_what_it_measured(runtime, digits, request, tmp_path):
+    """--precision int8 delivers INT8 on either runtime, whatever the probe measured: the probe declines exactly
+    when INT8 measured no faster than fp32 by the search's margin (then the search runs anyway, as asked), the
+    report gives both figures, and the INT8 artifact delivered is the one the final measurement timed, with its
+    held-out fidelity above the floor."""
     profile = parse_profile(FAST_PROFILE if runtime == "onnxruntime" else OPENVINO_FAST, "test")
     table = request.getfixturevalue("openvino_table") if runtime == "openvino" else None
     result = compressor.prune("resnet56", data=digits, target=compressor.Speedup(1.5), profile=profile,
-                              out=tmp_path / "run", precision="auto", finetune_epochs=0, calibration_size=64,
+                              out=tmp_path / "run", precision="int8", finetune_epochs=0, calibration_size=64,
                               latency_table=table, max_trials=4, log=None)
     report = result.report
     probe = report["precision"]["searched"]["probe"]
@@ -77,13 +79,14 @@ def test_int8_decision_follows_its_measurement(runtime, digits, request, tmp_pat
     declined = probe["speedup"] < 1 + report["search"]["margin"]
     assert bool(probe["declined"]) == declined
     if declined:
-        assert report["precision"]["delivered"] == "fp32" and f"{probe['int8_ms']:.3f} ms" in probe["declined"]
-    if report["precision"]["delivered"] == "int8":
-        final = report["precision"]["final_int8"]
-        assert final["fidelity"]["top1_agreement"] >= final["floor"]["min_top1_agreement"]
-        assert final["against_unpruned"]["images"] > 0
-        assert (tmp_path / "run" / report["checks"]["artifacts"][0]).is_file()
-        assert report["checks"]["artifacts"][0].startswith("model-int8")
+        assert f"{probe['int8_ms']:.3f} ms" in probe["declined"]
+    assert report["precision"]["asked"] == "int8" and report["precision"]["delivered"] == "int8"
+    final = report["precision"]["final_int8"]
+    assert final["fidelity"]["top1_agreement"] >= final["floor"]["min_top1_agreement"]
+    assert final["fidelity"]["sqnr_db"] is None or final["fidelity"]["sqnr_db"] >= final["floor"]["min_sqnr_db"]
+    assert final["against_unpruned"]["images"] > 0
+    timed = report["checks"]["artifacts"][0]  # the final measurement's candidate
+    assert timed.startswith("model-int8") and (tmp_path / "run" / timed).is_file()
 
 
 def test_a_target_beyond_removal_alone_is_searched_with_int8(digits, openvino_table, tmp_path):
@@ -93,16 +96,12 @@ def test_a_target_beyond_removal_alone_is_searched_with_int8(digits, openvino_ta
     --precision fp32 refuses the same target before any search."""
     profile = parse_profile(OPENVINO_FAST, "test")
     options = {"data": digits, "target": compressor.Speedup(TARGET_BEYOND_FP32), "profile": profile,
-               "finetune_epochs": 0, "calibration_size": 64, "latency_table": openvino_table, "max_trials": 4,
+               "finetune_epochs": 0, "calibration_size": 64, "latency_table": openvino_table, "max_trials": 6,
                "min_blocks_per_stage": 3, "log": None}
     with pytest.raises(UnreachableTargetError, match="unreachable on openvino-cpu-fast"):
         compressor.prune("resnet56", out=tmp_path / "fp32", precision="fp32", **options)
     assert not (tmp_path / "fp32").exists()
-    try:
-        report = compressor.prune("resnet56", out=tmp_path / "auto", precision="auto", **options).report
-    except UnreachableTargetError as e:  # searched with INT8 and no set measured fast enough (a loaded machine)
-        assert "no INT8 candidate meets" in str(e)
-        return
+    report = compressor.prune("resnet56", out=tmp_path / "auto", precision="auto", **options).report
     floor = report["search"]["floor"]
     assert floor["baseline_ms"] / floor["candidate_ms"] < TARGET_BEYOND_FP32  # removal alone could not
     assert report["precision"]["delivered"] == "int8" and "fp32" not in report["precision"]["searched"]

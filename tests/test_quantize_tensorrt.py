@@ -40,11 +40,12 @@ def test_int8_bundle_holds_calibration_images_and_cache_commands(bundle, digits)
     assert "calibration.cache" in (bundle / "README.txt").read_text()
 
 
-def test_int8_build_script_checks_the_calibration_file(bundle, tmp_path):
+@pytest.mark.parametrize("flag", ["--calibration", "--held-out"])
+def test_int8_build_script_checks_its_files(flag, bundle, tmp_path):
     done = subprocess.run([sys.executable, "build_engine.py", "--onnx", "model.onnx", "--engine",
-                           str(tmp_path / "m.engine"), "--int8", "--calibration", "absent.npz"],
+                           str(tmp_path / "m.engine"), "--int8", flag, "absent.npz"],
                           capture_output=True, text=True, cwd=bundle, timeout=60)
-    assert done.returncode == 2 and "--calibration absent.npz: file not found" in done.stderr
+    assert done.returncode == 2 and f"{flag} absent.npz: file not found" in done.stderr
 
 
 def test_int8_tensorrt_needs_data(tmp_path, capsys):
@@ -72,13 +73,6 @@ def test_int8_bundle_carries_held_out_images_the_fp32_logits_and_the_floor(bundl
     args = trt_build.parse_args(shlex.split(build)[2:])  # what the script on the device will read
     assert (args.int8, args.held_out, args.min_agreement, args.min_sqnr) == (True, "heldout.npz", 70.0, 10.0)
     assert "heldout.npz" in (bundle / "README.txt").read_text()
-
-
-def test_int8_build_script_checks_the_held_out_file(bundle, tmp_path):
-    done = subprocess.run([sys.executable, "build_engine.py", "--onnx", "model.onnx", "--engine",
-                           str(tmp_path / "m.engine"), "--int8", "--held-out", "absent.npz"],
-                          capture_output=True, text=True, cwd=bundle, timeout=60)
-    assert done.returncode == 2 and "--held-out absent.npz: file not found" in done.stderr
 
 
 def test_the_device_script_judges_int8_logits_as_compressor_does(bundle):
