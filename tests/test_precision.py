@@ -69,9 +69,9 @@ def test_int8_asked_is_delivered_and_the_probe_says_what_it_measured(runtime, di
     held-out fidelity above the floor."""
     profile = parse_profile(FAST_PROFILE if runtime == "onnxruntime" else OPENVINO_FAST, "test")
     table = request.getfixturevalue("openvino_table") if runtime == "openvino" else None
-    result = compressor.prune("resnet56", data=digits, target=compressor.Speedup(1.5), profile=profile,
+    result = compressor.prune("resnet56", data=digits, target=compressor.Speedup(1.3), profile=profile,
                               out=tmp_path / "run", precision="int8", finetune_epochs=0, calibration_size=64,
-                              latency_table=table, max_trials=4, log=None)
+                              latency_table=table, max_trials=8, log=None)
     report = result.report
     probe = report["precision"]["searched"]["probe"]
     assert probe["fp32_ms"] > 0 and probe["int8_ms"] > 0
@@ -102,9 +102,10 @@ def test_a_target_beyond_removal_alone_is_searched_with_int8(digits, openvino_ta
         compressor.prune("resnet56", out=tmp_path / "fp32", precision="fp32", **options)
     assert not (tmp_path / "fp32").exists()
     report = compressor.prune("resnet56", out=tmp_path / "auto", precision="auto", **options).report
+    assert report["precision"]["delivered"] == "int8"
     floor = report["search"]["floor"]
-    assert floor["baseline_ms"] / floor["candidate_ms"] < TARGET_BEYOND_FP32  # removal alone could not
-    assert report["precision"]["delivered"] == "int8" and "fp32" not in report["precision"]["searched"]
+    if floor["baseline_ms"] / floor["candidate_ms"] < TARGET_BEYOND_FP32:  # removal alone could not, measured
+        assert "fp32" not in report["precision"]["searched"]  # (a loaded machine once read 4.1x: fp32 searched too)
     assert report["target_met"] == (report["pruned"]["latency_ms"]["median"] <= report["target_ms"])
     margin, timed = report["search"]["margin"], [t for t in report["precision"]["searched"]["search"]["trials"]
                                                  if not t["refused"]]
