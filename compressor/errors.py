@@ -11,9 +11,11 @@
         FidelityFloorError          a lossy (INT8) artifact fell below the fidelity floor: refused, not written
       ExportError (3)               an exporter, converter or runtime failed on our artifact
       InternalError (3)             anything else that went wrong inside (a bug)
+      DeviceError (4)               the device that measures failed after it was reached: the connection was
+                                    lost or the runner died, and retrying did not help; a prune keeps its state
 
-InputError is also a ValueError, and ExportError and InternalError are RuntimeErrors, so code that
-catches the built-in classes keeps working.
+InputError is also a ValueError, and ExportError, InternalError and DeviceError are RuntimeErrors, so code
+that catches the built-in classes keeps working.
 """
 
 from __future__ import annotations
@@ -81,6 +83,13 @@ class InternalError(CompressorError, RuntimeError):
     """An unexpected failure inside compressor, reported in one line (exit 3; --debug shows the traceback)."""
 
     exit_code = 3
+
+
+class DeviceError(CompressorError, RuntimeError):
+    """The measuring device failed after it was reached (a lost connection, a runner that died), retries spent
+    (exit 4): not bad input; a prune's state is kept in its output folder for --resume once the device is back."""
+
+    exit_code = 4
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

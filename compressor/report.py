@@ -304,6 +304,9 @@ def _precision_lines(p: dict | None) -> list[str]:
     elif probe:
         lines.append(f"- INT8 probe (unpruned): fp32 {probe['fp32_ms']:.3f} ms, INT8 {probe['int8_ms']:.3f} ms "
                      f"({probe['speedup']:.2f}x); quantizer {probe['quantizer'].get('quantizer', '')}.")
+    if probe.get("floor_refused"):
+        lines.append("- The most-pruned model's INT8 was refused by the fidelity floor, so it was not timed: the "
+                     "INT8 search calibrated the latency table on the saving removal measured in fp32.")
     final = p.get("final_int8") or {}
     if final.get("refused"):
         lines.append(f"- The final INT8 was refused: {final['refused']}")

@@ -1,5 +1,5 @@
-"""ONNX Runtime sessions as users deploy them: explicit threads, sequential, ORT_ENABLE_ALL, the runtime's own
-thread spinning unless the profile sets `allow_spinning`."""
+"""ONNX Runtime sessions as users deploy them (docs/measurement.md): explicit threads, sequential,
+ORT_ENABLE_ALL, the runtime's own thread spinning unless the profile sets `allow_spinning`."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ class OnnxRuntimeSession(Session):
         import onnxruntime as ort
 
         spinning = spinning_setting(options)
+        # compressor/latency/remote/runner.py repeats these lines on purpose (the device has no compressor)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

@@ -6,7 +6,8 @@ requested command in a real subprocess (/bin/sh -c), logging every command, so
 connect, upload, run and parse all run for real against ONNX Runtime here.
 Knobs for the failure tests: `quota_bytes` (SFTP writes beyond it fail with
 ENOSPC, as a full disk does), `kill_measure_after_s` (a running `measure` is
-SIGKILLed, as the OOM killer would). Run it by hand as
+SIGKILLed, as the OOM killer would), `stop()` and `start(port)` (the device goes down, dropping
+every connection, and comes back on the same address). Run it by hand as
 `python -m tests.sshd --root /tmp/device --profile ort-cpu --out remote.yaml`.
 """
 
@@ -41,8 +42,8 @@ class QuotaSFTPServer(asyncssh.SFTPServer):
         return super().write(file_obj, offset, data)
 
 
-class TrackedServer(asyncssh.SSHServer):
-    """Keeps the device's open connections, so that `stop` drops them as a killed sshd does."""
+class _Connections(asyncssh.SSHServer):
+    """Keeps the device's open connections, so that `stop` drops them as a killed sshd or a lost link does."""
 
     def __init__(self, device: TestDevice) -> None:
         self.device = device
@@ -52,7 +53,7 @@ class TrackedServer(asyncssh.SSHServer):
         self.conn = conn
         self.device.connections.add(conn)
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.device.connections.discard(self.conn)
 
 
@@ -129,18 +130,20 @@ class TestDevice:
         else:
             process.exit(status)
 
-    async def _start(self) -> int:
+    async def _start(self, port: int) -> int:
         self.server = await asyncssh.create_server(
-            lambda: TrackedServer(self), "127.0.0.1", self.port, server_host_keys=[self.host_key],
+            lambda: _Connections(self), "127.0.0.1", port, server_host_keys=[self.host_key],
             authorized_client_keys=self.authorized, process_factory=self._handle, encoding=None,
             sftp_factory=lambda chan: QuotaSFTPServer(chan, self), password_auth=False, kbdint_auth=False,
             allow_scp=False)
         return self.server.sockets[0].getsockname()[1]
 
-    def start(self) -> int:
-        """Serve (again, after `stop`, on the same port with the same host key: a device back after a reboot)."""
+    def start(self, port: int | None = None) -> int:
+        """Serve on `port` (None: the port it served on before, a free one the first time; a stopped device
+        comes back on its old port with the same host key and known_hosts, as after a reboot)."""
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
+        port = self.port if port is None else port
+        self.port = asyncio.run_coroutine_threadsafe(self._start(port), self.loop).result(30)
         self.known_hosts = self.write_known_hosts(self.root / "known_hosts", self.host_key)
         return self.port
 
@@ -149,7 +152,11 @@ class TestDevice:
         return path
 
     def stop(self) -> None:
-        async def stop() -> None:
+        """Go down (a stopped device stays down until `start`; stopping it again does nothing)."""
+        if self.server is None:
+            return
+
+        async def stop() -> None:  # as a device that goes down: runners killed, connections dropped
             for child in list(self.children):
                 if child.returncode is None:
                     child.kill()
@@ -159,6 +166,7 @@ class TestDevice:
             await self.server.wait_closed()
 
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(30)
+        self.server = None
         self.loop.call_soon_threadsafe(self.loop.stop)
 
     # ------------------------------------------------------------ profiles

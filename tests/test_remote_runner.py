@@ -116,7 +116,8 @@ def test_remote_section_is_checked(section, message):
 def test_remote_section_pool_and_defaults():
     spec = parse_remote({"host": "a", "hosts": ["b:2222", "[::1]:23", "a"], "user": "pi", "key": "/k"}, "p.yaml")
     assert [str(e) for e in spec.endpoints] == ["a:22", "b:2222", "::1:23"]
-    assert spec.known_hosts.name == "known_hosts" and spec.python == "python3" and spec.retries == 1
+    assert spec.known_hosts.name == "known_hosts" and spec.python == "python3" and spec.retries == 3
+    assert spec.retry_wait_s == 2.0
 
 
 def test_drift_watch_flags_a_moving_reference_and_adds_it_when_due():

@@ -69,7 +69,7 @@ def _summary(report: dict, out: str) -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from compressor.jobs.prune import check_output, run
+    from compressor.jobs.prune import check_job, check_output, run
     from compressor.latency.profiles import load_profile
     from compressor.search.target import Target
 
@@ -78,6 +78,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     options.check()
     check_output(Path(args.out), args.resume)
     profile = load_profile(args.profile)
+    check_job(options, profile)  # before the data and the model load
     data = _data(args)
     loaded = _loaded(args, data)
     result = run(loaded, data, target, profile, options, Path(args.out), log, resume=args.resume)

@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok, 1 target missed or latency regression, 2 bad input (one line
 on stderr), 3 a failed numerical check or an internal failure (one line;
---debug shows the traceback), 130 interrupted.
+--debug shows the traceback), 4 the measuring device failed (retried first; a
+prune keeps its state for --resume), 130 interrupted, 143 terminated.
 """
 
 from __future__ import annotations

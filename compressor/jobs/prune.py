@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from compressor.data.bundle import DataBundle
-from compressor.errors import CompressorError, InputError
+from compressor.errors import CompressorError, DeviceError, InputError
 from compressor.fileio import check_output_dir, make_output_dir
 from compressor.jobs.inputs import as_data, as_loaded, as_profile
 from compressor.latency.profiles import Profile
 from compressor.models.loaded import LoadedModel
+from compressor.quantize import int8_available
 from compressor.report import PruneRun, build_report, write_report
 from compressor.search.target import Target
 from compressor.stages.choose import choose, proposals, selection_for
@@ -36,7 +37,7 @@ from compressor.stages.precision import choose_precision
 from compressor.stages.reach import check_reachable
 from compressor.stages.recover import finetune_settings, recover
 from compressor.stages.scores import score_candidates
-from compressor.stages.state import RunState
+from compressor.stages.state import STATE_DIR, RunState
 from compressor.stages.table import given_table, latency_table, table_design
 
 Log = Callable[[str], None]
@@ -55,8 +56,6 @@ class PruneResult:
 def check_output(out: Path, resume: bool) -> None:
     """Refuse an output folder the run may not write: not new or empty (without --resume; the message
     suggests --resume where an unfinished run is saved there), or with nothing to resume."""
-    from compressor.stages.state import STATE_DIR
-
     check_output_dir(out, must_be_empty=False)
     if not resume and (out / STATE_DIR).is_dir():
         msg = f"output {out} holds an unfinished run; continue it with --resume or choose a new --out"
@@ -79,16 +78,37 @@ def output_folder(out: Path, resume: bool) -> Path:
     return make_output_dir(out)
 
 
+def check_job(options: PruneOptions, profile: Profile) -> None:
+    """Refuse, in the first seconds, what cannot work: bad options (PruneOptions.check), and --precision int8
+    on a profile whose runtime has no INT8 quantizer (torch, tensorrt)."""
+    from compressor.quantize import check_runtime
+
+    options.check()
+    if options.precision == "int8":
+        check_runtime(profile.runtime, profile.name)
+
+
+def _undated(value: object) -> object:
+    """`value` without its "date" entries, at any depth (a pool lists each device's)."""
+    if isinstance(value, dict):
+        return {k: _undated(v) for k, v in value.items() if k != "date"}
+    if isinstance(value, list):
+        return [_undated(v) for v in value]
+    return value
+
+
 def fingerprint(loaded: LoadedModel, data: DataBundle, target: Target, profile: Profile,
                 options: PruneOptions, machine: dict) -> dict:
-    """What a run is, for --resume to check: the same weights, data, profile, target, options, machine."""
+    """What a run is, for --resume to check: the same weights, data, profile, target, options, machine (its
+    description without the dates). Data from the user's own batches is named by a digest of what was read."""
     from compressor.stages.state import weights_digest
 
     return {"model": {"arch": loaded.arch, "weights_sha256": weights_digest(loaded.model),
                       "input_shape": list(loaded.input_shape)},
-            "data": data.spec, "profile": {k: v for k, v in profile.to_dict().items() if k != "source"},
+            "data": data.spec if data.digest is None else {"spec": data.spec, "sha256": data.digest},
+            "profile": {k: v for k, v in profile.to_dict().items() if k != "source"},
             "target": {"ms": target.ms, "speedup": target.speedup}, "options": options.to_dict(),
-            "machine": {k: v for k, v in machine.items() if k != "date"}}
+            "machine": _undated(machine)}
 
 
 @dataclass
@@ -113,7 +133,7 @@ def run(loaded: LoadedModel, data: DataBundle, target: Target, profile: Profile,
     `resume`) unless it is None."""
     from compressor.latency.device import close_device, device_for
 
-    options.check()
+    check_job(options, profile)
     created = out is not None and not Path(out).exists()
     if out is not None:
         out = output_folder(Path(out), resume)
@@ -128,6 +148,11 @@ def run(loaded: LoadedModel, data: DataBundle, target: Target, profile: Profile,
                 "nothing is timed, and the report's figures are predictions")
         state = RunState(out, fingerprint(loaded, data, target, profile, options, machine), resume)
         return _stages(Job(loaded, data, target, profile, options, out, work, log, device, state))
+    except DeviceError as e:  # the device failed, not the input: what was measured so far is kept
+        if out is not None and (out / STATE_DIR).is_dir():
+            msg = f"{e}; the run's state is kept in {out}: once the device is back, continue it with --resume"
+            raise DeviceError(msg) from e
+        raise
     except CompressorError as e:
         if created and e.exit_code == 2:  # bad input found on the way: leave no trace of this new run
             shutil.rmtree(out, ignore_errors=True)
@@ -147,7 +172,7 @@ def _stages(job: Job) -> PruneResult:
     plan = plan_units(job.loaded, job.profile, options.merge, log, job.device)
     given = given_table(plan, options.latency_table, log)
     reach = check_reachable(plan, job.target, options.min_blocks_per_stage, work, log, state,
-                            int8_may_help=options.precision != "fp32")
+                            int8_may_help=options.precision != "fp32" and int8_available(job.profile.runtime))
     importance = score_candidates(plan, job.data, options, log, state)
     table = latency_table(plan, given, work, log, state, *table_design(plan, reach, importance, job.target, options))
     if out is not None:
@@ -198,10 +223,11 @@ def prune(model: nn.Module | LoadedModel | str, data: str | DataBundle | Iterabl
     resolved_options = PruneOptions.from_kwargs(**options)
     resolved_options.check()
     resolved_profile = as_profile(profile)
+    check_job(resolved_options, resolved_profile)
     bundle = as_data(data)
     loaded = as_loaded(model, bundle, input_shape)
     return run(loaded, bundle, target, resolved_profile, resolved_options, Path(out) if out is not None else None,
                log or (lambda _: None), resume=resume)
 
 
-__all__ = ["PruneOptions", "PruneResult", "finetune_settings", "prune", "run", "selection_for"]
+__all__ = ["PruneOptions", "PruneResult", "check_job", "finetune_settings", "prune", "run", "selection_for"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from compressor.errors import InputError
@@ -120,11 +120,52 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyTable:
+        """The table in the JSON file `path`; InputError saying what is wrong with the file."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             msg = f"{path} is not a latency table JSON: {e}"
             raise InputError(msg) from e
+        problem = _table_problem(raw)
+        if problem:
+            msg = f"{path} is not a latency table JSON: {problem}"
+            raise InputError(msg)
+        try:
+            return cls.from_dict(raw)
+        except (TypeError, KeyError, ValueError) as e:  # a version-2 design that cannot be fitted
+            msg = f"{path} is not a latency table JSON: its design cannot be fitted ({type(e).__name__}: {e})"
+            raise InputError(msg) from e
+
+
+def _table_problem(raw: object) -> str | None:
+    """What keeps `raw` (parsed JSON) from being a latency table, in the file's own terms; None: nothing."""
+    if not isinstance(raw, dict):
+        return f"it holds a {type(raw).__name__}, not a mapping of a table's fields"
+    if raw.get("version") not in (None, 1, VERSION):
+        return f"version {raw.get('version')!r} is not known (1 or {VERSION})"
+    if raw.get("version") == VERSION and raw.get("latency_model") is None:  # a device's design, fitted on load
+        missing = [k for k in ("model", "input_shape", "profile", "machine", "units", "design") if k not in raw]
+        return f"missing field(s) {', '.join(missing)} of a version-2 design" if missing else None
+    names = [f.name for f in fields(LatencyTable) if not f.name.startswith("_")]
+    required = [f.name for f in fields(LatencyTable) if f.default is MISSING and f.default_factory is MISSING]
+    unknown, missing = sorted(set(raw) - set(names)), [n for n in required if n not in raw]
+    if unknown or missing:
+        parts = ([f"unknown field(s) {', '.join(unknown)}"] if unknown else []) + (
+            [f"missing field(s) {', '.join(missing)}"] if missing else [])
+        return f"{'; '.join(parts)} (a latency table has {', '.join(names)})"
+    savings = raw["savings_ms"]
+    if not isinstance(savings, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                for v in savings.values()):
+        return "savings_ms must map unit names to savings in ms"
+    if isinstance(raw["baseline_ms"], bool) or not isinstance(raw["baseline_ms"], (int, float)) \
+            or not raw["baseline_ms"] > 0:
+        return f"baseline_ms must be a positive latency in ms, got {raw['baseline_ms']!r}"
+    for key in ("profile", "machine", "stats"):
+        if key in raw and not isinstance(raw[key], dict):
+            return f"{key} must be a mapping, got {type(raw[key]).__name__}"
+    if not isinstance(raw["input_shape"], list):
+        return f"input_shape must be a list of dimensions, got {raw['input_shape']!r}"
+    return None
 
 
 def fit_design(data: dict) -> LatencyTable:

@@ -1,4 +1,4 @@
-"""The MEASURE.md protocol: cold start, warm-up, run/time floors, robust statistics, noise gate.
+"""The timing protocol of docs/measurement.md: cold start, warm-up, run/time floors, robust statistics, noise gate.
 
 Free of torch on purpose, so a profiling bundle can take it to a device that
 has only onnxruntime or openvino.

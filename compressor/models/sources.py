@@ -19,7 +19,7 @@ from torch import nn
 
 from compressor.errors import InputError, first_line
 from compressor.models.architectures import TIMM_PREFIX, build_arch
-from compressor.models.checkpoint import check_state_dict, load_checkpoint, why_not_loadable
+from compressor.models.checkpoint import check_state_dict, load_checkpoint, load_tensors_file
 from compressor.models.loaded import LoadedModel
 from compressor.models.trained import pretrained_on
 from compressor.models.zoo import ZOO, build, load_pretrained
@@ -30,15 +30,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     missing and unexpected keys, mismatched shapes, or non-finite values."""
     from compressor.models.checkpoint import CHECKPOINT_FORMAT
 
-    path = Path(path)
-    if not path.is_file():
-        msg = f"weights file not found: {path}"
-        raise InputError(msg)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError (a pickle with code in it), EOFError, RuntimeError ...
-        msg = f"{path} is not a loadable state_dict (weights_only=True): {why_not_loadable(e)}"
-        raise InputError(msg) from e
+    state = load_tensors_file(path, "weights file", "state_dict")
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         state = state["state_dict"]
     check_state_dict(state, path)

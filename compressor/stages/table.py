@@ -14,6 +14,7 @@ from compressor.graph.units import Unit
 from compressor.latency.deploy import Deployment
 from compressor.latency.design import query_sets
 from compressor.latency.designed import DesignOptions, Progress, Queries, measure_latency_table
+from compressor.latency.machine import machine_differences
 from compressor.latency.model import LatencyModel
 from compressor.latency.table import LatencyTable
 from compressor.search.knapsack import choose_units
@@ -99,7 +100,7 @@ def load_fitting_table(path: str | Path, units: Sequence[Unit], deployment: Depl
         raise InputError(msg)
     here = deployment.device.provenance()
     note = f"reusing latency table {path} (version {table.version}, measured {table.machine.get('date')})"
-    if (table.machine.get("cpu"), table.machine.get("logical_cores")) != (here["cpu"], here["logical_cores"]):
+    if machine_differences(table.machine, here):
         note = (f"warning: latency table {path} was measured on {table.machine.get('cpu')}, this device is "
                 f"{here['cpu']}; candidates are still measured here. " + note)
     return table, note

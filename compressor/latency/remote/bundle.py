@@ -6,25 +6,24 @@
 Copy DIR to the device and run `python3 DIR/measure.py --out results.json` there
 (Python 3.10+, numpy and the runtime only); bring results.json back to
 `compressor prune --latency-table results.json` or `compressor bench ... --results results.json`.
-A bundle is written to a temporary folder beside DIR and renamed into place, so
-it is complete or absent.
+A bundle is written to a temporary folder beside DIR and renamed into place
+(compressor.fileio.staged_folder), so it is complete or absent.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
 from compressor.errors import InputError
+from compressor.fileio import staged_folder
 from compressor.graph.units import Unit
 from compressor.latency.deploy import Deployment
 from compressor.latency.designed import DesignOptions, bundle_design
@@ -36,29 +35,6 @@ from compressor.latency.timing import TimingPolicy
 BUNDLE_KIND = "compressor-bundle"
 RESULTS_KIND = "compressor-bundle-results"
 SCRIPTS = {**RUNNER_FILES, "measure.py": Path(__file__).resolve().parent / "measure.py"}
-
-
-@contextlib.contextmanager
-def staged(folder: str | Path) -> Iterator[Path]:
-    """A temporary folder beside `folder`, renamed to it when the block succeeds, removed if it fails.
-    A `folder` that exists and is not empty is refused."""
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        msg = f"bundle folder {folder} already exists and is not empty; choose a new one"
-        raise InputError(msg)
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    except OSError as e:
-        msg = f"cannot write the bundle beside {folder}: {e.strerror or e}"
-        raise InputError(msg) from e
-    try:
-        yield tmp
-        if folder.exists():
-            folder.rmdir()
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_runtime(profile: Profile) -> None:
@@ -96,7 +72,7 @@ def write_table_bundle(folder: str | Path, model: nn.Module, units: list[Unit], 
     profile = deployment.profile
     _check_runtime(profile)
     files_of = deployment.exporter.artifact_files
-    with staged(folder) as tmp:
+    with staged_folder(folder, "bundle folder") as tmp:
         design, exported = bundle_design(model, units, deployment, tmp / "artifacts", options)
         artifacts = [_entry(files_of(p), tmp, p, removed) for removed, p in exported]
         manifest = _manifest("latency-table", profile, profile.search_policy, artifacts, model=name,
@@ -110,7 +86,7 @@ def write_bench_bundle(folder: str | Path, artifacts: Sequence[Path], backend, p
     """Copies of `artifacts` (the first is judged, a second is its reference) with the runner, measure.py
     and a manifest; the folder and what to do next."""
     _check_runtime(profile)
-    with staged(folder) as tmp:
+    with staged_folder(folder, "bundle folder") as tmp:
         entries = []
         for i, artifact in enumerate(artifacts):
             target = tmp / "artifacts" / str(i)

@@ -93,6 +93,8 @@ def figures(manifest: dict, machine: dict, result: dict) -> dict:
 
 
 def write_atomically(path: str, text: str) -> None:
+    """`text` to a temporary file beside `path`, renamed over it: compressor.fileio's way, written again here
+    because the device has no compressor (like the runner's copies)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".tmp", dir=folder)
     try:

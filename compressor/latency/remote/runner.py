@@ -5,7 +5,9 @@ Python: it needs only the standard library, numpy and the runtime (onnxruntime
 or openvino). It does not import `exporters` or anything of compressor because
 the device has no compressor (and no torch): the session settings below are
 those of exporters/onnxruntime.py and exporters/openvino.py, kept in step with
-them (tests/test_remote_runner.py checks that they agree). The protocol itself
+them (tests/test_remote_runner.py checks that they agree). Those settings and
+physical_cores() are deliberate copies of compressor's, the only ones the torch-free
+device side keeps (measure.py's atomic write is another). The protocol itself
 is not repeated here: it is timing.py's `measure_interleaved`, uploaded as is.
 
     python3 runner.py probe RUNTIME [WORKDIR]     provenance of the device, and whether the runtime imports
@@ -183,6 +185,7 @@ def open_ort(artifact: str, threads: int, options: dict):
     import onnxruntime as ort
 
     spinning = None if options.get("allow_spinning") is None else bool(options["allow_spinning"])
+    # the same lines as exporters/onnxruntime.py's session, on purpose: the device has no compressor
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
