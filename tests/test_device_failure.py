@@ -87,6 +87,7 @@ def test_resume_on_the_pool_once_the_device_is_back(pool, dropped):
     process = _prune(profile, out, "--resume")
     err = process.stderr.read()
     code = process.wait(timeout=600)
+    assert (out / "report.json").is_file(), err[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert code == (0 if report["target_met"] else 1), err[-2000:]
     assert "reachability" in " ".join(report["resumed"]["reused"])

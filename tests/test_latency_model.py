@@ -217,10 +217,11 @@ def test_a_design_without_a_fit_is_fitted_on_load(tmp_path):
 def test_aiming_past_uncertainty_asks_for_the_shortfall():
     savings = {"a": 1.0, "b": 1.0, "c": 1.0}
     sd = {("a",): 0.5, ("a", "b"): 0.3, ("a", "b", "c"): 0.2}
-    asked = []
+    asked, bounds = [], []
 
-    def choose(required: float) -> Choice | None:  # the fewest units reaching `required`
+    def choose(required: float, below=None, exclude=()) -> Choice | None:  # the fewest units reaching `required`
         asked.append(required)
+        bounds.append((below, tuple(exclude)))
         k = int(np.ceil(required - 1e-9))
         return None if k > 3 else Choice(tuple("abc"[:k]), 0.0, float(k))
 
@@ -229,6 +230,9 @@ def test_aiming_past_uncertainty_asks_for_the_shortfall():
     assert asked == pytest.approx([0.9, 1.3])  # asked again for the shortfall: 0.9 + 0.5 - 1.0 more
     assert propose(2.9).removed == ("a", "b", "c")  # 3.0 < 2.9 + 0.2, and nothing saves more: the last reached
     assert TAU_FLOOR > 0
+    bounds.clear()
+    propose(0.9, below=("a", "b", "c"), exclude=[("a",)])  # the search's bounds reach every ask
+    assert bounds and all(b == (("a", "b", "c"), (("a",),)) for b in bounds)
 
 
 def test_branches_of_one_block_are_never_one_group():

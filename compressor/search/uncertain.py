@@ -11,24 +11,25 @@ share of the latency.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
-from compressor.search.knapsack import Choice
+from compressor.search.knapsack import Choice, Proposer
 
 Z = 1.0  # standard errors of the predicted saving to aim past (about 5 in 6 sets then save enough)
 TRIES = 4  # re-asks for the shortfall, at most
-Proposer = Callable[[float], Choice | None]
 
 
 def aiming_past_uncertainty(choose: Proposer, saving_ms: Callable[[tuple[str, ...]], float],
                             sd_ms: Callable[[tuple[str, ...]], float], z: float = Z) -> Proposer:
     """A proposer over `choose` whose sets are predicted to save `required_ms` with `z` standard errors
     to spare (`saving_ms` and `sd_ms` of a set by the model); where no set does, the last one `choose`
-    reached."""
-    def propose(required_ms: float) -> Choice | None:
+    reached. The search's bounds (`below`: save less than an overshooting set; `exclude`: sets measured
+    already) are passed on to `choose` with every ask."""
+    def propose(required_ms: float, below: Collection[str] | None = None,
+                exclude: Collection[Collection[str]] = ()) -> Choice | None:
         ask, choice = required_ms, None
         for _ in range(TRIES):
-            found = choose(ask)
+            found = choose(ask, below=below, exclude=exclude)
             if found is None:
                 return choice
             choice = found

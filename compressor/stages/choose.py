@@ -8,7 +8,7 @@ least-importance set that meets the target (with the margin) is found.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from compressor.latency.predictor import Calibration, Observation, fit_calibrati
 from compressor.latency.table import LatencyTable
 from compressor.models.loaded import LoadedModel
 from compressor.search.greedy import GreedyOrder, greedy_proposer
-from compressor.search.knapsack import Choice, choose_units
+from compressor.search.knapsack import Choice, Proposer, choose_units
 from compressor.search.loop import SearchResult, search_under_target
 from compressor.search.target import Measured, Target
 from compressor.search.uncertain import Z, aiming_past_uncertainty
@@ -107,11 +107,13 @@ def proposals(plan: Plan, importance: dict[str, float], table: LatencyTable, dat
 
 
 def model_proposer(plan: Plan, importance: dict[str, float], table: LatencyTable, proposed: Proposals,
-                   options: PruneOptions) -> Callable[[float], Choice | None]:
+                   options: PruneOptions) -> Proposer:
     """The proposals (the knapsack over the criterion's scores, or greedy), each aimed past the latency
     model's uncertainty of its set (search/uncertain.py)."""
-    def knapsack(required_ms: float) -> Choice | None:
-        return choose_units(plan.candidates, importance, table.savings_ms, required_ms, options.min_blocks_per_stage)
+    def knapsack(required_ms: float, below: Collection[str] | None = None,
+                 exclude: Collection[Collection[str]] = ()) -> Choice | None:
+        return choose_units(plan.candidates, importance, table.savings_ms, required_ms, options.min_blocks_per_stage,
+                            below, exclude)
 
     return aiming_past_uncertainty(proposed.proposer or knapsack, table.saving_ms, table.sd_ms)
 
