@@ -101,7 +101,8 @@ def test_resume_reuses_the_measured_part_and_makes_the_same_choice(interrupted, 
     search, floor = report["search"], report["search"]["floor"]
     trial = search["trials"][0]
     measured = Measured(trial["baseline_ms"], trial["measured_ms"], 0.0)
-    propose = aiming_past_uncertainty(lambda need: choose_units(units, scores, table.savings_ms, need, 1),
+    propose = aiming_past_uncertainty(lambda need, below=None, exclude=(): choose_units(units, scores, table.savings_ms,
+                                                                                        need, 1, below, exclude),
                                       table.saving_ms, table.sd_ms)
     again = search_under_target(units, scores, table.savings_ms, table.baseline_ms, Target(speedup=1.3),
                                 lambda removed: measured, search["margin"],
