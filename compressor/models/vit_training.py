@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from compressor.data.bundle import DataBundle
 from compressor.models.recipes import TrainSettings, cosine_schedule
 
-EPOCHS = 300
+EPOCHS = 150
 LR = 1e-3  # at batch 64
 BATCH = 64
 WEIGHT_DECAY = 0.05
