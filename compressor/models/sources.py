@@ -93,6 +93,10 @@ def _zoo(spec: str, data: object | None) -> LoadedModel:
         size = entry.input_size
         return LoadedModel(build(spec, 10), spec, 10, (3, size, size), f"{spec} (untrained)")
     if not data.labelled and data.spec != entry.trained_on:
+        if entry.trained_on is not None:
+            msg = (f"{spec}'s weights are trained on {entry.trained_on} and {data.spec} has no labels to train it "
+                   f"on; use --data {entry.trained_on}, or a checkpoint")
+            raise InputError(msg)
         pretrained = ", ".join(n for n, e in ZOO.items() if e.pretrained is not None or e.trained_on)
         msg = (f"{spec} has no pretrained weights here and {data.spec} has no labels to train it on; "
                f"use a model with its own weights ({pretrained}) or a checkpoint")
