@@ -65,6 +65,8 @@ def test_held_out_canvases_paste_held_out_digits_only():
     """A canvas drawn from a single digit has it wherever a box is: the val split's digits are not the train's."""
     (train, _), (val, val_labels) = digit_splits()
     assert float(torch.cdist(val.flatten(1), train.flatten(1)).min()) > 0  # no image in both
+    held_out = split_canvases("val", 8)
+    assert torch.equal(held_out.images, draw_canvases(val, val_labels, 8, seed=1).images)  # from val's digits
     one = draw_canvases(val[:1], val_labels[:1], 4, seed=0)
     assert bool((one.boxes[:, :, 0][one.boxes[:, :, 0] != NO_BOX] == val_labels[0]).all())
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from compressor.data import load_data
-from compressor.errors import InputError
 from compressor.models.det_digits import C2f, det_digits
 from compressor.models.sources import load_model
 from compressor.models.trained import BUNDLED_WEIGHTS
@@ -101,7 +100,9 @@ def test_det_exports_to_onnx_and_openvino(det, tmp_path):
     import onnxruntime as ort
     import openvino as ov
 
-    x = load_data("digit_canvas").val.images[:1]
+    from compressor.data.canvas import split_canvases
+
+    x = split_canvases("val", 2).normalised()[:1]
     path = tmp_path / "det.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -117,16 +118,8 @@ def test_det_exports_to_onnx_and_openvino(det, tmp_path):
         np.testing.assert_allclose(results[compiled.output(i)], expected[i], **ONNX_TOL)
 
 
-def test_default_data_and_what_is_refused():
-    """Without data each loads its bundled weights; data it has no weights for and no labels is refused."""
-    assert load_model("det_digits", load_data("digit_canvas")).input_shape == (3, 64, 64)
-    with pytest.raises(InputError, match="trained on digits32.*use --data digits32"):
-        load_model("vit_digits", load_data("digit_canvas"))
-
-
-def test_train_refuses_det_digits_on_a_classification_source(digits, tmp_path, capsys):
-    from compressor.cli.main import main
-
-    assert main(["train", "--model", "det_digits", "--data", "digits32", "--out", str(tmp_path / "d.pt")]) == 2
-    assert "det_digits trains on digit_canvas" in capsys.readouterr().err
-    assert not (tmp_path / "d.pt").exists()
+def test_default_data_loads_the_bundled_weights(det):
+    """With its own data source as with none, det_digits is its bundled checkpoint."""
+    with_data = load_model("det_digits", load_data("digit_canvas"))
+    assert with_data.source == det.source and with_data.input_shape == (3, 64, 64)
+    assert all(torch.equal(v, det.model.state_dict()[k]) for k, v in with_data.model.state_dict().items())
