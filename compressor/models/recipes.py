@@ -57,3 +57,12 @@ def cosine_schedule(optimiser: torch.optim.Optimizer, steps: int, warmup: int) -
         return 0.5 * (1 + math.cos(math.pi * min(step - warmup, steps - warmup) / max(steps - warmup, 1)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+
+
+def optimiser_step(loss: torch.Tensor, optimiser: torch.optim.Optimizer,
+                   schedule: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """One step of a recipe's loop: gradients of `loss`, the optimiser's update, the schedule's next rate."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    schedule.step()

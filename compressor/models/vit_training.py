@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from compressor.data.bundle import DataBundle
-from compressor.models.recipes import TrainSettings, cosine_schedule
+from compressor.models.recipes import TrainSettings, cosine_schedule, optimiser_step
 
 EPOCHS = 150
 LR = 1e-3  # at batch 64
@@ -87,10 +87,7 @@ def train_vit(model: nn.Module, data: DataBundle, settings: TrainSettings) -> di
             model.train()
             for x, y in loader:
                 loss = F.cross_entropy(model(affine_jitter(x, generator)), y, label_smoothing=LABEL_SMOOTHING)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                schedule.step()
+                optimiser_step(loss, optimiser, schedule)
                 bar.update()
     model.eval()
     return {"epochs": epochs, "lr": lr, "batch_size": batch_size, "val_accuracy": accuracy(model, data)}
