@@ -32,7 +32,7 @@ from compressor.models.recipes import TrainSettings, cosine_schedule, optimiser_
 SPLIT = 20  # pixels: digits whose longer side is at most this go to the stride-8 head
 BACKGROUND_WEIGHT = 0.25
 BOX_WEIGHT = 2.0
-EPOCHS = 60
+EPOCHS = 40
 CANVASES = 2048  # drawn afresh for every epoch
 LR = 2e-3
 BATCH = 64
