@@ -163,8 +163,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     refuse_existing_file(args.out)
     data = load_data(args.data)
-    acc = train_zoo_model(args.model, data, args.out, args.epochs, args.lr, args.batch_size, args.seed)
-    log(f"{args.model} on {data.spec}: validation accuracy {acc:.2f}% -> {args.out}")
+    record = train_zoo_model(args.model, data, args.out, args.epochs, args.lr, args.batch_size, args.seed)
+    figures = ", ".join(f"{k} {v:.2f}" for k, v in record.items() if k not in ("epochs", "lr", "batch_size"))
+    log(f"{args.model} on {data.spec}, {record['epochs']} epochs: {figures} (held-out split) -> {args.out}")
     return 0
 
 

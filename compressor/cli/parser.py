@@ -56,9 +56,9 @@ def input_shape(text: str) -> tuple[int, int, int]:
     return shape
 
 
-MODEL_HELP = ("zoo name (resnet56, efficientnet_lite0, ...), a checkpoint file, MODULE:FACTORY (your own code: "
-              "a function or class returning the nn.Module), or timm:NAME")
-DATA_HELP = "digits32 | photos | cifar10:DIR | imagefolder:DIR | npz:FILE"
+MODEL_HELP = ("zoo name (resnet56, efficientnet_lite0, vit_digits, det_digits, ...), a checkpoint file, "
+              "MODULE:FACTORY (your own code: a function or class returning the nn.Module), or timm:NAME")
+DATA_HELP = "digits32 | digit_canvas | photos | cifar10:DIR | imagefolder:DIR | npz:FILE"
 
 
 def model_arguments(p: argparse.ArgumentParser, data_required: bool = False, data_help: str = DATA_HELP) -> None:
@@ -168,9 +168,9 @@ def _train(sub) -> None:
     p = sub.add_parser("train", help="train a zoo model on a data source (our own training code)")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--epochs", type=positive_int, default=20)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--epochs", type=positive_int, help="default: the model's recipe (20 for ResNets, SGD)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the model's recipe; 0.1 for ResNets)")
+    p.add_argument("--batch-size", type=positive_int, help="default: the model's recipe (32 for ResNets)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     common_arguments(p)
