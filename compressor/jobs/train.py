@@ -15,15 +15,22 @@ from compressor.models.zoo import build
 
 
 def train_zoo_model(arch: str, data: DataBundle, out: str | Path, epochs: int, lr: float, batch_size: int,
-                    seed: int) -> float:
-    """Train `arch` on `data`, write the checkpoint to `out` (refused if it exists); returns validation
-    accuracy (%)."""
+                    seed: int, train_device: str = "cpu", amp: str = "auto") -> float:
+    """Train `arch` on `data` on `train_device` (compute/device.py; `amp`: mixed precision there), write the
+    checkpoint to `out` (refused if it exists); returns validation accuracy (%)."""
+    from compressor.compute.amp import resolve_amp
+    from compressor.compute.context import Compute
+    from compressor.compute.device import resolve_device
+
+    device = resolve_device(train_device)
+    compute = Compute(device, resolve_amp(amp, device), workers=0)
     out = refuse_existing_file(out)
     torch.manual_seed(seed)
     model = build(arch, data.num_classes)
-    train(model, data.loader("train", batch_size=batch_size, shuffle=True, seed=seed), epochs, lr,
-          desc=f"train {arch}")
-    acc = accuracy(model, data.loader("val"))
+    with compute.placed(model):
+        train(model, data.loader("train", batch_size=batch_size, shuffle=True, seed=seed), epochs, lr,
+              desc=f"train {arch}", compute=compute)
+        acc = accuracy(model, compute.batches(data.loader("val"), model))
     loaded = LoadedModel(model, arch, data.num_classes, data.input_shape, f"trained on {data.spec}")
     save_checkpoint(out, loaded, trained_on=data.spec, epochs=epochs, val_accuracy=acc)
     return acc
