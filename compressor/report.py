@@ -82,6 +82,7 @@ class PruneRun:
     final: Interleaved
     machine: dict  # the device that measured
     seconds: float
+    compute: dict | None = None  # where learning and scoring ran, and images/s per stage (Compute.to_dict)
 
 
 def _side(cost: Cost, stats: LatencyStats, accuracy: float | None, batch: int) -> dict:
@@ -162,7 +163,7 @@ def build_report(run: PruneRun) -> dict:
         "latency_source": "predicted" if run.machine.get("predicted") else "measured",
         "search": _search(run), "recipe": run.delivered.recipe, "precision": _precision(run),
         "checks": run.delivered.checks, "flop_convention": FLOP_CONVENTION, "config": run.config,
-        "seconds": run.seconds,
+        "seconds": run.seconds, "compute": run.compute,
     }
 
 
@@ -198,6 +199,7 @@ def render_markdown(r: dict) -> str:
         f"{'' if r['target_speedup'] else str(round(r['target_ms'], 4)) + ' ms'} "
         f"(= {r['target_ms']:.3f} ms here): **{'met' if r['target_met'] else 'MISSED'}**.",
         *_precision_lines(r.get("precision")),
+        *_compute_lines(r.get("compute")),
         f"- Criterion: {r['criterion']}; sets proposed by {r['search'].get('selection', 'knapsack')}; "
         f"removed {len(r['removed_units'])} of {len(r['units'])} units: "
         f"{', '.join(r['removed_units']) or 'none'}.",
@@ -291,6 +293,19 @@ def _device_warnings(machine: dict) -> list[str]:
              ] if flags else []
     lines += [f"- {w}" for w in machine.get("warnings") or []]
     return ["", *lines] if lines else []
+
+
+STAGE_NAMES = {"scores": "scoring", "greedy_kl": "greedy KL", "finetune": "fine-tuning", "fidelity": "fidelity"}
+
+
+def _compute_lines(c: dict | None) -> list[str]:
+    """The report.md line on where learning and scoring ran and how fast (images/s per stage)."""
+    if not c:
+        return []
+    rates = ", ".join(f"{STAGE_NAMES.get(k, k)} {v['images_per_s']:,.0f}" for k, v in c["stages"].items())
+    return [f"- Learning and scoring on {c['device']}, {c['precision']}, {c['processes']} process"
+            f"{'es (' + c['backend'] + ')' if c['processes'] > 1 else ''}"
+            + (f"; images/s: {rates}" if rates else "") + "."]
 
 
 def _precision_lines(p: dict | None) -> list[str]:

@@ -112,9 +112,20 @@ def _prune(sub) -> None:
                    help="comma-separated names of the model's outputs that are class logits (a lone output is "
                         "'logits', a tuple's 'output0', 'output1' ..., a dict's by key; default: the 2-D ones); "
                         "logits are compared by KL and top-1 agreement, other outputs by cosine and normalised MSE")
+    p.add_argument("--train-device", default="auto", metavar="auto|cpu|cuda|cuda:N|mps",
+                   help="where scoring, fine-tuning and fidelity run (default: auto, CUDA when available); "
+                        "under torchrun each process takes its local rank's GPU (docs/scale.md)")
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+                   help="mixed precision for fine-tuning on CUDA: auto = bf16 where the GPU has it, else fp16 "
+                        "with a gradient scaler; off = fp32 (default: auto; CPU and MPS fine-tune in fp32)")
+    p.add_argument("--finetune-batch", type=positive_int, default=32,
+                   help="images per fine-tuning step, all processes together (each of N takes 1/N; default: 32)")
+    p.add_argument("--workers", type=non_negative_int, default=None,
+                   help="DataLoader processes per process (default: none for data held in memory as tensors, "
+                        "else the CPUs less one, shared among the processes of a machine)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out (refused if the model, data, profile, target, "
-                        "options or machine differ)")
+                        "options, machine or number of processes differ)")
     p.add_argument("--repeats", type=positive_int, default=3, help="seeds averaged by sr_init (default: 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print report.json to stdout")
@@ -158,6 +169,8 @@ def _score(sub) -> None:
     p.add_argument("--calibration-size", type=positive_int, default=512, help="images for scoring")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=positive_int, default=3, help="seeds averaged by sr_init (default: 3)")
+    p.add_argument("--train-device", default="auto", metavar="auto|cpu|cuda|cuda:N|mps",
+                   help="where the criteria run (default: auto, CUDA when available)")
     p.add_argument("--heatmap", help="PNG of the agreement matrices (refused if it exists)")
     p.add_argument("--json", action="store_true", help="print the result as JSON to stdout")
     p.add_argument("--out", help="JSON file to write (refused if it exists)")
@@ -172,6 +185,10 @@ def _train(sub) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate (default: the model's recipe; 0.1 for ResNets)")
     p.add_argument("--batch-size", type=positive_int, help="default: the model's recipe (32 for ResNets)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-device", default="auto", metavar="auto|cpu|cuda|cuda:N|mps",
+                   help="where it trains (default: auto, CUDA when available)")
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+                   help="mixed precision on CUDA (default: auto, as for prune)")
     p.add_argument("--out", required=True)
     common_arguments(p)
 

@@ -28,4 +28,5 @@ def taylor_importance(ctx: ScoringContext) -> dict[str, float]:
         F.cross_entropy(first_logits(model(x), why="taylor"), y, reduction="sum").backward()
         for name, ps in params.items():
             totals[name] += sum((p * p.grad).abs().sum().item() for p in ps if p.grad is not None)
+    totals, n = ctx.group.total((totals, n))
     return {name: total / max(n, 1) for name, total in totals.items()}

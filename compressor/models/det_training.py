@@ -27,7 +27,7 @@ from compressor.data.bundle import DataBundle
 from compressor.data.canvas import NO_BOX, VAL_CANVASES, Canvases, digit_splits, draw_canvases, split_canvases
 from compressor.errors import InputError
 from compressor.models.det_digits import BOX, STRIDES
-from compressor.models.recipes import TrainSettings, cosine_schedule, optimiser_step
+from compressor.models.recipes import TrainSettings, cosine_schedule, optimiser_step, training_compute
 
 SPLIT = 20  # pixels: digits whose longer side is at most this go to the stride-8 head
 BACKGROUND_WEIGHT = 0.25
@@ -120,12 +120,13 @@ def detection_quality(model: nn.Module, canvases: Canvases, batch_size: int = 12
     a cell whose top class is a digit, correct when it overlaps a digit of that class by IOU_MATCH
     (each digit matched once)."""
     model.eval()
+    device = next(model.parameters()).device
     hits = digit_cells = bg_hits = bg_cells = matched = detections = 0
     ious: list[torch.Tensor] = []
     for start in range(0, len(canvases.images), batch_size):
         images = canvases.normalised()[start:start + batch_size]
         boxes = canvases.boxes[start:start + batch_size]
-        outputs = model(images)
+        outputs = tuple(o.float().cpu() for o in model(images.to(device)))
         background = outputs[0].shape[1] - BOX - 1
         targets = encode(boxes, images.shape[-1], background)
         for out, classes, regress in zip(outputs, targets.classes, targets.boxes, strict=True):
@@ -180,7 +181,9 @@ def _matches(found: torch.Tensor, truth: torch.Tensor) -> int:
 def train_detector(model: nn.Module, data: DataBundle, settings: TrainSettings) -> dict[str, float]:
     """Train `det_digits` on canvases drawn afresh each epoch (CANVASES of the training digits),
     AdamW with warm-up and cosine; returns the settings used and detection_quality on the `digit_canvas`
-    held-out canvases."""
+    held-out canvases. Runs on settings.compute's device and precision."""
+    from compressor.compute.amp import autocast
+
     if data.spec != "digit_canvas":
         msg = f"det_digits trains on digit_canvas (its canvases carry the boxes), not {data.spec}"
         raise InputError(msg)
@@ -192,8 +195,10 @@ def train_detector(model: nn.Module, data: DataBundle, settings: TrainSettings) 
     steps_per_epoch = -(-CANVASES // batch_size)
     schedule = cosine_schedule(optimiser, epochs * steps_per_epoch, WARMUP_EPOCHS * steps_per_epoch)
     num_classes = model.num_classes
-    with tqdm(total=epochs * steps_per_epoch, desc="train det_digits", unit="step", disable=None,
-              leave=False) as bar:
+    compute, scaler = training_compute(settings)
+    device = compute.device
+    with compute.placed(model), tqdm(total=epochs * steps_per_epoch, desc="train det_digits", unit="step",
+                                     disable=None, leave=False) as bar:
         for epoch in range(epochs):
             canvases = draw_canvases(digits, labels, CANVASES, seed=1000 + 1000 * seed + epoch)
             images, order = canvases.normalised(), torch.randperm(CANVASES)
@@ -201,9 +206,13 @@ def train_detector(model: nn.Module, data: DataBundle, settings: TrainSettings) 
             for start in range(0, CANVASES, batch_size):
                 index = order[start:start + batch_size]
                 targets = encode(canvases.boxes[index], images.shape[-1], num_classes)
-                optimiser_step(detection_loss(model(images[index]), targets), optimiser, schedule)
+                targets = Targets([c.to(device) for c in targets.classes], [b.to(device) for b in targets.boxes])
+                with autocast(compute.amp, device):
+                    outputs = model(images[index].to(device))
+                loss = detection_loss(tuple(o.float() for o in outputs), targets)
+                optimiser_step(loss, optimiser, schedule, scaler)
                 bar.update()
-    model.eval()
-    return {"epochs": epochs, "lr": lr, "batch_size": batch_size,
-            **detection_quality(model, split_canvases("val", VAL_CANVASES))}
+        model.eval()
+        quality = detection_quality(model, split_canvases("val", VAL_CANVASES))
+    return {"epochs": epochs, "lr": lr, "batch_size": batch_size, **quality}
 

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from compressor.data.bundle import DataBundle
-from compressor.models.recipes import TrainSettings, cosine_schedule, optimiser_step
+from compressor.models.recipes import TrainSettings, cosine_schedule, optimiser_step, training_compute
 
 EPOCHS = 150
 LR = 1e-3  # at batch 64
@@ -62,18 +62,22 @@ def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, data: DataBundle) -> float:
-    """Top-1 accuracy (%) on the held-out split."""
+    """Top-1 accuracy (%) on the held-out split (on the model's device)."""
     model.eval()
+    device = next(model.parameters()).device
     correct = total = 0
     for x, y in data.loader("val", batch_size=256):
-        correct += int((model(x).argmax(1) == y).sum())
+        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
         total += len(y)
     return 100.0 * correct / max(total, 1)
 
 
 def train_vit(model: nn.Module, data: DataBundle, settings: TrainSettings) -> dict[str, float]:
     """Train `model` on `data`'s labelled training split with the recipe above (settings left None: its
-    defaults); returns the settings used and {"val_accuracy": top-1 % on the held-out split}."""
+    defaults), on settings.compute's device and precision; returns the settings used and {"val_accuracy":
+    top-1 % on the held-out split}."""
+    from compressor.compute.amp import autocast
+
     epochs, lr = settings.epochs or EPOCHS, settings.lr or LR
     batch_size, seed = settings.batch_size or BATCH, settings.seed
     torch.manual_seed(seed)
@@ -82,12 +86,16 @@ def train_vit(model: nn.Module, data: DataBundle, settings: TrainSettings) -> di
     optimiser = torch.optim.AdamW(_parameter_groups(model, WEIGHT_DECAY), lr=lr)
     steps = epochs * len(loader)
     schedule = cosine_schedule(optimiser, steps, WARMUP_EPOCHS * len(loader))
-    with tqdm(total=steps, desc="train vit", unit="step", disable=None, leave=False) as bar:
+    compute, scaler = training_compute(settings)
+    with compute.placed(model), tqdm(total=steps, desc="train vit", unit="step", disable=None, leave=False) as bar:
         for _ in range(epochs):
             model.train()
             for x, y in loader:
-                loss = F.cross_entropy(model(affine_jitter(x, generator)), y, label_smoothing=LABEL_SMOOTHING)
-                optimiser_step(loss, optimiser, schedule)
+                x = affine_jitter(x, generator).to(compute.device)
+                with autocast(compute.amp, compute.device):
+                    loss = F.cross_entropy(model(x), y.to(compute.device), label_smoothing=LABEL_SMOOTHING)
+                optimiser_step(loss, optimiser, schedule, scaler)
                 bar.update()
-    model.eval()
-    return {"epochs": epochs, "lr": lr, "batch_size": batch_size, "val_accuracy": accuracy(model, data)}
+        model.eval()
+        acc = accuracy(model, data)
+    return {"epochs": epochs, "lr": lr, "batch_size": batch_size, "val_accuracy": acc}

@@ -95,12 +95,13 @@ class Proposals:
 
 
 def proposals(plan: Plan, importance: dict[str, float], table: LatencyTable, data: DataBundle,
-              options: PruneOptions, log: Callable[[str], None]) -> Proposals:
-    """The proposer both precisions' searches use."""
+              options: PruneOptions, log: Callable[[str], None], device: torch.device | None = None) -> Proposals:
+    """The proposer both precisions' searches use (greedy KL runs on `device`, default the CPU)."""
     selection = selection_for(options, plan.loaded)
     if selection != "greedy":
         return Proposals(selection)
     images = torch.cat([b[0] for b in data.loader("train", batch_size=128, limit=GREEDY_IMAGES, seed=options.seed)])
+    images = images.to(device) if device is not None else images
     order = GreedyOrder(plan.model, plan.candidates, table.savings_ms, images, options.min_blocks_per_stage, log)
     log(f"proposing sets greedily by their measured KL on {len(images)} calibration images")
     return Proposals(selection, greedy_proposer(order, importance), order)
