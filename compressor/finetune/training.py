@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -24,6 +24,7 @@ from compressor.compute.loaders import set_epoch, to_device
 from compressor.compute.syncbn import restore_batchnorm, synchronise_batchnorm
 from compressor.errors import InputError
 from compressor.finetune.mimic import MimicPlan, Taps, freeze, mimic_loss
+from compressor.metrics.outputs import as_items, first_logits, named_outputs, output_spec
 
 LOSS_EVERY = 10  # steps between loss readings on the progress bar (each reading waits for the device)
 
@@ -57,22 +58,46 @@ def teacher_labelled(loader: DataLoader, teacher: nn.Module) -> list[tuple[torch
     for x, y in loader:
         missing = y < 0
         if missing.any():
-            from compressor.metrics.outputs import first_logits
-
             y = torch.where(missing, first_logits(teacher(x), why="a criterion that reads labels").argmax(1), y)
         batches.append((x, y))
     return batches
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      labels: torch.Tensor | None, temperature: float, alpha: float) -> torch.Tensor:
-    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels) (Hinton et al. 2015)."""
-    kd = F.kl_div(F.log_softmax(student_logits / temperature, 1),
-                  F.log_softmax(teacher_logits / temperature, 1),
-                  reduction="batchmean", log_target=True) * temperature**2
-    if labels is None or alpha >= 1.0:
-        return kd
-    return alpha * kd + (1 - alpha) * F.cross_entropy(student_logits, labels)
+def distillation_loss(student: object, teacher: object, labels: torch.Tensor | None, temperature: float,
+                      alpha: float, logits: Sequence[str] | None = None) -> torch.Tensor:
+    """Distillation of a model output `teacher` into `student` (a tensor, or a tuple or dict of them:
+    metrics/outputs.py names them; `logits` names the class-logit outputs, None: the 2-D ones).
+
+    A lone 2-D output: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels) (Hinton et al.
+    2015). Several outputs: the mean over outputs of T^2 * KL per item for logits (a map's cells are items)
+    and the normalised squared error (mean squared difference / the teacher's variance) for the others, a
+    detector's boxes say; with labels, CE on the first logits output is mixed in as above when it is 2-D
+    (labels name one class per image)."""
+    if isinstance(student, torch.Tensor) and student.dim() == 2 and logits in (None, ["logits"], ("logits",)):
+        kd = _kd(student, teacher, temperature)
+        if labels is None or alpha >= 1.0:
+            return kd
+        return alpha * kd + (1 - alpha) * F.cross_entropy(student, labels)
+    ours, theirs = named_outputs(student), named_outputs(teacher)
+    spec = output_spec(teacher, logits)
+    terms = []
+    for name in spec.names:
+        s, t = ours[name].float(), theirs[name].float()
+        if spec.is_logits(name):
+            terms.append(_kd(as_items(s), as_items(t), temperature))
+        else:
+            terms.append(((s - t) ** 2).mean() / t.detach().var().clamp_min(1e-12))
+    loss = torch.stack(terms).mean()
+    first = spec.first_logits
+    if labels is None or alpha >= 1.0 or first is None or ours[first].dim() != 2:
+        return loss
+    return alpha * loss + (1 - alpha) * F.cross_entropy(ours[first].float(), labels)
+
+
+def _kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(teacher_T || student_T), per item (rows: items, columns: classes)."""
+    return F.kl_div(F.log_softmax(student.float() / temperature, 1), F.log_softmax(teacher.float() / temperature, 1),
+                    reduction="batchmean", log_target=True) * temperature**2
 
 
 def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
@@ -80,10 +105,11 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
           weight_decay: float = 5e-4, desc: str = "train", freeze_batchnorm: bool = False,
           mimic: MimicPlan | None = None, mimic_weight: float = 1.0,
           on_epoch: Callable[[dict], None] | None = None, resume: dict | None = None,
-          compute: Compute | None = None) -> nn.Module:
+          compute: Compute | None = None, logits: Sequence[str] | None = None) -> nn.Module:
     """SGD (momentum 0.9, Nesterov), linear warm-up then a per-step cosine schedule.
 
-    With a `teacher`, the loss is distillation from its logits mixed with the
+    With a `teacher`, the loss is distillation from its outputs (distillation_loss; `logits` names
+    the class-logit outputs of a model with several) mixed with the
     labels (pure distillation for a batch with unlabelled items); without one,
     plain cross-entropy, which needs labels (InputError otherwise). With
     `freeze_batchnorm`, BatchNorm layers normalise with their running statistics
@@ -118,7 +144,7 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
     synced = synchronise_batchnorm(model, world.group, compute.device) if world.parallel else []
     try:
         _train(_Loop(model, loader, epochs, teacher, temperature, alpha, freeze_batchnorm, mimic, mimic_weight,
-                     compute, desc), lr, weight_decay, on_epoch, resume)
+                     compute, desc, logits), lr, weight_decay, on_epoch, resume)
     finally:
         restore_batchnorm(model, synced)
         for name, p in model.named_parameters():
@@ -142,6 +168,7 @@ class _Loop:
     mimic_weight: float
     compute: Compute
     desc: str
+    logits: Sequence[str] | None = None
 
 
 def _wrapped(model: nn.Module, compute: Compute) -> nn.Module:
@@ -230,14 +257,14 @@ def _epoch(run: _Loop, net: nn.Module, taps: tuple, optimiser: torch.optim.Optim
         x, y = to_device(x, compute.device, memory_format), to_device(y, compute.device)
         labels = y if labelled else None
         with autocast(compute.amp, compute.device):
-            logits = net(x)
+            output = net(x)
             if teacher is not None:
                 with torch.no_grad():
                     target = teacher(x)
         if teacher is None:
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = F.cross_entropy(first_logits(output, run.logits, "training without a teacher").float(), labels)
         else:
-            loss = distillation_loss(logits.float(), target.float(), labels, run.temperature, run.alpha)
+            loss = distillation_loss(output, target, labels, run.temperature, run.alpha, run.logits)
             if student_taps is not None:
                 loss = loss + run.mimic_weight * mimic_loss(_float(student_taps.values), _float(teacher_taps.values))
         optimiser.zero_grad(set_to_none=True)

@@ -164,5 +164,5 @@ def finetune(pruned: nn.Module, teacher: nn.Module, data: DataBundle, settings: 
     with compute.placed(pruned):
         train(pruned, loader, epochs, settings.lr, teacher=teacher, desc="fine-tune",
               freeze_batchnorm=settings.freeze_batchnorm, mimic=mimic, on_epoch=on_epoch, resume=resume,
-              compute=compute)
+              compute=compute, logits=options.logits)
     return pruned
