@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from compressor.graph.surgery import remove_units
 from compressor.graph.units import find_units
 from compressor.rewrite.fold import FOLD_RTOL, check_equivalent, fold_batchnorm
-from tests.random_nets import muted_reference, random_net
+from tests.random_nets import EXTRA_FAMILIES, muted_reference, random_net
 
 SURGERY_RTOL = 1e-5  # removal is exact: only fp32 summation order may differ
 
@@ -24,10 +24,11 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
-@given(seed=st.integers(0, 10**6), subset_seed=st.integers(0, 10**6))
-@example(seed=7982, subset_seed=0)  # drew only two-addition blocks before the generator forced a unit
-def test_pruned_random_net_equals_its_muted_reference(seed, subset_seed):
-    net = random_net(seed)
+@given(seed=st.integers(0, 10**6), subset_seed=st.integers(0, 10**6), extra=st.sampled_from(((), EXTRA_FAMILIES)))
+@example(seed=7982, subset_seed=0, extra=())  # drew only two-addition blocks before the generator forced a unit
+def test_pruned_random_net_equals_its_muted_reference(seed, subset_seed, extra):
+    """Half the nets also hold transformer and split-concat blocks (branch units, block units of them)."""
+    net = random_net(seed, extra=extra)
     x = torch.randn(3, *net.input_shape, generator=torch.Generator().manual_seed(seed))
     units = find_units(net.model, x)
     assert units, "every generated net has at least one unit"
@@ -37,22 +38,22 @@ def test_pruned_random_net_equals_its_muted_reference(seed, subset_seed):
     with torch.no_grad():
         expected = muted_reference(net.model, [u.name for u in removed])(x)
         assert relative_error(pruned(x), expected) <= SURGERY_RTOL
-    folded, _ = fold_batchnorm(pruned)
+    folded, _ = fold_batchnorm(pruned, x)
     assert check_equivalent(pruned, folded, x, FOLD_RTOL, "folding") <= FOLD_RTOL
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
-@given(seed=st.integers(0, 10**6))
-def test_random_net_onnx_export_agrees_with_torch(seed, tmp_path_factory):
+@given(seed=st.integers(0, 10**6), extra=st.sampled_from(((), EXTRA_FAMILIES)))
+def test_random_net_onnx_export_agrees_with_torch(seed, extra, tmp_path_factory):
     import onnxruntime as ort
 
     from exporters import get_exporter
 
-    net = random_net(seed)
+    net = random_net(seed, extra=extra)
     x = torch.randn(1, *net.input_shape, generator=torch.Generator().manual_seed(seed))
     units = find_units(net.model, x)
     removed = units[::2]
-    pruned = fold_batchnorm(remove_units(net.model, removed, x))[0]
+    pruned = fold_batchnorm(remove_units(net.model, removed, x), x)[0]
     path = get_exporter("onnx").export(pruned, x, tmp_path_factory.mktemp("onnx") / "m.onnx")  # validates itself
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
@@ -61,8 +62,9 @@ def test_random_net_onnx_export_agrees_with_torch(seed, tmp_path_factory):
 
 
 def test_generator_covers_the_block_shapes():
-    """Over 60 seeds: identity and projection units, post-activation with each activation kind, and the
-    blocks that must not be units (two additions) are all drawn."""
+    """Over 60 seeds: identity and projection units, post-activation with each activation kind, and blocks
+    with two residual additions, each giving a branch unit per addition ("path/f", "path/g") and a block unit
+    ("path") that takes both."""
     from tests.random_nets import ACTIVATIONS, PreActBlock, TwoAddBlock
 
     kinds, acts, pre, two = set(), set(), 0, 0
@@ -73,8 +75,11 @@ def test_generator_covers_the_block_shapes():
         acts |= {type(m) for m in net.model.modules() if isinstance(m, ACTIVATIONS)}
         pre += sum(isinstance(m, PreActBlock) for m in net.model.modules())
         two += sum(isinstance(m, TwoAddBlock) for m in net.model.modules())
-        names = {u.name for u in units}
-        assert not any(isinstance(net.model.get_submodule(n), TwoAddBlock) for n in names)
-    assert kinds == {"identity", "projection"}
+        by_name = {u.name: u for u in units}
+        for path, m in net.model.named_modules():
+            if isinstance(m, TwoAddBlock):
+                assert by_name[f"{path}/f"].kind == by_name[f"{path}/g"].kind == "branch"
+                assert by_name[path].kind == "block"
+    assert kinds == {"identity", "projection", "branch", "block"}
     assert acts == set(ACTIVATIONS)
     assert pre and two
