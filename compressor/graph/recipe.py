@@ -80,8 +80,8 @@ def width_units(entries: list[dict], units: list[Unit], model: nn.Module) -> lis
                 msg = (f"the recipe slims {root} of {base.path} from {channels} channels, but the model's "
                        f"{'has ' + str(have) if layer is not None else 'has no such layer'}")
                 raise InputError(msg)
-        found.append(Unit(entry["name"], "width", base.stage, base.order, input_shape=base.input_shape,
-                          members=base.members, slim=slim))
+        found.append(Unit(entry["name"], "width", base.stage, base.order, base.shortcut,
+                          input_shape=base.input_shape, members=base.members, slim=slim))
     return found
 
 

@@ -71,8 +71,8 @@ def width_unit(option: WidthOption, level: float, keep: tuple[tuple[int, ...], .
     unit = option.unit
     slim = Slim(tuple(g.root for g in option.groups), tuple(g.channels for g in option.groups),
                 tuple(tuple(sorted(k)) for k in keep), level)
-    return Unit(level_name(option.name, level), "width", unit.stage, unit.order, input_shape=unit.input_shape,
-                members=unit.members, slim=slim)
+    return Unit(level_name(option.name, level), "width", unit.stage, unit.order, unit.shortcut,
+                input_shape=unit.input_shape, members=unit.members, slim=slim)
 
 
 def _grouped(module: nn.Module) -> bool:
