@@ -42,7 +42,8 @@ def prune_options(args: argparse.Namespace):
         finetune_lr=args.finetune_lr, mimic=args.mimic, selection=args.selection,
         min_blocks_per_stage=args.min_blocks_per_stage, max_trials=args.max_trials, merge=args.merge, seed=args.seed,
         latency_table=args.latency_table, repeats=args.repeats, precision=args.precision,
-        logits=[n for n in args.logits.split(",") if n] if args.logits else None)
+        logits=[n for n in args.logits.split(",") if n] if args.logits else None,
+        moves=args.moves, channel_criterion=args.channel_criterion)
 
 
 def _summary(report: dict, out: str) -> str:

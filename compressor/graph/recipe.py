@@ -52,12 +52,14 @@ def _slim(entry: dict) -> Slim:
                                                                    for k in g["keep"])
         and len(set(g["keep"])) == len(g["keep"]) < g["channels"] for g in groups)
     if not ok:
-        msg = (f"recipe entry {entry.get('name')!r} of kind width needs 'slim': {{groups: [{{root, channels, keep}}]}}, "
+        msg = (f"recipe entry {entry.get('name')!r} of kind width needs "
+               f"'slim': {{groups: [{{root, channels, keep}}]}}, "
                "each keeping fewer than all of its channels by distinct indices")
         raise InputError(msg)
     level = raw.get("level", 0.0)
+    level = float(level) if isinstance(level, (int, float)) else 0.0
     return Slim(tuple(g["root"] for g in groups), tuple(g["channels"] for g in groups),
-                tuple(tuple(sorted(g["keep"])) for g in groups), float(level) if isinstance(level, (int, float)) else 0.0)
+                tuple(tuple(sorted(g["keep"])) for g in groups), level)
 
 
 def width_units(entries: list[dict], units: list[Unit], model: nn.Module) -> list[Unit]:

@@ -17,7 +17,7 @@ NEEDS_LABELS = ("sr_init", "taylor")
 
 def score_candidates(plan: Plan, data: DataBundle, options: PruneOptions, log: Callable[[str], None],
                      state: RunState) -> dict[str, float]:
-    """{unit name: importance} for every unit and merge unit (a resumed run's saved scores, if any)."""
+    """{unit name: importance} for every unit, merge unit and width unit (a resumed run's saved scores, if any)."""
     saved = state.load("scores")
     if saved is not None:
         state.note_reused(f"{options.criterion} scores of {len(saved)} units")
@@ -27,8 +27,13 @@ def score_candidates(plan: Plan, data: DataBundle, options: PruneOptions, log: C
     if not data.labelled and options.criterion in NEEDS_LABELS:
         log(f"{data.spec} is unlabelled: {options.criterion} scores against the unpruned model's top-1")
         calibration = teacher_labelled(calibration, plan.model)
-    context = ScoringContext(plan.model, plan.units, calibration, options.seed, repeats=options.repeats)
-    importance = score_units(options.criterion, context)
+    context = ScoringContext(plan.model, plan.removals, calibration, options.seed, repeats=options.repeats)
+    importance = score_units(options.criterion, context) if plan.removals else {}
+    if plan.widths:
+        from compressor.criteria.width import score_width_units
+
+        importance.update(score_width_units(options.criterion, ScoringContext(
+            plan.model, plan.widths, calibration, options.seed, repeats=options.repeats)))
     if plan.merges:
         from compressor.criteria.merges import score_merge_units
 
