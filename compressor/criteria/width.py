@@ -86,19 +86,22 @@ def _branch_layers(block: nn.Module, unit: Unit, dense_only: bool) -> list[str]:
 @torch.no_grad()
 def deleted_sum(block: nn.Module, unit: Unit, values: dict[str, torch.Tensor], dense_only: bool) -> tuple[float, int]:
     """(sum of `values` (per parameter of `block`, by name, same shapes) over the entries the width unit
-    deletes, count of the branch's entries): the block's parameters are set to `values`, slimmed, and the
-    sums before and after taken."""
+    deletes, count of the branch's entries). Each parameter of a copy of the block holds its entries' own
+    indices, so what survives the slimming names what it kept; the sum is taken over the rest in float64."""
     layers = set(_branch_layers(block, unit, dense_only))
     work = copy.deepcopy(block)
     selected = {n: p for n, p in work.named_parameters() if n.rpartition(".")[0] in layers
                 and (not dense_only or n.endswith("weight"))}
-    for name, p in selected.items():
-        p.copy_(values[name])
-    before = sum(float(p.sum()) for p in selected.values())
-    count = sum(p.numel() for p in selected.values())
+    for p in selected.values():
+        p.copy_(torch.arange(p.numel(), dtype=torch.float32).view(p.shape))  # exact below 2**24 entries
     slim_in_place(work, unit.input_shape, unit.slim)
-    after = sum(float(p.sum()) for n, p in work.named_parameters() if n in selected)
-    return before - after, count
+    after = dict(work.named_parameters())
+    deleted = 0.0
+    for name, p in selected.items():
+        gone = torch.ones(p.numel(), dtype=torch.bool)
+        gone[after[name].detach().flatten().long()] = False
+        deleted += float(values[name].detach().double().flatten()[gone].sum())
+    return deleted, sum(p.numel() for p in selected.values())
 
 
 def _magnitude(ctx: ScoringContext, power: int) -> dict[str, float]:
