@@ -8,9 +8,13 @@ with the reason."""
 from __future__ import annotations
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from compressor.errors import InputError, ValidationError
@@ -20,8 +24,9 @@ from compressor.graph.surgery import remove_units
 from compressor.graph.units import find_units
 from compressor.graph.width import find_width_options, width_unit
 from tests.helpers import randomise_batchnorm, resnet20
+from tests.random_nets import muted_reference, random_net
 from tests.test_branches import TinyViT
-from tests.width_reference import width_muted
+from tests.width_reference import random_widths, width_muted
 
 
 def rel(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -207,3 +212,45 @@ def test_two_levels_of_one_branch_are_refused(r20):
     twice = [width_unit(options[0], 0.5, (tuple(range(8)),)), width_unit(options[0], 0.25, (tuple(range(4)),))]
     with pytest.raises(ValidationError, match="at most one level per branch"):
         remove_units(model, twice, x)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(seed=st.integers(0, 10**6), pick=st.integers(0, 10**6))
+def test_random_nets_slim_to_their_zeroed_channel_reference(seed, pick, tmp_path_factory):
+    """Random residual nets (tests/random_nets.py): random levels and random channels kept on about half the
+    blocks that slim, a random removal among the others; the pruned net equals the reference (removed branches
+    muted, dropped channels zeroed), and its ONNX export agrees with the reference in ONNX Runtime.
+    benchmarks/random_architectures.py --moves depth+width runs this on 1,000 nets."""
+    import onnxruntime as ort
+
+    from compressor.rewrite.fold import fold_batchnorm
+    from exporters import get_exporter
+
+    net = random_net(seed)
+    x = torch.randn(2, *net.input_shape, generator=torch.Generator().manual_seed(seed))
+    units = find_units(net.model, x)
+    options, _ = find_width_options(net.model, units)
+    rng = random.Random(pick)
+    widths = random_widths(options, rng)
+    slimmed = {u.path for u in widths}
+    removed = [u for u in units if u.path not in slimmed and u.kind in ("identity", "projection")
+               and rng.random() < 0.4]  # muted_reference mutes whole blocks
+    pruned = remove_units(net.model, widths + removed, x)
+    reference = width_muted(muted_reference(net.model, [u.name for u in removed]), widths)
+    with torch.no_grad():
+        expected = reference(x)
+        assert rel(pruned(x), expected) <= SLIM_RTOL
+    folded = fold_batchnorm(pruned, x)[0]
+    path = get_exporter("onnx").export(folded, x[:1], tmp_path_factory.mktemp("onnx") / "m.onnx")
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x[:1].numpy()})[0]
+    np.testing.assert_allclose(got, expected[:1].numpy(), atol=1e-4, rtol=1e-3)
+
+
+def test_random_nets_offer_width_options():
+    """Over 8 seeds the generator's blocks give width options."""
+    found = 0
+    for seed in range(8):
+        net = random_net(seed)
+        options, _ = find_width_options(net.model, find_units(net.model, torch.randn(1, *net.input_shape)))
+        found += len(options)
+    assert found >= 8

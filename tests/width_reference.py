@@ -51,3 +51,19 @@ def width_muted(model: nn.Module, units: Sequence[Unit]) -> nn.Module:
                         and getattr(layer, "groups", 1) == 1):
                     layer.register_forward_pre_hook(_zeroing_hook(list(idxs)))
     return reference
+
+
+def random_widths(options, rng) -> list[Unit]:
+    """A random width unit for about half of `options` (graph/width.py): a random level, random channels kept."""
+    from compressor.graph.width import LEVELS, width_unit
+
+    chosen = []
+    for option in options:
+        if rng.random() < 0.5:
+            continue
+        level = rng.choice(LEVELS)
+        counts = [max(1, min(g.channels - 1, round(g.channels * level))) for g in option.groups]
+        keep = tuple(tuple(sorted(rng.sample(range(g.channels), k)))
+                     for g, k in zip(option.groups, counts, strict=True))
+        chosen.append(width_unit(option, level, keep))
+    return chosen
