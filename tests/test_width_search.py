@@ -203,3 +203,7 @@ def test_dropping_dead_channels_costs_nothing_and_live_ones_cost_less_than_remov
     removal = score_units(criterion, ScoringContext(model, units, batches))["block"]
     assert scores[dead.name] == pytest.approx(0.0, abs=1e-6)
     assert 0 < scores[live.name] < removal
+    if criterion.startswith("magnitude"):  # dropping every live channel deletes every nonzero weight: a removal
+        every_live = width_unit(options[0], 0.5, ((4, 5, 6, 7),))
+        assert score_width_units(criterion, ScoringContext(model, [every_live], batches))[every_live.name] == \
+            pytest.approx(removal)
