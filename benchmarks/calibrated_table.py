@@ -19,9 +19,10 @@ from compressor.data import DataBundle, load_data
 from compressor.graph.surgery import remove_units
 from compressor.graph.units import Unit, find_units
 from compressor.latency.deploy import Deployment
+from compressor.latency.designed import measure_latency_table
 from compressor.latency.predictor import Calibration, Observation, fit_calibration
 from compressor.latency.profiles import Profile, load_profile
-from compressor.latency.table import LatencyTable, measure_latency_table
+from compressor.latency.table import LatencyTable
 from compressor.latency.timing import Interleaved
 from compressor.models.loaded import LoadedModel
 from compressor.models.sources import load_model

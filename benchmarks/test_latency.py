@@ -1,6 +1,6 @@
 """pytest-benchmark suite for exported artifacts: copy it into your CI to catch latency regressions.
 
-Each artifact is opened with the MEASURE.md session settings of a compressor
+Each artifact is opened with the session settings (docs/measurement.md) of a compressor
 profile (explicit intra-op threads, sequential execution, ORT_ENABLE_ALL, no
 spinning for ONNX Runtime; LATENCY hint and one sync request for OpenVINO),
 its input prepared once outside the timed region, and one inference timed per
@@ -16,7 +16,7 @@ round with time.perf_counter after a warm-up.
     pytest benchmarks/test_latency.py --benchmark-compare --benchmark-compare-fail=median:10%
 
 pytest-benchmark's comparison is a plain threshold on two separate runs; on
-a shared CI machine medians drift 10% or more between runs (MEASURE.md).
+a shared CI machine medians drift 10% or more between runs (docs/measurement.md).
 `compressor bench --artifact NEW --against OLD` times both in interleaved
 rounds and applies asv's rule (ratio > threshold AND Mann-Whitney p < 0.002),
 which is the sturdier gate. Not collected by the main test run

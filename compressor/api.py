@@ -21,10 +21,11 @@ from compressor.models.loaded import LoadedModel
 def score(model: nn.Module | LoadedModel | str, data: str | DataBundle | Iterable,
           criteria: str | Sequence[str] = "cka", profile: str | Path | Profile | None = None, k: int | None = None,
           calibration_size: int = 512, seed: int = 0, repeats: int = 3,
-          input_shape: tuple[int, int, int] | None = None, log: Callable[[str], None] | None = print):
+          input_shape: tuple[int, int, int] | None = None, log: Callable[[str], None] | None = print,
+          train_device: str = "auto"):
     """Every unit's importance under each criterion (higher = keep) and how the criteria agree;
-    with a profile, each unit's measured latency saving too. Returns jobs.score.ScoredModel
-    (.report: scores, ranks, agreement; .text: the tables)."""
+    with a profile, each unit's measured latency saving too. Scoring runs on `train_device` (auto: CUDA
+    when available). Returns jobs.score.ScoredModel (.report: scores, ranks, agreement; .text: the tables)."""
     from compressor.criteria import CRITERIA
     from compressor.criteria.agreement import parse_criteria
     from compressor.jobs.score import score_model
@@ -33,7 +34,7 @@ def score(model: nn.Module | LoadedModel | str, data: str | DataBundle | Iterabl
     bundle = as_data(data)
     loaded = as_loaded(model, bundle, input_shape)
     return score_model(loaded, bundle, names, as_profile(profile) if profile is not None else None, k,
-                       calibration_size, seed, repeats, log or (lambda _: None))
+                       calibration_size, seed, repeats, log or (lambda _: None), train_device)
 
 
 def export(model: nn.Module, out: str | Path, formats: str | Sequence[str] = "onnx",

@@ -11,9 +11,12 @@
         FidelityFloorError          a lossy (INT8) artifact fell below the fidelity floor: refused, not written
       ExportError (3)               an exporter, converter or runtime failed on our artifact
       InternalError (3)             anything else that went wrong inside (a bug)
+      DeviceError (4)               the device that measures failed after it was reached: the connection was
+                                    lost or the runner died, and retrying did not help; a prune keeps its state
+      GroupStopped (its own)        another process of a torchrun group failed or vanished; carries its exit code
 
-InputError is also a ValueError, and ExportError and InternalError are RuntimeErrors, so code that
-catches the built-in classes keeps working.
+InputError is also a ValueError, and ExportError, InternalError and DeviceError are RuntimeErrors, so code
+that catches the built-in classes keeps working.
 """
 
 from __future__ import annotations
@@ -81,6 +84,22 @@ class InternalError(CompressorError, RuntimeError):
     """An unexpected failure inside compressor, reported in one line (exit 3; --debug shows the traceback)."""
 
     exit_code = 3
+
+
+class DeviceError(CompressorError, RuntimeError):
+    """The measuring device failed after it was reached (a lost connection, a runner that died), retries spent
+    (exit 4): not bad input; a prune's state is kept in its output folder for --resume once the device is back."""
+
+    exit_code = 4
+
+
+class GroupStopped(CompressorError):
+    """Another process of the run's process group failed, or stopped without a word (killed): the job ends
+    on every process with the exit code of that failure (3 where it is unknown)."""
+
+    def __init__(self, message: str, exit_code: int = 3) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

@@ -35,23 +35,33 @@ def _latency(stats: LatencyStats) -> dict:
             "min": stats.min, "p99": stats.p99, "cold_ms": stats.cold_ms, "warning": stats.warning}
 
 
-def _prediction_error(trials: list[Trial], table=None, calibration=None) -> dict:
-    """MAPE and share within 10% of the table's prediction over every measured candidate,
-    with the prediction rescaled to the candidate's own interleaved baseline; with a
-    `calibration` (compressor.latency.predictor, fitted on the floor candidate before the search),
-    the calibrated prediction's error too. Candidates refused before timing (an INT8 artifact below the
-    fidelity floor, recorded at an infinite latency) have no measurement to compare and are left out."""
+def _at_baseline(table: LatencyTable, removed, baseline_ms: float) -> tuple[float, float]:
+    """The table's raw prediction of `removed` and the sd of a measurement about it (ms: the prediction's
+    uncertainty and the scatter between measurements), as fractions of its baseline moved to a measured
+    `baseline_ms` (the candidate's own interleaved baseline): no calibration on measured sets."""
+    scale = baseline_ms / table.baseline_ms
+    return table.predict_ms(removed) * scale, table.sd_new_ms(removed) * scale
+
+
+def _prediction_error(trials: list[Trial], table: LatencyTable, calibration=None) -> dict:
+    """MAPE and share within 10% of the table's raw prediction over every measured candidate, in the
+    frame of the candidate's own interleaved baseline, and the share within 2 sd of a measurement about
+    the prediction (the model's uncertainty and the scatter between measurements); with a `calibration`
+    (compressor.latency.predictor, fitted on the floor candidate before the search), the calibrated
+    prediction's error too. Candidates refused before timing (an INT8 artifact
+    below the fidelity floor, recorded at an infinite latency) have no measurement to compare and are
+    left out."""
     trials = [t for t in trials if not t.measured.refused]
     if not trials:
         return {"candidates": 0}
-    measured = [t.measured.candidate_ms for t in trials]
-    raw = [t.predicted_ms / (t.predicted_ms + t.choice.predicted_saving_ms) * t.measured.baseline_ms
-           for t in trials]
-    e = np.abs(np.asarray(raw) - measured) / np.asarray(measured)
-    result = {"candidates": len(e), "mape": float(e.mean()), "within_10pct": float((e <= 0.10).mean())}
-    if calibration is not None and table is not None:
+    measured = np.asarray([t.measured.candidate_ms for t in trials])
+    raw, sd = np.asarray([_at_baseline(table, t.choice.removed, t.measured.baseline_ms) for t in trials]).T
+    e = np.abs(raw - measured) / measured
+    result = {"candidates": len(e), "mape": float(e.mean()), "within_10pct": float((e <= 0.10).mean()),
+              "within_2sd": float((np.abs(raw - measured) <= 2 * sd).mean()) if table.version > 1 else None}
+    if calibration is not None:
         fitted = [calibration.predict_ms(table, t.choice.removed, t.measured.baseline_ms) for t in trials]
-        c = np.abs(np.asarray(fitted) - measured) / np.asarray(measured)
+        c = np.abs(np.asarray(fitted) - measured) / measured
         result["calibrated"] = {"mape": float(c.mean()), "within_10pct": float((c <= 0.10).mean()),
                                 **calibration.to_dict()}
     return result
@@ -72,6 +82,7 @@ class PruneRun:
     final: Interleaved
     machine: dict  # the device that measured
     seconds: float
+    compute: dict | None = None  # where learning and scoring ran, and images/s per stage (Compute.to_dict)
 
 
 def _side(cost: Cost, stats: LatencyStats, accuracy: float | None, batch: int) -> dict:
@@ -80,10 +91,14 @@ def _side(cost: Cost, stats: LatencyStats, accuracy: float | None, batch: int) -
             "latency_ms": {**_latency(stats), "batch": batch}, "accuracy": accuracy}
 
 
-def _trial(t: Trial) -> dict:
-    """One measured candidate; a refused one (below the INT8 fidelity floor) was not timed: no latency."""
+def _trial(t: Trial, table: LatencyTable) -> dict:
+    """One measured candidate; a refused one (below the INT8 fidelity floor) was not timed: no latency.
+    predicted_ms: the search's prediction (table frame); model_ms, model_sd_ms: the latency model's raw
+    prediction at the candidate's measured baseline, and the sd of a measurement about it."""
     timed = not t.measured.refused
-    return {"removed": list(t.choice.removed), "predicted_ms": t.predicted_ms,
+    model_ms, model_sd = _at_baseline(table, t.choice.removed, t.measured.baseline_ms)
+    return {"removed": list(t.choice.removed), "predicted_ms": t.predicted_ms, "model_ms": model_ms,
+            "model_sd_ms": model_sd if np.isfinite(model_sd) else None,  # None: a group no set measured
             "measured_ms": t.measured.candidate_ms if timed else None, "baseline_ms": t.measured.baseline_ms,
             "speedup": t.measured.speedup if timed else None, "passed": t.passed, "refused": t.measured.refused,
             "overshot": t.overshot, "importance_lost": t.choice.importance_lost}
@@ -96,7 +111,7 @@ def _search(run: PruneRun) -> dict:
     return {"margin": search.margin, "frame": frame, "table_baseline_ms": table.baseline_ms, "ended": search.ended,
             "floor": {"removed": run.chosen.floor_units, "baseline_ms": run.chosen.floor.baseline_ms,
                       "candidate_ms": run.chosen.floor.candidate_ms},
-            "trials": [_trial(t) for t in search.trials],
+            "trials": [_trial(t, table) for t in search.trials],
             "table_error": _prediction_error(search.trials, table, run.chosen.calibration),
             "selection": run.chosen.selection,
             "greedy": None if greedy is None else {
@@ -149,7 +164,7 @@ def build_report(run: PruneRun) -> dict:
         "search": _search(run), "recipe": run.delivered.recipe, "precision": _precision(run),
         "width": getattr(plan, "width_report", None),
         "checks": run.delivered.checks, "flop_convention": FLOP_CONVENTION, "config": run.config,
-        "seconds": run.seconds,
+        "seconds": run.seconds, "compute": run.compute,
     }
 
 
@@ -185,18 +200,22 @@ def render_markdown(r: dict) -> str:
         f"{'' if r['target_speedup'] else str(round(r['target_ms'], 4)) + ' ms'} "
         f"(= {r['target_ms']:.3f} ms here): **{'met' if r['target_met'] else 'MISSED'}**.",
         *_precision_lines(r.get("precision")),
+        *_compute_lines(r.get("compute")),
         f"- Criterion: {r['criterion']}; sets proposed by {r['search'].get('selection', 'knapsack')}; "
         f"removed {len(r['removed_units'])} of {len(r['units'])} units: "
         f"{', '.join(r['removed_units']) or 'none'}.",
-        f"- Lookup-table prediction error over {r['search']['table_error'].get('candidates', 0)} "
-        f"{r.get('latency_source', 'measured')} "
-        f"candidates: MAPE {r['search']['table_error'].get('mape', float('nan')):.1%}, within 10%: "
+        f"- Latency-model prediction error (raw, no calibration) over "
+        f"{r['search']['table_error'].get('candidates', 0)} {r.get('latency_source', 'measured')} candidates: MAPE "
+        f"{r['search']['table_error'].get('mape', float('nan')):.1%}, within 10%: "
         f"{r['search']['table_error'].get('within_10pct', float('nan')):.0%}"
+        + (f", within 2 sd of its own uncertainty: {w:.0%}" if (w := r['search']['table_error'].get('within_2sd'))
+           is not None else "")
         + (f" (calibrated on the most-pruned candidate, scale {cal['scale']:.2f}: MAPE {cal['mape']:.1%}, "
            f"within 10%: {cal['within_10pct']:.0%})" if (cal := r['search']['table_error'].get('calibrated'))
            else "") + ".",
         *_search_lines(r),
         *_width_lines(r),
+        "- Predicted against measured, every timed candidate: ![latency model against measurement](prediction.png)",
         f"- Checks: BatchNorm folding max relative error {r['checks']['fold_max_rel_error']:.2e} "
         f"(tolerance {r['checks']['fold_tolerance_rel']:g}); {r['checks']['artifact_format']} vs torch max |diff| "
         f"{r['checks']['artifact_max_abs_error']:.2e} (atol {r['checks']['artifact_tolerance']['atol']:g} + "
@@ -293,6 +312,19 @@ def _device_warnings(machine: dict) -> list[str]:
     return ["", *lines] if lines else []
 
 
+STAGE_NAMES = {"scores": "scoring", "greedy_kl": "greedy KL", "finetune": "fine-tuning", "fidelity": "fidelity"}
+
+
+def _compute_lines(c: dict | None) -> list[str]:
+    """The report.md line on where learning and scoring ran and how fast (images/s per stage)."""
+    if not c:
+        return []
+    rates = ", ".join(f"{STAGE_NAMES.get(k, k)} {v['images_per_s']:,.0f}" for k, v in c["stages"].items())
+    return [f"- Learning and scoring on {c['device']}, {c['precision']}, {c['processes']} process"
+            f"{'es (' + c['backend'] + ')' if c['processes'] > 1 else ''}"
+            + (f"; images/s: {rates}" if rates else "") + "."]
+
+
 def _precision_lines(p: dict | None) -> list[str]:
     """The precision line(s) of report.md: what was delivered and, where INT8 was weighed, why."""
     if not p or p["asked"] == "fp32":
@@ -304,6 +336,9 @@ def _precision_lines(p: dict | None) -> list[str]:
     elif probe:
         lines.append(f"- INT8 probe (unpruned): fp32 {probe['fp32_ms']:.3f} ms, INT8 {probe['int8_ms']:.3f} ms "
                      f"({probe['speedup']:.2f}x); quantizer {probe['quantizer'].get('quantizer', '')}.")
+    if probe.get("floor_refused"):
+        lines.append("- The most-pruned model's INT8 was refused by the fidelity floor, so it was not timed: the "
+                     "INT8 search calibrated the latency table on the saving removal measured in fp32.")
     final = p.get("final_int8") or {}
     if final.get("refused"):
         lines.append(f"- The final INT8 was refused: {final['refused']}")
@@ -384,7 +419,42 @@ def plot_speedup(r: dict, final: Interleaved, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_prediction(r: dict, path: Path) -> None:
+    """Every timed candidate: measured latency against the latency model's raw prediction at the same
+    baseline, with +-2 sd error bars (of a measurement about the prediction), the diagonal and +-10%."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trials = [t for t in r["search"]["trials"] if t["measured_ms"] is not None]
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    if trials:
+        x = [t["model_ms"] for t in trials]
+        ax.errorbar(x, [t["measured_ms"] for t in trials], xerr=[2 * (t["model_sd_ms"] or 0) for t in trials], fmt="o",
+                    color="#1f77b4", ecolor="#9ecae1", capsize=2, label="candidates (+-2 sd)")
+        for t in trials:
+            ax.annotate(f"-{len(t['removed'])}", (t["model_ms"], t["measured_ms"]), fontsize=6,
+                        textcoords="offset points", xytext=(3, 3))
+        values = [*x, *(t["measured_ms"] for t in trials)]
+        lo, hi = 0.9 * min(values), 1.1 * max(values)
+        ax.plot([lo, hi], [lo, hi], color="grey", linewidth=1, label="measured = predicted")
+        ax.plot([lo, hi], [lo * 1.1, hi * 1.1], color="grey", linestyle=":", linewidth=1, label="+-10%")
+        ax.plot([lo, hi], [lo / 1.1, hi / 1.1], color="grey", linestyle=":", linewidth=1)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.legend(fontsize=7, loc="upper left")
+    ax.set_xlabel("latency model, raw (ms, at the candidate's baseline)")
+    ax.set_ylabel("measured (ms)")
+    ax.set_title(f"{r['model']} on {r['profile']['name']}: {len(trials)} timed candidates", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
 def write_report(report: dict, out: Path, final: Interleaved) -> None:
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     atomic_write_text(out / "report.md", render_markdown(report))
     plot_speedup(report, final, out / "speedup.png")
+    plot_prediction(report, out / "prediction.png")

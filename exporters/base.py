@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
-import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import CompressorError, ExportError, InputError, MissingBackendError, first_line
+from compressor.fileio import Staging  # the one staged write (the package's only import besides its errors)
 
 __all__ = ["MissingBackendError", "Runtime", "Session", "Staging", "as_numpy", "boundary", "require"]
 
@@ -91,29 +89,3 @@ def as_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.ascontiguousarray(x, np.float32)
-
-
-class Staging:
-    """A private temporary folder beside `path`: build and validate the artifact there, then
-    `commit` moves its files into place, the main file last; the folder is removed either way."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.dir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
-        except OSError as e:
-            msg = f"cannot write to {self.path.parent}: {e.strerror or e}"
-            raise InputError(msg) from e
-
-    def __enter__(self) -> Staging:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def commit(self, names: list[str]) -> None:
-        """Move staged `names` (the main artifact last) beside `path`, each by an atomic rename."""
-        for name in names:
-            os.chmod(self.dir / name, 0o644)
-            os.replace(self.dir / name, self.path.parent / name)

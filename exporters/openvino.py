@@ -3,7 +3,7 @@
 The IR is converted from the ONNX graph (`openvino.convert_model` on the file
 OnnxExporter writes and validates): its PyTorch frontend gives the same graph
 here but takes ~5 s per ResNet-56 against ~1 s, and the latency table exports
-every candidate. Sessions follow MEASURE.md: PERFORMANCE_HINT=LATENCY, one
+every candidate. Sessions follow docs/measurement.md: PERFORMANCE_HINT=LATENCY, one
 synchronous infer request, INFERENCE_NUM_THREADS = the profile's threads.
 """
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import ExportError, InputError, MissingBackendError, ValidationError
+from compressor.errors import ExportError, FidelityFloorError, InputError, MissingBackendError, ValidationError
 from exporters.base import Runtime, Session, Staging, as_numpy, boundary
 from exporters.exporter import Exporter
 from exporters.reference import reference_output
@@ -78,8 +78,12 @@ class TensorRTExporter(Exporter):
     Tolerances: fp32 (TF32 off) atol 1e-4 + rtol 1e-3 + 1e-5*max|logits|
     (other kernels, other summation order); fp16 activations round to an
     11-bit mantissa at every layer: atol 1e-3 + rtol 2e-2 + 1e-2*max|logits|;
-    int8: atol 1e-2 + rtol 0.1 + 0.1*max|logits| catches a broken engine only;
-    judge int8 by accuracy. INT8 calibrates on `calibration` (N x C x H x W images preprocessed as at
+    int8: atol 1e-2 + rtol 0.1 + 0.1*max|logits| catches a broken engine only: an INT8 engine is judged
+    like every INT8 artifact, on `held_out` images (N x C x H x W, never calibration ones) against the fp32
+    model's logits, by top-1 agreement and logit SQNR against `floor` ({"min_top1_agreement": %,
+    "min_sqnr_db": dB}; default the documented 70% and 10 dB), here where TensorRT runs (below the floor:
+    FidelityFloorError, nothing written) or on the device by build_engine.py (heldout.npz; the engine is
+    deleted below the floor). INT8 calibrates on `calibration` (N x C x H x W images preprocessed as at
     inference, run the example's batch at a time; without it, on the reference inputs) through TensorRT's
     entropy calibrator, whose cache is written beside the engine or, in a bundle, by build_engine.py
     on the device (calibration.npz + calibration.cache).
@@ -90,20 +94,26 @@ class TensorRTExporter(Exporter):
     TOLERANCES = {"fp32": (1e-4, 1e-3, 1e-5), "fp16": (1e-3, 2e-2, 1e-2), "int8": (1e-2, 1e-1, 1e-1)}
 
     def __init__(self, precision: str = "fp32", workspace_mb: int = 1024, dynamic_batch: bool = False,
-                 calibration: np.ndarray | None = None) -> None:
+                 calibration: np.ndarray | None = None, held_out: np.ndarray | None = None,
+                 floor: dict | None = None) -> None:
+        from exporters import trt_build
+
         super().__init__(precision)
         self.workspace_mb = workspace_mb
         self.dynamic_batch = dynamic_batch
         self.calibration = calibration
+        self.held_out = held_out
+        self.floor = {"min_top1_agreement": trt_build.MIN_TOP1_AGREEMENT, "min_sqnr_db": trt_build.MIN_SQNR_DB,
+                      **{k: v for k, v in (floor or {}).items() if k in ("min_top1_agreement", "min_sqnr_db")}}
 
-    def _calibration_batches(self, x: np.ndarray) -> np.ndarray | None:
-        """The INT8 calibration images as (k, *example shape) batches; None for fp32/fp16 or no images."""
-        if self.precision != "int8" or self.calibration is None:
+    def _int8_batches(self, images: np.ndarray | None, x: np.ndarray, what: str) -> np.ndarray | None:
+        """INT8 `images` (calibration or held-out) as (k, *example shape) batches; None for fp32/fp16 or none."""
+        if self.precision != "int8" or images is None:
             return None
-        images = as_numpy(self.calibration)
+        images = as_numpy(images)
         k = len(images) // x.shape[0]
         if k == 0 or images.shape[1:] != x.shape[1:]:
-            msg = f"INT8 calibration needs images of shape {list(x.shape[1:])}, got {list(images.shape)}"
+            msg = f"INT8 {what} needs images of shape {list(x.shape[1:])}, got {list(images.shape)}"
             raise InputError(msg)
         return images[:k * x.shape[0]].reshape(k, *x.shape)
 
@@ -142,16 +152,20 @@ class TensorRTExporter(Exporter):
             for xi, got in zip(inputs, outputs, strict=True):  # the reference itself is checked against torch
                 onnx_exporter.check_close(got, reference_output(model, xi), f"{path} (ONNX for TensorRT)")
             usable, reason = tensorrt_status()
-            calibration = self._calibration_batches(x)
+            calibration = self._int8_batches(self.calibration, x, "calibration")
+            held_out = self._int8_batches(self.held_out, x, "held-out judging")
+            if held_out is not None:  # the fp32 model's logits of them, what the engine is judged against
+                held_out = (held_out, np.stack([session.run(b) for b in held_out]))
             if usable:
-                return self._engine(stage, path, onnx_path, inputs, outputs, reason, calibration)
-            return self._bundle(stage, path, facts, inputs, outputs, opset, reason, calibration)
+                return self._engine(stage, path, onnx_path, inputs, outputs, reason, calibration, held_out)
+            return self._bundle(stage, path, facts, inputs, outputs, opset, reason, calibration, held_out)
 
     def _flags(self) -> tuple[bool, bool]:
         return self.precision in ("fp16", "int8"), self.precision == "int8"
 
     def _engine(self, stage: Staging, path: Path, onnx_path: Path, inputs: np.ndarray, outputs: np.ndarray,
-                reason: str, calibration: np.ndarray | None = None) -> Path:
+                reason: str, calibration: np.ndarray | None = None,
+                held_out: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
         from exporters import trt_build
 
         trt, cuda = trt_build.load_tensorrt(), trt_build.Cuda()
@@ -164,16 +178,31 @@ class TensorRTExporter(Exporter):
                                    cuda, str(cache) if int8 else None)
             runner = trt_build.EngineRunner(trt, str(staged), inputs.shape[1:], cuda)
             trt_build.validate(runner, inputs, {"logits": outputs}, self.atol, self.rtol, self.range_rtol)
+            judged = "" if held_out is None else self._judge(runner, held_out, path)
         except trt_build.BuildError as e:
             raise ExportError(str(e)) from e
         except trt_build.MismatchError as e:
             raise ValidationError(f"{path}: {e}") from e
         stage.commit([cache.name, staged.name] if cache.is_file() else [staged.name])
-        self.outcome = f"built TensorRT engine {path} ({reason}) and validated it against ONNX Runtime"
+        self.outcome = f"built TensorRT engine {path} ({reason}) and validated it against ONNX Runtime{judged}"
         return path
 
+    def _judge(self, runner, held_out: tuple[np.ndarray, np.ndarray], path: Path) -> str:
+        """The INT8 engine on the held-out batches against the floor: FidelityFloorError below it (nothing is
+        written), else the outcome's words."""
+        from exporters import trt_build
+
+        fidelity, _ = trt_build.judge_held_out(runner, *held_out, self.floor["min_top1_agreement"],
+                                               self.floor["min_sqnr_db"])
+        if fidelity["floor"]["below"]:
+            msg = f"{trt_build.floor_message(fidelity)}; {path} not written"
+            raise FidelityFloorError(msg)
+        return (f"; INT8 on {fidelity['images']} held-out images: top-1 agreement {fidelity['top1_agreement']:.1f}%, "
+                f"SQNR {fidelity['sqnr_db']:.1f} dB")
+
     def _bundle(self, stage: Staging, path: Path, facts: dict, inputs: np.ndarray, outputs: np.ndarray,
-                opset: int, reason: str, calibration: np.ndarray | None = None) -> Path:
+                opset: int, reason: str, calibration: np.ndarray | None = None,
+                held_out: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
         import onnx
 
         final = self.bundle_path(path)
@@ -190,6 +219,10 @@ class TensorRTExporter(Exporter):
         if calibration is not None:
             np.savez(folder / "calibration.npz", input=calibration)
             calibrate = " --calibration calibration.npz --calibration-cache calibration.cache"
+        if held_out is not None:
+            np.savez(folder / "heldout.npz", input=held_out[0], logits=held_out[1])
+            calibrate += (f" --held-out heldout.npz --min-agreement {self.floor['min_top1_agreement']:g} --min-sqnr "
+                          f"{self.floor['min_sqnr_db']:g} --held-out-outputs heldout_outputs.npz")
         tol = f"--atol {self.atol:g} --rtol {self.rtol:g} --range-rtol {self.range_rtol:g}"
         build = ("python3 build_engine.py --onnx model.onnx --engine model.engine"
                  f"{' --fp16' if fp16 else ''}{' --int8' if int8 else ''}{calibrate}"
@@ -217,7 +250,11 @@ class TensorRTExporter(Exporter):
             f"Or with trtexec (no output check): sh trtexec.sh\n"
             + ("\nINT8: build_engine.py calibrates on calibration.npz (images preprocessed as at inference) and\n"
                "writes calibration.cache; trtexec reads that cache (--calib), so run build_engine.py first.\n"
-               if calibration is not None else ""))
+               if calibration is not None else "")
+            + ("It then judges the engine on heldout.npz (held-out images and the fp32 model's logits of them):\n"
+               "below the floor (top-1 agreement, SQNR of the logits) it deletes model.engine and exits 3; the\n"
+               "engine's logits are kept in heldout_outputs.npz, the figures in engine_report.json.\n"
+               if held_out is not None else ""))
         manifest = {
             "format": "compressor-tensorrt-bundle", "version": 1, "engine_built": False, "reason": reason,
             "precision": self.precision, "fp16": fp16, "int8": int8, "workspace_mb": self.workspace_mb,
@@ -231,12 +268,15 @@ class TensorRTExporter(Exporter):
             "calibration": None if calibration is None else {
                 "file": "calibration.npz", "batches": int(len(calibration)), "batch_shape": list(calibration.shape[1:]),
                 "cache": "calibration.cache", "calibrator": "IInt8EntropyCalibrator2 (written by build_engine.py)"},
+            "held_out": None if held_out is None else {
+                "file": "heldout.npz", "images": int(held_out[0].shape[0] * held_out[0].shape[1]),
+                "logits": "the fp32 model's, from onnxruntime", "floor": self.floor,
+                "outputs": "heldout_outputs.npz (written by build_engine.py)"},
         }
         (folder / "bundle.json").write_text(json.dumps(manifest, indent=2) + "\n")
         for f in folder.iterdir():
             os.chmod(f, 0o755 if f.suffix in (".sh", ".py") else 0o644)
-        os.chmod(folder, 0o755)
-        os.replace(folder, final)
+        stage.commit([final.name])
         self.outcome = (f"TensorRT is not usable here ({reason}); no engine was built. Wrote a device bundle "
                         f"{final}: build and validate it on the device with `{build}`")
         return final

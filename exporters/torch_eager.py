@@ -2,7 +2,7 @@
 
 A .pt2 is a real, re-loadable artifact that needs no pickle execution
 (`torch.export.load`) and no TorchScript; its `.module()` runs the exported
-ATen graph op by op in eager mode. Reference only (MEASURE.md):
+ATen graph op by op in eager mode. Reference only (docs/measurement.md):
 torch.set_num_threads(threads), inference_mode.
 """
 

@@ -9,8 +9,15 @@ least --min-runs runs and --min-time-s seconds; GPU compute (CUDA events
 around the enqueue) and host-to-host (input copy + compute + output copy,
 perf_counter_ns) are reported separately, as trtexec does.
 
+INT8 engines are judged like every INT8 artifact of compressor: on held-out images
+(--held-out, their fp32 logits beside them) by top-1 agreement with the fp32 model and
+the SQNR of the logits, against the floor (--min-agreement, --min-sqnr); below it the
+engine is deleted, not kept. The engine's held-out logits are recorded (--held-out-outputs)
+so that compressor can judge them again where the figures come back.
+
 Exit codes: 0 ok, 2 bad input or tensorrt/GPU missing (one line on stderr),
-3 the engine's outputs differ from the reference beyond tolerance.
+3 the engine's outputs differ from the reference beyond tolerance, or an INT8
+engine is below the fidelity floor on the held-out images.
 """
 
 from __future__ import annotations
@@ -33,6 +40,16 @@ class MismatchError(Exception):
     """The engine disagrees with the reference outputs (exit 3)."""
 
 
+class BelowFloorError(Exception):
+    """An INT8 engine kept less fidelity to the fp32 model on the held-out images than the floor asks (exit 3)."""
+
+
+# compressor.metrics.lossy's default floor and its two measures, again: this script runs on a device that has
+# no compressor (tests/test_quantize_tensorrt.py checks that the two agree)
+MIN_TOP1_AGREEMENT = 70.0  # %
+MIN_SQNR_DB = 10.0  # dB
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Build, validate and time a TensorRT engine from an ONNX file.")
     p.add_argument("--onnx", required=True, help="ONNX model file")
@@ -53,6 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--range-rtol", type=float, default=1e-2, help="tolerance relative to max|reference|")
     p.add_argument("--min-runs", type=int, default=200, help="timed runs at least (default 200)")
     p.add_argument("--min-time-s", type=float, default=5.0, help="timed seconds at least (default 5)")
+    p.add_argument("--held-out", help=".npz of held-out images in batches, shape (k, *input shape) ('input'), and the "
+                                      "fp32 model's logits of them ('logits'): an INT8 engine is judged on them")
+    p.add_argument("--min-agreement", type=float, default=MIN_TOP1_AGREEMENT,
+                   help="INT8 floor: least top-1 agreement with fp32 on --held-out, %% (default: %(default)s)")
+    p.add_argument("--min-sqnr", type=float, default=MIN_SQNR_DB,
+                   help="INT8 floor: least SQNR of the logits against fp32, dB (default: %(default)s)")
+    p.add_argument("--held-out-outputs", help=".npz to record the engine's logits of --held-out in ('logits')")
     p.add_argument("--report", help="JSON file for the validation and timing results")
     p.add_argument("--force", action="store_true", help="overwrite an existing engine file")
     args = p.parse_args(argv)
@@ -65,13 +89,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_files(args: argparse.Namespace) -> None:
     """Every input file exists and every output folder is writable; BuildError otherwise."""
-    for flag in ("onnx", "inputs", "outputs", "calibration"):
+    for flag in ("onnx", "inputs", "outputs", "calibration", "held_out"):
         value = getattr(args, flag)
         if value is not None and not Path(value).is_file():
-            raise BuildError(f"--{flag} {value}: file not found")
+            raise BuildError(f"--{flag.replace('_', '-')} {value}: file not found")
     if Path(args.engine).exists() and not args.force:
         raise BuildError(f"--engine {args.engine} already exists; choose another path or pass --force")
-    for value in (args.engine, args.timing_cache, args.report, args.calibration_cache):
+    for value in (args.engine, args.timing_cache, args.report, args.calibration_cache, args.held_out_outputs):
         if value is not None and not Path(value).resolve().parent.is_dir():
             raise BuildError(f"{value}: its folder does not exist")
 
@@ -262,15 +286,20 @@ class EngineRunner:
 
 
 def compare(got: np.ndarray, expected: np.ndarray, name: str, atol: float, rtol: float, range_rtol: float) -> float:
-    """Largest |difference|; MismatchError naming the output when beyond tolerance."""
+    """Largest |difference| (inf where `got` holds NaN or Inf); MismatchError naming the output unless,
+    elementwise, |got - expected| <= atol + rtol * |expected| + range_rtol * max|expected|. The one tolerance
+    check: every exporter's (exporters.Exporter.check_close) calls it too."""
     if got.shape != expected.shape:
         raise MismatchError(f"output {name!r} has shape {got.shape}, the reference has {expected.shape}")
     diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
-    worst = float(diff.max()) if diff.size else 0.0
-    allowed = atol + rtol * np.abs(expected) + range_rtol * float(np.abs(expected).max())
-    if not np.all(diff <= allowed):
+    worst = float(np.nanmax(diff)) if diff.size else 0.0
+    if diff.size and not np.all(np.isfinite(got)):
+        worst = float("inf")
+    scale = float(np.abs(expected).max()) if expected.size else 0.0
+    if not np.all(diff <= atol + rtol * np.abs(expected) + range_rtol * scale):
+        ranged = f" + {range_rtol:g}*max|reference|" if range_rtol else ""
         raise MismatchError(f"output {name!r} differs from the reference by up to {worst:.3g} "
-                            f"(tolerance {atol:g} + {rtol:g}*|reference| + {range_rtol:g}*max|reference|)")
+                            f"(tolerance {atol:g} + {rtol:g}*|reference|{ranged})")
     return worst
 
 
@@ -285,6 +314,45 @@ def validate(runner: EngineRunner, inputs: np.ndarray, outputs: dict[str, np.nda
                 raise MismatchError(f"the engine has no output {n!r}; it has {sorted(got)}")
             worst[n] = max(worst[n], compare(got[n], expected[i], n, atol, rtol, range_rtol))
     return worst
+
+
+def lossy_fidelity(reference: np.ndarray, logits: np.ndarray) -> dict:
+    """Top-1 agreement (%) and logit SQNR (dB: 10 log10(sum r^2 / sum (r - q)^2)) of `logits` against the fp32
+    `reference` (N x classes each), as compressor.metrics.lossy measures them."""
+    r, q = np.asarray(reference, np.float64), np.asarray(logits, np.float64)
+    if r.shape != q.shape or r.ndim != 2 or len(r) == 0:
+        raise MismatchError(f"held-out logits of shape {q.shape} for fp32 logits of shape {r.shape}")
+    noise, signal = float(np.sum((r - q) ** 2)), float(np.sum(r ** 2))
+    sqnr = float("inf") if noise == 0 else (10.0 * float(np.log10(signal / noise)) if signal > 0 else float("-inf"))
+    return {"images": len(r), "top1_agreement": 100.0 * float(np.mean(r.argmax(1) == q.argmax(1))), "sqnr_db": sqnr}
+
+
+def shortfalls(fidelity: dict, min_agreement: float, min_sqnr: float) -> list[str]:
+    """Why `fidelity` is below the floor, one phrase per measure missed (compressor's Floor.shortfalls)."""
+    out = []
+    if not fidelity["top1_agreement"] >= min_agreement:  # `not >=`: NaN fails
+        out.append(f"top-1 agreement {fidelity['top1_agreement']:.1f}% < {min_agreement:g}%")
+    if not fidelity["sqnr_db"] >= min_sqnr:
+        out.append(f"SQNR {fidelity['sqnr_db']:.1f} dB < {min_sqnr:g} dB")
+    return out
+
+
+def judge_held_out(runner: EngineRunner, batches: np.ndarray, reference: np.ndarray, min_agreement: float,
+                   min_sqnr: float) -> tuple[dict, np.ndarray]:
+    """Run the engine on every held-out batch (k, *input shape): (fidelity against `reference`, the fp32 logits
+    (k x batch x classes or N x classes), with fidelity["floor"]["below"] listing what misses the floor (empty:
+    it clears); the engine's logits, N x classes)."""
+    logits = np.concatenate([runner.infer(b)[runner.outputs[0]] for b in batches])
+    fidelity = lossy_fidelity(np.asarray(reference).reshape(len(logits), -1), logits)
+    fidelity["floor"] = {"min_top1_agreement": min_agreement, "min_sqnr_db": min_sqnr,
+                         "below": shortfalls(fidelity, min_agreement, min_sqnr)}
+    return fidelity, logits
+
+
+def floor_message(fidelity: dict) -> str:
+    """The one line refusing an engine below the floor."""
+    return (f"INT8 engine is below the fidelity floor on {fidelity['images']} held-out images: "
+            f"{'; '.join(fidelity['floor']['below'])}")
 
 
 def _stats(samples: list[float]) -> dict:
@@ -320,6 +388,24 @@ def time_engine(runner: EngineRunner, x: np.ndarray, min_runs: int, min_time_s: 
     return {"cold_ms": cold, "host_to_host_ms": _stats(host), "gpu_compute_ms": _stats(gpu)}
 
 
+def held_out_verdict(args: argparse.Namespace, runner: EngineRunner, report: dict) -> dict:
+    """Judge the INT8 engine on --held-out against the floor, recording its logits (--held-out-outputs) either
+    way; below the floor the engine file is deleted, the figures written (--report), BelowFloorError raised."""
+    with np.load(args.held_out) as f:
+        batches, reference = f["input"], f["logits"]
+    fidelity, logits = judge_held_out(runner, batches, reference, args.min_agreement, args.min_sqnr)
+    if args.held_out_outputs:
+        np.savez(args.held_out_outputs, logits=logits)
+    if fidelity["floor"]["below"]:
+        Path(args.engine).unlink(missing_ok=True)
+        if args.report:
+            Path(args.report).write_text(json.dumps({**report, "held_out": fidelity, "refused": True}, indent=2))
+        raise BelowFloorError(floor_message(fidelity))
+    print(f"INT8 on {fidelity['images']} held-out images: top-1 agreement {fidelity['top1_agreement']:.1f}%, "
+          f"SQNR {fidelity['sqnr_db']:.1f} dB (floor {args.min_agreement:g}%, {args.min_sqnr:g} dB)")
+    return fidelity
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
@@ -347,18 +433,23 @@ def main(argv=None) -> int:
         worst = validate(runner, inputs, outputs, args.atol, args.rtol, args.range_rtol)
         print("validated against the reference outputs: " + ", ".join(f"{n} max |diff| {d:.3g}"
                                                                       for n, d in worst.items()))
+        report = {"build": build, "max_abs_diff": worst}
+        if args.int8 and args.held_out:
+            report["held_out"] = held_out_verdict(args, runner, report)
         timing = time_engine(runner, inputs[0], args.min_runs, args.min_time_s)
         print(f"GPU compute median {timing['gpu_compute_ms']['median']:.4f} ms, host-to-host median "
               f"{timing['host_to_host_ms']['median']:.4f} ms (n={timing['host_to_host_ms']['n']})")
         if args.report:
-            Path(args.report).write_text(json.dumps({"build": build, "max_abs_diff": worst, "timing": timing},
-                                                    indent=2))
+            Path(args.report).write_text(json.dumps({**report, "timing": timing}, indent=2))
         return 0
     except BuildError as e:
         print(f"build_engine: error: {e}", file=sys.stderr)
         return 2
     except MismatchError as e:
         print(f"build_engine: validation failed: {e}", file=sys.stderr)
+        return 3
+    except BelowFloorError as e:
+        print(f"build_engine: refused: {e}; {args.engine} removed", file=sys.stderr)
         return 3
 
 

@@ -11,7 +11,8 @@ from tests.helpers import FAST_PROFILE
 # The files with whole prunes (50-200 s each on a loaded 2-core machine), longest first: `make test` hands
 # files to two workers in collection order, so the long ones start first and the short ones fill the gaps.
 LONGEST_FIRST = ("test_precision.py", "test_resume.py", "test_e2e_selection.py", "test_quantize.py",
-                 "test_e2e.py", "test_api.py", "test_e2e_table.py", "test_remote_e2e.py", "test_e2e_width.py")
+                 "test_e2e.py", "test_device_failure.py", "test_table_resume.py", "test_api.py", "test_e2e_table.py",
+                 "test_remote_e2e.py", "test_scale_e2e.py", "test_e2e_width.py", "test_scale.py")
 
 
 def pytest_configure(config):

@@ -6,7 +6,8 @@ requested command in a real subprocess (/bin/sh -c), logging every command, so
 connect, upload, run and parse all run for real against ONNX Runtime here.
 Knobs for the failure tests: `quota_bytes` (SFTP writes beyond it fail with
 ENOSPC, as a full disk does), `kill_measure_after_s` (a running `measure` is
-SIGKILLed, as the OOM killer would). Run it by hand as
+SIGKILLed, as the OOM killer would), `stop()` and `start(port)` (the device goes down, dropping
+every connection, and comes back on the same address). Run it by hand as
 `python -m tests.sshd --root /tmp/device --profile ort-cpu --out remote.yaml`.
 """
 
@@ -41,6 +42,21 @@ class QuotaSFTPServer(asyncssh.SFTPServer):
         return super().write(file_obj, offset, data)
 
 
+class _Connections(asyncssh.SSHServer):
+    """Keeps the device's open connections, so that `stop` drops them as a killed sshd or a lost link does."""
+
+    def __init__(self, device: TestDevice) -> None:
+        self.device = device
+        self.conn = None
+
+    def connection_made(self, conn) -> None:
+        self.conn = conn
+        self.device.connections.add(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.device.connections.discard(self.conn)
+
+
 class TestDevice:
     """One SSH server with its keys; `start()` returns its port. `log` lists the commands it ran."""
 
@@ -68,6 +84,7 @@ class TestDevice:
         self.server = None
         self.port = 0
         self.children: set[asyncio.subprocess.Process] = set()
+        self.connections: set = set()
 
     # ------------------------------------------------------------ serving
 
@@ -113,17 +130,20 @@ class TestDevice:
         else:
             process.exit(status)
 
-    async def _start(self) -> int:
+    async def _start(self, port: int) -> int:
         self.server = await asyncssh.create_server(
-            asyncssh.SSHServer, "127.0.0.1", 0, server_host_keys=[self.host_key],
+            lambda: _Connections(self), "127.0.0.1", port, server_host_keys=[self.host_key],
             authorized_client_keys=self.authorized, process_factory=self._handle, encoding=None,
             sftp_factory=lambda chan: QuotaSFTPServer(chan, self), password_auth=False, kbdint_auth=False,
             allow_scp=False)
         return self.server.sockets[0].getsockname()[1]
 
-    def start(self) -> int:
+    def start(self, port: int | None = None) -> int:
+        """Serve on `port` (None: the port it served on before, a free one the first time; a stopped device
+        comes back on its old port with the same host key and known_hosts, as after a reboot)."""
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
+        port = self.port if port is None else port
+        self.port = asyncio.run_coroutine_threadsafe(self._start(port), self.loop).result(30)
         self.known_hosts = self.write_known_hosts(self.root / "known_hosts", self.host_key)
         return self.port
 
@@ -132,14 +152,21 @@ class TestDevice:
         return path
 
     def stop(self) -> None:
-        async def stop() -> None:
+        """Go down (a stopped device stays down until `start`; stopping it again does nothing)."""
+        if self.server is None:
+            return
+
+        async def stop() -> None:  # as a device that goes down: runners killed, connections dropped
             for child in list(self.children):
                 if child.returncode is None:
                     child.kill()
             self.server.close()
+            for conn in list(self.connections):  # a killed sshd takes its connections with it
+                conn.abort()
             await self.server.wait_closed()
 
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(30)
+        self.server = None
         self.loop.call_soon_threadsafe(self.loop.stop)
 
     # ------------------------------------------------------------ profiles

@@ -321,3 +321,57 @@ def test_every_criterion_scores_branch_units(criterion):
         assert scores["blocks.1/attn"] == pytest.approx(0.0, abs=1e-9)
     if criterion == "magnitude":  # the branch's own weights: attention's are not the MLP's
         assert scores["blocks.0/attn"] != scores["blocks.0/mlp"]
+
+
+def test_distillation_of_a_tuple_output_is_zero_at_the_teacher_and_reaches_every_output():
+    """The detector's two maps, neither 2-D, are distilled by normalised squared error each; named as
+    logits, a map's cells are distilled by KL. A lone 2-D output keeps Hinton's loss with labels."""
+    from compressor.finetune.training import distillation_loss
+
+    torch.manual_seed(0)
+    teacher = _randomised(TinyDetector())
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        target = teacher(x)
+    assert float(distillation_loss(target, target, None, 4.0, 0.7)) == pytest.approx(0.0, abs=1e-7)
+    for logits in (None, ["output0"]):
+        student = TinyDetector()
+        loss = distillation_loss(student(x), target, None, 4.0, 0.7, logits)
+        loss.backward()
+        assert float(loss.detach()) > 0
+        assert student.head1.weight.grad.abs().sum() > 0 and student.head2.weight.grad.abs().sum() > 0
+    # one map pushed off by its own scale: the normalised error is 1 for it, 0 for the other, mean 0.5
+    moved = (target[0] + target[0].std(), target[1])
+    expected = (target[0].std() ** 2 / target[0].var()) / 2
+    assert float(distillation_loss(moved, target, None, 4.0, 0.7)) == pytest.approx(float(expected), rel=1e-5)
+    s, t, y = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    kd = torch.nn.functional.kl_div(torch.log_softmax(s / 4, 1), torch.log_softmax(t / 4, 1), reduction="batchmean",
+                                    log_target=True) * 16
+    hinton = 0.7 * kd + 0.3 * torch.nn.functional.cross_entropy(s, y)
+    assert float(distillation_loss(s, t, y, 4.0, 0.7)) == pytest.approx(float(hinton), rel=1e-6)
+    assert float(distillation_loss((s,), (t,), y, 4.0, 0.7)) == pytest.approx(float(hinton), rel=1e-6)
+
+
+def test_fine_tuning_a_pruned_detector_moves_its_outputs_toward_the_teacher():
+    """Distillation through `train` on unlabelled images, from a tuple-output teacher: the pruned stage's
+    output comes closer to the teacher's (BatchNorm statistics frozen, so only learning moves it)."""
+    from compressor.finetune.training import train
+    from compressor.metrics.outputs import named_outputs
+
+    torch.manual_seed(0)
+    teacher = _randomised(TinyDetector())
+    x = torch.randn(64, 3, 16, 16)
+    units = find_units(teacher, x[:2])
+    pruned = remove_units(teacher, [u for u in units if u.name.startswith("stage2")][:1], x[:2])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.full((64,), -1)), batch_size=16)
+
+    def error() -> dict[str, float]:
+        with torch.no_grad():
+            ours, theirs = named_outputs(pruned(x)), named_outputs(teacher(x))
+        return {n: float(((ours[n] - t) ** 2).mean() / t.var()) for n, t in theirs.items()}
+
+    before = error()
+    train(pruned, loader, 5, 0.01, teacher=teacher, desc="test", freeze_batchnorm=True)
+    after = error()
+    assert before["output0"] == 0.0 and after["output0"] < 1e-3, (before, after)
+    assert after["output1"] < 0.5 * before["output1"], (before, after)

@@ -106,6 +106,14 @@ def test_profile_writes_table_with_provenance(tmp_path, capsys, fast_profile):
     assert table["machine"]["versions"]["onnxruntime"]
     assert table["profile"]["name"] == "ort-cpu-fast"
     assert all(s["n"] >= 20 for s in table["stats"].values())
+    assert table["version"] == 2 and table["design"]["sets"] == sum(len(s["sets"]) - 1
+                                                                     for s in table["design"]["sessions"])
+    groups = [t for t in table["latency_model"]["terms"] if t["kind"] == "group"]
+    assert sorted(len(g["units"]) for g in groups) == [1, 1, 2, 2, 3]  # resnet20: projections alone, per stage
+    err = capsys.readouterr().err
+    for g in groups:  # one line per group: its saving per unit with its standard error
+        assert f"save {g['saving_ms']:7.4f} +- {g['sd_ms']:.4f} ms each" in err
+    assert f"removal sets in {len(table['design']['sessions'])} sessions, stopped: " in err
 
 
 def test_console_script_exit_code(tmp_path):

@@ -30,8 +30,8 @@ def run(tmp_path_factory):
 def test_outputs_and_exit_code(run):
     code, out, report = run
     assert sorted(p.name for p in out.iterdir()) == [
-        "baseline.onnx", "latency_table.json", "model.onnx", "model.pt", "model.pt2", "recipe.json", "report.json",
-        "report.md", "speedup.png"]
+        "baseline.onnx", "latency_table.json", "model.onnx", "model.pt", "model.pt2", "prediction.png", "recipe.json",
+        "report.json", "report.md", "speedup.png"]
     assert_exit_matches_target(code, report, speedup=1.5)
     assert report["target_met"] == (report["pruned"]["latency_ms"]["median"] <= report["target_ms"])
 

@@ -13,9 +13,14 @@ import pytest
 import compressor
 from compressor.cli.main import main
 from tests.helpers import resnet20
-from tests.test_table_device import SAVINGS, table_profile, write_table
+from tests.test_table_device import table_profile, write_table
 
 BASE_MS = 2.0
+# resnet20's units of identical structure (graph/signature.py) save the same on the device: the latency model
+# the prune fits on designed removal sets (latency/model.py) has one saving per structure group, so only a
+# device whose savings are additive per group is one it fits exactly, and the search's outcome exact
+SAVINGS = {"layer1.0": 0.045, "layer1.1": 0.045, "layer1.2": 0.045, "layer2.0": 0.10, "layer2.1": 0.07,
+           "layer2.2": 0.07, "layer3.0": 0.07, "layer3.1": 0.45, "layer3.2": 0.45}
 # the documented search settings (docs/how-it-works.md), written out so the arithmetic is checked independently:
 MARGIN = 0.01  # a device with no spread: the search aims 1% under the target
 BAND = 0.06  # a pass more than 6% under the latency aimed at is refined
@@ -69,7 +74,7 @@ def check_outcome(report: dict, speedup: float, savings=SAVINGS) -> None:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("table")
-    write_table(folder)
+    write_table(folder, SAVINGS)
     table_profile(folder)
     return folder
 
@@ -89,7 +94,8 @@ def test_cli_prune_meets_the_target_with_the_exact_optimum_and_says_it_is_predic
 
 
 def test_after_an_overshoot_the_prune_delivers_the_best_set_within_the_band(folder, digits):
-    """At 1.09x the least important set that meets the target (layer3.2 alone, saving 0.45 of 2 ms) is 1.29x:
+    """At 1.09x the least important set that meets the target (one of layer3.1, layer3.2, saving 0.45 of 2 ms)
+    is 1.29x:
     the search must go on to the best set not yet measured that removes less."""
     report = compressor.prune(resnet20(), data=digits, target=compressor.Speedup(1.09),
                               profile=str(folder / "replay.yaml"), out=folder / "r109", log=None,
@@ -100,15 +106,16 @@ def test_after_an_overshoot_the_prune_delivers_the_best_set_within_the_band(fold
 
 
 def test_when_only_overshooting_sets_meet_the_target_the_report_says_why(tmp_path, digits):
-    """One unit saves almost half the latency and the others little: every set that meets 1.1x is far faster.
+    """Two units (one structure) save 40% of the latency each and the others little: every set that meets 1.1x
+    is far faster.
     Greedy selection proposes by measured KL; it too never proposes a set twice, and the report says why the
     set delivered is faster than needed."""
-    savings = {n: (0.9 if n == "layer3.2" else 0.0125) for n in SAVINGS}
+    savings = {n: (0.8 if n in ("layer3.1", "layer3.2") else 0.0125) for n in SAVINGS}
     write_table(tmp_path, savings)
     profile = table_profile(tmp_path)
     report = compressor.prune(resnet20(), data=digits, target=compressor.Speedup(1.1), profile=str(profile),
                               out=tmp_path / "run", log=None, selection="greedy", **OPTIONS).report
-    assert report["removed_units"] and "layer3.2" in report["removed_units"]
+    assert report["removed_units"] and {"layer3.1", "layer3.2"} & set(report["removed_units"])
     assert report["speedup_measured"] >= 1.1 and report["target_met"]
     tried = [frozenset(t["removed"]) for t in report["search"]["trials"]]
     assert len(tried) == len(set(tried)) and all(t["overshot"] for t in report["search"]["trials"])

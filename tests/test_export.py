@@ -49,7 +49,7 @@ def test_validate_resnet20_within_tolerance(deployment, resnet20, exported):
 
 def test_session_settings_follow_profile(deployment, exported):
     session = deployment.open(exported)
-    assert session.settings["allow_spinning"] is False
+    assert session.settings["allow_spinning"] == "default (on)"  # ort-cpu keeps ONNX Runtime's defaults
     assert session.settings["intra_op_num_threads"] == deployment.profile.resolved_threads
     out = session()
     assert np.asarray(out[0]).shape == (1, 10)

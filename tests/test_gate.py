@@ -103,24 +103,25 @@ def _bench(capsys, *args):
     return code, out.out, out.err
 
 
-def test_gate_catches_a_real_slowdown_10_of_10(artifacts, capsys):
-    assert artifacts["flop_ratio"] >= 1.15
+def _ten_verdicts(artifacts, capsys, candidate: str) -> list[tuple]:
+    """(exit code, verdict, ratio, p) of ten gate runs of `candidate` against the base artifact."""
     verdicts = []
     for _ in range(10):
-        code, out, err = _bench(capsys, "--artifact", artifacts["slow"], "--against", artifacts["base"],
+        code, out, err = _bench(capsys, "--artifact", artifacts[candidate], "--against", artifacts["base"],
                                 "--profile", artifacts["profile"], *FLOORS, "--json")
         report = json.loads(out)
         verdicts.append((code, report["verdict"]["verdict"], report["verdict"]["ratio"], report["verdict"]["p_value"]))
+    return verdicts
+
+
+def test_gate_catches_a_real_slowdown_10_of_10(artifacts, capsys):
+    assert artifacts["flop_ratio"] >= 1.15
+    verdicts = _ten_verdicts(artifacts, capsys, "slow")
     assert all(code == 1 and v == "regression" for code, v, _, _ in verdicts), verdicts
 
 
 def test_gate_flags_nothing_for_identical_artifacts_10_of_10(artifacts, capsys):
-    verdicts = []
-    for _ in range(10):
-        code, out, err = _bench(capsys, "--artifact", artifacts["copy"], "--against", artifacts["base"],
-                                "--profile", artifacts["profile"], *FLOORS, "--json")
-        report = json.loads(out)
-        verdicts.append((code, report["verdict"]["verdict"], report["verdict"]["ratio"], report["verdict"]["p_value"]))
+    verdicts = _ten_verdicts(artifacts, capsys, "copy")
     assert all(code == 0 and v == "no regression" for code, v, _, _ in verdicts), verdicts
 
 

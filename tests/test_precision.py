@@ -3,12 +3,16 @@ measures faster and keeps its fidelity; a collapsing INT8 is refused and the sea
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
 import compressor
 from compressor.cli.main import main
-from compressor.errors import UnreachableTargetError
+from compressor.errors import InputError, UnreachableTargetError
 from compressor.latency.profiles import parse_profile
 from compressor.models.sources import load_model
 from tests.helpers import FAST_PROFILE
@@ -58,14 +62,16 @@ def test_collapsing_int8_is_refused_and_the_search_goes_on(digits, openvino_tabl
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
-def test_int8_decision_follows_its_measurement(runtime, digits, request, tmp_path):
-    """Declined exactly when INT8 measured no faster than fp32 by the search's margin; the report gives both
-    figures; delivered INT8 comes with its held-out fidelity."""
+def test_int8_asked_is_delivered_and_the_probe_says_what_it_measured(runtime, digits, request, tmp_path):
+    """--precision int8 delivers INT8 on either runtime, whatever the probe measured: the probe declines exactly
+    when INT8 measured no faster than fp32 by the search's margin (then the search runs anyway, as asked), the
+    report gives both figures, and the INT8 artifact delivered is the one the final measurement timed, with its
+    held-out fidelity above the floor."""
     profile = parse_profile(FAST_PROFILE if runtime == "onnxruntime" else OPENVINO_FAST, "test")
     table = request.getfixturevalue("openvino_table") if runtime == "openvino" else None
-    result = compressor.prune("resnet56", data=digits, target=compressor.Speedup(1.5), profile=profile,
-                              out=tmp_path / "run", precision="auto", finetune_epochs=0, calibration_size=64,
-                              latency_table=table, max_trials=4, log=None)
+    result = compressor.prune("resnet56", data=digits, target=compressor.Speedup(1.3), profile=profile,
+                              out=tmp_path / "run", precision="int8", finetune_epochs=0, calibration_size=64,
+                              latency_table=table, max_trials=8, log=None)
     report = result.report
     probe = report["precision"]["searched"]["probe"]
     assert probe["fp32_ms"] > 0 and probe["int8_ms"] > 0
@@ -73,13 +79,14 @@ def test_int8_decision_follows_its_measurement(runtime, digits, request, tmp_pat
     declined = probe["speedup"] < 1 + report["search"]["margin"]
     assert bool(probe["declined"]) == declined
     if declined:
-        assert report["precision"]["delivered"] == "fp32" and f"{probe['int8_ms']:.3f} ms" in probe["declined"]
-    if report["precision"]["delivered"] == "int8":
-        final = report["precision"]["final_int8"]
-        assert final["fidelity"]["top1_agreement"] >= final["floor"]["min_top1_agreement"]
-        assert final["against_unpruned"]["images"] > 0
-        assert (tmp_path / "run" / report["checks"]["artifacts"][0]).is_file()
-        assert report["checks"]["artifacts"][0].startswith("model-int8")
+        assert f"{probe['int8_ms']:.3f} ms" in probe["declined"]
+    assert report["precision"]["asked"] == "int8" and report["precision"]["delivered"] == "int8"
+    final = report["precision"]["final_int8"]
+    assert final["fidelity"]["top1_agreement"] >= final["floor"]["min_top1_agreement"]
+    assert final["fidelity"]["sqnr_db"] is None or final["fidelity"]["sqnr_db"] >= final["floor"]["min_sqnr_db"]
+    assert final["against_unpruned"]["images"] > 0
+    timed = report["checks"]["artifacts"][0]  # the final measurement's candidate
+    assert timed.startswith("model-int8") and (tmp_path / "run" / timed).is_file()
 
 
 def test_a_target_beyond_removal_alone_is_searched_with_int8(digits, openvino_table, tmp_path):
@@ -89,19 +96,16 @@ def test_a_target_beyond_removal_alone_is_searched_with_int8(digits, openvino_ta
     --precision fp32 refuses the same target before any search."""
     profile = parse_profile(OPENVINO_FAST, "test")
     options = {"data": digits, "target": compressor.Speedup(TARGET_BEYOND_FP32), "profile": profile,
-               "finetune_epochs": 0, "calibration_size": 64, "latency_table": openvino_table, "max_trials": 4,
+               "finetune_epochs": 0, "calibration_size": 64, "latency_table": openvino_table, "max_trials": 6,
                "min_blocks_per_stage": 3, "log": None}
     with pytest.raises(UnreachableTargetError, match="unreachable on openvino-cpu-fast"):
         compressor.prune("resnet56", out=tmp_path / "fp32", precision="fp32", **options)
     assert not (tmp_path / "fp32").exists()
-    try:
-        report = compressor.prune("resnet56", out=tmp_path / "auto", precision="auto", **options).report
-    except UnreachableTargetError as e:  # searched with INT8 and no set measured fast enough (a loaded machine)
-        assert "no INT8 candidate meets" in str(e)
-        return
+    report = compressor.prune("resnet56", out=tmp_path / "auto", precision="auto", **options).report
+    assert report["precision"]["delivered"] == "int8"
     floor = report["search"]["floor"]
-    assert floor["baseline_ms"] / floor["candidate_ms"] < TARGET_BEYOND_FP32  # removal alone could not
-    assert report["precision"]["delivered"] == "int8" and "fp32" not in report["precision"]["searched"]
+    if floor["baseline_ms"] / floor["candidate_ms"] < TARGET_BEYOND_FP32:  # removal alone could not, measured
+        assert "fp32" not in report["precision"]["searched"]  # (a loaded machine once read 4.1x: fp32 searched too)
     assert report["target_met"] == (report["pruned"]["latency_ms"]["median"] <= report["target_ms"])
     margin, timed = report["search"]["margin"], [t for t in report["precision"]["searched"]["search"]["trials"]
                                                  if not t["refused"]]
@@ -111,3 +115,91 @@ def test_a_target_beyond_removal_alone_is_searched_with_int8(digits, openvino_ta
         assert trial["passed"] == (trial["speedup"] >= TARGET_BEYOND_FP32 * (1 + margin) - 1e-9)
     kept = min((t for t in timed if t["passed"]), key=lambda t: t["kl"])  # the passing set that loses the least
     assert sorted(report["removed_units"]) == sorted(kept["removed"])
+
+
+def test_int8_on_a_runtime_without_a_quantizer_is_refused_in_seconds(digits, tmp_path):
+    """torch (and tensorrt) have no INT8 quantizer here: --precision int8 is refused before the model loads,
+    not after reachability, scores and the latency table."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "compressor.cli.main", "prune", "--model", "resnet56", "--data",
+                           "digits32", "--profile", "torch-cpu", "--target-speedup", "2", "--precision", "int8",
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
+    assert time.perf_counter() - started < 15, done.stderr[-1000:]
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+        "compressor prune: error: --precision int8: INT8 is available on profiles that run onnxruntime or "
+        "openvino; profile torch-cpu runs torch")
+    assert not (tmp_path / "run").exists()
+    started = time.perf_counter()
+    with pytest.raises(InputError, match="profile torch-cpu runs torch"):  # the same from Python, on one's own module
+        compressor.prune(load_model("resnet56", digits).model, data=digits, target=compressor.Speedup(2),
+                         profile="torch-cpu", out=tmp_path / "api", precision="int8", log=None)
+    assert time.perf_counter() - started < 5 and not (tmp_path / "api").exists()
+
+
+@pytest.fixture
+def probed(digits, tmp_path):
+    """resnet20 on ONNX Runtime, planned and its reach measured, with the search's INT8 images."""
+    from compressor.models.sources import from_module
+    from compressor.search.target import Target
+    from compressor.stages.plan import plan
+    from compressor.stages.precision import search_images
+    from compressor.stages.reach import check_reachable
+    from compressor.stages.state import RunState
+    from tests.helpers import resnet20
+
+    planned = plan(from_module(resnet20(), (3, 32, 32)), parse_profile(FAST_PROFILE, "test"), False, lambda _: None)
+    work = tmp_path / "work"
+    work.mkdir()
+    state = RunState(tmp_path, {"run": "int8"}, resume=False)
+    reach = check_reachable(planned, Target(speedup=1.5), 1, work, lambda _: None, state, int8_may_help=True)
+    return planned, reach, search_images(digits, 0), work, state
+
+
+def test_a_resumed_int8_search_stays_in_the_saved_probe_frame(probed):
+    """The saved INT8 candidates were judged in the frame of the probe that ran with them: a resumed run reuses
+    that probe (not measured again) and reads every saved candidate in its frame."""
+    from compressor.search.loop import SearchResult
+    from compressor.stages.precision import Int8Search, _measurer, probe_int8
+
+    planned, reach, images, work, state = probed
+    state.save("int8_probe", {"fp32_ms": 1.0, "int8_ms": 0.5, "int8_floor_ms": 0.25, "speedup": 2.0, "declined": None,
+                              "quantizer": {"quantizer": "saved"}, "fidelity": {}, "floor_refused": None})
+    unit = planned.units[0].name
+    state.save("int8_candidates", {unit: {"measured": {"baseline_ms": 0.8, "candidate_ms": 0.45, "spread": 0.01,
+                                                       "noisy": False, "refused": False},  # an older probe's 1.25x
+                                          "kl": 0.1, "fp32_ms": 1.0}})
+    probe = probe_int8(planned, reach, images, work, lambda _: None, state)
+    assert (probe.fp32_ms, probe.int8_ms, probe.speedup) == (1.0, 0.5, 2.0) and probe.int8_path.is_file()
+    found = Int8Search(SearchResult(None), None, None)
+    m = _measurer(planned, probe, reach, images, work, lambda _: None, state, found)((unit,))
+    assert m.baseline_ms == pytest.approx(1.0 / 2.0) and m.candidate_ms == 0.45 and found.fp32_ms[(unit,)] == 1.0
+    assert any("INT8 probe" in r for r in state.reused)
+
+
+def test_a_refused_most_pruned_int8_is_reported_and_does_not_skew_the_floor(probed, monkeypatch):
+    """When the most-pruned model's INT8 falls below the fidelity floor it is not timed, the report says so,
+    and the INT8 search's calibration point takes the fp32 floor's saving, not the unpruned INT8's (which would
+    read as "removal saves nothing")."""
+    import compressor.stages.precision as precision
+    from compressor.errors import FidelityFloorError
+
+    planned, reach, images, work, state = probed
+    real = precision._quantize
+
+    def refusing_the_floor(plan, model, path, images, log):  # the quantizer's verdict on one model, nothing else
+        if path.name.startswith("int8-floor"):
+            raise FidelityFloorError("INT8 below the fidelity floor: top-1 agreement 12.0% < 70%")
+        return real(plan, model, path, images, log)
+
+    monkeypatch.setattr(precision, "_quantize", refusing_the_floor)
+    probe = precision.probe_int8(planned, reach, images, work, lambda _: None, state)
+    assert probe.int8_floor_ms is None and "12.0%" in probe.floor_refused
+    assert state.load("int8_probe")["floor_refused"] == probe.floor_refused
+    point = probe.floor_point(reach)
+    assert point.baseline_ms == probe.int8_ms
+    assert 1 - point.candidate_ms / point.baseline_ms == pytest.approx(1 - reach.floor.candidate_ms /
+                                                                       reach.floor.baseline_ms)
+    from compressor.report import _precision_lines
+
+    lines = _precision_lines({"asked": "auto", "delivered": "fp32", "searched": {"probe": probe.to_dict()}})
+    assert any("most-pruned model's INT8 was refused" in line for line in lines)

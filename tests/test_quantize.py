@@ -117,6 +117,23 @@ def test_fallback_keeps_the_harmful_layer_in_fp32(runtime, dead_channel, images,
     assert any(m.startswith("fallback: layers by SQNR gained") for m in messages)
 
 
+def test_fallback_chooses_its_layers_on_images_it_is_not_judged_on(dead_channel, images, tmp_path):
+    """The fallback ranks layers on selection images from the calibration split, never on the held-out images
+    that then judge its tries (a choice made on the judging images biases acceptance upward): other held-out
+    images give the very same ranking."""
+    model, x = dead_channel
+    selection = images.ranking_images()
+    assert images.selection is not None and len(selection) >= 16
+    held_out = {row.tobytes() for row in images.held_out}
+    assert not any(row.tobytes() in held_out for row in selection)  # disjoint from the judging images
+    settings = QuantizeSettings(per_channel=False)
+    other = QuantizationImages(images.calibration, images.held_out[::-1].copy(), images.labels[::-1].copy(),
+                               images.selection)
+    rankings = [quantize_checked(model, x, "onnxruntime", tmp_path / name / "int8", these, settings, fallback=(1,),
+                                 rank_images=16).ranking for name, these in (("a", images), ("b", other))]
+    assert rankings[0] and rankings[0] == rankings[1]
+
+
 def test_fallback_that_cannot_reach_the_floor_refuses(dead_channel, images, tmp_path):
     model, x = dead_channel
     with pytest.raises(FidelityFloorError, match="refused after 2 tries") as e:

@@ -111,14 +111,31 @@ def _run_pool(profile, server, second, tmp_path):
     try:
         a, b = small_models(tmp_path, deployment)
         parts = time_parts(deployment.device, [a, b, a, b], profile.search_policy, deployment.example.numpy())
+        table = _pool_table(deployment)
         provenance = deployment.device.provenance()
     finally:
         close_device(deployment.device)
+    sessions = table.design["sessions"]  # a pool splits the design's measurements, each part with its baseline
+    assert {s["device"] for s in sessions} == {p.device for p in parts} and len(sessions) % 2 == 0
+    assert all(s["sets"][0] == [] and len(s["sets"]) >= 2 for s in sessions)
+    timed = [tuple(x) for s in sessions for x in s["sets"][1:]]
+    assert len(timed) == len(set(timed)) == table.design["sets"]
     assert [p.indices for p in parts] == [[0, 1, 2], [0, 3]]  # the reference is timed on every device
     assert {p.device for p in parts} == {f"127.0.0.1:{second.port}", f"127.0.0.1:{server.port}"}
     assert len(provenance["pool"]) == 2 and {m["host"] for m in provenance["measurements"]} == {
         p.device for p in parts}
     assert session_folders(server) == [] and session_folders(second) == []
+
+
+def _pool_table(deployment):
+    """A small residual net's latency table measured on the pool (the initial design only)."""
+    from compressor.graph.units import find_units
+    from compressor.latency.designed import DesignOptions, measure_latency_table
+    from tests.random_nets import random_net
+
+    model = random_net(0).model  # adaptive pooling: any input size
+    units = find_units(model, deployment.example)
+    return measure_latency_table(model, units, deployment, "random_net(0)", options=DesignOptions(target_sd=1.0))
 
 
 def test_openvino_ir_is_uploaded_with_its_weights_and_timed_there(server, tmp_path):

@@ -14,8 +14,8 @@ from compressor.cli.main import main
 from compressor.graph.units import find_units
 from compressor.latency.deploy import Deployment
 from compressor.latency.profiles import parse_profile
-from compressor.latency.table import load_fitting_table
 from compressor.models.sources import load_model
+from compressor.stages.table import load_fitting_table
 from tests.helpers import FAST_PROFILE
 from tests.test_remote_runner import ALLOWED, FORBIDDEN, imported_modules, run_isolated
 
@@ -40,7 +40,10 @@ def test_profile_bundle_holds_candidates_runner_and_manifest(table_bundle):
     assert {p.name for p in bundle.iterdir()} == BUNDLE_FILES
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["job"] == "latency-table" and manifest["runtime"] == "onnxruntime"
-    assert len(manifest["artifacts"]) == 28 and manifest["artifacts"][0]["unit"] is None
+    artifacts = manifest["artifacts"]
+    assert artifacts[0]["removed"] is None and all(a["removed"] for a in artifacts[1:])  # the baseline, then sets
+    assert len(artifacts) == 1 + manifest["design"]["sets"] < 28  # fewer models than one per unit
+    assert {u["name"] for u in manifest["units"]} >= {n for a in artifacts[1:] for n in a["removed"]}
     assert not list(bundle.parent.glob(".b.*"))  # no staging folder left
 
 
@@ -59,7 +62,10 @@ def test_measure_py_writes_a_table_that_prune_accepts(table_bundle, tmp_path, di
     units = find_units(loaded.model, deployment.example)
     fitted, note = load_fitting_table(tmp_path / "results.json", units, deployment)
     assert fitted.baseline_ms > 0 and set(fitted.savings_ms) == {u.name for u in units}
-    assert "reusing latency table" in note
+    assert "reusing latency table" in note and fitted.version == 2
+    (session,) = table["design"]["sessions"]  # one session on the device, every set with the baseline
+    assert session["device"] == table["machine"]["hostname"] and len(session["sets"]) == len(session["stats"])
+    assert fitted.sd_ms(fitted.savings_ms) > 0 and fitted.predict_ms([]) == pytest.approx(fitted.baseline_ms)
 
 
 def test_a_damaged_bundle_is_refused_on_the_device(table_bundle, tmp_path):

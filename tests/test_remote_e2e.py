@@ -37,10 +37,11 @@ def test_prune_measures_everything_on_the_device(pruned):
     host = f"127.0.0.1:{device.port}"
     for machine in (report["profile"]["machine"], table["machine"]):
         assert machine["host"] == host and machine["runtime"] == "onnxruntime" and machine["hostname"]
-    assert all(s["device"] == host for s in table["stats"].values())
+    sessions = table["design"]["sessions"]
+    assert table["version"] == 2 and all(s["device"] == host for s in sessions)
     measured = report["profile"]["machine"]["measurements"]
-    # reachability, the table, each candidate, the final verification: all run by the runner there
-    assert len(measured) == 2 + len(report["search"]["trials"]) + 1
+    # reachability, each of the table's sessions, each candidate, the final verification: all run by the runner
+    assert len(measured) == 1 + len(sessions) + len(report["search"]["trials"]) + 1
     assert [c.split()[-1] for c in device.log].count("measure") == len(measured)
     assert measured[-1]["artifacts"] == ["baseline.onnx", "model.onnx"]
     assert all(m["reference"]["artifact"] == "baseline.onnx" for m in measured)

@@ -1,6 +1,7 @@
-"""Each way remote measurement fails is one clear line and exit 2 (or a retry), leaving nothing behind:
-unreachable host, refused key, unknown or changed host key, a silent host, no runtime on the device,
-a runner killed mid-measurement, a full disk. All against real SSH servers on 127.0.0.1."""
+"""Each way remote measurement fails is one clear line and exit 2 (or retries, then exit 4 for a device that
+fails once reached), leaving nothing behind: unreachable host, refused key, unknown or changed host key, a
+silent host, no runtime on the device, a runner killed mid-measurement, a full disk. All against real SSH
+servers on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import asyncssh
 import pytest
 
 from compressor.cli.main import main
-from compressor.errors import InputError
+from compressor.errors import DeviceError, InputError
 from compressor.latency.deploy import Deployment
 from compressor.latency.device import close_device
 from compressor.latency.remote.device import RUNNER_FILES
@@ -78,13 +79,14 @@ def test_missing_runtime_on_the_device(server, tmp_path):
     assert session_folders(server) == []
 
 
-def test_runner_killed_mid_measurement_is_retried_then_refused(tmp_path):
+def test_runner_killed_mid_measurement_is_retried_then_a_device_failure(tmp_path):
+    """Not bad input: exit 4 (DeviceError), after one retry."""
     device = TestDevice(tmp_path / "device", kill_measure_after_s=0.3)
     device.start()
     try:
-        deployment = connect(device, tmp_path, retries=1)
+        deployment = connect(device, tmp_path, retries=1, retry_wait_s=0.1)
         a, b = small_models(tmp_path, deployment)
-        with pytest.raises(InputError, match=r"runner on 127\.0\.0\.1:\d+ was killed \(signal KILL\).*tried 2 times"):
+        with pytest.raises(DeviceError, match=r"runner on 127\.0\.0\.1:\d+ was killed \(signal KILL\).*tried 2 times"):
             deployment.time([a, b], deployment.profile.search_policy)
         close_device(deployment.device)
         assert [c.split()[-1] for c in device.log].count("measure") == 2

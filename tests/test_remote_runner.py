@@ -80,16 +80,18 @@ def test_runner_opens_onnxruntime_as_the_exporter_does(scripts, tmp_path):
     from exporters.onnxruntime import OnnxRuntimeSession
 
     model = _onnx_model(tmp_path)
-    here = OnnxRuntimeSession(model, 2, {"allow_spinning": False}).settings
+    options = [{}, {"allow_spinning": False}, {"allow_spinning": True}]  # the runtime's default, off, on
+    here = [OnnxRuntimeSession(model, 2, o).settings for o in options]
     sys.path.insert(0, str(scripts))
     try:
         import runner
 
-        _, there = runner.open_ort(str(model), 2, {"allow_spinning": False})
+        there = [runner.open_ort(str(model), 2, o)[1] for o in options]
     finally:
         sys.path.remove(str(scripts))
         sys.modules.pop("runner", None)
     assert there == here
+    assert [s["allow_spinning"] for s in here] == ["default (on)", False, True]
 
 
 def test_runner_reports_a_usage_error_as_json(scripts):
@@ -114,7 +116,8 @@ def test_remote_section_is_checked(section, message):
 def test_remote_section_pool_and_defaults():
     spec = parse_remote({"host": "a", "hosts": ["b:2222", "[::1]:23", "a"], "user": "pi", "key": "/k"}, "p.yaml")
     assert [str(e) for e in spec.endpoints] == ["a:22", "b:2222", "::1:23"]
-    assert spec.known_hosts.name == "known_hosts" and spec.python == "python3" and spec.retries == 1
+    assert spec.known_hosts.name == "known_hosts" and spec.python == "python3" and spec.retries == 3
+    assert spec.retry_wait_s == 2.0
 
 
 def test_drift_watch_flags_a_moving_reference_and_adds_it_when_due():

@@ -87,22 +87,28 @@ def test_resume_reuses_the_measured_part_and_makes_the_same_choice(interrupted, 
     # chooses the same units: nothing was lost or corrupted by the interruption
     from compressor.criteria import ScoringContext, score_units
     from compressor.graph.units import find_units
+    from compressor.latency.table import LatencyTable
     from compressor.models.sources import load_model
+    from compressor.search.knapsack import choose_units
     from compressor.search.loop import search_under_target
     from compressor.search.target import Measured, Target
+    from compressor.search.uncertain import aiming_past_uncertainty
 
     model = load_model("resnet56", digits).model
     units = find_units(model, torch.randn(1, 3, 32, 32))
     scores = score_units("cka", ScoringContext(model, units, digits.loader("train", batch_size=128, limit=64)))
-    table = json.loads((out / "latency_table.json").read_text())
+    table = LatencyTable.load(out / "latency_table.json")
     search, floor = report["search"], report["search"]["floor"]
     trial = search["trials"][0]
     measured = Measured(trial["baseline_ms"], trial["measured_ms"], 0.0)
-    floor_saving = sum(table["savings_ms"][n] for n in floor["removed"])
-    again = search_under_target(units, scores, table["savings_ms"], table["baseline_ms"], Target(speedup=1.3),
+    propose = aiming_past_uncertainty(lambda need, below=None, exclude=(): choose_units(units, scores, table.savings_ms,
+                                                                                        need, 1, below, exclude),
+                                      table.saving_ms, table.sd_ms)
+    again = search_under_target(units, scores, table.savings_ms, table.baseline_ms, Target(speedup=1.3),
                                 lambda removed: measured, search["margin"],
-                                (floor_saving, Measured(floor["baseline_ms"], floor["candidate_ms"], 0.0)),
-                                1, 1)
+                                (table.saving_ms(floor["removed"]), Measured(floor["baseline_ms"],
+                                                                             floor["candidate_ms"], 0.0)),
+                                1, 1, propose)
     assert list(again.trials[0].choice.removed) == report["removed_units"]
 
 
@@ -147,3 +153,34 @@ def test_sigkill_leaves_only_complete_files_and_resume_cleans_up(tmp_path):
     removed = remove_leftovers(out)
     assert removed and not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".work-")]
     assert (out / ".state" / "run.json").is_file()
+
+
+def test_resume_knows_other_python_batches_by_what_was_read(tmp_path):
+    """Data given as Python batches has no spec to compare ("batches"): the run is named by a digest of the
+    images and labels it read, so a resume with other images under the same name is refused."""
+    from compressor.data.batches import from_batches
+    from compressor.errors import InputError
+    from compressor.jobs.prune import fingerprint
+    from compressor.latency.machine import machine_info
+    from compressor.latency.profiles import parse_profile
+    from compressor.models.sources import from_module
+    from compressor.search.target import Target
+    from compressor.stages.options import PruneOptions
+    from compressor.stages.state import RunState
+    from tests.helpers import resnet20
+
+    loaded, profile, machine = from_module(resnet20(), (3, 32, 32)), parse_profile(FAST_PROFILE, "test"), machine_info()
+    x = torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(20) % 10
+
+    def run_of(images: torch.Tensor, labels: torch.Tensor) -> dict:
+        data = from_batches([(images, labels)])
+        return fingerprint(loaded, data, Target(speedup=2), profile, PruneOptions(), machine)
+
+    RunState(tmp_path, run_of(x, y), resume=False)
+    RunState(tmp_path, run_of(x.clone(), y.clone()), resume=True)  # the same images and labels, read again
+    changed = x.clone()
+    changed[7, 0, 0, 0] += 1
+    for images, labels in ((changed, y), (x, y.roll(1))):
+        with pytest.raises(InputError, match=r"differs: data\.sha256 was"):
+            RunState(tmp_path, run_of(images, labels), resume=True)

@@ -141,7 +141,8 @@ def test_another_input_shape_is_refused(tmp_path, model):
 
 def test_a_table_bundle_measured_on_the_device_is_replayed(tmp_path, model, units):
     """The offline way: `compressor profile --bundle`, measure.py on the device (here: this machine), and its
-    results.json replayed: the baseline and each single-unit artifact predict what the device measured."""
+    results.json (the design's sessions, fitted on load) replayed: the baseline and a removal predict what the
+    latency model fitted on the device's measurements predicts."""
     fast = tmp_path / "fast.yaml"
     fast.write_text(FAST_PROFILE)
     from compressor.latency.device import LocalDevice
@@ -157,8 +158,13 @@ def test_a_table_bundle_measured_on_the_device_is_replayed(tmp_path, model, unit
     replay = Deployment(load_profile(str(tmp_path / "replay.yaml")), (3, 32, 32))
     paths = [replay.export(model, tmp_path / "base"), replay.export(remove_units(model, units[-1:]), tmp_path / "c")]
     stats = replay.time(paths, POLICY).stats
-    assert stats[0].median == measured["baseline_ms"] == measured["stats"]["baseline"]["median"]
-    assert stats[1].median == pytest.approx(measured["stats"][units[-1].name]["median"], rel=1e-12)
+    from compressor.latency.table import LatencyTable
+
+    fitted = LatencyTable.from_dict(measured)
+    assert measured["design"]["sessions"], "the device timed the design's sets"
+    assert stats[0].median == pytest.approx(fitted.predict([]), rel=1e-12)
+    assert stats[1].median == pytest.approx(fitted.predict([units[-1].name]), rel=1e-12)
+    assert stats[1].median < stats[0].median
     assert replay.device.provenance()["predicted"]["profile"] == "ort-cpu-fast"
 
 

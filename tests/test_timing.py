@@ -1,11 +1,20 @@
 """The timing protocol: statistics, run/time floors, cold start, re-measuring, interleaving."""
 
+import threading
 import time
 
 import numpy as np
 import pytest
 
-from compressor.latency.timing import Interleaved, LatencyStats, TimingPolicy, measure, measure_interleaved
+from compressor.latency.timing import (
+    Interleaved,
+    LatencyStats,
+    TimingPolicy,
+    busy_after,
+    cooldown_for,
+    measure,
+    measure_interleaved,
+)
 
 pytestmark = pytest.mark.timing  # compares real latencies: run alone (make test)
 
@@ -175,3 +184,84 @@ def test_speedup_spread_known_rounds():
     steady = Interleaved(stats, [[2, 4, 6], [1, 2, 3]])
     assert steady.speedup_spread() == 0.0
     assert np.isfinite(steady.speedup_spread(1, 0))
+
+
+class Spinning:
+    """A model whose runtime keeps a thread busy for `tail_s` after each run, as ONNX Runtime's default thread
+    pool spins after an inference (~40 ms here), and takes `ms` per run itself."""
+
+    def __init__(self, ms: float, tail_s: float) -> None:
+        self.ms, self.tail_s, self.until = ms, tail_s, 0.0
+        self.wake = threading.Event()
+        threading.Thread(target=self._pool, daemon=True).start()
+
+    def _pool(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            while time.perf_counter() < self.until:
+                pass  # spins, holding the GIL as a runtime's worker holds a core
+
+    def __call__(self) -> None:
+        _busy(self.ms)
+        self.until = time.perf_counter() + self.tail_s
+        self.wake.set()
+
+
+def test_a_busy_tail_is_measured_and_outlasted():
+    spinning = Spinning(0.5, 0.03)
+    spinning()
+    assert 0.025 < busy_after() < 0.1
+    time.sleep(0.05)
+    assert busy_after() == 0.0  # nothing runs on once the tail is over
+    assert cooldown_for([0.0, 0.0]) == 0.0 and 0.03 < cooldown_for([0.01, 0.03]) < 0.045
+    policy = TimingPolicy(min_runs=20, min_time_s=0.05, warmup_runs=3, warmup_s=0.0, remeasure_iqr=10.0)
+    result = measure_interleaved([spinning, Counter([0.5])], policy)
+    assert 0.03 <= result.cooldown_s <= 0.15 and result.burst > 5  # long blocks: most of the time is timed
+    plain = measure_interleaved([Counter([0.5]), Counter([0.5])], policy)
+    assert (plain.cooldown_s, plain.burst) == (0.0, 5)
+
+
+def test_blocks_with_a_cool_down_idle_after_each_and_leave_their_first_run_untimed():
+    log = []
+
+    def make(tag):
+        def run():
+            log.append((tag, time.perf_counter()))
+            _busy(1.0)
+        return run
+
+    policy = TimingPolicy(min_runs=20, min_time_s=0.0, remeasure_iqr=10.0, **EXACT)
+    result = measure_interleaved([make("A"), make("B")], policy, burst=5, cooldown_s=0.004)
+    burst = result.burst
+    assert result.cooldown_s == 0.004 and burst >= 3 * 4.0 / 1.05  # a block lasts 3 cool-downs at least
+    timed = log[2 * (1 + 2):]
+    blocks = [timed[i:i + burst + 1] for i in range(0, len(timed), burst + 1)]
+    assert all(len(b) == burst + 1 and len({tag for tag, _ in b}) == 1 for b in blocks)  # waking run + burst
+    assert [b[0][0] for b in blocks] == ["A", "B"] * (len(blocks) // 2)
+    for before, after in zip(blocks, blocks[1:], strict=False):
+        assert after[0][1] - before[-1][1] >= 0.004  # idle for the cool-down between two models' blocks
+    assert result.stats[0].n == burst * len(blocks) // 2 >= 20  # the waking runs are not among the samples
+
+
+def test_onnx_runtime_spinning_by_default_gets_a_cool_down_and_none_without(tmp_path):
+    """A real ONNX Runtime pool: with its default spinning its workers stay busy after a run, so interleaved
+    blocks are followed by a cool-down; with spinning off nothing stays busy and none is slept."""
+    import torch
+    from torch import nn
+
+    from exporters.onnx import OnnxExporter
+    from exporters.onnxruntime import OnnxRuntimeSession
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.Flatten(),
+                          nn.Linear(32 * 32 * 32, 3)).eval()  # large enough for the intra-op pool to work
+    path = OnnxExporter().export(model, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx", 17)
+    policy = TimingPolicy(min_runs=20, min_time_s=0.1, warmup_runs=5, warmup_s=0.05, remeasure_iqr=10.0)
+    found = {}
+    for label, options in (("default", {}), ("off", {"allow_spinning": False})):
+        sessions = [OnnxRuntimeSession(path, 2, options) for _ in range(2)]
+        for s in sessions:
+            s.prepare(np.zeros((1, 3, 32, 32), np.float32))
+        found[label] = measure_interleaved(sessions, policy)
+    assert found["default"].cooldown_s > 0.005 and found["default"].burst > 5
+    assert (found["off"].cooldown_s, found["off"].burst) == (0.0, 5)

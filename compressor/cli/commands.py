@@ -13,7 +13,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from compressor.errors import InputError, TargetMissedError
+from compressor.errors import CompressorError, InputError, TargetMissedError
 
 
 def log(message: str) -> None:
@@ -43,7 +43,8 @@ def prune_options(args: argparse.Namespace):
         min_blocks_per_stage=args.min_blocks_per_stage, max_trials=args.max_trials, merge=args.merge, seed=args.seed,
         latency_table=args.latency_table, repeats=args.repeats, precision=args.precision,
         logits=[n for n in args.logits.split(",") if n] if args.logits else None,
-        moves=args.moves, channel_criterion=args.channel_criterion)
+        moves=args.moves, channel_criterion=args.channel_criterion, train_device=args.train_device, amp=args.amp,
+        finetune_batch=args.finetune_batch, loader_workers=args.workers)
 
 
 def _summary(report: dict, out: str) -> str:
@@ -70,57 +71,75 @@ def _summary(report: dict, out: str) -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from compressor.jobs.prune import check_output, run
-    from compressor.latency.profiles import load_profile
+    """The prune job; under torchrun every process runs this, and only rank 0 checks --out, prints and
+    writes (the others' errors are silent where rank 0 reports them: compute/failure.py)."""
+    from compressor.compute.group import is_rank0
     from compressor.search.target import Target
 
-    target = Target(args.target_ms, args.target_speedup)
-    options = prune_options(args)
-    options.check()
-    check_output(Path(args.out), args.resume)
-    profile = load_profile(args.profile)
-    data = _data(args)
-    loaded = _loaded(args, data)
-    result = run(loaded, data, target, profile, options, Path(args.out), log, resume=args.resume)
+    rank0 = is_rank0()
+    try:
+        target = Target(args.target_ms, args.target_speedup)
+        options = prune_options(args)
+        options.check()  # the train device first, before anything slow is loaded
+        from compressor.compute.context import in_group, open_compute
+
+        compute = open_compute(options.train_device, options.amp, options.loader_workers)
+    except CompressorError as e:
+        e.silent = not rank0  # every process finds the same: rank 0 says it
+        raise
+    from compressor.jobs.prune import check_job, check_output, resume_hint, run
+    from compressor.latency.profiles import load_profile
+
+    with in_group(compute, lambda: resume_hint(Path(args.out))):
+        if rank0:
+            check_output(Path(args.out), args.resume)
+        profile = load_profile(args.profile)
+        check_job(options, profile)  # before the data and the model load
+        data = _data(args)
+        loaded = _loaded(args, data)
+        result = run(loaded, data, target, profile, options, Path(args.out), log if rank0 else _quiet,
+                     resume=args.resume, compute=compute)
     report = result.report
     report["config"]["model"] = args.model
-    if args.json:
+    if args.json and rank0:
         print(json.dumps(report, indent=2))
-    log(_summary(report, args.out))
+    if rank0:
+        log(_summary(report, args.out))
     if not report["target_met"]:
         median = report["pruned"]["latency_ms"]["median"]
         final = "final prediction" if report.get("latency_source") == "predicted" else "final measurement"
         msg = f"target missed in the {final}: {median:.3f} ms > {report['target_ms']:.3f} ms"
-        raise TargetMissedError(msg)
+        missed = TargetMissedError(msg)
+        missed.silent = not rank0
+        raise missed
     return 0
+
+
+def _quiet(_: str) -> None:
+    """The log of a rank other than 0: rank 0 speaks for the job."""
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from compressor.fileio import refuse_existing_file
-    from compressor.graph.units import find_units
-    from compressor.latency.deploy import Deployment
-    from compressor.latency.device import close_device
+    from compressor.jobs.profile import describe, measure_table
+    from compressor.latency.designed import DesignOptions
     from compressor.latency.profiles import load_profile
-    from compressor.latency.table import measure_latency_table
 
     out = refuse_existing_file(args.out) if args.out else None
     profile = load_profile(args.profile)
     loaded = _loaded(args, _data(args))
     if args.bundle:
         return _profile_bundle(args, profile, loaded)
-    deployment = Deployment(profile, loaded.input_shape)
-    units = find_units(loaded.model, deployment.example)
-    log(f"timing {len(units) + 1} exported models on {profile.name}")
-    try:
-        table = measure_latency_table(loaded.model, units, deployment, loaded.arch)
-    finally:
-        close_device(deployment.device)
+    options = DesignOptions(min_per_stage=args.min_blocks_per_stage, target_sd=args.uncertainty,
+                            max_sets=args.max_sets)
+    log(f"measuring the latency model of {loaded.arch} on {profile.name}")
+    table = measure_table(loaded, profile, options, log)
     table.save(out)
     if args.json:
         print(table.to_json())
-    for name, saving in table.savings_ms.items():
-        log(f"  {name:<24} saves {saving:7.4f} ms")
-    log(f"baseline {table.baseline_ms:.4f} ms; table written to {out}")
+    for line in describe(table):
+        log(line)
+    log(f"table written to {out}")
     return 0
 
 
@@ -162,24 +181,31 @@ def cmd_units(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from compressor.compute.amp import resolve_amp
+    from compressor.compute.device import resolve_device
     from compressor.data import load_data
     from compressor.fileio import refuse_existing_file
     from compressor.jobs.train import train_zoo_model
 
+    resolve_amp(args.amp, resolve_device(args.train_device))  # refused before anything is loaded
     refuse_existing_file(args.out)
     data = load_data(args.data)
-    acc = train_zoo_model(args.model, data, args.out, args.epochs, args.lr, args.batch_size, args.seed)
-    log(f"{args.model} on {data.spec}: validation accuracy {acc:.2f}% -> {args.out}")
+    record = train_zoo_model(args.model, data, args.out, args.epochs, args.lr, args.batch_size, args.seed,
+                             args.train_device, args.amp)
+    figures = ", ".join(f"{k} {v:.2f}" for k, v in record.items() if k not in ("epochs", "lr", "batch_size"))
+    log(f"{args.model} on {data.spec}, {record['epochs']} epochs: {figures} (held-out split) -> {args.out}")
     return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from compressor.compute.device import resolve_device
     from compressor.criteria import CRITERIA
     from compressor.criteria.agreement import parse_criteria, plot_heatmap
     from compressor.fileio import atomic_write_text, refuse_existing_file
     from compressor.jobs.score import score_model
     from compressor.latency.profiles import load_profile
 
+    resolve_device(args.train_device)  # refused before anything is loaded
     criteria = parse_criteria(args.criterion, list(CRITERIA))
     outputs = [refuse_existing_file(p).resolve() for p in (args.heatmap, args.out) if p]
     if len(set(outputs)) < len(outputs):
@@ -188,7 +214,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile) if args.profile else None
     data = _data(args)
     scored = score_model(_loaded(args, data), data, criteria, profile, args.k, args.calibration_size, args.seed,
-                         args.repeats, log)
+                         args.repeats, log, args.train_device)
     scored.report["model"] = args.model
     document = json.dumps(scored.report, indent=2, allow_nan=False)
     print(document if args.json else scored.text)

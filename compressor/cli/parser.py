@@ -34,6 +34,16 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
 def input_shape(text: str) -> tuple[int, int, int]:
     """C,H,W (commas or x), e.g. 3,224,224."""
     parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
@@ -46,9 +56,9 @@ def input_shape(text: str) -> tuple[int, int, int]:
     return shape
 
 
-MODEL_HELP = ("zoo name (resnet56, efficientnet_lite0, ...), a checkpoint file, MODULE:FACTORY (your own code: "
-              "a function or class returning the nn.Module), or timm:NAME")
-DATA_HELP = "digits32 | photos | cifar10:DIR | imagefolder:DIR | npz:FILE"
+MODEL_HELP = ("zoo name (resnet56, efficientnet_lite0, vit_digits, det_digits, ...), a checkpoint file, "
+              "MODULE:FACTORY (your own code: a function or class returning the nn.Module), or timm:NAME")
+DATA_HELP = "digits32 | digit_canvas | photos | cifar10:DIR | imagefolder:DIR | npz:FILE"
 
 
 def model_arguments(p: argparse.ArgumentParser, data_required: bool = False, data_help: str = DATA_HELP) -> None:
@@ -108,9 +118,20 @@ def _prune(sub) -> None:
     p.add_argument("--channel-criterion", choices=("peel", "magnitude", "magnitude_l2", "taylor", "random"),
                    default=None, help="which inner channels a slimmed block keeps (default: the --criterion's own "
                                       "for magnitude, taylor and random, else peel: BatchNorm scale)")
+    p.add_argument("--train-device", default="auto", metavar="auto|cpu|cuda|cuda:N|mps",
+                   help="where scoring, fine-tuning and fidelity run (default: auto, CUDA when available); "
+                        "under torchrun each process takes its local rank's GPU (docs/scale.md)")
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+                   help="mixed precision for fine-tuning on CUDA: auto = bf16 where the GPU has it, else fp16 "
+                        "with a gradient scaler; off = fp32 (default: auto; CPU and MPS fine-tune in fp32)")
+    p.add_argument("--finetune-batch", type=positive_int, default=32,
+                   help="images per fine-tuning step, all processes together (each of N takes 1/N; default: 32)")
+    p.add_argument("--workers", type=non_negative_int, default=None,
+                   help="DataLoader processes per process (default: none for data held in memory as tensors, "
+                        "else the CPUs less one, shared among the processes of a machine)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out (refused if the model, data, profile, target, "
-                        "options or machine differ)")
+                        "options, machine or number of processes differ)")
     p.add_argument("--repeats", type=positive_int, default=3, help="seeds averaged by sr_init (default: 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print report.json to stdout")
@@ -118,9 +139,17 @@ def _prune(sub) -> None:
 
 
 def _profile(sub) -> None:
-    p = sub.add_parser("profile", help="measure each unit's latency saving (lookup table JSON)")
+    p = sub.add_parser("profile", help="measure the latency model: each structure group's saving, with its "
+                                       "uncertainty, fitted on designed removal sets (latency table JSON)")
     model_arguments(p, data_help="data source the zoo model is trained on (sets the input shape)")
     p.add_argument("--profile", required=True)
+    p.add_argument("--uncertainty", type=positive_float, default=0.02,
+                   help="measure more sets until random removal sets are predicted within this relative standard "
+                        "error (root mean square; default %(default)s)")
+    p.add_argument("--max-sets", type=positive_int, help="at most this many removal sets (default: twice the "
+                                                         "initial design)")
+    p.add_argument("--min-blocks-per-stage", type=non_negative_int, default=1,
+                   help="the sets keep this many blocks per stage, as `prune` does (default %(default)s)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="JSON file to write (refused if it exists)")
     where.add_argument("--bundle", help="instead of timing here, write the candidates, the runner and a manifest "
@@ -146,6 +175,8 @@ def _score(sub) -> None:
     p.add_argument("--calibration-size", type=positive_int, default=512, help="images for scoring")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=positive_int, default=3, help="seeds averaged by sr_init (default: 3)")
+    p.add_argument("--train-device", default="auto", metavar="auto|cpu|cuda|cuda:N|mps",
+                   help="where the criteria run (default: auto, CUDA when available)")
     p.add_argument("--heatmap", help="PNG of the agreement matrices (refused if it exists)")
     p.add_argument("--json", action="store_true", help="print the result as JSON to stdout")
     p.add_argument("--out", help="JSON file to write (refused if it exists)")
@@ -156,10 +187,14 @@ def _train(sub) -> None:
     p = sub.add_parser("train", help="train a zoo model on a data source (our own training code)")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--epochs", type=positive_int, default=20)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--epochs", type=positive_int, help="default: the model's recipe (20 for ResNets, SGD)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the model's recipe; 0.1 for ResNets)")
+    p.add_argument("--batch-size", type=positive_int, help="default: the model's recipe (32 for ResNets)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-device", default="auto", metavar="auto|cpu|cuda|cuda:N|mps",
+                   help="where it trains (default: auto, CUDA when available)")
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+                   help="mixed precision on CUDA (default: auto, as for prune)")
     p.add_argument("--out", required=True)
     common_arguments(p)
 

@@ -31,6 +31,7 @@ Matrix = list[list[float]]
 def parse_criteria(text: str, known: Sequence[str]) -> list[str]:
     """Comma-separated criterion names, each registered and listed once."""
     names = [n.strip() for n in text.split(",") if n.strip()]
+    # the refusals below have the shape of profiles.py's field checks (one message per problem): alike by form only
     if not names:
         msg = f"no criterion given; known: {', '.join(sorted(known))}"
         raise InputError(msg)

@@ -30,5 +30,5 @@ def cka_importance(ctx: ScoringContext) -> dict[str, float]:
                 out = (runner.removed(unit, inputs[unit.name], x) if ctx.use_cache
                        else runner.naive(unit, x))
                 removed[unit.name].append(out[0].flatten(1))
-    reference = torch.cat(base)
-    return {name: 1.0 - linear_cka(reference, torch.cat(f)) for name, f in removed.items()}
+    reference = ctx.group.cat(base)
+    return {name: 1.0 - linear_cka(reference, ctx.group.cat(f)) for name, f in removed.items()}

@@ -16,10 +16,13 @@ Cost: 1 forward pass.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import fx, nn
 from torch.utils.data import DataLoader
 
+from compressor.compute.group import World
 from compressor.criteria.registry import ScoringContext, register
 from compressor.graph.activations import activation_of
 from compressor.graph.capture import capture
@@ -57,12 +60,13 @@ def _node_name(node: fx.Node) -> str:
 
 
 @torch.no_grad()
-def activation_entropies(model: nn.Module, loader: DataLoader,
-                         kinds: tuple[str, ...] = RECTIFIERS) -> dict[str, dict]:
+def activation_entropies(model: nn.Module, loader: DataLoader | Iterable, kinds: tuple[str, ...] = RECTIFIERS,
+                         group: World | None = None) -> dict[str, dict]:
     """Per rectifier: {"entropy": mean bits over channels, "unit_path": module path, "channels": C}.
 
     Keys are module paths (call_module) or fx node names (functional calls); a
     module called twice (e.g. torchvision's shared `relu`) appears under each call's node name.
+    In a process `group`, `loader` is this rank's share and the counts are summed over the ranks.
     """
     example = next(iter(loader))[0]
     gm = capture(model.eval(), example)
@@ -84,6 +88,8 @@ def activation_entropies(model: nn.Module, loader: DataLoader,
             on = (flat > 0).sum(1).double()
             positive[i] = on if positive[i] is None else positive[i] + on
             counts[i] += flat.shape[1]
+    if group is not None:
+        positive, counts = group.total((positive, counts))
     result = {}
     for name, node, on, count in zip(names, nodes, positive, counts, strict=True):
         stack = list(node.meta.get("nn_module_stack") or {})
@@ -94,7 +100,7 @@ def activation_entropies(model: nn.Module, loader: DataLoader,
 
 @register("entropy", cost="1 forward pass")
 def entropy_importance(ctx: ScoringContext) -> dict[str, float]:
-    layers = activation_entropies(ctx.model, ctx.calibration, RECTIFIERS + GATES)
+    layers = activation_entropies(ctx.model, ctx.calibration, RECTIFIERS + GATES, ctx.group)
     scores = {}
     for unit in ctx.units:  # a branch: the activations in the modules on it ("blocks.3/mlp": blocks.3.mlp)
         keys = [f"{unit.path}.{m}" for m in unit.members] if unit.members else [unit.path]

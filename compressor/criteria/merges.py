@@ -3,6 +3,9 @@ weigh "remove this block" against "merge it into one conv"."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+
 import torch
 
 from compressor.criteria.registry import ScoringContext
@@ -20,6 +23,14 @@ def check_criterion(name: str) -> None:
         raise InputError(msg)
 
 
+def _merged_on_its_device(block: torch.nn.Module, merge: Callable) -> torch.nn.Module:
+    """`merge(block)` (rewrite.block.merge_block: one conv) done on the CPU, where the rewrite is checked,
+    then put where the block is."""
+    device = next(block.parameters()).device
+    source = block if device.type == "cpu" else copy.deepcopy(block).cpu()
+    return merge(source).module.to(device).eval()
+
+
 def score_merge_units(criterion: str, ctx: ScoringContext, merges: list[Unit]) -> dict[str, float]:
     """Importance of each merge unit (higher = keep the block as it is), on the scale the
     criterion gives removals: cka = 1 - linear CKA of penultimate features with the block
@@ -35,8 +46,8 @@ def score_merge_units(criterion: str, ctx: ScoringContext, merges: list[Unit]) -
 
     blocks = units_by_name(ctx.units, [u.path for u in merges])
     runner = SuffixRunner(ctx.model, blocks, ctx.example)
-    merged = {u.path: merge_block(ctx.model.get_submodule(u.path), u.input_shape or None).module.eval()
-              for u in merges}
+    merged = {u.path: _merged_on_its_device(ctx.model.get_submodule(u.path),
+                                            lambda b, u=u: merge_block(b, u.input_shape or None)) for u in merges}
     base: list[torch.Tensor] = []
     outputs: dict[str, list[torch.Tensor]] = {u.name: [] for u in merges}
     with torch.no_grad():
@@ -46,5 +57,5 @@ def score_merge_units(criterion: str, ctx: ScoringContext, merges: list[Unit]) -
             for unit, block in zip(merges, blocks, strict=True):
                 out = runner.with_block(block, merged[unit.path], inputs[block.name], x)
                 outputs[unit.name].append(out[0].flatten(1))
-    reference = torch.cat(base)
-    return {name: 1.0 - linear_cka(reference, torch.cat(f)) for name, f in outputs.items()}
+    reference = ctx.group.cat(base)
+    return {name: 1.0 - linear_cka(reference, ctx.group.cat(f)) for name, f in outputs.items()}

@@ -7,27 +7,34 @@ Each registers its cost in forward/backward passes over the calibration set
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from compressor.compute.group import World
 from compressor.errors import InputError
 from compressor.graph.units import Unit
 
 
 @dataclass
 class ScoringContext:
-    """What every criterion may use: the model, its units, calibration batches, a seed."""
+    """What every criterion may use: the model, its units, calibration batches, a seed.
+
+    The batches are on the model's device. In a process group they are this rank's contiguous share of
+    the calibration set, and a criterion that reads them combines what each rank found through `group`
+    (World.cat: rows in order; World.total: sums), so that every rank returns the scores of the whole set.
+    """
 
     model: nn.Module
     units: list[Unit]
-    calibration: DataLoader
+    calibration: DataLoader | Iterable
     seed: int = 0
     use_cache: bool = True  # prefix caching where the criterion supports it
     repeats: int = 3  # seeds averaged by stochastic criteria (SR-init)
+    group: World = field(default_factory=World)  # alone: cat and total of one process
 
     @property
     def example(self) -> torch.Tensor:

@@ -61,5 +61,6 @@ def sr_init_importance(ctx: ScoringContext) -> dict[str, float]:
                 out = (runner.with_block(unit, block, inputs[unit.name], x) if ctx.use_cache
                        else runner.naive_with_block(unit, block, x))
                 correct[unit.name] += (first_logits(out[1]).argmax(1) == y).sum().item()
+    correct_base, correct, total = ctx.group.total((correct_base, correct, total))
     base = 100.0 * correct_base / max(total, 1)
     return {name: base - 100.0 * c / max(total * ctx.repeats, 1) for name, c in correct.items()}

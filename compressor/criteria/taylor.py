@@ -33,6 +33,7 @@ def saliency(ctx: ScoringContext) -> tuple[nn.Module, dict[str, torch.Tensor], i
             for name, p in model.named_parameters():
                 if p.grad is not None:
                     totals[name] += (p * p.grad).abs()
+    totals, n = ctx.group.total((totals, n))  # every rank's share of the batches
     return model, totals, n
 
 

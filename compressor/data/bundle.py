@@ -48,7 +48,8 @@ class DataBundle:
     labelled: False for sources without labels (every label is UNLABELLED, -1):
     they serve distillation and fidelity, never accuracy. preprocessing: the
     normalisation the images carry, where it is a fixed one; rebuild: set for
-    sources that can be rebuilt at another resolution and normalisation.
+    sources that can be rebuilt at another resolution and normalisation. digest: set for
+    the user's own batches (spec "batches"), so that --resume knows other data from it.
     """
 
     spec: str
@@ -59,6 +60,7 @@ class DataBundle:
     labelled: bool = True
     preprocessing: Preprocessing | None = None
     rebuild: Rebuild | None = None
+    digest: str | None = None  # sha256 of the images and labels read, where the spec does not name them
 
     def fit_to(self, size: int, preprocessing: Preprocessing) -> bool:
         """Rebuild in place at H = W = `size` pixels with `preprocessing`, if this source can;

@@ -1,4 +1,4 @@
-"""Data sources, named by a spec string: digits32, photos, cifar10:DIR, imagefolder:DIR, npz:FILE.
+"""Data sources, named by a spec string: digits32, digit_canvas, photos, cifar10:DIR, imagefolder:DIR, npz:FILE.
 
 Nothing is downloaded: every source reads what is bundled with an installed
 package or what the user points at on disk. Sources of RGB photos (photos,
@@ -248,8 +248,16 @@ def load_photos(_: str = "") -> DataBundle:
     return build()
 
 
+def load_digit_canvas(_: str = "") -> DataBundle:
+    """scikit-learn's digits pasted on 3x64x64 canvases, unlabelled (compressor.data.canvas): det_digits' data."""
+    from compressor.data.canvas import load_digit_canvas as build
+
+    return build()
+
+
 DATA_SOURCES: dict[str, Callable[[str], DataBundle]] = {
     "digits32": load_digits32,
+    "digit_canvas": load_digit_canvas,
     "photos": load_photos,
     "cifar10": load_cifar10,
     "imagefolder": load_imagefolder,
@@ -257,7 +265,7 @@ DATA_SOURCES: dict[str, Callable[[str], DataBundle]] = {
 }
 
 
-NO_PATH = ("digits32", "photos")  # sources bundled with an installed package
+NO_PATH = ("digits32", "digit_canvas", "photos")  # sources bundled with an installed package
 
 
 def load_data(spec: str) -> DataBundle:

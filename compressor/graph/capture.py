@@ -27,11 +27,16 @@ ATen inside every module), hence this file.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
+import logging
 import operator
 import time
+import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -175,6 +180,16 @@ def root_for(graph: fx.Graph, model: nn.Module, fallback: nn.Module) -> dict[str
     return root
 
 
+def _is_view(node: fx.Node) -> bool:
+    """Whether a node's value shares memory with one of its inputs (slice, view, transpose, an unbind's item)."""
+    if node.target is operator.getitem:
+        return True
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return any(r.alias_info is not None for r in target._schema.returns)
+
+
 def _functional(gm: fx.GraphModule) -> None:
     """Turn in-place ATen ops (add_, relu_, ...) into their out-of-place forms where nothing else reads the
     tensor they overwrite afterwards, so removing or copying nodes cannot change what another node reads;
@@ -188,7 +203,8 @@ def _functional(gm: fx.GraphModule) -> None:
         if not schema.name.endswith("_") or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         mutated = node.args[0]
-        if any(order[u] > order[node] for u in mutated.users if u is not node) or mutated.op == "placeholder":
+        if any(order[u] > order[node] for u in mutated.users if u is not node) or mutated.op == "placeholder" \
+                or _is_view(mutated):  # writing into a view writes into the tensor it views, read later maybe
             continue
         base = getattr(torch.ops.aten, schema.name.split("::")[-1][:-1], None)
         overload = getattr(base, target._overloadname, None) if base is not None else None
@@ -342,6 +358,22 @@ def _batched(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x] * CAPTURE_BATCH)[:CAPTURE_BATCH]
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.export logs and warns as it goes (guards, symbolic shapes, a failure it then raises); the
+    user sees what capture concludes, in one line, not those."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    sink = io.StringIO()  # on a failure export prints the partial graph
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _exported_graph(model: nn.Module, x: torch.Tensor) -> tuple[fx.Graph, dict[str, object]]:
     from torch.export import Dim, export
 
@@ -352,7 +384,8 @@ def _exported_graph(model: nn.Module, x: torch.Tensor) -> tuple[fx.Graph, dict[s
     except Exception as e:
         msg = f"{type(model).__name__} fails on a {list(x.shape)} input: {type(e).__name__}: {first_line(e)}"
         raise InputError(msg) from e
-    program = export(model, (xb,), dynamic_shapes=({0: Dim("batch")},), strict=False)
+    with _quiet():
+        program = export(model, (xb,), dynamic_shapes=({0: Dim("batch")},), strict=False)
     unlifted = program.module()
     graph = unlifted.graph
     for node in list(graph.nodes):

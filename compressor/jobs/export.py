@@ -27,11 +27,18 @@ def parse_formats(text: str | Sequence[str]) -> list[str]:
 
 
 def _exporters(formats: list[str], precision: str, dynamic_batch: bool, simplify: bool, workspace_mb: int,
-               calibration=None) -> list:
+               images=None, floor=None) -> list:
+    """The exporters for `formats`; TensorRT INT8 calibrates on `images`' calibration split and is judged on its
+    held-out split against `floor` (compressor.metrics.lossy.Floor, default the documented one)."""
+    from compressor.metrics.lossy import Floor
     from exporters import get_exporter
 
+    int8 = precision == "int8" and images is not None
     options = {"onnx": {"dynamic_batch": dynamic_batch, "simplify": simplify},
-               "tensorrt": {"workspace_mb": workspace_mb, "dynamic_batch": dynamic_batch, "calibration": calibration}}
+               "tensorrt": {"workspace_mb": workspace_mb, "dynamic_batch": dynamic_batch,
+                            "calibration": images.calibration if int8 else None,
+                            "held_out": images.held_out if int8 else None,
+                            "floor": (floor or Floor()).to_dict() if int8 else None}}
     own = ("tensorrt",) if precision == "int8" else ("openvino", "tensorrt")  # int8 onnx/openvino: quantizers
     return [get_exporter(f, precision=precision if f in own else "fp32", **options.get(f, {})) for f in formats]
 
@@ -54,14 +61,15 @@ def export(model: nn.Module, example_input: torch.Tensor, out: str | Path, forma
     into the folder `out` as `name`.<suffix>; returns {format: {path, precision, outcome, files}}.
     Existing artifacts are refused, never overwritten. precision "int8": onnx and openvino through
     compressor.jobs.export_int8, calibrated and judged on `images` (compressor.quantize.QuantizationImages)
-    with `quantize_settings` and the fidelity `floor`."""
+    with `quantize_settings` and the fidelity `floor`; tensorrt by TensorRT's calibrator on the same
+    calibration images, judged by the same floor on the same held-out images (here where TensorRT runs,
+    else by the bundle's build_engine.py on the device)."""
     formats = parse_formats(formats)
     if precision == "int8":
         from compressor.jobs.export_int8 import check_int8_formats
 
         check_int8_formats(formats, images is not None)
-    calibration = images.calibration if precision == "int8" and images is not None else None
-    exporters = _exporters(formats, precision, dynamic_batch, simplify, workspace_mb, calibration)
+    exporters = _exporters(formats, precision, dynamic_batch, simplify, workspace_mb, images, floor)
     out = make_output_dir(check_output_dir(out, must_be_empty=False))
     for exporter in exporters:
         _refuse_clash(exporter, exporter.artifact_path(out / name))

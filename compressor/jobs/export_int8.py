@@ -4,7 +4,8 @@ the data's calibration split, judged on its held-out split against the fp32 mode
 onnx -> ONNX Runtime `quantize_static` (QDQ S8S8), openvino -> `nncf.quantize` (compressor.quantize);
 tensorrt -> the engine or device bundle built with TensorRT's INT8 flag by its exporter, calibrated by
 TensorRT's entropy calibrator on the same calibration images (in the bundle: calibration.npz, and the
-calibration cache build_engine.py writes on the device).
+calibration cache build_engine.py writes on the device) and judged by the same floor on the same held-out
+images (in the bundle: heldout.npz, judged by build_engine.py on the device).
 """
 
 from __future__ import annotations

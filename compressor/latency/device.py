@@ -58,7 +58,8 @@ class Part:
 
 def time_parts(device: Device, artifacts: Sequence[Path], policy: TimingPolicy, x: np.ndarray) -> list[Part]:
     """artifacts[1:] each timed against artifacts[0]: one interleaved measurement on one device, or, on a
-    pool (a device with `time_parts`), one part per device in parallel, each with artifacts[0]."""
+    pool (a device with `time_parts`), one part per device in parallel, each with artifacts[0] (the
+    latency table's designed sets are split so: a pool splits a design's measurements, not its units)."""
     split = getattr(device, "time_parts", None)
     if split is None:
         return [Part(list(range(len(artifacts))), device.time(artifacts, policy, x), getattr(device, "name", None))]

@@ -1,6 +1,6 @@
 """Latency regression gate: asv's rule on timing samples, and baselines with provenance.
 
-Regression verdict (MEASURE.md, asv's rule): a candidate regresses only if
+Regression verdict (docs/measurement.md, asv's rule): a candidate regresses only if
 median(candidate) / median(reference) exceeds the threshold (default 1.10)
 AND a one-sided Mann-Whitney U test (candidate slower) gives p < alpha
 (0.002). It is "faster" by the mirror rule: ratio < 1/threshold and the
@@ -22,13 +22,12 @@ import numpy as np
 
 from compressor.errors import InputError
 from compressor.fileio import atomic_write_text, refuse_existing_file
+from compressor.latency.machine import MACHINE_KEYS, machine_differences
 
 BASELINE_KIND = "compressor-bench-baseline"
 DEFAULT_THRESHOLD = 1.10
 DEFAULT_ALPHA = 0.002
 PROFILE_KEYS = ("name", "runtime", "threads", "batch")
-MACHINE_KEYS = ("cpu", "logical_cores")
-
 
 
 @dataclass
@@ -159,8 +158,7 @@ def foreign_reasons(baseline: dict, profile: dict, machine: dict) -> list[str]:
     """Why the baseline was not measured under the same profile on the same kind of machine (empty: it was)."""
     reasons = [f"profile {k} {baseline['profile'][k]!r} != {profile[k]!r}"
                for k in PROFILE_KEYS if baseline["profile"][k] != profile[k]]
-    reasons += [f"machine {k} {baseline['machine'][k]!r} != {machine[k]!r}"
-                for k in MACHINE_KEYS if baseline["machine"][k] != machine[k]]
+    reasons += [f"machine {difference}" for difference in machine_differences(baseline["machine"], machine)]
     return reasons
 
 

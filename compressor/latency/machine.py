@@ -10,6 +10,9 @@ from importlib import metadata
 from pathlib import Path
 
 PACKAGES = ("torch", "onnx", "onnxruntime", "openvino", "numpy")
+# what makes two machines "the same" for latency figures: the resume check, the regression gate's baseline and
+# a reused latency table all compare these (threads default to the physical cores)
+MACHINE_KEYS = ("cpu", "logical_cores", "physical_cores")
 
 
 def physical_cores() -> int:
@@ -61,6 +64,14 @@ def machine_info() -> dict:
         "versions": versions(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def machine_differences(measured_on: dict, here: dict) -> list[str]:
+    """How the machine a figure was `measured_on` differs from `here` (machine_info()-like dicts), one
+    "key 'then' != 'now'" phrase per MACHINE_KEYS entry that differs; a key either dict lacks is not
+    compared (tables and baselines from older versions). Empty: the same machine."""
+    return [f"{k} {measured_on[k]!r} != {here[k]!r}" for k in MACHINE_KEYS
+            if k in measured_on and k in here and measured_on[k] != here[k]]
 
 
 def source_revision(folder: str | Path = ".") -> str | None:

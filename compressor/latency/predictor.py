@@ -42,7 +42,7 @@ import numpy as np
 from compressor.errors import InputError
 
 KINDS = ("none", "scale", "offset", "affine", "count")
-WITHIN = 0.10  # the share of predictions within this relative error is reported (MEASURE.md)
+WITHIN = 0.10  # the share of predictions within this relative error is reported (docs/measurement.md)
 
 
 class SavingsTable(Protocol):

@@ -143,7 +143,21 @@ def _version1(data: dict, path: Path, digest: str) -> ReplayTable:
 
 
 # how each table version is read: a table of another version (a fitted latency model) registers its reader
-FORMATS: dict[int, Callable[[dict, Path, str], ReplayTable]] = {1: _version1}
+def _version2(data: dict, path: Path, digest: str) -> ReplayTable:
+    """The v2 table (a fitted latency model): its per-unit savings and measured interaction terms replay the
+    model exactly; a device bundle's v2 results hold only the design's measurements and are fitted first."""
+    if not data.get("savings_ms"):
+        from compressor.latency.table import LatencyTable
+
+        try:
+            data = {**data, **LatencyTable.from_dict(data).to_dict()}
+        except (KeyError, TypeError, ValueError) as e:
+            msg = f"latency table {path} is a version-2 table whose design cannot be fitted: {e}"
+            raise InputError(msg) from e
+    return _version1(data, path, digest)
+
+
+FORMATS: dict[int, Callable[[dict, Path, str], ReplayTable]] = {1: _version1, 2: _version2}
 
 
 def load_replay_table(path: str | Path) -> ReplayTable:

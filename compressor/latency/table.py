@@ -1,31 +1,36 @@
-"""Per-unit lookup tables of measured latency savings.
+"""The latency table: a fitted latency model with its design, measurements and provenance (latency_table.json).
 
-The saving of unit u = median(model) - median(model without u), both measured
-as whole exported models in interleaved rounds, so runtime fusion is included.
+Version 2 (compressor/latency/designed.py measures it) holds the units' structure groups, one saving
+per group with its standard error (and the interaction terms the measurements showed), the
+covariance of those coefficients, every designed removal set with the session it was timed in, and
+where it was measured. It predicts any removal set's latency in milliseconds, with an uncertainty,
+without calibration. `savings_ms` (each unit's saving removed alone) is kept for what reads per-unit
+savings (the knapsack, greedy selection, version-1 readers), and `interactions_ms` lists the
+interaction terms as sets of units that save more (or less) together, so that baseline_ms - the sum of
+the removed units' savings - the savings of the interactions whose units are all removed is the
+model's prediction exactly: what an additive replay of the table needs.
+
+Version 1 (no `version` key: single-unit savings read as differences of medians) still loads; it
+predicts the baseline minus the sum of savings, with no uncertainty known.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-
-from torch import nn
-from tqdm.auto import tqdm
 
 from compressor.errors import InputError
 from compressor.fileio import atomic_write_text
-from compressor.graph.surgery import remove_units
-from compressor.graph.units import Unit
-from compressor.latency.deploy import Deployment
-from compressor.latency.device import time_parts
+from compressor.latency.model import LatencyModel, UnitInfo, measurements_of
+
+VERSION = 2
 
 
 @dataclass
 class LatencyTable:
-    """Per-unit latency savings (ms) on one profile and machine, with provenance."""
+    """Latency of removal sets (ms) on one profile and machine: a fitted model with provenance."""
 
     model: str
     input_shape: list[int]
@@ -34,76 +39,141 @@ class LatencyTable:
     baseline_ms: float
     savings_ms: dict[str, float]
     stats: dict[str, dict] = field(default_factory=dict)
+    version: int = 1
+    latency_model: dict | None = None  # LatencyModel.to_dict(): units, terms with savings and sd, covariance
+    design: dict | None = None  # how sets were chosen, the sessions that timed them, why measuring stopped
+    savings_sd_ms: dict[str, float] = field(default_factory=dict)
+    seconds: float | None = None  # to measure it, exports included
+    interactions_ms: list[dict] = field(default_factory=list)  # sets of units saving more together (ms)
+    _fitted: LatencyModel | None = field(default=None, init=False, repr=False, compare=False)
 
-    def predict(self, removed: Sequence[str]) -> float:
-        """Predicted latency (ms) with `removed` units gone: baseline - sum of savings."""
-        return self.baseline_ms - sum(self.savings_ms[u] for u in removed)
+    @classmethod
+    def from_model(cls, name: str, input_shape: Sequence[int], profile: dict, machine: dict, fitted: LatencyModel,
+                   design: dict, seconds: float | None = None) -> LatencyTable:
+        sessions = design.get("sessions") or []
+        stats = {"baseline": {**sessions[0]["stats"][0], "device": sessions[0].get("device")}} if sessions else {}
+        table = cls(name, list(input_shape), profile, machine, fitted.baseline_ms, fitted.unit_savings_ms(), stats,
+                    VERSION, fitted.to_dict(), design, fitted.unit_sd_ms(), seconds, fitted.interactions_ms())
+        table._fitted = fitted
+        return table
+
+    @property
+    def fitted(self) -> LatencyModel:
+        """The model that predicts: the fitted one (v2), or one saving per unit (v1)."""
+        if self._fitted is None:
+            self._fitted = (LatencyModel.from_dict(self.latency_model) if self.latency_model is not None
+                            else LatencyModel.additive(self.baseline_ms, self.savings_ms))
+        return self._fitted
+
+    def predict(self, removed: Iterable[str]) -> float:
+        """Predicted latency (ms) with `removed` units gone."""
+        return self.fitted.predict_ms(removed)
+
+    def predict_ms(self, removed: Iterable[str]) -> float:
+        """Predicted latency (ms) with `removed` units gone (what a replaying device reads)."""
+        return self.fitted.predict_ms(removed)
+
+    def sd_ms(self, removed: Iterable[str]) -> float:
+        """Standard error (ms) of predict_ms; 0 for a version-1 table, whose uncertainty is unknown."""
+        return self.fitted.sd_ms(removed)
+
+    def sd_new_ms(self, removed: Iterable[str]) -> float:
+        """Standard deviation (ms) of a new measurement of `removed` about predict_ms (0 for version 1)."""
+        return self.fitted.sd_new_ms(removed)
+
+    def saving_ms(self, removed: Iterable[str]) -> float:
+        """Predicted saving (ms) of removing `removed`, interactions included."""
+        return self.baseline_ms - self.fitted.predict_ms(removed)
+
+    def groups(self) -> list[dict]:
+        """The model's terms with their units, saving per unit and its sd (ms), largest group first."""
+        if self.latency_model is None:
+            return [{"name": u, "kind": "unit", "units": [u], "saving_ms": s, "sd_ms": None}
+                    for u, s in self.savings_ms.items()]
+        terms = [dict(t) for t in self.latency_model["terms"]]
+        return sorted(terms, key=lambda t: (t["kind"] != "group", -len(t["units"])))
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     def to_json(self) -> str:
-        return json.dumps(vars(self), indent=2)
+        return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_text(path, self.to_json())
 
     @classmethod
+    def from_dict(cls, data: dict) -> LatencyTable:
+        """A table from its JSON form: version 1, version 2, or a version-2 design whose model is not
+        fitted yet (a bundle's results from the device): fitted here from its sessions."""
+        if not isinstance(data, dict):
+            msg = "a latency table is a JSON object"
+            raise TypeError(msg)
+        version = data.get("version", 1)
+        if version not in (1, VERSION):
+            msg = f"latency table version {version} is not known (1 or {VERSION})"
+            raise TypeError(msg)
+        if version == VERSION and data.get("latency_model") is None:
+            return fit_design(data)
+        known = {k for k in cls.__dataclass_fields__ if not k.startswith("_")}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
     def load(cls, path: str | Path) -> LatencyTable:
+        """The table in the JSON file `path`; InputError saying what is wrong with the file."""
         try:
-            return cls(**json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             msg = f"{path} is not a latency table JSON: {e}"
+            raise InputError(msg) from e
+        problem = _table_problem(raw)
+        if problem:
+            msg = f"{path} is not a latency table JSON: {problem}"
+            raise InputError(msg)
+        try:
+            return cls.from_dict(raw)
+        except (TypeError, KeyError, ValueError) as e:  # a version-2 design that cannot be fitted
+            msg = f"{path} is not a latency table JSON: its design cannot be fitted ({type(e).__name__}: {e})"
             raise InputError(msg) from e
 
 
-def export_candidates(model: nn.Module, units: list[Unit], deployment: Deployment, folder: Path) -> list[Path]:
-    """The model (baseline first) and each single-unit removal, exported into `folder`."""
-    suffix = deployment.exporter.suffix
-    paths = [deployment.export(model, folder / f"baseline{suffix}")]
-    for i, unit in enumerate(tqdm(units, desc="export candidates", disable=None, leave=False)):
-        paths.append(deployment.export(remove_units(model, [unit]), folder / f"unit{i}{suffix}"))
-    return paths
+def _table_problem(raw: object) -> str | None:
+    """What keeps `raw` (parsed JSON) from being a latency table, in the file's own terms; None: nothing."""
+    if not isinstance(raw, dict):
+        return f"it holds a {type(raw).__name__}, not a mapping of a table's fields"
+    if raw.get("version") not in (None, 1, VERSION):
+        return f"version {raw.get('version')!r} is not known (1 or {VERSION})"
+    if raw.get("version") == VERSION and raw.get("latency_model") is None:  # a device's design, fitted on load
+        missing = [k for k in ("model", "input_shape", "profile", "machine", "units", "design") if k not in raw]
+        return f"missing field(s) {', '.join(missing)} of a version-2 design" if missing else None
+    names = [f.name for f in fields(LatencyTable) if not f.name.startswith("_")]
+    required = [f.name for f in fields(LatencyTable) if f.default is MISSING and f.default_factory is MISSING]
+    unknown, missing = sorted(set(raw) - set(names)), [n for n in required if n not in raw]
+    if unknown or missing:
+        parts = ([f"unknown field(s) {', '.join(unknown)}"] if unknown else []) + (
+            [f"missing field(s) {', '.join(missing)}"] if missing else [])
+        return f"{'; '.join(parts)} (a latency table has {', '.join(names)})"
+    savings = raw["savings_ms"]
+    if not isinstance(savings, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                for v in savings.values()):
+        return "savings_ms must map unit names to savings in ms"
+    if isinstance(raw["baseline_ms"], bool) or not isinstance(raw["baseline_ms"], (int, float)) \
+            or not raw["baseline_ms"] > 0:
+        return f"baseline_ms must be a positive latency in ms, got {raw['baseline_ms']!r}"
+    for key in ("profile", "machine", "stats"):
+        if key in raw and not isinstance(raw[key], dict):
+            return f"{key} must be a mapping, got {type(raw[key]).__name__}"
+    if not isinstance(raw["input_shape"], list):
+        return f"input_shape must be a list of dimensions, got {raw['input_shape']!r}"
+    return None
 
 
-def measure_latency_table(model: nn.Module, units: list[Unit], deployment: Deployment,
-                          name: str, workdir: Path | None = None) -> LatencyTable:
-    """Export the model and each single-unit removal, time all in interleaved rounds. On a device pool
-    the units are split across the devices, each unit's saving taken against the baseline timed with it
-    on the same device (its stats name the device and that baseline)."""
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        paths = export_candidates(model, units, deployment, Path(tmp))
-        parts = time_parts(deployment.device, paths, deployment.profile.search_policy, deployment.example.numpy())
-    base = parts[0].result.stats[0]
-    savings, stats = {}, {"baseline": base.to_dict() if parts[0].device is None
-                          else {**base.to_dict(), "device": parts[0].device}}
-    for part in parts:
-        part_base = part.result.stats[0]
-        for i, s in zip(part.indices[1:], part.result.stats[1:], strict=True):
-            savings[units[i - 1].name] = part_base.median - s.median
-            stats[units[i - 1].name] = s.to_dict() if part.device is None else {
-                **s.to_dict(), "device": part.device, "baseline_ms": part_base.median}
-    savings = {u.name: savings[u.name] for u in units}
-    stats = {"baseline": stats["baseline"], **{u.name: stats[u.name] for u in units}}
-    return LatencyTable(name, list(deployment.input_shape), deployment.profile.to_dict(),
-                        deployment.device.provenance(), base.median, savings, stats)
-
-
-def load_fitting_table(path: str | Path, units: Sequence[Unit], deployment: Deployment) -> tuple[LatencyTable, str]:
-    """A saved table, refused unless it was measured for these units, this profile and input shape;
-    with a note on where it was measured (a warning if that is another machine)."""
-    table = LatencyTable.load(path)
-    profile = deployment.profile
-    problems = []
-    if set(table.savings_ms) != {u.name for u in units}:
-        problems.append("its units differ from the model's")
-    if table.profile.get("name") != profile.name or table.profile.get("runtime") != profile.runtime:
-        problems.append(f"it was measured on profile {table.profile.get('name')!r}, not {profile.name!r}")
-    if list(table.input_shape) != list(deployment.input_shape):
-        problems.append(f"its input shape {table.input_shape} is not {list(deployment.input_shape)}")
-    if problems:
-        msg = f"latency table {path} does not fit this run: {'; '.join(problems)}"
-        raise InputError(msg)
-    here = deployment.device.provenance()
-    note = f"reusing latency table {path} (measured {table.machine.get('date')})"
-    if (table.machine.get("cpu"), table.machine.get("logical_cores")) != (here["cpu"], here["logical_cores"]):
-        note = (f"warning: latency table {path} was measured on {table.machine.get('cpu')}, this device is "
-                f"{here['cpu']}; candidates are still measured here. " + note)
-    return table, note
+def fit_design(data: dict) -> LatencyTable:
+    """Fit a version-2 table's model on its design's sessions (its `units` give the groups)."""
+    units = [UnitInfo(**u) for u in data["units"]]
+    design = data["design"]
+    measurements = [m for session in design["sessions"] for m in measurements_of(session)]
+    fitted = LatencyModel.fit(units, measurements, min_per_stage=design.get("min_per_stage", 1),
+                              interactions=design.get("interactions", True))
+    return LatencyTable.from_model(data["model"], data["input_shape"], data["profile"], data["machine"], fitted,
+                                   {**design, "fitted_on": "load"}, data.get("seconds"))

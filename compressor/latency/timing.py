@@ -1,4 +1,4 @@
-"""The MEASURE.md protocol: cold start, warm-up, run/time floors, robust statistics, noise gate.
+"""The timing protocol of docs/measurement.md: cold start, warm-up, run/time floors, robust statistics, noise gate.
 
 Free of torch on purpose, so a profiling bundle can take it to a device that
 has only onnxruntime or openvino.
@@ -108,10 +108,13 @@ def measure(run: Callable[[], object], policy: TimingPolicy) -> LatencyStats:
 
 @dataclass
 class Interleaved:
-    """Per-model statistics from interleaved rounds, with per-round medians (ms)."""
+    """Per-model statistics from interleaved rounds, with per-round medians (ms); `burst` runs per model and
+    round, `cooldown_s` of idle after each model's block (0: none was needed)."""
 
     stats: list[LatencyStats]
     round_medians: list[list[float]]  # [model][round]
+    burst: int = 5
+    cooldown_s: float = 0.0
 
     def speedup(self, base: int = 0, other: int = 1) -> float:
         """median(base) / median(other) over the paired rounds."""
@@ -124,28 +127,91 @@ class Interleaved:
         return float((q75 - q25) / q50)
 
 
-def measure_interleaved(runs: Sequence[Callable[[], object]], policy: TimingPolicy,
-                        burst: int = 5) -> Interleaved:
-    """Measure several models in rounds A, B, C, A, B, C ... so drift hits all alike.
+BUSY_SHARE = 0.10  # a process using more than this share of one core while its caller sleeps is still busy
+QUIET_S = 0.03  # ... and idle once it has used less for this long (a thread waiting for a core counts as busy)
+PROBE_MAX_S = 0.3  # the longest tail of busy threads looked for (ms-scale spinning pools stay far under it)
+MAX_COOLDOWN_S = 0.15  # a longer tail is not a spinning pool (another thread of the caller's is working)
+BLOCK_PER_COOLDOWN = 3  # a block of timed runs lasts at least this many cool-downs (75% of the wall time timed)
 
-    Each round runs every model `burst` times back to back; rounds continue until
-    every model has `min_runs` samples and the rounds took `min_time_s` x models.
-    While any model's IQR/median exceeds the re-measure gate, all are measured
+
+def busy_after(tick_s: float = 0.001) -> float:
+    """Seconds this process keeps using CPU after its caller stops running models: the tail of a runtime's
+    spinning thread pool (ONNX Runtime's default keeps intra-op workers spinning ~40 ms after a run).
+
+    Read from the process CPU clock (all threads) while the caller sleeps; 0 when nothing runs on."""
+    start = last_busy = time.perf_counter()
+    prev_cpu, prev_wall = time.process_time(), start
+    busy = False
+    while True:
+        time.sleep(tick_s)
+        cpu, wall = time.process_time(), time.perf_counter()
+        if cpu - prev_cpu > BUSY_SHARE * (wall - prev_wall):
+            last_busy, busy = wall, True
+        prev_cpu, prev_wall = cpu, wall
+        if wall - last_busy > QUIET_S or wall - start > PROBE_MAX_S:
+            return last_busy - start if busy else 0.0
+
+
+def cooldown_for(busy_s: Sequence[float]) -> float:
+    """The idle time (s) after each model's block that outlasts the longest busy tail measured (with a
+    quarter and 2 ms to spare); 0 when no tail was seen."""
+    longest = max(busy_s, default=0.0)
+    return 0.0 if longest <= 0 else round(min(MAX_COOLDOWN_S, 1.25 * longest + 0.002), 4)
+
+
+def _warm(run: Callable[[], object], policy: TimingPolicy) -> tuple[float, float]:
+    """warm_up's cold start (ms) and the mean warm-up run (ms)."""
+    t0 = time.perf_counter()
+    cold = warm_up(run, policy)
+    runs = max(1, policy.warmup_runs)
+    return cold, max(1e-3, ((time.perf_counter() - t0) * 1e3 - cold) / runs)
+
+
+def measure_interleaved(runs: Sequence[Callable[[], object]], policy: TimingPolicy,
+                        burst: int = 5, cooldown_s: float | None = None) -> Interleaved:
+    """Measure several models in rounds A, B, C, A, B, C ... so drift hits all alike (one model: measured
+    in the same blocks, with no cool-down).
+
+    Each round runs every model in a block of `burst` runs back to back; rounds continue until
+    every model has `min_runs` samples and the rounds took `min_time_s` x models (idle time not
+    counted). While any model's IQR/median exceeds the re-measure gate, all are measured
     again (up to `max_repeats` times); those still above it are flagged noisy.
+
+    A runtime that keeps its threads busy after a run (ONNX Runtime's spinning pool, its default)
+    would steal the cores of the next model timed. So after the first two warm-ups the process is
+    watched until it is idle (`busy_after`), and where it was not at once, each block is followed by a
+    cool-down that outlasts that tail (`cooldown_s`; None: measured so), blocks are made long enough
+    to spend most of the time timed (`BLOCK_PER_COOLDOWN`), and each block's first run, which wakes
+    the model's sleeping threads, is not timed. Every model then runs as a user's inference loop
+    runs it: its own pool hot, nobody else's.
     """
-    colds = [warm_up(run, policy) for run in runs]
+    colds, means, tails = [], [], []
+    for i, run in enumerate(runs):
+        cold, mean_ms = _warm(run, policy)
+        colds.append(cold)
+        means.append(mean_ms)
+        if cooldown_s is None and i < 2 and len(runs) > 1:
+            tails.append(busy_after())
+    cool = (cooldown_for(tails) if cooldown_s is None else max(0.0, cooldown_s)) if len(runs) > 1 else 0.0
+    if cool > 0:
+        burst = max(burst, int(np.ceil(BLOCK_PER_COOLDOWN * cool * 1e3 / float(np.median(means)))))
     for _ in range(max(1, policy.max_repeats)):
         samples: list[list[float]] = [[] for _ in runs]
         rounds: list[list[float]] = [[] for _ in runs]
         t_end = time.perf_counter() + policy.min_time_s * len(runs)
         while len(samples[0]) < policy.min_runs or time.perf_counter() < t_end:
             for i, run in enumerate(runs):
+                if cool > 0:
+                    run()  # wakes the model's threads: not timed
                 chunk = [_timed(run) for _ in range(burst)]
                 samples[i] += chunk
                 rounds[i].append(float(np.median(chunk)))
+                if cool > 0:
+                    time.sleep(cool)
+                    t_end += cool
         stats = [LatencyStats.from_samples(s, c, policy) for s, c in zip(samples, colds, strict=True)]
         if all(s.relative_iqr <= policy.remeasure_iqr for s in stats):
             break
     for s in stats:
         s.noisy = s.relative_iqr > policy.remeasure_iqr
-    return Interleaved(stats, rounds)
+    return Interleaved(stats, rounds, burst, cool)

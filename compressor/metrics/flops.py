@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 
 @dataclass(frozen=True)
@@ -19,6 +18,8 @@ class Cost:
 
 def count_cost(model: nn.Module, example_input: torch.Tensor) -> Cost:
     """FLOPs/MACs of one forward pass on `example_input` (its batch included), and parameters."""
+    from torch.utils.flop_counter import FlopCounterMode  # here: it loads triton, a GPU compiler, on import
+
     was_training = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -57,17 +57,23 @@ def why_not_loadable(error: Exception) -> str:
     return f"{type(error).__name__}: {first_line(error, 160)}"
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint's payload, read with weights_only=True (no pickled code runs); InputError otherwise."""
+def load_tensors_file(path: str | Path, file: str, holds: str) -> object:
+    """torch.load(weights_only=True) of the user's `path` (no pickled code runs); InputError "<file> not
+    found" or "<path> is not a loadable <holds>" with why (why_not_loadable)."""
     path = Path(path)
     if not path.is_file():
-        msg = f"checkpoint not found: {path}"
+        msg = f"{file} not found: {path}"
         raise InputError(msg)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        msg = f"{path} is not a loadable checkpoint (weights_only=True): {why_not_loadable(e)}"
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError (a pickle with code in it), RuntimeError, EOFError, ...
+        msg = f"{path} is not a loadable {holds} (weights_only=True): {why_not_loadable(e)}"
         raise InputError(msg) from e
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's payload, read with weights_only=True (no pickled code runs); InputError otherwise."""
+    payload = load_tensors_file(path, "checkpoint", "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         msg = f"{path} is not a compressor checkpoint (no '{CHECKPOINT_FORMAT}' header)"
         raise InputError(msg)

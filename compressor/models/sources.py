@@ -1,6 +1,7 @@
 """`--model` specs: what a user names, turned into a LoadedModel.
 
     resnet56, efficientnet_lite0 ...   a zoo name (zoo.py; trained here on the data, or its own weights)
+    vit_digits, det_digits             zoo names whose weights, trained here, ship with the package
     runs/r56/model.pt                  a checkpoint written by compressor (checkpoint.py)
     mynet:build                        the user's own code: MODULE:FACTORY, a function or class returning
                                        the nn.Module (the current folder is importable), weights from --weights
@@ -19,9 +20,9 @@ from torch import nn
 
 from compressor.errors import InputError, first_line
 from compressor.models.architectures import TIMM_PREFIX, build_arch
-from compressor.models.checkpoint import check_state_dict, load_checkpoint, why_not_loadable
+from compressor.models.checkpoint import check_state_dict, load_checkpoint, load_tensors_file
 from compressor.models.loaded import LoadedModel
-from compressor.models.trained import pretrained_on
+from compressor.models.trained import default_weights, pretrained_on
 from compressor.models.zoo import ZOO, build, load_pretrained
 
 
@@ -30,15 +31,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     missing and unexpected keys, mismatched shapes, or non-finite values."""
     from compressor.models.checkpoint import CHECKPOINT_FORMAT
 
-    path = Path(path)
-    if not path.is_file():
-        msg = f"weights file not found: {path}"
-        raise InputError(msg)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError (a pickle with code in it), EOFError, RuntimeError ...
-        msg = f"{path} is not a loadable state_dict (weights_only=True): {why_not_loadable(e)}"
-        raise InputError(msg) from e
+    state = load_tensors_file(path, "weights file", "state_dict")
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         state = state["state_dict"]
     check_state_dict(state, path)
@@ -84,13 +77,20 @@ def from_module(model: nn.Module, input_shape: tuple[int, int, int], arch: str |
 
 
 def _zoo(spec: str, data: object | None) -> LoadedModel:
-    if ZOO[spec].pretrained is not None:
+    entry = ZOO[spec]
+    if entry.pretrained is not None:
         return load_pretrained(spec)
+    if data is None and entry.trained_on is not None:
+        return default_weights(spec)
     if data is None:
-        size = ZOO[spec].input_size
+        size = entry.input_size
         return LoadedModel(build(spec, 10), spec, 10, (3, size, size), f"{spec} (untrained)")
-    if not data.labelled:
-        pretrained = ", ".join(n for n, e in ZOO.items() if e.pretrained is not None)
+    if not data.labelled and data.spec != entry.trained_on:
+        if entry.trained_on is not None:
+            msg = (f"{spec}'s weights are trained on {entry.trained_on} and {data.spec} has no labels to train it "
+                   f"on; use --data {entry.trained_on}, or a checkpoint")
+            raise InputError(msg)
+        pretrained = ", ".join(n for n, e in ZOO.items() if e.pretrained is not None or e.trained_on)
         msg = (f"{spec} has no pretrained weights here and {data.spec} has no labels to train it on; "
                f"use a model with its own weights ({pretrained}) or a checkpoint")
         raise InputError(msg)

@@ -3,7 +3,9 @@
 CIFAR ResNets and torchvision models are trained here on a data source
 (trained.py; the default resnet56 on digits32 ships with the package).
 EfficientNet-Lite0..2 come with ImageNet weights from pip packages and ask the
-data to fit their resolution and normalisation.
+data to fit their resolution and normalisation. `vit_digits` (a small ViT on
+digits32) and `det_digits` (a C2f detector on digit_canvas) ship weights trained
+here with their own recipes, and load them when no data is given.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from functools import partial
 
 from torch import nn
 
-from compressor.data.bundle import Preprocessing
+from compressor.data.bundle import DataBundle, Preprocessing
 from compressor.errors import InputError
 from compressor.models.loaded import LoadedModel
+from compressor.models.recipes import Recipe, TrainSettings
 
 
 def _cifar_resnet(depth: int, num_classes: int) -> nn.Module:
@@ -29,6 +32,30 @@ def _torchvision(name: str, num_classes: int) -> nn.Module:
     import torchvision
 
     return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+
+
+def _vit_digits(num_classes: int) -> nn.Module:
+    from compressor.models.vit_digits import vit_digits
+
+    return vit_digits(num_classes)
+
+
+def _det_digits(num_classes: int) -> nn.Module:
+    from compressor.models.det_digits import det_digits
+
+    return det_digits(num_classes)
+
+
+def _train_vit(model: nn.Module, data: DataBundle, settings: TrainSettings) -> dict[str, float]:
+    from compressor.models.vit_training import train_vit
+
+    return train_vit(model, data, settings)
+
+
+def _train_detector(model: nn.Module, data: DataBundle, settings: TrainSettings) -> dict[str, float]:
+    from compressor.models.det_training import train_detector
+
+    return train_detector(model, data, settings)
 
 
 @dataclass(frozen=True)
@@ -44,11 +71,15 @@ class Pretrained:
 @dataclass(frozen=True)
 class ZooEntry:
     """How to build a zoo architecture; `input_size` is its native H = W in pixels; `pretrained`
-    is set for entries that come with their own weights (otherwise trained on the data)."""
+    is set for entries that come with their own weights (otherwise trained on the data);
+    `trained_on` names the data source its bundled weights were trained on, loaded when no
+    data is given (its default data); `recipe` trains it (default: recipes.sgd_recipe)."""
 
     build: Callable[[int], nn.Module]
     input_size: int
     pretrained: Pretrained | None = None
+    trained_on: str | None = None
+    recipe: Recipe | None = None
 
 
 def _lite_entries() -> dict[str, ZooEntry]:
@@ -67,6 +98,8 @@ ZOO: dict[str, ZooEntry] = {
     **{n: ZooEntry(partial(_torchvision, n), 224)
        for n in ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small")},
     **_lite_entries(),
+    "vit_digits": ZooEntry(_vit_digits, 32, trained_on="digits32", recipe=_train_vit),
+    "det_digits": ZooEntry(_det_digits, 64, trained_on="digit_canvas", recipe=_train_detector),
 }
 
 

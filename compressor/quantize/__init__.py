@@ -8,9 +8,9 @@ The quantizers themselves live in exporters (exporters.get_quantizer, exporters.
 the metrics and the floor in compressor.metrics.lossy. See docs/quantization.md.
 """
 
-from compressor.quantize.checked import FALLBACK_STEPS, QuantizedModel, check_runtime, quantize_checked
+from compressor.quantize.checked import FALLBACK_STEPS, QuantizedModel, check_runtime, int8_available, quantize_checked
 from compressor.quantize.fallback import rank_layers
 from compressor.quantize.images import CALIBRATION_SIZE, QuantizationImages, quantization_images
 
 __all__ = ["CALIBRATION_SIZE", "FALLBACK_STEPS", "QuantizationImages", "QuantizedModel", "check_runtime",
-           "quantization_images", "quantize_checked", "rank_layers"]
+           "int8_available", "quantization_images", "quantize_checked", "rank_layers"]

@@ -4,8 +4,9 @@
 quantizer (exporters.get_quantizer) writes the INT8 artifact in a staging folder, runs it on held-out
 images, and it is committed only if its fidelity to the fp32 model clears the floor
 (compressor.metrics.lossy.Floor). Below the floor, the layers whose fp32 computation raises the logits'
-SQNR most (compressor.quantize.fallback) are kept in fp32, 1, 2, then 4 of them, each try quantized and
-measured again; when none clears the floor, FidelityFloorError, and nothing is written.
+SQNR most (compressor.quantize.fallback, ranked on selection images disjoint from the held-out ones) are
+kept in fp32, 1, 2, then 4 of them, each try quantized and measured again on the held-out images; when
+none clears the floor, FidelityFloorError, and nothing is written.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from compressor.metrics.lossy import Floor, LossyFidelity, lossy_fidelity
 from compressor.quantize.images import QuantizationImages
 
 FALLBACK_STEPS = (1, 2, 4)  # layers kept in fp32 on the successive fallback tries
-RANK_IMAGES = 64  # held-out images each ranking variant runs on
+RANK_IMAGES = 64  # selection images (never held-out ones) each ranking variant runs on
 
 
 @dataclass
@@ -128,7 +129,8 @@ def quantize_checked(model, example_input, runtime: str, path: str | Path, image
         if artifact is None and fallback:
             from compressor.quantize.fallback import MIN_GAIN_DB, rank_layers
 
-            ranking = rank_layers(fp32, images, batch, reference, settings, rank_images)
+            ranking = rank_layers(fp32, images, batch, lambda x: reference_logits(fp32, x, batch), settings,
+                                  rank_images)
             log("fallback: layers by SQNR gained in fp32: " +
                 (", ".join(f"{n} +{g:.1f} dB" for n, g in list(ranking.items())[:max(fallback)])
                  or f"none gains {MIN_GAIN_DB} dB or more; no fallback try"))
@@ -149,10 +151,20 @@ def quantize_checked(model, example_input, runtime: str, path: str | Path, image
                           list(artifact.quantizer["exclude"]), attempts, ranking)
 
 
-def check_runtime(runtime: str) -> None:
-    """InputError naming the runtimes INT8 is available for, before anything slow happens."""
+def int8_available(runtime: str) -> bool:
+    """Whether `runtime` has its own INT8 quantizer here (exporters.registry.QUANTIZERS)."""
     from exporters.registry import QUANTIZERS
 
-    if runtime not in QUANTIZERS:
-        msg = f"INT8 is available for {', '.join(sorted(QUANTIZERS))}, not {runtime!r}"
+    return runtime in QUANTIZERS
+
+
+def check_runtime(runtime: str, profile: str | None = None) -> None:
+    """InputError naming the runtimes INT8 is available for, before anything slow happens (`profile`: the
+    profile's name, for the message)."""
+    from exporters.registry import QUANTIZERS
+
+    if not int8_available(runtime):
+        where = f"profile {profile} runs {runtime}" if profile else f"not {runtime!r}"
+        msg = (f"--precision int8: INT8 is available on profiles that run {' or '.join(sorted(QUANTIZERS))}; "
+               f"{where}")
         raise InputError(msg)

@@ -13,12 +13,15 @@ proposers' (knapsacks), the set with the least measured KL; greedy_proposer is w
 
 Cost: for U units and k steps, U + (U-1) + ... + (U-k+1) forward passes over the
 calibration images, computed lazily up to the saving a search asks for, plus one per
-new set another proposer puts forward.
+new set another proposer puts forward. The models run where the images are (the training
+device): each set's model is built on the CPU and copied there.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
@@ -52,6 +55,13 @@ def logits_of(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = [named_outputs(model(x[i:i + BATCH])) for i in range(0, len(x), BATCH)]
     model.train(mode)
     return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+
+def _on(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` itself where it is on `device` already, else a copy there."""
+    if next(model.parameters(), torch.empty(0)).device == device:
+        return model
+    return copy.deepcopy(model).to(device)
 
 
 def class_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +106,9 @@ class GreedyOrder:
         self.x = x
         self.min_per_stage = min_per_stage
         self.limits = removable_limits(self.units, min_per_stage)
-        self.reference = logits_of(model, x)
+        started = time.perf_counter()
+        self.reference = logits_of(_on(model, x.device), x)  # where `x` is: the training device
+        self.seconds = time.perf_counter() - started  # spent running models (images/s in the report)
         self.steps: list[Step] = []
         self.evaluations = 0
         self._by_name = {u.name: u for u in self.units}
@@ -110,7 +122,10 @@ class GreedyOrder:
         key = frozenset(u.name for u in removed)
         if key not in self._measured:
             self.evaluations += 1
-            self._measured[key] = kl_from(self.reference, logits_of(remove_units(self.model, removed), self.x))
+            started = time.perf_counter()
+            logits = logits_of(remove_units(self.model, removed).to(self.x.device), self.x)
+            self._measured[key] = kl_from(self.reference, logits)
+            self.seconds += time.perf_counter() - started
         return self._measured[key]
 
     def kl_of(self, names: Sequence[str]) -> float:

@@ -42,6 +42,7 @@ class Target:
         return self.ms if self.ms is not None else baseline_ms / self.speedup
 
 
+# Speedup and Latency are the two spellings of Target, alike on purpose: one constructor argument each
 @dataclass(frozen=True, init=False, repr=False)
 class Speedup(Target):
     """Target: the pruned model `x` times faster than the unpruned one, measured interleaved."""

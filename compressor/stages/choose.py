@@ -8,7 +8,7 @@ least-importance set that meets the target (with the margin) is found.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,8 +22,10 @@ from compressor.latency.predictor import Calibration, Observation, fit_calibrati
 from compressor.latency.table import LatencyTable
 from compressor.models.loaded import LoadedModel
 from compressor.search.greedy import GreedyOrder, greedy_proposer
+from compressor.search.knapsack import Choice, Proposer, choose_units
 from compressor.search.loop import SearchResult, search_under_target
 from compressor.search.target import Measured, Target
+from compressor.search.uncertain import Z, aiming_past_uncertainty
 from compressor.stages.options import PruneOptions
 from compressor.stages.plan import Plan
 from compressor.stages.reach import Reach, timed_pair
@@ -71,8 +73,10 @@ def candidate_measurer(plan: Plan, reach: Reach, table: LatencyTable, work: Path
         chosen = [u for u in plan.candidates if u.name in removed]
         path = plan.deployment.export(remove_units(plan.model, chosen, plan.example), work / f"candidate{suffix}")
         m = timed_pair(plan.deployment, reach.baseline_path, path, plan.deployment.profile.search_policy)
-        log(f"  candidate -{len(removed)} units: predicted {table.predict(removed):.3f} ms, "
-            f"measured {m.candidate_ms:.3f} ms vs {m.baseline_ms:.3f} ms ({m.speedup:.2f}x)")
+        scale = m.baseline_ms / table.baseline_ms  # the prediction at this measurement's baseline
+        log(f"  candidate -{len(removed)} units: predicted {table.predict(removed) * scale:.3f} +- "
+            f"{table.sd_new_ms(removed) * scale:.3f} ms, measured {m.candidate_ms:.3f} ms vs {m.baseline_ms:.3f} ms "
+            f"({m.speedup:.2f}x)")
         measured[key] = asdict(m)
         state.save("candidates", measured)
         return m
@@ -91,29 +95,43 @@ class Proposals:
 
 
 def proposals(plan: Plan, importance: dict[str, float], table: LatencyTable, data: DataBundle,
-              options: PruneOptions, log: Callable[[str], None]) -> Proposals:
-    """The proposer both precisions' searches use."""
+              options: PruneOptions, log: Callable[[str], None], device: torch.device | None = None) -> Proposals:
+    """The proposer both precisions' searches use (greedy KL runs on `device`, default the CPU)."""
     selection = selection_for(options, plan.loaded)
     if selection != "greedy":
         return Proposals(selection)
     images = torch.cat([b[0] for b in data.loader("train", batch_size=128, limit=GREEDY_IMAGES, seed=options.seed)])
+    images = images.to(device) if device is not None else images
     order = GreedyOrder(plan.model, plan.candidates, table.savings_ms, images, options.min_blocks_per_stage, log)
     log(f"proposing sets greedily by their measured KL on {len(images)} calibration images")
     return Proposals(selection, greedy_proposer(order, importance), order)
+
+
+def model_proposer(plan: Plan, importance: dict[str, float], table: LatencyTable, proposed: Proposals,
+                   options: PruneOptions) -> Proposer:
+    """The proposals (the knapsack over the criterion's scores, or greedy), each aimed past the latency
+    model's uncertainty of its set (search/uncertain.py)."""
+    def knapsack(required_ms: float, below: Collection[str] | None = None,
+                 exclude: Collection[Collection[str]] = ()) -> Choice | None:
+        return choose_units(plan.candidates, importance, table.savings_ms, required_ms, options.min_blocks_per_stage,
+                            below, exclude)
+
+    return aiming_past_uncertainty(proposed.proposer or knapsack, table.saving_ms, table.sd_ms)
 
 
 def choose(plan: Plan, reach: Reach, importance: dict[str, float], table: LatencyTable, target: Target,
            proposed: Proposals, options: PruneOptions, work: Path, log: Callable[[str], None], state: RunState
            ) -> Chosen:
     """Search under the target; UnreachableTargetError if no measured set comes close."""
-    log(f"searching for {target.describe()} (aiming {reach.margin:.0%} under it)")
-    floor_saving = sum(table.savings_ms[name] for name in reach.floor_units)
+    log(f"searching for {target.describe()} (aiming {reach.margin:.0%} under it, and each set's predicted saving "
+        f"{Z:g} sd past what it needs)")
+    floor_saving = table.saving_ms(reach.floor_units)
     calibration = fit_calibration([Observation.measured(table, reach.floor_units, reach.floor.baseline_ms,
                                                         reach.floor.candidate_ms)])
     result = search_under_target(plan.candidates, importance, table.savings_ms, table.baseline_ms, target,
                                  candidate_measurer(plan, reach, table, work, log, state), reach.margin,
                                  (floor_saving, reach.floor), options.min_blocks_per_stage, options.max_trials,
-                                 proposed.proposer)
+                                 model_proposer(plan, importance, table, proposed, options))
     trial = result.best or (min(result.trials, key=lambda t: t.measured.candidate_ms) if result.trials else None)
     if trial is None:
         msg = f"no removal set reaches {target.describe()} by the latency table"

@@ -36,6 +36,11 @@ class PruneOptions:
     logits: list[str] | None = None  # names of the outputs that are class logits (None: the 2-D outputs)
     moves: str = "depth"  # "depth", "width" or "depth+width"
     channel_criterion: str | None = None  # which channels a width unit keeps; None: the criterion's own, else peel
+    # where and how learning and scoring run (compressor/compute/, docs/scale.md)
+    train_device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N, mps
+    amp: str = "auto"  # fine-tuning on CUDA: auto (bf16 where supported, else fp16 + grad scaler), off, bf16, fp16
+    finetune_batch: int = 32  # images per fine-tuning step, all processes together
+    loader_workers: int | None = None  # DataLoader processes per process; None: 0 for in-memory tensors, else CPUs - 1
 
     @classmethod
     def from_kwargs(cls, **options: object) -> PruneOptions:
@@ -52,7 +57,9 @@ class PruneOptions:
         return cls(**options)
 
     def check(self) -> None:
-        """Refuse options that cannot work, before anything is measured or written."""
+        """Refuse options that cannot work, before anything is measured or written (the train device first:
+        it needs nothing else loaded)."""
+        self._check_compute()
         from compressor.criteria import get_criterion
 
         get_criterion(self.criterion)
@@ -75,7 +82,7 @@ class PruneOptions:
         if self.selection is not None and self.selection not in SELECTIONS:
             msg = f"unknown selection {self.selection!r}; known: {', '.join(SELECTIONS)}"
             raise InputError(msg)
-        for name in ("calibration_size", "max_trials", "repeats"):
+        for name in ("calibration_size", "max_trials", "repeats", "finetune_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 msg = f"{name} must be a positive integer, got {value!r}"
@@ -85,6 +92,20 @@ class PruneOptions:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 msg = f"{name} must be zero or a positive integer, got {value!r}"
                 raise InputError(msg)
+
+    def _check_compute(self) -> None:
+        """The train device must be here (InputError in well under a second otherwise) and the precision
+        possible on it."""
+        from compressor.compute.amp import resolve_amp
+        from compressor.compute.device import resolve_device
+        from compressor.compute.group import layout
+
+        _, _, local_rank, local_size = layout()
+        resolve_amp(self.amp, resolve_device(self.train_device, local_rank, local_size))
+        workers = self.loader_workers
+        if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
+            msg = f"loader_workers must be None or zero or a positive integer, got {workers!r}"
+            raise InputError(msg)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -17,15 +17,16 @@ from compressor.latency.device import Device
 from compressor.latency.profiles import Profile
 from compressor.models.loaded import LoadedModel
 
-NO_UNITS_HINT = ("a removable unit is a residual addition y = s + f(s) inside a submodule, the shortcut reading s "
-                 "itself or through a child module (a projection): a ResNet BasicBlock, a transformer block's "
-                 "attention or MLP branch, a C2f bottleneck")
+NO_UNITS_HINT = ("a removable unit is a submodule whose forward computes act(branch(x) + shortcut(x)), the shortcut "
+                 "being the identity or a child module (a projection), e.g. a ResNet BasicBlock or a C2f bottleneck; "
+                 "or one residual branch y = s + f(s) of a block with several, e.g. a transformer block's attention "
+                 "or MLP")
 
 
 def no_units_message(arch: str, rejected: dict[str, str]) -> str:
     """Why a model has no removable unit, with what would be one."""
     why = "; ".join(f"{path}: {reason}" for path, reason in list(rejected.items())[:3])
-    return (f"{arch}: no removable residual units found in its traced graph"
+    return (f"{arch}: no removable residual units found in its captured graph"
             + (f" ({why}{' ...' if len(rejected) > 3 else ''})" if why else " (it has no residual additions)")
             + f"; {NO_UNITS_HINT}")
 

@@ -37,7 +37,7 @@ from compressor.errors import FidelityFloorError
 from compressor.graph.surgery import remove_units
 from compressor.latency.deploy import deployable
 from compressor.latency.table import LatencyTable
-from compressor.quantize import QuantizationImages, quantize_checked
+from compressor.quantize import QuantizationImages, int8_available, quantize_checked
 from compressor.search.knapsack import Choice
 from compressor.search.loop import SearchResult, Trial, search_under_target
 from compressor.search.target import Measured, Target, meets
@@ -52,11 +52,19 @@ CHECK_IMAGES = 128  # further calibration-split images its fidelity is judged on
 
 
 def search_images(data: DataBundle, seed: int) -> QuantizationImages:
-    """Calibration images and, from the same (calibration) split, images calibration never sees."""
-    x = torch.cat([b[0] for b in data.loader("train", batch_size=128, limit=CALIBRATION_IMAGES + CHECK_IMAGES,
-                                             seed=seed + 1)]).numpy()
+    """Calibration images and, from the same (calibration) split, check images calibration never sees, and
+    after those the selection images a fallback ranks layers on (none where the split has no more: then the
+    calibration images; never the check images)."""
+    from compressor.quantize.images import SELECTION_SIZE
+
+    x = torch.cat([b[0] for b in data.loader("train", batch_size=128, seed=seed + 1,
+                                             limit=CALIBRATION_IMAGES + CHECK_IMAGES + SELECTION_SIZE)]).numpy()
+    x, selection = x[:CALIBRATION_IMAGES + CHECK_IMAGES], x[CALIBRATION_IMAGES + CHECK_IMAGES:]
     split = max(1, min(CALIBRATION_IMAGES, len(x) - CHECK_IMAGES // 4))
-    return QuantizationImages(x[:split], x[split:])
+    return QuantizationImages(x[:split], x[split:], selection=selection if len(selection) else None)
+
+
+PROBE_STATE = "int8_probe"  # the probe's figures in a run's state: a resumed search stays in their frame
 
 
 @dataclass
@@ -65,15 +73,26 @@ class Int8Probe:
 
     fp32_ms: float
     int8_ms: float
-    int8_floor_ms: float
+    int8_floor_ms: float | None  # None: the most-pruned model's INT8 was refused by the fidelity floor, not timed
     speedup: float  # fp32 / int8, unpruned
     declined: str | None  # why INT8 is not searched (None: it is)
     quantizer: dict
     fidelity: dict  # the unpruned INT8 against fp32 on the check images
+    floor_refused: str | None = None  # why the most-pruned INT8 was refused (the search then calibrates on fp32's)
     int8_path: Path | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "int8_path"}
+
+    def floor_point(self, reach: Reach) -> Measured:
+        """The INT8 search's first calibration point: the most-pruned INT8 against the unpruned INT8, as timed;
+        where the most-pruned INT8 was refused, the fraction that removal saved in fp32 (reach.floor) applied
+        to the INT8 baseline, a prediction that only ranks (never the unpruned INT8 in its place, which would
+        read as "removal saves nothing" and send the search to the most it can remove)."""
+        if self.int8_floor_ms is not None:
+            return Measured(self.int8_ms, self.int8_floor_ms, reach.floor.spread)
+        fraction = reach.floor.candidate_ms / reach.floor.baseline_ms
+        return Measured(self.int8_ms, self.int8_ms * fraction, reach.floor.spread)
 
 
 def _quantize(plan: Plan, model: torch.nn.Module, path: Path, images: QuantizationImages, log: Callable[[str], None]):
@@ -82,40 +101,55 @@ def _quantize(plan: Plan, model: torch.nn.Module, path: Path, images: Quantizati
                             opset=plan.deployment.profile.opset, log=lambda s: log(f"    {s}"))
 
 
-def probe_int8(plan: Plan, reach: Reach, images: QuantizationImages, work: Path, log: Callable[[str], None]
-               ) -> Int8Probe:
-    """Quantize and time the unpruned and the most-pruned model; decline INT8 when it is not faster."""
+def probe_int8(plan: Plan, reach: Reach, images: QuantizationImages, work: Path, log: Callable[[str], None],
+               state: RunState) -> Int8Probe:
+    """Quantize and time the unpruned and the most-pruned model; decline INT8 when it is not faster (or when the
+    runtime has no INT8 quantizer). A resumed run reuses the saved figures (its INT8 candidates were measured in
+    their frame) and quantizes the unpruned model again only for its artifact."""
+    runtime = plan.deployment.runtime.name
+    if not int8_available(runtime):
+        return Int8Probe(0.0, 0.0, None, 0.0, f"{runtime} has no INT8 quantizer here", {}, {})
     suffix = plan.deployment.exporter.suffix
-    log(f"INT8: quantizing the unpruned model with {plan.deployment.runtime.name}'s own quantizer")
+    log(f"INT8: quantizing the unpruned model with {runtime}'s own quantizer")
     try:
         unpruned = _quantize(plan, plan.model, work / f"int8-base{suffix}", images, log)
     except FidelityFloorError as e:
-        return Int8Probe(0.0, 0.0, 0.0, 0.0, f"the unpruned model's INT8 is below the fidelity floor ({e})", {}, {})
+        return Int8Probe(0.0, 0.0, None, 0.0, f"the unpruned model's INT8 is below the fidelity floor ({e})", {}, {})
+    saved = state.load(PROBE_STATE)
+    if saved is not None:
+        state.note_reused("the INT8 probe (fp32 and INT8 of the unpruned and most-pruned models, measured)")
+        return Int8Probe(**saved, int8_path=unpruned.path)
     floor_units = [u for u in plan.candidates if u.name in reach.floor_units]
+    artifacts, floor_refused = [reach.baseline_path, unpruned.path], None
     try:
-        floor = _quantize(plan, remove_units(plan.model, floor_units, plan.example), work / f"int8-floor{suffix}",
-                          images, log).path
-    except FidelityFloorError:
-        floor = unpruned.path
-    timed = plan.deployment.time([reach.baseline_path, unpruned.path, floor], plan.deployment.profile.search_policy)
-    fp32, int8, int8_floor = (s.median for s in timed.stats)
+        artifacts.append(_quantize(plan, remove_units(plan.model, floor_units, plan.example),
+                                   work / f"int8-floor{suffix}", images, log).path)
+    except FidelityFloorError as e:
+        floor_refused = str(e)
+        log("the most-pruned model's INT8 is below the fidelity floor: not timed; the INT8 search calibrates "
+            "on the saving removal measured in fp32")
+    timed = plan.deployment.time(artifacts, plan.deployment.profile.search_policy)
+    fp32, int8 = timed.stats[0].median, timed.stats[1].median
+    int8_floor = timed.stats[2].median if floor_refused is None else None
     speedup = fp32 / int8
     declined = None
     if speedup < 1 + reach.margin:
         declined = (f"INT8 is not faster on {plan.deployment.profile.name}: fp32 {fp32:.3f} ms, INT8 {int8:.3f} ms "
                     f"({speedup:.2f}x)")
-    log(declined or f"INT8 pays: fp32 {fp32:.3f} ms, INT8 {int8:.3f} ms ({speedup:.2f}x); "
-                    f"INT8 most pruned {int8_floor:.3f} ms")
-    return Int8Probe(fp32, int8, int8_floor, speedup, declined, unpruned.quantizer, unpruned.fidelity.to_dict(),
-                     unpruned.path)
+    log(declined or f"INT8 pays: fp32 {fp32:.3f} ms, INT8 {int8:.3f} ms ({speedup:.2f}x)"
+        + (f"; INT8 most pruned {int8_floor:.3f} ms" if int8_floor is not None else ""))
+    probe = Int8Probe(fp32, int8, int8_floor, speedup, declined, unpruned.quantizer, unpruned.fidelity.to_dict(),
+                      floor_refused, unpruned.path)
+    state.save(PROBE_STATE, probe.to_dict())
+    return probe
 
 
 def int8_logits(plan: Plan, artifact: Path, x: np.ndarray) -> torch.Tensor:
     """The INT8 artifact's logits on `x`, the profile's batch at a time (its input shape is static)."""
+    from exporters.quantizer import run_batched
+
     session = plan.deployment.backend.open(artifact)
-    batch = plan.deployment.input_shape[0]
-    usable = len(x) // batch * batch
-    return torch.from_numpy(np.concatenate([session.run(x[i:i + batch]) for i in range(0, usable, batch)]))
+    return torch.from_numpy(run_batched(session.run, x, plan.deployment.input_shape[0]))
 
 
 @dataclass
@@ -161,7 +195,8 @@ def _measurer(plan: Plan, probe: Int8Probe, reach: Reach, images: QuantizationIm
         if "fp32_ms" in saved.get(key, {}):  # older states timed candidates against INT8: measured again
             state.note_reused(f"the measured INT8 candidate without {len(removed)} units")
             found.kls[removed], found.fp32_ms[removed] = saved[key]["kl"], saved[key]["fp32_ms"]
-            return Measured(**saved[key]["measured"])
+            # in this probe's frame: its own fp32 figure over this probe's INT8 speedup (the same probe, saved)
+            return replace(Measured(**saved[key]["measured"]), baseline_ms=saved[key]["fp32_ms"] / probe.speedup)
         chosen = [u for u in plan.candidates if u.name in removed]
         try:
             artifact = _quantize(plan, remove_units(plan.model, chosen, plan.example), work / f"int8-cand{suffix}",
@@ -203,10 +238,10 @@ def choose_int8(plan: Plan, probe: Int8Probe, reach: Reach, importance: dict[str
         if target.speedup is not None:  # in the INT8 frame: what depth must add to INT8's own speedup
             int8_target = Target(speedup=max(target.speedup / probe.speedup, 1 + reach.margin))
         floor_saving = sum(table.savings_ms[n] for n in reach.floor_units)
-        floor = Measured(probe.int8_ms, probe.int8_floor_ms, reach.floor.spread)
         log(f"INT8 search for {int8_target.describe()} over the unpruned INT8 model")
         result = search_under_target(plan.candidates, importance, table.savings_ms, table.baseline_ms, int8_target,
-                                     measure, reach.margin, (floor_saving, floor), options.min_blocks_per_stage,
+                                     measure, reach.margin, (floor_saving, probe.floor_point(reach)),
+                                     options.min_blocks_per_stage,
                                      options.max_trials, proposer)
     # among the sets that passed, the one that loses the least, measured (KL on the check images): the
     # loop's own pick is by the criterion's importance, which only estimates that loss
@@ -241,7 +276,7 @@ def choose_precision(plan: Plan, reach: Reach, importance: dict[str, float], tab
     from compressor.errors import UnreachableTargetError
 
     images = search_images(data, options.seed)
-    probe = probe_int8(plan, reach, images, work, log)
+    probe = probe_int8(plan, reach, images, work, log, state)
     info: dict = {"probe": probe.to_dict(), "check_images": len(images.held_out),
                   "calibration_images": len(images.calibration)}
     if fp32 is not None:  # what depth alone reached, kept even when INT8 is delivered

@@ -22,10 +22,10 @@ from torch import nn
 
 from compressor.errors import InputError
 from compressor.fileio import atomic_write, atomic_write_text
+from compressor.latency.machine import machine_differences
 
 STATE_DIR = ".state"
 RUN_FILE = "run.json"
-MACHINE_KEYS = ("cpu", "logical_cores", "physical_cores")  # latency figures are only reused on the same machine
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -43,14 +43,18 @@ def remove_leftovers(out: Path) -> list[str]:
     removed = []
     for path in out.iterdir():
         if path.name.startswith(".") and (path.name.endswith(".tmp") or path.name.startswith(".work-")):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            _remove(path)
             removed.append(path.name)
     state = out / STATE_DIR
     if state.is_dir():
-        for path in state.glob(".*.tmp"):
-            path.unlink(missing_ok=True)
+        for path in state.glob(".*.tmp"):  # compressor.fileio.Staging's folders
+            _remove(path)
             removed.append(f"{STATE_DIR}/{path.name}")
     return removed
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _first_difference(saved: dict, current: dict, prefix: str = "") -> str | None:
@@ -89,10 +93,10 @@ class RunState:
         except (OSError, json.JSONDecodeError) as e:
             msg = f"--resume: {path} is not readable run state: {e}"
             raise InputError(msg) from e
-        machine = {k: saved.get("machine", {}).get(k) for k in MACHINE_KEYS}
-        if machine != {k: self.fingerprint["machine"].get(k) for k in MACHINE_KEYS}:
-            msg = (f"--resume: the saved run was measured on another machine ({machine['cpu']}, "
-                   f"{machine['logical_cores']} cores); its latency figures are not reused here: start a new --out")
+        machine = saved.get("machine", {})
+        if machine_differences(machine, self.fingerprint["machine"]):  # latency figures hold on one machine only
+            msg = (f"--resume: the saved run was measured on another machine ({machine.get('cpu')}, "
+                   f"{machine.get('logical_cores')} cores); its latency figures are not reused here: start a new --out")
             raise InputError(msg)
         difference = _first_difference(saved, self.fingerprint)
         if difference:

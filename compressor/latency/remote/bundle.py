@@ -1,64 +1,40 @@
 """Offline bundles for boards with no network path: artifacts, the runner and a manifest in one folder.
 
-    compressor profile --model M --profile P --bundle DIR      the latency table's candidates (job latency-table)
+    compressor profile --model M --profile P --bundle DIR      the latency table's designed sets (job latency-table)
     compressor bench --artifact A --against B --bundle DIR     an artifact and its reference (job bench)
 
 Copy DIR to the device and run `python3 DIR/measure.py --out results.json` there
 (Python 3.10+, numpy and the runtime only); bring results.json back to
 `compressor prune --latency-table results.json` or `compressor bench ... --results results.json`.
-A bundle is written to a temporary folder beside DIR and renamed into place, so
-it is complete or absent.
+A bundle is written to a temporary folder beside DIR and renamed into place
+(compressor.fileio.staged_folder), so it is complete or absent.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
 from compressor.errors import InputError
+from compressor.fileio import staged_folder
 from compressor.graph.units import Unit
 from compressor.latency.deploy import Deployment
+from compressor.latency.designed import DesignOptions, bundle_design
 from compressor.latency.machine import machine_info
 from compressor.latency.profiles import Profile
 from compressor.latency.remote.device import RUNNER_FILES, RUNTIMES, files_key
-from compressor.latency.table import export_candidates
 from compressor.latency.timing import TimingPolicy
 
 BUNDLE_KIND = "compressor-bundle"
 RESULTS_KIND = "compressor-bundle-results"
 SCRIPTS = {**RUNNER_FILES, "measure.py": Path(__file__).resolve().parent / "measure.py"}
-
-
-@contextlib.contextmanager
-def staged(folder: str | Path) -> Iterator[Path]:
-    """A temporary folder beside `folder`, renamed to it when the block succeeds, removed if it fails.
-    A `folder` that exists and is not empty is refused."""
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        msg = f"bundle folder {folder} already exists and is not empty; choose a new one"
-        raise InputError(msg)
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    except OSError as e:
-        msg = f"cannot write the bundle beside {folder}: {e.strerror or e}"
-        raise InputError(msg) from e
-    try:
-        yield tmp
-        if folder.exists():
-            folder.rmdir()
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_runtime(profile: Profile) -> None:
@@ -83,24 +59,24 @@ def _finish(tmp: Path, manifest: dict, x: np.ndarray) -> None:
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _entry(files: Sequence[Path], root: Path, main: Path, unit: str | None = None) -> dict:
+def _entry(files: Sequence[Path], root: Path, main: Path, removed: Sequence[str] | None = None) -> dict:
     return {"file": str(main.relative_to(root)), "files": [str(f.relative_to(root)) for f in files],
-            "sha256": files_key(files), "unit": unit}
+            "sha256": files_key(files), "removed": None if removed is None else list(removed)}
 
 
 def write_table_bundle(folder: str | Path, model: nn.Module, units: list[Unit], deployment: Deployment,
-                       name: str) -> Path:
-    """The unpruned model and each single-unit removal exported for the profile, with the runner,
-    measure.py and a manifest: measure.py on the device writes the latency table."""
+                       name: str, options: DesignOptions | None = None) -> Path:
+    """The unpruned model and the latency model's designed removal sets exported for the profile (the
+    baseline first), with the runner, measure.py and a manifest: measure.py on the device times them in
+    one interleaved session and writes the table, whose model `prune --latency-table` fits."""
     profile = deployment.profile
     _check_runtime(profile)
     files_of = deployment.exporter.artifact_files
-    with staged(folder) as tmp:
-        paths = export_candidates(model, units, deployment, tmp / "artifacts")
-        artifacts = [_entry(files_of(p), tmp, p, unit) for p, unit in zip(paths, [None, *(u.name for u in units)],
-                                                                             strict=True)]
+    with staged_folder(folder, "bundle folder") as tmp:
+        design, exported = bundle_design(model, units, deployment, tmp / "artifacts", options)
+        artifacts = [_entry(files_of(p), tmp, p, removed) for removed, p in exported]
         manifest = _manifest("latency-table", profile, profile.search_policy, artifacts, model=name,
-                             input_shape=list(deployment.input_shape))
+                             input_shape=list(deployment.input_shape), units=design.pop("units"), design=design)
         _finish(tmp, manifest, deployment.example.numpy())
     return Path(folder)
 
@@ -110,7 +86,7 @@ def write_bench_bundle(folder: str | Path, artifacts: Sequence[Path], backend, p
     """Copies of `artifacts` (the first is judged, a second is its reference) with the runner, measure.py
     and a manifest; the folder and what to do next."""
     _check_runtime(profile)
-    with staged(folder) as tmp:
+    with staged_folder(folder, "bundle folder") as tmp:
         entries = []
         for i, artifact in enumerate(artifacts):
             target = tmp / "artifacts" / str(i)

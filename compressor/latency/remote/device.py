@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from compressor.errors import InputError
+from compressor.errors import DeviceError, InputError
 from compressor.latency.remote.conditions import DriftWatch, log_entry, version_matches
 from compressor.latency.remote.spec import Endpoint, RemoteSpec
 from compressor.latency.remote.transport import Answer, Link, TransientError, call
@@ -75,6 +75,7 @@ class RemoteDevice:
         self.drift = DriftWatch(spec.retime_every, spec.drift_tolerance)
         self.lock: asyncio.Lock | None = None
         self.closed = False
+        self.reached = False  # a session was opened: later failures are the device's, not the profile's
 
     @property
     def name(self) -> str:
@@ -92,6 +93,7 @@ class RemoteDevice:
         answer = await self.link.run(self.link.command(self.folder, "runner.py", "probe", self.runtime, self.folder),
                                      "", self.spec.connect_timeout_s + 60)
         self.static = self._parse(answer, "probing the device")
+        self.reached = True
         self._check_version()
 
     def _check_version(self) -> None:
@@ -206,19 +208,23 @@ class RemoteDevice:
             return self._record(artifacts, keys, result, reference, policy)
 
     async def _retrying(self, step: Callable[[], Awaitable[T]]) -> T:
-        """`step()` on a connected link; after a transient failure (connection lost, runner killed, timeout)
-        reconnect and retry, `spec.retries` times, then InputError."""
+        """`step()` on a connected link; after a transient failure (connection lost or refused, runner killed,
+        timeout) reconnect and retry, `spec.retries` times, waiting `spec.retry_wait_s` before the first retry
+        and twice as long before each further one. Then DeviceError (exit 4) once the device had been reached
+        in this session, else InputError: the profile names a device that never answered."""
         for attempt in range(self.spec.retries + 1):
             try:
                 if self.link.conn is None:
-                    await self.link.open()
+                    await self.link.open(reconnecting=self.reached)
                 return await step()
             except TransientError as e:
                 if attempt == self.spec.retries:
                     msg = f"{e} (tried {attempt + 1} times)"
-                    raise InputError(msg) from e
-                self.log(f"warning: {e}; retrying")
+                    raise (DeviceError(msg) if self.reached else InputError(msg)) from e
+                wait = self.spec.retry_wait_s * 2 ** attempt
+                self.log(f"warning: {e}; retrying in {wait:g} s")
                 await self.link.close()
+                await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 
     def _record(self, artifacts: Sequence[Path], keys: list[str], result: dict, reference: dict | None,
@@ -235,7 +241,7 @@ class RemoteDevice:
         for warning in entry["warnings"]:
             self.warnings.append(warning)
             self.log(f"warning: {warning}")
-        return Interleaved(stats, rounds)
+        return Interleaved(stats, rounds, result.get("burst", 5), result.get("cooldown_s", 0.0))
 
     def time(self, artifacts: Sequence[Path], policy: TimingPolicy, x: np.ndarray) -> Interleaved:
         """Interleaved protocol measurement of `artifacts` on the device, each on input `x`."""

@@ -74,16 +74,18 @@ def entry(machine: dict, manifest: dict, result: dict) -> dict:
 
 
 def figures(manifest: dict, machine: dict, result: dict) -> dict:
-    """A latency table (job "latency-table") or a bench results file (job "bench")."""
+    """A latency table (job "latency-table": version 2, its design timed in one session, the model left to
+    compressor to fit) or a bench results file (job "bench")."""
     profile = {**manifest["profile"], "threads": result["threads"]}
     stats = result["stats"]
     if manifest["job"] == "latency-table":
-        units = [a["unit"] for a in manifest["artifacts"][1:]]
-        base = stats[0]
-        return {"model": manifest["model"], "input_shape": manifest["input_shape"], "profile": profile,
-                "machine": machine, "baseline_ms": base["median"],
-                "savings_ms": {u: base["median"] - s["median"] for u, s in zip(units, stats[1:], strict=True)},
-                "stats": {"baseline": base, **dict(zip(units, stats[1:], strict=True))}}
+        session = {"id": 0, "device": machine["hostname"], "sets": [a["removed"] or [] for a in manifest["artifacts"]],
+                   "stats": [{k: v for k, v in s.items() if k != "samples"} for s in stats],
+                   "round_medians": result["round_medians"], "burst": result.get("burst"),
+                   "cooldown_s": result.get("cooldown_s"), "policy": manifest["policy"]}
+        return {"version": 2, "model": manifest["model"], "input_shape": manifest["input_shape"], "profile": profile,
+                "machine": machine, "baseline_ms": stats[0]["median"], "savings_ms": {}, "latency_model": None,
+                "units": manifest["units"], "design": {**manifest["design"], "sessions": [session]}}
     return {"kind": RESULTS_KIND, "version": 1, "bundle": manifest["id"], "profile": profile,
             "policy": manifest["policy"], "machine": machine, "round_medians": result["round_medians"],
             "artifacts": [{"file": a["file"], "sha256": a["sha256"], "stats": s}
@@ -91,6 +93,8 @@ def figures(manifest: dict, machine: dict, result: dict) -> dict:
 
 
 def write_atomically(path: str, text: str) -> None:
+    """`text` to a temporary file beside `path`, renamed over it: compressor.fileio's way, written again here
+    because the device has no compressor (like the runner's copies)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".tmp", dir=folder)
     try:

@@ -2,9 +2,10 @@
 
 An interleaved comparison always runs on one device: `time` takes the first
 free device (the primary, in a job that measures one thing at a time).
-`time_parts` splits the latency table's single-unit candidates across the pool,
-one job per device at a time, each job timing its units against the baseline on
-its own device, so no saving mixes figures from two devices.
+`time_parts` splits the measurements of the latency table's design (a batch of
+removal sets) across the pool, one job per device at a time, each job timing its
+sets against the baseline on its own device, so no measured saving mixes figures
+from two devices; the model is then fitted on all of them.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ class DevicePool:
         return {**own[0], "host": self.name, "measurements": measurements,
                 "pool": [{k: p.get(k) for k in ("host", "hostname", "model", "cpu", "runtime_version", "date")}
                          for p in own],
-                "assignment": ("latency table: single-unit candidates split across the pool, each timed against the "
-                               "baseline on the same device (latency_table.json stats[unit].device); every other "
+                "assignment": ("latency table: each batch of designed removal sets split across the pool, each part "
+                               "timed against the baseline on the same device (latency_table.json "
+                               "design.sessions[].device); every other "
                                f"comparison on one device, the first free one ({self.devices[0].name} when idle)"),
                 **{k: any(p[k] for p in own) for k in ("throttled", "changing_conditions", "drifted")},
                 "warnings": [w for p in own for w in p["warnings"]]}

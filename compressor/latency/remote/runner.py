@@ -5,7 +5,9 @@ Python: it needs only the standard library, numpy and the runtime (onnxruntime
 or openvino). It does not import `exporters` or anything of compressor because
 the device has no compressor (and no torch): the session settings below are
 those of exporters/onnxruntime.py and exporters/openvino.py, kept in step with
-them (tests/test_remote_runner.py checks that they agree). The protocol itself
+them (tests/test_remote_runner.py checks that they agree). Those settings and
+physical_cores() are deliberate copies of compressor's, the only ones the torch-free
+device side keeps (measure.py's atomic write is another). The protocol itself
 is not repeated here: it is timing.py's `measure_interleaved`, uploaded as is.
 
     python3 runner.py probe RUNTIME [WORKDIR]     provenance of the device, and whether the runtime imports
@@ -179,20 +181,23 @@ def changes(before: dict, after: dict, cooled_s: float, max_s: float) -> dict:
 
 def open_ort(artifact: str, threads: int, options: dict):
     """ONNX Runtime as exporters/onnxruntime.py opens it: explicit intra-op threads, one inter-op thread,
-    sequential, ORT_ENABLE_ALL, spinning off unless options.allow_spinning."""
+    sequential, ORT_ENABLE_ALL, the runtime's default spinning unless options.allow_spinning says."""
     import onnxruntime as ort
 
-    spinning = bool(options.get("allow_spinning", False))
+    spinning = None if options.get("allow_spinning") is None else bool(options["allow_spinning"])
+    # the same lines as exporters/onnxruntime.py's session, on purpose: the device has no compressor
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if spinning is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     session = ort.InferenceSession(artifact, so, providers=["CPUExecutionProvider"])
     settings = {"runtime": "onnxruntime", "version": ort.__version__, "provider": "CPUExecutionProvider",
                 "intra_op_num_threads": threads, "execution_mode": "sequential",
-                "graph_optimization": "ORT_ENABLE_ALL", "allow_spinning": spinning}
+                "graph_optimization": "ORT_ENABLE_ALL",
+                "allow_spinning": "default (on)" if spinning is None else spinning}
     name = session.get_inputs()[0].name
 
     def prepared(x):
@@ -259,7 +264,7 @@ def measure(job: dict) -> dict:
     result = measure_interleaved(runs, TimingPolicy.from_dict(job["policy"]), job.get("burst", 5))
     after = conditions()
     return {"stats": [s.to_dict(with_samples=True) for s in result.stats], "round_medians": result.round_medians,
-            "settings": settings, "threads": job["threads"],
+            "burst": result.burst, "cooldown_s": result.cooldown_s, "settings": settings, "threads": job["threads"],
             "conditions": changes(before, after, cooled, job.get("cool_max_s", 0))}
 
 

@@ -23,10 +23,11 @@ from pathlib import Path
 from compressor.errors import InputError
 
 DEFAULTS = {"port": 22, "python": "python3", "workdir": "/tmp", "connect_timeout_s": 15.0,
-            "command_timeout_s": 600.0, "retries": 1, "cool_above_c": 75.0, "cool_max_s": 120.0,
-            "retime_every": 4, "drift_tolerance": 0.10}
+            "command_timeout_s": 600.0, "retries": 3, "retry_wait_s": 2.0, "cool_above_c": 75.0,
+            "cool_max_s": 120.0, "retime_every": 4, "drift_tolerance": 0.10}
 TEXT_KEYS = ("host", "user", "key", "known_hosts", "python", "workdir", "runtime_version")
-NUMBER_KEYS = ("connect_timeout_s", "command_timeout_s", "cool_above_c", "cool_max_s", "drift_tolerance")
+NUMBER_KEYS = ("connect_timeout_s", "command_timeout_s", "retry_wait_s", "cool_above_c", "cool_max_s",
+               "drift_tolerance")
 INT_KEYS = ("port", "retries", "retime_every")
 KNOWN = (*TEXT_KEYS, *NUMBER_KEYS, *INT_KEYS, "hosts")
 
@@ -55,11 +56,12 @@ class RemoteSpec:
     runtime_version: str | None = None
     connect_timeout_s: float = 15.0  # TCP connect and SSH login, each
     command_timeout_s: float = 600.0  # one runner command, on top of the time its floors need
-    retries: int = 1  # a transient failure (connection lost, runner killed) is retried this many times
+    retries: int = 3  # a transient failure (connection lost, runner killed) is retried this many times
     cool_above_c: float = 75.0  # before a measurement, wait while the hottest thermal zone is above this
     cool_max_s: float = 120.0  # ... but no longer than this
     retime_every: int = 4  # re-time the first measured (reference) artifact at least every N measurements
     drift_tolerance: float = 0.10  # flag the reference's median moving more than this from its first figure
+    retry_wait_s: float = 2.0  # the wait before the first retry, doubled before each further one
 
     def to_dict(self) -> dict:
         """What a report records about where it measured (no secrets: the key's path, not the key)."""
@@ -145,4 +147,5 @@ def parse_remote(raw: object, source: str) -> RemoteSpec | None:
         _path(values, "known_hosts", base, source, "~/.ssh/known_hosts"), str(values["python"]),
         str(values["workdir"]), str(version) if version is not None else None, float(values["connect_timeout_s"]),
         float(values["command_timeout_s"]), values["retries"], float(values["cool_above_c"]),
-        float(values["cool_max_s"]), max(1, values["retime_every"]), float(values["drift_tolerance"]))
+        float(values["cool_max_s"]), max(1, values["retime_every"]), float(values["drift_tolerance"]),
+        float(values["retry_wait_s"]))

@@ -26,6 +26,7 @@ from compressor.latency.remote.spec import Endpoint, RemoteSpec
 
 HINT = "install it with `pip install asyncssh` (or `pip install compressor[remote]`)"
 NO_SPACE_CODES = (14, 15)  # SFTP FX_NO_SPACE_ON_FILESYSTEM, FX_QUOTA_EXCEEDED
+LOST_CODES = (6, 7)  # SFTP FX_NO_CONNECTION, FX_CONNECTION_LOST
 
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()
@@ -91,8 +92,11 @@ def _host_key_message(asyncssh, spec: RemoteSpec, endpoint: Endpoint) -> str:
             f">> {spec.known_hosts}`")
 
 
-def _connect_error(asyncssh, e: BaseException, spec: RemoteSpec, endpoint: Endpoint) -> Exception:
-    """One line for a failed connection: InputError, or TransientError for a timeout."""
+def _connect_error(asyncssh, e: BaseException, spec: RemoteSpec, endpoint: Endpoint,
+                   reconnecting: bool = False) -> Exception:
+    """One line for a failed connection: InputError, or TransientError for a timeout. `reconnecting` (the
+    device was reached before, in this session): a refused or reset connection is transient too (a device
+    rebooting, a Wi-Fi link that dropped), not a wrong address."""
     if isinstance(e, asyncssh.HostKeyNotVerifiable):
         return InputError(_host_key_message(asyncssh, spec, endpoint))
     if isinstance(e, asyncssh.PermissionDenied):
@@ -106,6 +110,8 @@ def _connect_error(asyncssh, e: BaseException, spec: RemoteSpec, endpoint: Endpo
         return TransientError(f"{endpoint} closed the SSH connection: {e.reason}")
     if isinstance(e, OSError):
         reason = os.strerror(e.errno) if e.errno else str(e)  # asyncio's own text hides the errno's
+        if reconnecting:
+            return TransientError(f"cannot reach {endpoint} again: {reason}")
         return InputError(f"cannot reach {endpoint}: {reason} (is the device on and sshd running?)")
     return InputError(f"cannot connect to {endpoint}: {type(e).__name__}: {e}")
 
@@ -131,8 +137,9 @@ class Link:
         self.conn = None
         self.sftp = None
 
-    async def open(self) -> None:
-        """Connect, log in with the key, check the host key strictly, start SFTP."""
+    async def open(self, reconnecting: bool = False) -> None:
+        """Connect, log in with the key, check the host key strictly, start SFTP (`reconnecting`: after a
+        transient failure in a session that had reached the device)."""
         asyncssh = asyncssh_module()
         spec, timeout = self.spec, self.spec.connect_timeout_s
         if not spec.known_hosts.is_file():
@@ -149,7 +156,7 @@ class Link:
             self.sftp = await asyncio.wait_for(self.conn.start_sftp_client(), timeout)
         except Exception as e:
             await self.close()
-            raise _connect_error(asyncssh, e, spec, self.endpoint) from e
+            raise _connect_error(asyncssh, e, spec, self.endpoint, reconnecting) from e
 
     def command(self, folder: str, script: str, *args: str) -> str:
         """`cd FOLDER && PYTHON SCRIPT ARGS`: the profile's python may carry its own arguments."""
@@ -166,8 +173,7 @@ class Link:
             msg = f"the runner on {self.endpoint} did not finish within {timeout:.0f} s"
             raise TransientError(msg) from e
         except (asyncssh.Error, OSError) as e:
-            msg = f"lost the connection to {self.endpoint} while the runner ran: {type(e).__name__}: {e}"
-            raise TransientError(msg) from e
+            raise self._lost(e, "while the runner ran") from e
         signal = done.exit_signal[0] if done.exit_signal else None
         return Answer(done.exit_status, signal, done.stdout or "", done.stderr or "")
 
@@ -177,6 +183,8 @@ class Link:
         try:
             return await asyncio.wait_for(coro, self.spec.connect_timeout_s + size / 1e6)
         except asyncssh.SFTPError as e:
+            if e.code in LOST_CODES:  # SFTP's own word for a dropped connection
+                raise self._lost(e, f"during {what}") from e
             if e.code in NO_SPACE_CODES or "space" in str(e.reason).lower() or "quota" in str(e.reason).lower():
                 msg = (f"the device {self.endpoint} has no space left for {what} ({e.reason}): free some space "
                        f"or point remote.workdir at a larger disk")
@@ -187,8 +195,10 @@ class Link:
             msg = f"{what} on {self.endpoint} took longer than {self.spec.connect_timeout_s + size / 1e6:.0f} s"
             raise TransientError(msg) from e
         except (asyncssh.Error, OSError) as e:
-            msg = f"lost the connection to {self.endpoint} during {what}: {type(e).__name__}: {e}"
-            raise TransientError(msg) from e
+            raise self._lost(e, f"during {what}") from e
+
+    def _lost(self, e: BaseException, when: str) -> TransientError:
+        return TransientError(f"lost the connection to {self.endpoint} {when}: {type(e).__name__}: {e}")
 
     async def put(self, local: Path, remote: str) -> None:
         """Upload one file."""
