@@ -14,8 +14,8 @@ import compressor
 from compressor.graph.recipe import apply_recipe
 from compressor.models.checkpoint import load_checkpoint
 from tests.helpers import resnet20
-from tests.test_e2e_table import BAND, BASE_MS, MARGIN, OPTIONS
-from tests.test_table_device import SAVINGS, table_profile, write_table
+from tests.test_e2e_table import BAND, BASE_MS, MARGIN, OPTIONS, SAVINGS
+from tests.test_table_device import table_profile, write_table
 
 # a slimmed block saves part of what removing it saves; levels the table device leaves (channel counts rounded to
 # multiples of 8, not timed): 16-channel blocks keep 8 (@50%), 32 keep 24/16/8, 64 keep 48/32/16. Every figure is a
