@@ -13,7 +13,13 @@ subset of its units is removed, and three checks run:
 
 A mismatch is any check failing, or any step raising. The count of mismatches is the result (goal 0).
 
+With `--moves depth+width`, about half of the blocks whose inner channels slim (graph/width.py) are slimmed
+to a random level keeping random channels, and a random subset of the other blocks is removed; the
+reference is the net with those branches muted and the dropped channels zeroed where dense layers read
+them (tests/width_reference.py), for all three checks.
+
     .venv/bin/python benchmarks/random_architectures.py --nets 1000
+    .venv/bin/python benchmarks/random_architectures.py --nets 1000 --moves depth+width
 """
 
 from __future__ import annotations
@@ -41,18 +47,38 @@ from tests.random_nets import muted_reference, random_net  # noqa: E402
 SURGERY_RTOL = 1e-5
 
 
-def check_net(seed: int, workdir: Path) -> dict:
+def _width_moves(net, units: list, rng: random.Random) -> tuple[list, list]:
+    """(width units on about half the blocks that slim, removals among the other whole blocks)."""
+    from compressor.graph.width import find_width_options
+    from tests.width_reference import random_widths
+
+    widths = random_widths(find_width_options(net.model, units)[0], rng)
+    slimmed = {u.path for u in widths}
+    blocks = [u for u in units if u.path not in slimmed and u.kind in ("identity", "projection")]
+    return widths, [u for u in blocks if rng.random() < 0.5]
+
+
+def check_net(seed: int, workdir: Path, moves: str = "depth") -> dict:
     """The three checks on one random net; a dict with what was found (mismatch: the failing check)."""
     net = random_net(seed)
     x = torch.randn(2, *net.input_shape, generator=torch.Generator().manual_seed(seed))
     units = find_units(net.model, x)
     rng = random.Random(seed + 1)
-    removed = [u for u in units if rng.random() < 0.5] or units[:1]
+    widths = []
+    if moves == "depth":
+        removed = [u for u in units if rng.random() < 0.5] or units[:1]
+    else:
+        widths, removed = _width_moves(net, units, rng)
     row = {"seed": seed, "input": list(net.input_shape), "units": len(units), "removed": len(removed),
-           "kinds": dict(Counter(u.kind for u in units)), "mismatch": None}
-    pruned = remove_units(net.model, removed, x)
+           "slimmed": len(widths), "kinds": dict(Counter(u.kind for u in units)), "mismatch": None}
+    pruned = remove_units(net.model, widths + removed, x)
     with torch.no_grad():
-        expected = muted_reference(net.model, [u.name for u in removed])(x)
+        expected = muted_reference(net.model, [u.name for u in removed])
+        if widths:
+            from tests.width_reference import width_muted
+
+            expected = width_muted(expected, widths)
+        expected = expected(x)
         got = pruned(x)
     row["surgery_rel_error"] = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
     if row["surgery_rel_error"] > SURGERY_RTOL:
@@ -81,7 +107,8 @@ def render(result: dict) -> str:
     lines = [
         f"**{len(bad)} mismatches in {len(rows)} random architectures** "
         f"({sum(r['units'] for r in rows)} units found: {kinds['identity']} identity, {kinds['projection']} "
-        f"projection; {sum(r['removed'] for r in rows)} removed).", "",
+        f"projection; {sum(r['removed'] for r in rows)} removed, {sum(r.get('slimmed', 0) for r in rows)} "
+        f"slimmed; moves {result.get('moves', 'depth')}).", "",
         "| check | tolerance | worst seen |", "|---|---|---:|",
         f"| surgery vs the muted reference | {SURGERY_RTOL:g} of the output range | "
         f"{worst['surgery_rel_error']:.2e} |",
@@ -97,13 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = common.argument_parser(__doc__)
     parser.add_argument("--nets", type=int, default=1000, help="random architectures (default: %(default)s)")
     parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--moves", choices=("depth", "depth+width"), default="depth",
+                        help="remove blocks only, or also slim others' inner channels (default: %(default)s)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    result = {**common.provenance("random_architectures"), "nets": []}
+    result = {**common.provenance("random_architectures"), "moves": args.moves, "nets": []}
     with tempfile.TemporaryDirectory(prefix="random-nets-") as tmp:
         for seed in range(args.first_seed, args.first_seed + args.nets):
             try:
-                row = check_net(seed, Path(tmp))
+                row = check_net(seed, Path(tmp), args.moves)
             except Exception as e:  # a step that raises is a mismatch too, recorded with its reason
                 row = {"seed": seed, "units": 0, "removed": 0, "kinds": {}, "mismatch": "raised",
                        "error": f"{type(e).__name__}: {str(e)[:200]}", "trace": traceback.format_exc()[-800:]}
@@ -116,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = time.perf_counter() - t0
     result["mismatches"] = sum(bool(r["mismatch"]) for r in result["nets"])
     markdown = render(result)
-    common.write_results(args.out, "random_architectures", result, markdown)
-    return common.finish(args.out, "random_architectures", markdown, t0)
+    name = "random_architectures" if args.moves == "depth" else "random_architectures_width"
+    common.write_results(args.out, name, result, markdown)
+    return common.finish(args.out, name, markdown, t0)
 
 
 if __name__ == "__main__":

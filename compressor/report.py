@@ -162,6 +162,7 @@ def build_report(run: PruneRun) -> dict:
         "profile": {**plan.deployment.profile.to_dict(), "machine": run.machine},
         "latency_source": "predicted" if run.machine.get("predicted") else "measured",
         "search": _search(run), "recipe": run.delivered.recipe, "precision": _precision(run),
+        "width": getattr(plan, "width_report", None),
         "checks": run.delivered.checks, "flop_convention": FLOP_CONVENTION, "config": run.config,
         "seconds": run.seconds, "compute": run.compute,
     }
@@ -213,6 +214,7 @@ def render_markdown(r: dict) -> str:
            f"within 10%: {cal['within_10pct']:.0%})" if (cal := r['search']['table_error'].get('calibrated'))
            else "") + ".",
         *_search_lines(r),
+        *_width_lines(r),
         "- Predicted against measured, every timed candidate: ![latency model against measurement](prediction.png)",
         f"- Checks: BatchNorm folding max relative error {r['checks']['fold_max_rel_error']:.2e} "
         f"(tolerance {r['checks']['fold_tolerance_rel']:g}); {r['checks']['artifact_format']} vs torch max |diff| "
@@ -251,6 +253,21 @@ def _search_lines(r: dict) -> list[str]:
         lines.append(f"- The delivered set is faster than needed (more than {OVERSHOOT_BAND:.0%} under the latency "
                      f"aimed at) because {search['ended']}.")
     return lines
+
+
+def _width_lines(r: dict) -> list[str]:
+    """With width moves: the units slimmed (channels kept) and the channel counts the runtime was timed at."""
+    width = r.get("width")
+    if not width:
+        return []
+    slimmed = [u for u in r["recipe"]["units"] if u.get("kind") == "width"]
+    groups = {u["name"]: ", ".join(f"{len(g['keep'])}/{g['channels']}" for g in u["slim"]["groups"]) for u in slimmed}
+    kept = "; ".join(f"{name} ({counts})" for name, counts in groups.items())
+    return [f"- Moves {width['moves']}: {width['units']} width units (levels "
+            f"{', '.join(f'{v:.0%}' for v in width['levels'])} at timed channel counts, channels ranked by "
+            f"{width['channel_criterion']}); slimmed: {kept or 'none'}"
+            + (f"; {len(width['refused_levels'])} levels refused (report.json: width)" if width['refused_levels']
+               else "") + "."]
 
 
 def _retime_line(r: dict) -> str:

@@ -12,7 +12,7 @@ from tests.helpers import FAST_PROFILE
 # files to two workers in collection order, so the long ones start first and the short ones fill the gaps.
 LONGEST_FIRST = ("test_precision.py", "test_resume.py", "test_e2e_selection.py", "test_quantize.py",
                  "test_e2e.py", "test_device_failure.py", "test_table_resume.py", "test_api.py", "test_e2e_table.py",
-                 "test_remote_e2e.py", "test_scale_e2e.py", "test_scale.py")
+                 "test_remote_e2e.py", "test_scale_e2e.py", "test_e2e_width.py", "test_scale.py")
 
 
 def pytest_configure(config):

@@ -19,8 +19,9 @@ BASE_MS = 2.0
 # resnet20's units of identical structure (graph/signature.py) save the same on the device: the latency model
 # the prune fits on designed removal sets (latency/model.py) has one saving per structure group, so only a
 # device whose savings are additive per group is one it fits exactly, and the search's outcome exact
-SAVINGS = {"layer1.0": 0.045, "layer1.1": 0.045, "layer1.2": 0.045, "layer2.0": 0.10, "layer2.1": 0.07,
-           "layer2.2": 0.07, "layer3.0": 0.07, "layer3.1": 0.45, "layer3.2": 0.45}
+# (multiples of 0.005 ms adding up to 1 ms: tests/test_e2e_width.py's knapsack bins stay exact)
+SAVINGS = {"layer1.0": 0.035, "layer1.1": 0.035, "layer1.2": 0.035, "layer2.0": 0.095, "layer2.1": 0.065,
+           "layer2.2": 0.065, "layer3.0": 0.07, "layer3.1": 0.30, "layer3.2": 0.30}
 # the documented search settings (docs/how-it-works.md), written out so the arithmetic is checked independently:
 MARGIN = 0.01  # a device with no spread: the search aims 1% under the target
 BAND = 0.06  # a pass more than 6% under the latency aimed at is refined
@@ -94,8 +95,8 @@ def test_cli_prune_meets_the_target_with_the_exact_optimum_and_says_it_is_predic
 
 
 def test_after_an_overshoot_the_prune_delivers_the_best_set_within_the_band(folder, digits):
-    """At 1.09x the least important set that meets the target (one of layer3.1, layer3.2, saving 0.45 of 2 ms)
-    is 1.29x:
+    """At 1.09x the least important set that meets the target (one of layer3.1, layer3.2, saving 0.30 of 2 ms)
+    is 1.18x:
     the search must go on to the best set not yet measured that removes less."""
     report = compressor.prune(resnet20(), data=digits, target=compressor.Speedup(1.09),
                               profile=str(folder / "replay.yaml"), out=folder / "r109", log=None,

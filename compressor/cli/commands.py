@@ -43,7 +43,8 @@ def prune_options(args: argparse.Namespace):
         min_blocks_per_stage=args.min_blocks_per_stage, max_trials=args.max_trials, merge=args.merge, seed=args.seed,
         latency_table=args.latency_table, repeats=args.repeats, precision=args.precision,
         logits=[n for n in args.logits.split(",") if n] if args.logits else None,
-        train_device=args.train_device, amp=args.amp, finetune_batch=args.finetune_batch, loader_workers=args.workers)
+        moves=args.moves, channel_criterion=args.channel_criterion, train_device=args.train_device, amp=args.amp,
+        finetune_batch=args.finetune_batch, loader_workers=args.workers)
 
 
 def _summary(report: dict, out: str) -> str:

@@ -112,6 +112,12 @@ def _prune(sub) -> None:
                    help="comma-separated names of the model's outputs that are class logits (a lone output is "
                         "'logits', a tuple's 'output0', 'output1' ..., a dict's by key; default: the 2-D ones); "
                         "logits are compared by KL and top-1 agreement, other outputs by cosine and normalised MSE")
+    p.add_argument("--moves", choices=("depth", "width", "depth+width"), default="depth",
+                   help="what the search may do to a block: remove it or a branch (depth), slim its inner channels "
+                        "to 75/50/25%% at channel counts timed on the runtime (width), or either (default: depth)")
+    p.add_argument("--channel-criterion", choices=("peel", "magnitude", "magnitude_l2", "taylor", "random"),
+                   default=None, help="which inner channels a slimmed block keeps (default: the --criterion's own "
+                                      "for magnitude, taylor and random, else peel: BatchNorm scale)")
     p.add_argument("--train-device", default="auto", metavar="auto|cpu|cuda|cuda:N|mps",
                    help="where scoring, fine-tuning and fidelity run (default: auto, CUDA when available); "
                         "under torchrun each process takes its local rank's GPU (docs/scale.md)")

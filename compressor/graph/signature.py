@@ -58,7 +58,8 @@ def _module_description(module: nn.Module, skip: str | None, members: tuple[str,
 def unit_signatures(model: nn.Module, units: Sequence[Unit], x: torch.Tensor) -> dict[str, str]:
     """{unit name: structural signature}: a short hash of the unit's kind, what removing it leaves
     (shortcut, post-add activations, which of its block's additions), the removed part's modules with their
-    settings and parameter shapes (a branch's own modules only), and the shapes the unit reads and writes.
+    settings and parameter shapes (a branch's own modules only), the shapes the unit reads and writes, and for
+    a width unit the channel count each of its groups keeps (which channels does not change the cost).
     Equal signatures mean equal latency savings."""
     shapes = block_io_shapes(model, [u.path for u in units], x)
     signatures = {}
@@ -67,5 +68,7 @@ def unit_signatures(model: nn.Module, units: Sequence[Unit], x: torch.Tensor) ->
         parts = [unit.kind, str(unit.shortcut), ",".join(unit.post_add), repr(shapes.get(unit.path)),
                  repr(unit.branches), *_module_description(block, unit.shortcut if unit.kind != "merge" else None,
                                                            unit.members)]
+        if unit.slim is not None:  # a width level: the channels each group keeps tell the levels apart
+            parts.append(f"slim {unit.slim.roots} {unit.slim.channels} -> {unit.slim.kept}")
         signatures[unit.name] = hashlib.sha1("\n".join(parts).encode()).hexdigest()[:12]
     return signatures

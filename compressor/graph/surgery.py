@@ -19,7 +19,12 @@ REMOVED_ATTRIBUTE = "compressor_removed"  # on a pruned model: the names of the 
 
 def replacement_for(block: nn.Module, unit: Unit) -> nn.Module:
     """What `block` becomes when `unit` is removed: act(shortcut(x)) for a one-addition block; the block
-    rebuilt without the unit's residual branches (graph/rebuild.py) for a branch or block unit."""
+    rebuilt without the unit's residual branches (graph/rebuild.py) for a branch or block unit; the block
+    with fewer inner channels (graph/slim.py) for a width unit."""
+    if unit.kind == "width":
+        from compressor.graph.slim import slimmed_block
+
+        return slimmed_block(block, unit.input_shape, unit.slim)
     if unit.kind in ("branch", "block"):
         from compressor.graph.rebuild import rebuilt_block
 
@@ -45,7 +50,8 @@ def remove_units(model: nn.Module, units: Iterable[Unit],
                  example_input: torch.Tensor | None = None) -> nn.Module:
     """A copy of `model` with every unit in `units` removed: a one-addition block replaced by its shortcut,
     a block with branch units rebuilt without those branches (several branch units of one block together),
-    a "merge" unit's block linearised (rewrite/linearised.py; merged into one conv at export).
+    a "merge" unit's block linearised (rewrite/linearised.py; merged into one conv at export), a "width"
+    unit's block slimmed to the channels it keeps (graph/slim.py; before any other unit of its block).
     The copy records the removed names in its `compressor_removed` attribute, and where it came from (its
     lineage: capture then derives its graph from the model's instead of exporting it again, graph/derive.py).
 
@@ -56,6 +62,15 @@ def remove_units(model: nn.Module, units: Iterable[Unit],
     pruned = copy.deepcopy(model)
     for path, group in _by_block(units):
         block = pruned.get_submodule(path)
+        widths = [u for u in group if u.kind == "width"]
+        if widths:  # slimmed first: a branch removed afterwards goes with its channels
+            from compressor.graph.slim import slimmed_widths
+
+            block = slimmed_widths(block, widths)
+            pruned.set_submodule(path, block)
+            group = [u for u in group if u.kind != "width"]
+            if not group:
+                continue
         merges = [u for u in group if u.kind == "merge"]
         if merges:
             from compressor.rewrite.linearised import LinearisedBlock

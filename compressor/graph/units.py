@@ -14,7 +14,10 @@ by architecture tables:
   (branches.py); removing it leaves ``y = s`` (kind "branch", named by the block's
   path and the branch's main child module, "blocks.3/attn");
 - a whole multi-branch block whose branches are all removable (kind "block", named
-  by its path), so the search can take both branches at once.
+  by its path), so the search can take both branches at once;
+- a kept block or branch with fewer inner channels (kind "width", named by the block or
+  branch and the level, "layer2.0@50%", "blocks.3/mlp@25%"; graph/width.py finds them,
+  graph/slim.py makes them): the residual stream keeps its width.
 
 Units of one block path are alternatives: the search takes at most one of them.
 """
@@ -34,6 +37,25 @@ from compressor.graph.nodes import outputs_of, tensor_inputs
 
 MERGE_SUFFIX = "/merge"  # a merge unit's name: its block's path + this
 BLOCK_KINDS = ("identity", "projection", "block")  # kinds whose removal takes the whole block out
+LEVEL_MARK = "@"  # a width unit's name: its block (or branch) + this + the level, "layer2.0@50%"
+
+
+@dataclass(frozen=True)
+class Slim:
+    """What a width unit keeps: for each coupled channel group of its block (Torch-Pruning's dependency graph,
+    graph/width.py), the layer whose output channels root the group (its path relative to the block), the
+    group's channel count, and the channel indices kept (ascending); `level`: the share of channels asked for
+    (0.5), before the count was rounded to a measured channel step."""
+
+    roots: tuple[str, ...]
+    channels: tuple[int, ...]
+    keep: tuple[tuple[int, ...], ...]
+    level: float
+
+    @property
+    def kept(self) -> tuple[int, ...]:
+        """The number of channels each group keeps."""
+        return tuple(len(k) for k in self.keep)
 
 
 @dataclass(frozen=True)
@@ -43,7 +65,8 @@ class Unit:
 
     name: "layer2.0" (a block), "blocks.3/attn" (a branch), "layer2.0/merge" (a merge unit);
     kind: "identity" or "projection" (a one-addition block removed to its shortcut), "branch", "block"
-    (every branch of a multi-branch block), or "merge"; shortcut: the projection's path relative to the
+    (every branch of a multi-branch block), "merge", or "width" (the block kept with fewer inner channels,
+    `slim` says which); shortcut: the projection's path relative to the
     block; post_add: activations after the addition that the replacement keeps; stage: the block's output
     shape, e.g. "32x16x16" (blocks of one stage share it); order: position in the graph; branches: which of
     the block's own additions (in graph order) a branch or block unit removes; members: the block's
@@ -61,9 +84,14 @@ class Unit:
     branches: tuple[int, ...] = ()
     input_shape: tuple[int, ...] = ()
     members: tuple[str, ...] = ()
+    slim: Slim | None = None  # kind "width": the channels it keeps
 
     @property
     def removable_to(self) -> str:
+        if self.kind == "width" and self.slim is not None:
+            kept = ", ".join(f"{root} {k} of {c}" for root, k, c in zip(self.slim.roots, self.slim.kept,
+                                                                          self.slim.channels, strict=True))
+            return f"its block with fewer inner channels ({kept})"
         if self.kind == "merge":
             return "one merged convolution"
         if self.kind == "branch":
@@ -75,7 +103,7 @@ class Unit:
     @property
     def path(self) -> str:
         """The block's module path."""
-        return self.name.partition("/")[0]
+        return self.name.partition(LEVEL_MARK)[0].partition("/")[0]
 
     @property
     def removes_block(self) -> bool:

@@ -1,6 +1,6 @@
 """The prune job: the stages of compressor/stages/ in order, behind one Python entry point.
 
-    plan -> reach -> scores -> table -> choose -> recover -> deliver -> verify -> report
+    plan -> width -> reach -> scores -> table -> choose -> recover -> deliver -> verify -> report
 
 `prune(model, data, target, profile, out)` is what `compressor prune` runs, and
 what a user calls on their own nn.Module; `run` is the same sequence on inputs
@@ -42,6 +42,7 @@ from compressor.stages.recover import finetune_settings, recover
 from compressor.stages.scores import score_candidates
 from compressor.stages.state import STATE_DIR, RunState
 from compressor.stages.table import given_table, latency_table, table_design
+from compressor.stages.width import add_width_units
 
 Log = Callable[[str], None]
 
@@ -258,6 +259,7 @@ def _stages(job: Job) -> PruneResult:
     options, out, work, log, state = job.options, job.out, job.work, job.log, job.state
     torch.manual_seed(options.seed)
     plan = plan_units(job.loaded, job.profile, options.merge, log, job.device)
+    add_width_units(plan, job.data, options, work, log, state)
     given = given_table(plan, options.latency_table, log)
     reach = check_reachable(plan, job.target, options.min_blocks_per_stage, work, log, state,
                             int8_may_help=options.precision != "fp32" and int8_available(job.profile.runtime))

@@ -217,7 +217,8 @@ def _best_untried(problem: _Problem, excluded: set[frozenset[str]]) -> frozenset
 
 def most_removable(units: Sequence[Unit], min_per_stage: int, savings_ms: dict[str, float] | None = None
                    ) -> list[Unit]:
-    """The largest allowed removal: per stage, the units saving most (or the last ones)."""
+    """The largest allowed removal: per stage, the units saving most (or the last ones); and every block left
+    with a width unit, at its level saving most (or keeping fewest channels)."""
     limits = removable_limits(units, min_per_stage)
     chosen: list[Unit] = []
     for stage, limit in limits.items():
@@ -227,4 +228,16 @@ def most_removable(units: Sequence[Unit], min_per_stage: int, savings_ms: dict[s
         else:
             members = members[::-1]
         chosen += members[:limit]
-    return sorted(chosen, key=lambda u: u.order)
+    return sorted(chosen + _slimmest(units, {u.path for u in chosen}, savings_ms), key=lambda u: u.order)
+
+
+def _slimmest(units: Sequence[Unit], taken: set[str], savings_ms: dict[str, float] | None) -> list[Unit]:
+    """Per block not in `taken`, its width unit saving most (or keeping the fewest channels)."""
+    best: dict[str, Unit] = {}
+    for u in units:
+        if u.kind != "width" or u.path in taken:
+            continue
+        key = (lambda v: savings_ms[v.name]) if savings_ms is not None else (lambda v: -sum(v.slim.kept))
+        if u.path not in best or key(u) > key(best[u.path]):
+            best[u.path] = u
+    return list(best.values())

@@ -1,6 +1,7 @@
 """The prune job's stages, in the order the job runs them (jobs/prune.py):
 
     plan      the units of the model (and merge units), its deployment on the profile
+    width     with --moves width or depth+width: width units at measured channel steps
     reach     the unpruned model against the most that may be removed: is the target reachable?
     scores    every unit's importance under the criterion, on calibration data
     table     each unit's measured latency saving (the lookup table), measured or reused

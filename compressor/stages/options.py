@@ -11,6 +11,8 @@ from compressor.errors import InputError
 # greedy removal scored by the whole set's measured KL (search/greedy.py)
 SELECTIONS = ("knapsack", "greedy")
 PRECISIONS = ("fp32", "int8", "auto")
+# what the search may do to a block: remove it (or a branch), slim its inner channels (stages/width.py), or either
+MOVES = ("depth", "width", "depth+width")
 
 
 @dataclass
@@ -32,6 +34,8 @@ class PruneOptions:
     repeats: int = 3  # SR-init seeds
     precision: str = "fp32"  # "fp32", "int8" (the runtime's own quantizer) or "auto" (whichever measures best)
     logits: list[str] | None = None  # names of the outputs that are class logits (None: the 2-D outputs)
+    moves: str = "depth"  # "depth", "width" or "depth+width"
+    channel_criterion: str | None = None  # which channels a width unit keeps; None: the criterion's own, else peel
     # where and how learning and scoring run (compressor/compute/, docs/scale.md)
     train_device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N, mps
     amp: str = "auto"  # fine-tuning on CUDA: auto (bf16 where supported, else fp16 + grad scaler), off, bf16, fp16
@@ -63,6 +67,15 @@ class PruneOptions:
             from compressor.criteria.merges import check_criterion
 
             check_criterion(self.criterion)
+        if self.moves not in MOVES:
+            msg = f"unknown moves {self.moves!r}; known: {', '.join(MOVES)}"
+            raise InputError(msg)
+        if self.moves != "depth" or self.channel_criterion is not None:
+            from compressor.criteria.channels import get_channel_criterion
+            from compressor.criteria.width import check_criterion as check_width
+
+            check_width(self.criterion)
+            get_channel_criterion(self.channel_criterion or "peel")
         if self.precision not in PRECISIONS:
             msg = f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}"
             raise InputError(msg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -40,10 +40,18 @@ class Plan:
     deployment: Deployment
     units: list[Unit]  # residual units (removal)
     merges: list[Unit]  # merge units, when asked for
+    widths: list[Unit] = field(default_factory=list)  # width units, when --moves asks for them (stages/width.py)
+    moves: str = "depth"  # "depth", "width" or "depth+width"
+    width_report: dict | None = None  # how the width units were found, their channel steps, what was refused
+
+    @property
+    def removals(self) -> list[Unit]:
+        """The residual units the search may remove (none with --moves width)."""
+        return [] if self.moves == "width" else self.units
 
     @property
     def candidates(self) -> list[Unit]:
-        return self.units + self.merges
+        return self.removals + self.merges + self.widths
 
     @property
     def example(self) -> torch.Tensor:

@@ -52,7 +52,7 @@ def check_reachable(plan: Plan, target: Target, min_per_stage: int, work: Path,
     A resumed run reuses the saved measurement (the baseline is exported again: it is deterministic)."""
     deployment, suffix = plan.deployment, plan.deployment.exporter.suffix
     baseline_path = deployment.export(plan.model, work / f"baseline{suffix}")
-    floor_units = most_removable(plan.units, min_per_stage)
+    floor_units = most_removable(plan.candidates, min_per_stage)
     saved = state.load("reach")
     if saved is not None:
         floor = Measured(**saved["floor"])

@@ -19,7 +19,7 @@ NEEDS_LABELS = ("sr_init", "taylor")
 
 def score_candidates(plan: Plan, data: DataBundle, options: PruneOptions, log: Callable[[str], None],
                      state: RunState, compute: Compute | None = None) -> dict[str, float]:
-    """{unit name: importance} for every unit and merge unit (a resumed run's saved scores, if any).
+    """{unit name: importance} for every unit, merge unit and width unit (a resumed run's saved scores, if any).
 
     On `compute`'s device (default: the CPU); in a process group each rank scores a contiguous share of
     the calibration batches and the criterion combines them (ScoringContext.group), so every rank ends
@@ -40,9 +40,14 @@ def score_candidates(plan: Plan, data: DataBundle, options: PruneOptions, log: C
         if not data.labelled and options.criterion in NEEDS_LABELS:
             log(f"{data.spec} is unlabelled: {options.criterion} scores against the unpruned model's top-1")
             batches = teacher_labelled(batches, plan.model)
-        context = ScoringContext(plan.model, plan.units, batches, options.seed, repeats=options.repeats,
+        context = ScoringContext(plan.model, plan.removals, batches, options.seed, repeats=options.repeats,
                                  group=compute.world)
-        importance = score_units(options.criterion, context)
+        importance = score_units(options.criterion, context) if plan.removals else {}
+        if plan.widths:
+            from compressor.criteria.width import score_width_units
+
+            importance.update(score_width_units(options.criterion, ScoringContext(
+                plan.model, plan.widths, batches, options.seed, repeats=options.repeats, group=compute.world)))
         if plan.merges:
             from compressor.criteria.merges import score_merge_units
 

@@ -1,0 +1,138 @@
+"""Width surgery: a block with fewer inner channels, as a real, smaller nn.Module, not a mask.
+
+The block's coupled channels come from Torch-Pruning's dependency graph, built on a
+copy of the block alone (on a seeded input of its shape): pruning a group's root
+layer's output channels prunes every layer the group couples (its BatchNorm, a
+depthwise conv, the consumer's input channels, a squeeze-excite's gate). The block
+keeps its own class and its children's names, so a checkpoint's state_dict loads
+into the same surgery redone (graph/recipe.py).
+
+Each slimmed block is checked on that input against the *muted reference*: the block
+with the dropped channels zeroed where they enter a dense layer (the consumers' input
+weights set to zero), which is what removing them computes when nothing between the
+producer and its consumers mixes channels. A block where that does not hold (a
+LayerNorm over the inner channels, an attention whose head size follows from its
+input width) fails the check and is refused (graph/width.py), never slimmed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from compressor.errors import ValidationError
+from compressor.graph.units import Slim
+
+# |slimmed - muted reference| <= SLIM_RTOL * max|reference|: the same products summed over fewer (zero) terms,
+# so only the summation order of a kernel can move the last bits (float32)
+SLIM_RTOL = 1e-5
+CHECK_BATCH = 2
+DENSE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def block_input(input_shape: Iterable[int]) -> torch.Tensor:
+    """The seeded input a block is traced and checked on (batch CHECK_BATCH)."""
+    return torch.randn(CHECK_BATCH, *input_shape, generator=torch.Generator().manual_seed(0))
+
+
+def dependency_graph(block: nn.Module, x: torch.Tensor):
+    """Torch-Pruning's DependencyGraph of `block` (in eval mode) traced on `x`."""
+    import torch_pruning as tp
+
+    block.eval()
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(block, x, verbose=False)
+
+
+def group_of(graph, block: nn.Module, root: str, drop: Sequence[int]):
+    """The dependency group that drops channels `drop` of the output of `block`'s layer `root`."""
+    module = block.get_submodule(root)
+    pruner = graph.get_pruner_of_module(module)
+    return graph.get_pruning_group(module, pruner.prune_out_channels, list(drop))
+
+
+def _dropped(channels: int, keep: Sequence[int]) -> list[int]:
+    return sorted(set(range(channels)) - set(keep))
+
+
+def _check_counts(block: nn.Module, slim: Slim) -> None:
+    for root, channels, keep in zip(slim.roots, slim.channels, slim.keep, strict=True):
+        try:
+            module = block.get_submodule(root)
+        except AttributeError as e:
+            msg = f"{type(block).__name__} has no layer {root!r} to slim"
+            raise ValidationError(msg) from e
+        have = getattr(module, "out_channels", getattr(module, "out_features", None))
+        if have != channels or not keep or len(keep) >= channels or not all(0 <= k < channels for k in keep):
+            msg = (f"cannot keep {len(keep)} of {channels} output channels of {root} in {type(block).__name__}: "
+                   f"it has {have}")
+            raise ValidationError(msg)
+
+
+def slim_in_place(block: nn.Module, input_shape: Iterable[int], slim: Slim) -> nn.Module:
+    """Prune `block` itself to the channels `slim` keeps (no check); returns it."""
+    _check_counts(block, slim)
+    graph = dependency_graph(block, block_input(input_shape))
+    for root, channels, keep in zip(slim.roots, slim.channels, slim.keep, strict=True):
+        group_of(graph, block, root, _dropped(channels, keep)).prune()
+    return block.eval()
+
+
+@torch.no_grad()
+def muted_block(block: nn.Module, input_shape: Iterable[int], slim: Slim) -> nn.Module:
+    """A copy of `block` with the channels `slim` drops zeroed where dense layers read them (the reference)."""
+    muted = copy.deepcopy(block).eval()
+    graph = dependency_graph(muted, block_input(input_shape))
+    for root, channels, keep in zip(slim.roots, slim.channels, slim.keep, strict=True):
+        for dep, idxs in group_of(graph, muted, root, _dropped(channels, keep)):
+            module = dep.target.module
+            dense = isinstance(module, DENSE) and getattr(module, "groups", 1) == 1  # a depthwise conv mixes nothing
+            if graph.is_in_channel_pruning_fn(dep.handler) and dense:
+                module.weight[:, list(idxs)] = 0
+    return muted
+
+
+def slimmed_block(block: nn.Module, input_shape: Sequence[int], slim: Slim) -> nn.Module:
+    """A copy of `block` keeping only the channels `slim` names, checked against the muted reference
+    (ValidationError: the block does not slim to what muting its channels computes)."""
+    slimmed = slim_in_place(copy.deepcopy(block), input_shape, slim)
+    check_slimmed(block, slimmed, input_shape, slim)
+    return slimmed
+
+
+def slim_error(block: nn.Module, slimmed: nn.Module, input_shape: Sequence[int], slim: Slim) -> float:
+    """max |slimmed - muted reference| / max |reference| on the seeded input (inf: another shape)."""
+    x = block_input(input_shape)
+    with torch.no_grad():
+        expected = muted_block(block, input_shape, slim)(x)
+        got = slimmed.eval()(x)
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        return float("inf")
+    scale = float(expected.abs().max().clamp_min(1e-12))
+    return float((got - expected).abs().max()) / scale
+
+
+def check_slimmed(block: nn.Module, slimmed: nn.Module, input_shape: Sequence[int], slim: Slim) -> None:
+    """ValidationError unless `slimmed` equals `block` with the dropped channels muted, within SLIM_RTOL."""
+    error = slim_error(block, slimmed, input_shape, slim)
+    if not error <= SLIM_RTOL:
+        kept = ", ".join(f"{r} {k}/{c}" for r, k, c in zip(slim.roots, slim.kept, slim.channels, strict=True))
+        msg = (f"{type(block).__name__} slimmed to {kept} channels differs from the block with those channels muted "
+               f"by {error:.3g} of its range (allowed {SLIM_RTOL:g})")
+        raise ValidationError(msg)
+
+
+def slimmed_widths(block: nn.Module, units: Sequence) -> nn.Module:
+    """`block` slimmed by every width unit in `units` (units of one block, e.g. its MLP and its attention),
+    each checked; ValidationError where two of them slim the same layer."""
+    roots = [r for u in units for r in u.slim.roots]
+    if len(roots) != len(set(roots)):
+        names = ", ".join(u.name for u in units)
+        msg = f"width units {names} slim the same layer of one block: at most one level per branch"
+        raise ValidationError(msg)
+    for unit in units:
+        block = slimmed_block(block, unit.input_shape, unit.slim)
+    return block
