@@ -2,8 +2,10 @@
 
 For each seed, tests/random_nets.py builds a random residual classifier (identity and projection
 shortcuts, pre- and post-activation, five activations, squeeze-excite, `+` / `torch.add` / `+=`,
-nested Sequentials, two-addition blocks, stochastic depth, odd channels and strides), a random
-subset of its units is removed, and three checks run:
+nested Sequentials, two-addition blocks, stochastic depth, odd channels and strides; with
+`--families transformer,split_concat` also pre-norm transformer blocks with two residual branches,
+LayerNorm and attention, on tokens or maps, and YOLO C2f / C3 split-concat blocks), a random subset of
+its units (blocks, branches, and blocks whose branches are all units) is removed, and three checks run:
 
 1. surgery: the pruned model equals the same net with those branches muted, within 1e-5 of the
    output range (removal is exact; only fp32 summation order may differ);
@@ -19,6 +21,7 @@ reference is the net with those branches muted and the dropped channels zeroed w
 them (tests/width_reference.py), for all three checks.
 
     .venv/bin/python benchmarks/random_architectures.py --nets 1000
+    .venv/bin/python benchmarks/random_architectures.py --nets 1000 --families transformer,split_concat
     .venv/bin/python benchmarks/random_architectures.py --nets 1000 --moves depth+width
 """
 
@@ -42,7 +45,7 @@ from compressor.graph.surgery import remove_units  # noqa: E402
 from compressor.graph.units import find_units  # noqa: E402
 from compressor.rewrite.fold import FOLD_RTOL, check_equivalent, fold_batchnorm  # noqa: E402
 from exporters import get_exporter  # noqa: E402
-from tests.random_nets import muted_reference, random_net  # noqa: E402
+from tests.random_nets import EXTRA_FAMILIES, muted_reference, random_net  # noqa: E402
 
 SURGERY_RTOL = 1e-5
 
@@ -58,9 +61,10 @@ def _width_moves(net, units: list, rng: random.Random) -> tuple[list, list]:
     return widths, [u for u in blocks if rng.random() < 0.5]
 
 
-def check_net(seed: int, workdir: Path, moves: str = "depth") -> dict:
-    """The three checks on one random net; a dict with what was found (mismatch: the failing check)."""
-    net = random_net(seed)
+def check_net(seed: int, workdir: Path, moves: str = "depth", families: tuple[str, ...] = ()) -> dict:
+    """The three checks on one random net (`families`: extra block families inserted); a dict with what
+    was found (mismatch: the failing check)."""
+    net = random_net(seed, extra=families)
     x = torch.randn(2, *net.input_shape, generator=torch.Generator().manual_seed(seed))
     units = find_units(net.model, x)
     rng = random.Random(seed + 1)
@@ -84,7 +88,7 @@ def check_net(seed: int, workdir: Path, moves: str = "depth") -> dict:
     if row["surgery_rel_error"] > SURGERY_RTOL:
         row["mismatch"] = "surgery"
         return row
-    folded = fold_batchnorm(pruned)[0]
+    folded = fold_batchnorm(pruned, x)[0]
     row["fold_rel_error"] = check_equivalent(pruned, folded, x, FOLD_RTOL, "folding")
     exporter = get_exporter("onnx")
     path = exporter.export(folded, x[:1], workdir / f"net{seed}.onnx")
@@ -107,8 +111,9 @@ def render(result: dict) -> str:
     lines = [
         f"**{len(bad)} mismatches in {len(rows)} random architectures** "
         f"({sum(r['units'] for r in rows)} units found: {kinds['identity']} identity, {kinds['projection']} "
-        f"projection; {sum(r['removed'] for r in rows)} removed, {sum(r.get('slimmed', 0) for r in rows)} "
-        f"slimmed; moves {result.get('moves', 'depth')}).", "",
+        f"projection, {kinds['branch']} branch, {kinds['block']} block; {sum(r['removed'] for r in rows)} removed, "
+        f"{sum(r.get('slimmed', 0) for r in rows)} slimmed; moves {result.get('moves', 'depth')}; extra block "
+        f"families: {', '.join(result.get('families') or ['none'])}).", "",
         "| check | tolerance | worst seen |", "|---|---|---:|",
         f"| surgery vs the muted reference | {SURGERY_RTOL:g} of the output range | "
         f"{worst['surgery_rel_error']:.2e} |",
@@ -126,13 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--moves", choices=("depth", "depth+width"), default="depth",
                         help="remove blocks only, or also slim others' inner channels (default: %(default)s)")
+    parser.add_argument("--families", type=common.comma_list, default=[],
+                        help=f"extra block families inserted between the conv blocks, of {', '.join(EXTRA_FAMILIES)} "
+                             "(default: none)")
     args = parser.parse_args(argv)
+    unknown = set(args.families) - set(EXTRA_FAMILIES)
+    if unknown:
+        parser.error(f"--families: unknown {', '.join(sorted(unknown))}; known: {', '.join(EXTRA_FAMILIES)}")
     t0 = time.perf_counter()
-    result = {**common.provenance("random_architectures"), "moves": args.moves, "nets": []}
+    result = {**common.provenance("random_architectures"), "moves": args.moves, "families": args.families,
+              "nets": []}
     with tempfile.TemporaryDirectory(prefix="random-nets-") as tmp:
         for seed in range(args.first_seed, args.first_seed + args.nets):
             try:
-                row = check_net(seed, Path(tmp), args.moves)
+                row = check_net(seed, Path(tmp), args.moves, tuple(args.families))
             except Exception as e:  # a step that raises is a mismatch too, recorded with its reason
                 row = {"seed": seed, "units": 0, "removed": 0, "kinds": {}, "mismatch": "raised",
                        "error": f"{type(e).__name__}: {str(e)[:200]}", "trace": traceback.format_exc()[-800:]}
@@ -145,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = time.perf_counter() - t0
     result["mismatches"] = sum(bool(r["mismatch"]) for r in result["nets"])
     markdown = render(result)
-    name = "random_architectures" if args.moves == "depth" else "random_architectures_width"
+    name = "random_architectures" + ("" if args.moves == "depth" else "_width") + "".join(
+        f"_{f}" for f in args.families)
     common.write_results(args.out, name, result, markdown)
     return common.finish(args.out, name, markdown, t0)
 

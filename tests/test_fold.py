@@ -221,24 +221,30 @@ def test_leftover_batchnorms_say_why():
 
 @pytest.mark.parametrize("arch", list(ZOO))
 def test_every_zoo_model_folds_and_exports_without_batchnorm(tmp_path, arch):
-    """Small inputs keep this fast: 32x32 for CIFAR models, 64x64 for the 224-pixel ones (all accept it)."""
+    """Small inputs keep this fast: 32x32 for CIFAR models, 64x64 for the 224-pixel ones (all accept it).
+    vit_digits normalises with LayerNorm only (nothing to fold); det_digits returns two maps, all compared."""
     import onnxruntime as ort
+
+    from compressor.metrics.outputs import named_outputs
 
     model = randomise_batchnorm(build(arch, 10))
     size = 32 if ZOO[arch].input_size <= 32 else 64
     x = _input((1, 3, size, size))
     result = fold_model(model, x)
     assert not result.left, result.left
-    assert len(result.folds) == _count(model, nn.modules.batchnorm._BatchNorm) > 0
+    assert len(result.folds) == _count(model, nn.modules.batchnorm._BatchNorm)
+    assert result.folds or arch == "vit_digits"
     assert result.max_rel_error <= FOLD_RTOL
     path = get_exporter("onnx").export(result.model, x, tmp_path / f"{arch}.onnx", 17)
     assert "BatchNormalization" not in _onnx_ops(path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"input": x.numpy()})[0]
+    outputs = session.run(None, {"input": x.numpy()})
     with torch.no_grad():
-        expected = model(x).numpy()
-    # ONNX Runtime sums in its own order: ~1e-6 relative per layer; a wrong fold is off by O(1)
-    assert np.abs(got - expected).max() <= FOLD_RTOL * np.abs(expected).max()
+        references = list(named_outputs(model(x)).values())
+    assert len(outputs) == len(references)
+    for got, expected in zip(outputs, references, strict=True):
+        # ONNX Runtime sums in its own order: ~1e-6 relative per layer; a wrong fold is off by O(1)
+        assert np.abs(got - expected.numpy()).max() <= FOLD_RTOL * np.abs(expected.numpy()).max()
 
 
 def test_folded_structure_rebuilds_the_architecture_for_the_state_dict():
@@ -267,3 +273,24 @@ def test_exact_conv_pairs_merge_when_no_more_costly():
     assert isinstance(result.model[0], nn.Identity) and result.model[2].kernel_size == (3, 3)
     assert result.max_rel_error <= 1e-5
     assert fold_model(model, x).merges == []  # fold_batchnorm and prune never merge
+
+
+def test_folding_a_model_with_two_outputs_is_checked_on_each():
+    """Each output against its own range: the box map's scale does not hide an error in the other."""
+    from compressor.rewrite.fold import check_equivalent
+
+    class TwoMaps(nn.Module):
+        def __init__(self, scale: float) -> None:
+            super().__init__()
+            self.conv, self.scale = nn.Conv2d(3, 4, 1), scale
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y * 1000.0, y * self.scale
+
+    x = _input((1, 3, 8, 8))
+    original, off = TwoMaps(1.0).eval(), TwoMaps(1.01).eval()
+    off.load_state_dict(original.state_dict())
+    assert check_equivalent(original, original, x, FOLD_RTOL, "nothing") == 0.0
+    with pytest.raises(ValidationError, match="output 'output1' by 0.01"):
+        check_equivalent(original, off, x, FOLD_RTOL, "a change")

@@ -120,7 +120,7 @@ def detection_quality(model: nn.Module, canvases: Canvases, batch_size: int = 12
     a cell whose top class is a digit, correct when it overlaps a digit of that class by IOU_MATCH
     (each digit matched once)."""
     model.eval()
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device  # an oracle may have none
     hits = digit_cells = bg_hits = bg_cells = matched = detections = 0
     ious: list[torch.Tensor] = []
     for start in range(0, len(canvases.images), batch_size):

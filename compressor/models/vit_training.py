@@ -64,7 +64,7 @@ def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def accuracy(model: nn.Module, data: DataBundle) -> float:
     """Top-1 accuracy (%) on the held-out split (on the model's device)."""
     model.eval()
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device  # an oracle may have none
     correct = total = 0
     for x, y in data.loader("val", batch_size=256):
         correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
