@@ -1,6 +1,7 @@
 """Random residual architectures (tests/random_nets.py): removing any subset of units gives exactly the
 model whose removed branches output zero, folds within its tolerance, and exports to ONNX that agrees
-with torch in ONNX Runtime. benchmarks/random_architectures.py runs the same check on 1,000 nets."""
+with torch in ONNX Runtime, on a derandomized sample (half with transformer and split-concat blocks);
+benchmarks/random_architectures.py runs the same check on 1,000 nets."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(seed=st.integers(0, 10**6), subset_seed=st.integers(0, 10**6), extra=st.sampled_from(((), EXTRA_FAMILIES)))
 @example(seed=7982, subset_seed=0, extra=())  # drew only two-addition blocks before the generator forced a unit
 def test_pruned_random_net_equals_its_muted_reference(seed, subset_seed, extra):
@@ -42,7 +43,7 @@ def test_pruned_random_net_equals_its_muted_reference(seed, subset_seed, extra):
     assert check_equivalent(pruned, folded, x, FOLD_RTOL, "folding") <= FOLD_RTOL
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(seed=st.integers(0, 10**6), extra=st.sampled_from(((), EXTRA_FAMILIES)))
 def test_random_net_onnx_export_agrees_with_torch(seed, extra, tmp_path_factory):
     import onnxruntime as ort
