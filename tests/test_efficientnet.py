@@ -171,3 +171,19 @@ def test_frozen_batchnorm_keeps_its_statistics():
     assert not torch.equal(bn.weight, weight)  # the affine parameters still learn
     train(model, loader, epochs=1, lr=0.1, teacher=teacher)
     assert not torch.equal(bn.running_mean, stats[0])
+
+
+def test_models_without_batchnorm_finetune_gently():
+    """A transformer (LayerNorm only) trained here gets the gentle rate; one with BatchNorm the usual one."""
+    from dataclasses import replace
+
+    from compressor.models.loaded import LoadedModel
+    from compressor.models.zoo import build
+    from compressor.stages.options import PruneOptions
+    from compressor.stages.recover import FINETUNE_LR, NO_BATCHNORM_FINETUNE_LR, finetune_settings
+
+    vit = LoadedModel(build("vit_digits", 10), "vit_digits", 10, (3, 32, 32), "test")
+    resnet = LoadedModel(build("resnet20", 10), "resnet20", 10, (3, 32, 32), "test")
+    assert finetune_settings(PruneOptions(), vit) == (NO_BATCHNORM_FINETUNE_LR, False, False)
+    assert finetune_settings(PruneOptions(), resnet) == (FINETUNE_LR, False, False)
+    assert finetune_settings(replace(PruneOptions(), finetune_lr=0.05), vit).lr == 0.05
