@@ -8,10 +8,14 @@ images alone). Each is one `compressor.prune` call per target and profile; every
 artifact is validated against torch by the job itself.
 
     .venv/bin/python benchmarks/transformers_at_speedup.py --targets 1.3,1.5 --profiles ort-cpu,openvino-cpu
+
+`--reports NAME=runs/x/report.json,...` tabulates finished prunes (the CLI's or `compressor.prune`'s)
+instead, NAME being one of the models above.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -58,16 +62,21 @@ def run_one(name: str, subject: Subject, target: float, profile: str, calibratio
         result = compressor.prune(subject.model, data=subject.data, target=compressor.Speedup(target),
                                   profile=profile, out=Path(tmp) / "run", finetune_epochs=subject.finetune_epochs,
                                   calibration_size=calibration, log=lambda s: common.log(f"    {s}"))
-    r = result.report
+    return summarize(name, subject, result.report, time.perf_counter() - t0)
+
+
+def summarize(name: str, subject: Subject, r: dict, seconds: float) -> dict:
+    """One row from a prune's report."""
     kinds: dict[str, int] = {}
     for u in r["units"]:
         kinds[u["kind"]] = kinds.get(u["kind"], 0) + 1
-    return {"model": name, "spec": subject.model, "target": target, "profile": profile, "units": kinds,
+    return {"model": name, "spec": subject.model, "target": r["target_speedup"], "profile": r["profile"]["name"],
+            "units": kinds,
             "removed": r["removed_units"], "baseline_ms": r["baseline"]["latency_ms"]["median"],
             "pruned_ms": r["pruned"]["latency_ms"]["median"], "speedup_measured": r["speedup_measured"],
             "speedup_flops": r["speedup_flops"], "target_met": r["target_met"],
             "artifact_max_abs_error": r["checks"]["artifact_max_abs_error"],
-            "fidelity": _fidelity(r) if subject.trained else None, "seconds": time.perf_counter() - t0}
+            "fidelity": _fidelity(r) if subject.trained else None, "seconds": seconds}
 
 
 def render(result: dict) -> str:
@@ -97,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", type=common.float_list, default=[1.3, 1.5])
     parser.add_argument("--profiles", type=common.comma_list, default=["ort-cpu", "openvino-cpu"])
     parser.add_argument("--calibration-size", type=int, default=128, help="images cka scores on (default: 128)")
+    parser.add_argument("--reports", type=common.comma_list, default=None,
+                        help="NAME=report.json,...: tabulate finished prunes instead of running them")
     args = parser.parse_args(argv)
+    if args.reports:
+        return _tabulate(parser, args)
     unknown = [m for m in args.models if m not in SUBJECTS]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(SUBJECTS)}")
@@ -115,6 +128,20 @@ def main(argv: list[str] | None = None) -> int:
                                            "error": f"{type(e).__name__}: {e}"})
                 markdown = render(result)
                 common.write_results(args.out, "transformers_at_speedup", result, markdown)
+    return common.finish(args.out, "transformers_at_speedup", markdown, t0)
+
+
+def _tabulate(parser, args) -> int:
+    t0 = time.perf_counter()
+    result = {**common.provenance("transformers_at_speedup"), "runs": [], "reports": args.reports}
+    for item in args.reports:
+        name, _, path = item.partition("=")
+        if name not in SUBJECTS or not path:
+            parser.error(f"--reports: {item!r} is not NAME=report.json with NAME one of {', '.join(SUBJECTS)}")
+        report = json.loads(Path(path).read_text())
+        result["runs"].append(summarize(name, SUBJECTS[name], report, report["seconds"]))
+    markdown = render(result)
+    common.write_results(args.out, "transformers_at_speedup", result, markdown)
     return common.finish(args.out, "transformers_at_speedup", markdown, t0)
 
 
