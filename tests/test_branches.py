@@ -375,3 +375,29 @@ def test_fine_tuning_a_pruned_detector_moves_its_outputs_toward_the_teacher():
     after = error()
     assert before["output0"] == 0.0 and after["output0"] < 1e-3, (before, after)
     assert after["output1"] < 0.5 * before["output1"], (before, after)
+
+
+def test_a_detector_is_scored_on_every_output():
+    """Without a classifier layer, the features CKA compares are every output flattened: a bottleneck that
+    feeds only the second head still scores above zero (on the first output alone it would score 0)."""
+    from compressor.criteria import ScoringContext, score_units
+    from compressor.graph.prefix import SuffixRunner, features_and_logits
+
+    torch.manual_seed(0)
+    model = _randomised(TinyDetector())
+    x = torch.randn(8, 3, 16, 16)
+    units = find_units(model, x[:2])
+    second = [u for u in units if u.name.startswith("stage2")]
+    assert second
+    scores = score_units("cka", ScoringContext(model, units, [(x, torch.zeros(8, dtype=torch.long))]))
+    assert all(scores[u.name] > 1e-4 for u in second), scores
+    naive = score_units("cka", ScoringContext(model, units, [(x, torch.zeros(8, dtype=torch.long))],
+                                              use_cache=False))
+    assert naive == pytest.approx(scores, rel=1e-4, abs=1e-6)
+    with torch.no_grad():
+        features, *outputs = features_and_logits(model, x[:2])(x)
+        head1, head2 = model(x)
+        assert features.shape == (8, head1[0].numel() + head2[0].numel())
+        assert torch.allclose(outputs[1], head2)
+        runner = SuffixRunner(model, units, x[:2])
+        assert torch.allclose(runner.capture(x)[0], features)

@@ -349,3 +349,23 @@ def test_cli_export_unwritable_output(tmp_path, capsys):
 def test_every_registered_format_is_covered():
     covered = {c.format for c in (TestOnnx, TestOpenVinoFP32, TestTorch, TestTable)} | {"tensorrt"}
     assert covered == set(EXPORTERS)
+
+
+def test_a_block_exported_for_timing_is_checked_against_its_range(tmp_path):
+    """export_block allows TIMING_RANGE_RTOL of the output's range (an intermediate tensor near 0 moves by
+    more than rtol of itself) and leaves the backend's own tolerance as it was; a wrong graph still fails."""
+    from exporters.backend import TIMING_RANGE_RTOL, Backend
+
+    backend = Backend("onnxruntime")
+    before = backend.exporter.range_rtol
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1)).eval()
+    assert backend.export_block(model, X, tmp_path / "block").is_file()
+    assert backend.exporter.range_rtol == before < TIMING_RANGE_RTOL
+    with torch.no_grad():
+        expected = model(X).numpy()
+    scale = float(np.abs(expected).max())
+    near = expected + 0.5 * TIMING_RANGE_RTOL * scale  # within the range term, beyond atol + rtol near 0
+    lenient = backend.block_exporter()
+    assert lenient.check_close(near, expected, "block") > 0
+    with pytest.raises(ValidationError):
+        lenient.check_close(expected + 0.01 * scale, expected, "a wrong graph")

@@ -9,6 +9,8 @@ symbolic batch size the suffix needs is read again from the block's output.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import fx, nn
 
@@ -18,11 +20,21 @@ from compressor.graph.surgery import replacement_for
 from compressor.graph.units import Unit
 
 
-def _classifier_input(gm: fx.GraphModule) -> fx.Node:
-    """The input of the last nn.Linear: the penultimate features. Else the (first) output itself."""
+def _classifier_input(gm: fx.GraphModule) -> fx.Node | None:
+    """The input of the last nn.Linear: the penultimate features. None for a model without one (a
+    detector's conv heads): its features are then all its outputs (features_of)."""
     modules = dict(gm.named_modules())
     linears = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], nn.Linear)]
-    return linears[-1].all_input_nodes[0] if linears else _output_nodes(gm)[0]
+    return linears[-1].all_input_nodes[0] if linears else None
+
+
+def features_of(features: torch.Tensor | None, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Images x features: the penultimate features, flattened; for a model without a classifier layer,
+    every output flattened and concatenated (a detector's maps at every scale: a unit that feeds only
+    one head still changes the features)."""
+    if features is not None:
+        return features.flatten(1)
+    return torch.cat([o.flatten(1) for o in outputs], 1)
 
 
 def _symbolic_copy(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node], source: fx.Node) -> bool:
@@ -90,6 +102,8 @@ class SuffixRunner:
         nodes = list(gm.graph.nodes)
         features = _classifier_input(gm)
         outputs = _output_nodes(gm)
+        head = [] if features is None else [features]
+        self._heads = len(head)
         self._several = len(outputs) > 1
         self._inputs: dict[str, fx.Node] = {}
         self.suffixes: dict[str, fx.GraphModule | None] = {}
@@ -97,21 +111,27 @@ class SuffixRunner:
         for unit in units:
             block = [n for n in nodes if unit.path in (n.meta.get("nn_module_stack") or {})]
             self._inputs[unit.name] = tensor_inputs(block)[0]
-            self.suffixes[unit.name] = _subgraph(gm, outputs_of(block)[0], [features, *outputs])
-        self.prefix = _subgraph(gm, None, [features, *outputs, *self._inputs.values()])
+            self.suffixes[unit.name] = _subgraph(gm, outputs_of(block)[0], [*head, *outputs])
+        self.prefix = _subgraph(gm, None, [*head, *outputs, *self._inputs.values()])
         self._count = len(outputs)
         modules = dict(gm.named_modules())
         linears = [n.target for n in nodes if n.op == "call_module" and isinstance(modules[n.target], nn.Linear)]
         self._classifier = self.model.get_submodule(linears[-1]) if linears else None
 
-    def _logits(self, values: tuple) -> torch.Tensor | tuple:
+    def _logits(self, values: Sequence[torch.Tensor]) -> torch.Tensor | tuple:
         return tuple(values) if self._several else values[0]
+
+    def _split(self, values: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | tuple]:
+        """(features, logits) from a subgraph's (features if any, *outputs)."""
+        outputs = values[self._heads:self._heads + self._count]
+        return features_of(values[0] if self._heads else None, outputs), self._logits(outputs)
 
     @torch.no_grad()
     def capture(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | tuple, dict[str, torch.Tensor]]:
         values = self.prefix(x)
-        features, outputs, inputs = values[0], values[1:1 + self._count], values[1 + self._count:]
-        return features, self._logits(outputs), dict(zip(self._inputs, inputs, strict=True))
+        features, logits = self._split(values)
+        inputs = values[self._heads + self._count:]
+        return features, logits, dict(zip(self._inputs, inputs, strict=True))
 
     @torch.no_grad()
     def removed(self, unit: Unit, block_input: torch.Tensor,
@@ -125,8 +145,7 @@ class SuffixRunner:
         """Features and logits with `unit` replaced by `module`, run from the cached block input."""
         suffix = self.suffixes[unit.name]
         if suffix is not None:
-            values = suffix(module(block_input))
-            return values[0], self._logits(values[1:])
+            return self._split(suffix(module(block_input)))
         return self.naive_with_block(unit, module, x)
 
     @torch.no_grad()
@@ -151,7 +170,7 @@ class SuffixRunner:
         classifier = self._classifier
         if classifier is None:
             logits = self.model(x)
-            return logits, logits
+            return features_of(None, torch.utils._pytree.tree_leaves(logits)), logits
         handle = classifier.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
         try:
             logits = self.model(x)
@@ -167,7 +186,22 @@ def _output_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in leaves if isinstance(n, fx.Node)]
 
 
-def features_and_logits(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
-    """`model` as a module returning (penultimate features, *its output tensors, flattened)."""
+class FeaturesAndOutputs(nn.Module):
+    """A captured model returning (features_of its penultimate features or outputs, *its output tensors)."""
+
+    def __init__(self, gm: fx.GraphModule, has_features: bool) -> None:
+        super().__init__()
+        self.gm, self.has_features = gm, has_features
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        values = self.gm(x)
+        outputs = values[1:] if self.has_features else values
+        return features_of(values[0] if self.has_features else None, outputs), *outputs
+
+
+def features_and_logits(model: nn.Module, example_input: torch.Tensor) -> FeaturesAndOutputs:
+    """`model` as a module returning (its features: features_of, *its output tensors, flattened)."""
     gm = capture(model.eval(), example_input)
-    return _subgraph(gm, None, [_classifier_input(gm), *_output_nodes(gm)])
+    features = _classifier_input(gm)
+    return FeaturesAndOutputs(_subgraph(gm, None, [*([] if features is None else [features]), *_output_nodes(gm)]),
+                              features is not None)

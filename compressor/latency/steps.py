@@ -144,7 +144,7 @@ def measure_channel_steps(structures: Sequence[StepStructure], levels: Sequence[
             paths = []
             for i, model in enumerate([structure.block, *(_slimmed(structure, c) for c in counts)]):
                 chained = _chain(model, structure.input_shape)
-                paths.append(deployment.backend.export(deployable(chained, x), x, Path(tmp) / f"step{i}"))
+                paths.append(deployment.backend.export_block(deployable(chained, x), x, Path(tmp) / f"step{i}"))
             result = deployment.device.time(paths, policy, x.numpy())
         medians = [s.median for s in result.stats]
         by_count = dict(zip(counts, medians[1:], strict=True))
