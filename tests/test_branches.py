@@ -378,8 +378,9 @@ def test_fine_tuning_a_pruned_detector_moves_its_outputs_toward_the_teacher():
 
 
 def test_a_detector_is_scored_on_every_output():
-    """Without a classifier layer, the features CKA compares are every output flattened: a bottleneck that
-    feeds only the second head still scores above zero (on the first output alone it would score 0)."""
+    """Without a classifier layer, CKA compares every output, each on its own: a bottleneck that feeds only
+    the second head scores what it changes there (on the first output alone it would score 0, in one
+    concatenation of both about 1e-11)."""
     from compressor.criteria import ScoringContext, score_units
     from compressor.graph.prefix import SuffixRunner, features_and_logits
 
@@ -390,7 +391,7 @@ def test_a_detector_is_scored_on_every_output():
     second = [u for u in units if u.name.startswith("stage2")]
     assert second
     scores = score_units("cka", ScoringContext(model, units, [(x, torch.zeros(8, dtype=torch.long))]))
-    assert all(scores[u.name] > 1e-4 for u in second), scores
+    assert all(scores[u.name] > 1e-5 for u in second), scores
     naive = score_units("cka", ScoringContext(model, units, [(x, torch.zeros(8, dtype=torch.long))],
                                               use_cache=False))
     assert naive == pytest.approx(scores, rel=1e-4, abs=1e-6)

@@ -104,6 +104,7 @@ class SuffixRunner:
         outputs = _output_nodes(gm)
         head = [] if features is None else [features]
         self._heads = len(head)
+        self.has_classifier = features is not None  # else the features are all the outputs (features_of)
         self._several = len(outputs) > 1
         self._inputs: dict[str, fx.Node] = {}
         self.suffixes: dict[str, fx.GraphModule | None] = {}
