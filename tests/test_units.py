@@ -144,3 +144,19 @@ def test_stages_fed_by_a_block_that_is_not_a_unit_are_anchored():
     units = find_units(resnet, torch.randn(1, 3, 32, 32))
     assert not any(u.anchored for u in units)
     assert removable_limits(units, 1) == {"16x32x32": 2, "32x16x16": 2, "64x8x8": 2}
+
+
+def test_a_c2f_keeps_its_own_layers_so_all_its_bottlenecks_may_go():
+    """A C2f splits its cv1's output for its bottlenecks: cv1 and cv2 stay whatever is removed, so every
+    bottleneck of its stage may go; a transformer's blocks and a ResNet's are not anchored by it."""
+    from compressor.search.knapsack import removable_limits
+    from tests.test_branches import TinyDetector, TinyViT
+
+    units = find_units(TinyDetector().eval(), torch.randn(1, 3, 16, 16))
+    assert units and all(u.anchored for u in units)
+    counts = {}
+    for u in units:
+        counts[u.stage] = counts.get(u.stage, 0) + 1
+    assert removable_limits(units, 1) == counts
+    vit = [u for u in find_units(TinyViT().eval(), torch.randn(1, 3, 16, 16)) if u.removes_block]
+    assert vit and not any(u.anchored for u in vit)

@@ -238,8 +238,10 @@ def _block_units(model: nn.Module, gm: fx.GraphModule, nodes: list[fx.Node], mod
 
 def _anchored_stages(units: list[Unit], nodes: list[fx.Node]) -> set[str]:
     """Stages whose first block unit is fed, at the stage's shape, by a sibling block that is not a
-    unit (EfficientNet's and MobileNetV2's first, non-residual block of a stage): that block
-    survives any removal, so the stage keeps a block even with all its units gone."""
+    unit (EfficientNet's and MobileNetV2's first, non-residual block of a stage), or by the module
+    that holds it, computing at the stage's shape itself (a C2f or C3 splitting its cv1's output for
+    its bottlenecks): that block or module survives any removal, so the stage keeps its layers even
+    with all its units gone."""
     firsts: dict[str, Unit] = {}
     for u in units:
         if u.removes_block:
@@ -253,7 +255,9 @@ def _anchored_stages(units: list[Unit], nodes: list[fx.Node]) -> set[str]:
             continue
         parent, depth = first.path.rpartition(".")[0], first.path.count(".")
         for key in feeds[0].meta.get("nn_module_stack") or {}:
-            if key.count(".") == depth and key.rpartition(".")[0] == parent and key not in paths:
+            sibling = key.count(".") == depth and key.rpartition(".")[0] == parent
+            container = first.path.startswith(f"{key}.")  # e.g. a C2f's chunk of cv1 feeding its bottlenecks
+            if (sibling or container) and key not in paths:
                 anchored.add(stage)
     return anchored
 
