@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import InputError
+from compressor.errors import InputError, ValidationError
 from exporters.base import Session, as_numpy
 from exporters.exporter import Exporter
 from exporters.registry import get_exporter, get_runtime
@@ -61,14 +61,24 @@ class Backend:
             session.prepare(as_numpy(example_input))
         return session
 
-    def check_outputs(self, artifact: Path, inputs, expected: np.ndarray, batch: int) -> float:
+    def check_outputs(self, artifact: Path, inputs, expected, batch: int) -> float:
         """Run `artifact` on `inputs` `batch` at a time (its batch size is static) and compare with
-        `expected`; returns the largest |difference| (ValidationError beyond the exporter's tolerance)."""
+        `expected`: one array, or a list of (name, array), one per output in the artifact's order (a
+        model with several outputs); returns the largest |difference| (ValidationError beyond the
+        exporter's tolerance, naming the output)."""
         x = as_numpy(inputs)
         usable = len(x) // batch * batch
         if usable == 0:
             msg = f"validation needs at least {batch} inputs for the batch size {batch}"
             raise InputError(msg)
+        named = expected if isinstance(expected, list) else [("logits", expected)]
         session = self.open(artifact)
-        got = np.concatenate([session.run(x[i:i + batch]) for i in range(0, usable, batch)])
-        return self.exporter.check_close(got, expected[:usable], str(artifact))
+        runs = [session.run_all(x[i:i + batch]) for i in range(0, usable, batch)]
+        if any(len(r) != len(named) for r in runs):
+            msg = f"{artifact}: {len(runs[0])} outputs, the model has {len(named)}"
+            raise ValidationError(msg)
+        worst = 0.0
+        for k, (name, reference) in enumerate(named):
+            got = np.concatenate([r[k] for r in runs])
+            worst = max(worst, self.exporter.check_close(got, reference[:usable], str(artifact), name))
+        return worst

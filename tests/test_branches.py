@@ -4,6 +4,8 @@ branches output zero (SURGERY_RTOL: exact up to fp32 summation order), and expor
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -402,3 +404,22 @@ def test_a_detector_is_scored_on_every_output():
         assert torch.allclose(outputs[1], head2)
         runner = SuffixRunner(model, units, x[:2])
         assert torch.allclose(runner.capture(x)[0], features)
+
+
+def test_a_deployed_detector_is_validated_on_every_output(tmp_path):
+    """The job's check of its artifact compares each output with torch's: a change to the second head
+    alone is caught and named."""
+    from compressor.errors import ValidationError
+    from compressor.latency.deploy import Deployment
+    from compressor.latency.profiles import load_profile
+
+    model = _randomised(TinyDetector())
+    deployment = Deployment(load_profile("ort-cpu"), (3, 16, 16))
+    path = deployment.export(model, tmp_path / "det")
+    x = torch.randn(4, 3, 16, 16)
+    assert deployment.validate(path, model, x) < 1e-4
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.head2.bias.add_(1.0)
+    with pytest.raises(ValidationError, match="output1"):
+        deployment.validate(path, other, x)
