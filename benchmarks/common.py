@@ -75,15 +75,18 @@ def zoo_models(text: str) -> list[str]:
     return models
 
 
-def argument_parser(doc: str, models: str | None = None) -> argparse.ArgumentParser:
+def argument_parser(doc: str, models: str | None = None, calibration: int | None = None) -> argparse.ArgumentParser:
     """A parser described by the first paragraph of the script's docstring, with --out (the results
-    folder, benchmarks/results by default) and, where `models` (their default) is given, --models
-    (zoo_models)."""
+    folder, benchmarks/results by default); where `models` (their default) is given, --models
+    (zoo_models); where `calibration` is, --calibration-size (images the criterion scores on)."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder (default: benchmarks/results)")
     if models is not None:
         parser.add_argument("--models", type=zoo_models, default=models,
                             help="comma-separated zoo names (default: %(default)s)")
+    if calibration is not None:
+        parser.add_argument("--calibration-size", type=int, default=calibration,
+                            help="images the criterion scores on (default: %(default)s)")
     return parser
 
 
@@ -134,6 +137,13 @@ def finish(out: Path, name: str, markdown: str, t0: float, png: bool = False) ->
 
 
 # ---------------------------------------------------------------------------- models and timing
+
+
+def failed_row(lead: Sequence[object], error: str, columns: int) -> str:
+    """A markdown table row for a run that failed: the `lead` cells, `failed: error`, then empty cells to
+    make `columns` in all."""
+    cells = [*map(str, lead), f"failed: {error}"]
+    return "| " + " | ".join(cells + [""] * (columns - len(cells))) + " |"
 
 
 def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:

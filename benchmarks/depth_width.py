@@ -185,7 +185,8 @@ def render_markdown(result: dict) -> str:
                          f"1.00 | | | {b['quality']['value']:.2f} |")
             for name, v in t["variants"].items():
                 if "error" in v:
-                    lines.append(f"{head} | {t['target_speedup']:g}x | {name} | failed: {v['error'][:120]} | | | | | |")
+                    lines.append(common.failed_row([row["model"] + f" ({row['data']})", row["profile"],
+                                                    f"{t['target_speedup']:g}x", name], v["error"][:120], 10))
                     continue
                 before = v.get("quality_before_finetune") or {}
                 before = before.get("top1_agreement", before.get("value"))

@@ -118,7 +118,7 @@ def _markdown(result: dict) -> str:
             "images/s (last epoch) |", "|---|---|---|---|---|---|---:|"]
     for r in result["runs"]:
         if "error" in r:
-            rows.append(f"| {r['pair']} | {r['config']} | failed: {r['error']} | | | | |")
+            rows.append(common.failed_row([r["pair"], r["config"]], r["error"], 7))
             continue
         rows.append(f"| {r['pair']} | {r['config']} | {r['device']} | {r['precision']} | "
                     f"{r['processes']} x {r['threads_per_process']} | {r['loader_workers']} | "

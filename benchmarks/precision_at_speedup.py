@@ -92,7 +92,7 @@ def render(result: dict) -> str:
              "| measured x | FLOP x | held-out fidelity | time |", "|---|---|---:|---|---|---|---|---:|---:|---|---:|"]
     for c in result["cases"]:
         if "error" in c:
-            lines.append(f"| {c['model']} | {c['profile']} | {c['level']:g}x | failed: {c['error']} | | | | | | | |")
+            lines.append(common.failed_row([c["model"], c["profile"], f"{c['level']:g}x"], c["error"], 11))
             continue
         d, i, j, f = c["depth"] or {}, c["int8_only"], c["joint"], c["final"]
         depth = f"{d['speedup']:.2f} ({d['kl']:.3f})" if d.get("kl") is not None else (

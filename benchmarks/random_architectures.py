@@ -23,10 +23,16 @@ them (tests/width_reference.py), for all three checks.
     .venv/bin/python benchmarks/random_architectures.py --nets 1000
     .venv/bin/python benchmarks/random_architectures.py --nets 1000 --families transformer,split_concat
     .venv/bin/python benchmarks/random_architectures.py --nets 1000 --moves depth+width
+
+The nets are independent: on N cores, run N processes over disjoint seed ranges (`--first-seed`, each
+with its own `--out`), then `--merge` their JSON files into one table.
+
+    .venv/bin/python benchmarks/random_architectures.py --merge /tmp/a/X.json /tmp/b/X.json
 """
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 import tempfile
@@ -122,6 +128,9 @@ def render(result: dict) -> str:
         "", f"Seeds {rows[0]['seed']}..{rows[-1]['seed']}; {result['seconds']:.0f} s.",
     ]
     lines += [f"- seed {r['seed']}: {r['mismatch']}: {r.get('error', '')}" for r in bad]
+    if result.get("parts"):
+        lines += ["", f"Merged from {len(result['parts'])} runs side by side (the seconds are theirs added up):",
+                  *(f"- `{part['command']}`" for part in result["parts"])]
     return common.document("Random residual architectures: surgery, folding and export", result, lines)
 
 
@@ -134,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", type=common.comma_list, default=[],
                         help=f"extra block families inserted between the conv blocks, of {', '.join(EXTRA_FAMILIES)} "
                              "(default: none)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="merge results over disjoint seed ranges (runs side by side) into one table, and exit")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out, parser)
     unknown = set(args.families) - set(EXTRA_FAMILIES)
     if unknown:
         parser.error(f"--families: unknown {', '.join(sorted(unknown))}; known: {', '.join(EXTRA_FAMILIES)}")
@@ -157,10 +170,36 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = time.perf_counter() - t0
     result["mismatches"] = sum(bool(r["mismatch"]) for r in result["nets"])
     markdown = render(result)
-    name = "random_architectures" + ("" if args.moves == "depth" else "_width") + "".join(
-        f"_{f}" for f in args.families)
+    name = _name(args.moves, args.families)
     common.write_results(args.out, name, result, markdown)
     return common.finish(args.out, name, markdown, t0)
+
+
+def _name(moves: str, families: list[str]) -> str:
+    return "random_architectures" + ("" if moves == "depth" else "_width") + "".join(f"_{f}" for f in families)
+
+
+def merge(paths: list[Path], out: Path, parser) -> int:
+    """One result from several runs' JSON over disjoint seeds with the same moves and families; their
+    seconds add up (CPU time of the parts, not the wall time of running them side by side)."""
+    t0 = time.perf_counter()
+    parts = [json.loads(p.read_text()) for p in paths]
+    kinds = {(r.get("moves", "depth"), tuple(r.get("families") or [])) for r in parts}
+    if len(kinds) != 1:
+        parser.error(f"--merge: the runs differ in moves or families: {sorted(kinds)}")
+    nets = sorted((n for r in parts for n in r["nets"]), key=lambda n: n["seed"])
+    seeds = [n["seed"] for n in nets]
+    if len(set(seeds)) != len(seeds):
+        parser.error("--merge: the runs overlap in seeds")
+    moves, families = kinds.pop()
+    result = {**common.provenance("random_architectures"), "moves": moves, "families": list(families),
+              "parts": [{"command": r["command"], "git_commit": r["git_commit"], "date": r["date"]} for r in parts],
+              "nets": nets, "seconds": sum(r["seconds"] for r in parts),
+              "mismatches": sum(bool(n["mismatch"]) for n in nets)}
+    markdown = render(result)
+    name = _name(moves, list(families))
+    common.write_results(out, name, result, markdown)
+    return common.finish(out, name, markdown, t0)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Each model should land between the target and the most the search accepts, targe
 gives why the search stopped (the report's `search.ended`).
 
     .venv/bin/python benchmarks/torchvision_at_speedup.py --target 1.3 --profile ort-cpu
+    .venv/bin/python benchmarks/torchvision_at_speedup.py --target 1.3 --moves depth+width --models convnext_tiny
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficie
           "convnext_tiny")
 
 
-def run_model(name: str, target: float, profile: str, calibration: int, data) -> dict:
+def run_model(name: str, target: float, profile: str, calibration: int, moves: str, data) -> dict:
     import torchvision
 
     model = common.randomise_batchnorm(getattr(torchvision.models, name)(weights=None))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"tv-{name}-") as tmp:
         result = compressor.prune(model, data=data, target=compressor.Speedup(target), profile=profile,
-                                  out=Path(tmp) / "run", finetune_epochs=0, calibration_size=calibration,
+                                  out=Path(tmp) / "run", finetune_epochs=0, calibration_size=calibration, moves=moves,
                                   log=lambda s: common.log(f"    {s}"))
         files = sorted(p.name for p in (Path(tmp) / "run").iterdir())
     r = result.report
@@ -54,7 +55,8 @@ def run_model(name: str, target: float, profile: str, calibration: int, data) ->
 
 
 def render(result: dict) -> str:
-    lines = [f"Target {result['target']}x on `{result['profile']}`, batch 1, 224x224, no fine-tuning, "
+    lines = [f"Target {result['target']}x on `{result['profile']}`, moves `{result['moves']}`, batch 1, 224x224, "
+             "no fine-tuning, "
              f"{result['calibration_size']} calibration crops for `cka`; each model one `compressor.prune` call on "
              "a plain torchvision nn.Module (random weights: latency only).", "",
              "| model | units | removed | ms (unpruned -> pruned) | measured x | FLOP x | target | within band | "
@@ -63,7 +65,7 @@ def render(result: dict) -> str:
     why = []
     for r in result["models"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | | | failed: {r['error']} | | | | | | | |")
+            lines.append(common.failed_row([r["model"], "", ""], r["error"], 11))
             continue
         lines.append(f"| {r['model']} | {r['units']} | {len(r['removed'])} | {r['baseline_ms']:.2f} -> "
                      f"{r['pruned_ms']:.2f} | {r['speedup_measured']:.2f} | {r['speedup_flops']:.2f} | "
@@ -84,25 +86,28 @@ def render(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.argument_parser(__doc__)
+    parser = common.argument_parser(__doc__, calibration=64)
     parser.add_argument("--models", type=common.comma_list, default=",".join(MODELS))
     parser.add_argument("--target", type=float, default=1.3, help="measured speedup (default: %(default)s)")
     parser.add_argument("--profile", default="ort-cpu")
-    parser.add_argument("--calibration-size", type=int, default=64, help="crops cka scores on (default: 64)")
+    parser.add_argument("--moves", choices=("depth", "width", "depth+width"), default="depth",
+                        help="what the search may remove: whole blocks, channel steps, or both (default: depth)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     data = compressor.load_data("photos")
     result = {**common.provenance("torchvision_at_speedup"), "target": args.target, "profile": args.profile,
-              "calibration_size": args.calibration_size, "models": []}
-    for name in args.models:
-        common.log(f"[{name}] pruning to {args.target}x on {args.profile}")
+              "calibration_size": args.calibration_size, "moves": args.moves, "models": []}
+    name = "torchvision_at_speedup" + ("" if args.moves == "depth" else "_" + args.moves.replace("+", "_"))
+    for model in args.models:
+        common.log(f"[{model}] pruning to {args.target}x on {args.profile} ({args.moves})")
         try:
-            result["models"].append(run_model(name, args.target, args.profile, args.calibration_size, data))
+            result["models"].append(run_model(model, args.target, args.profile, args.calibration_size, args.moves,
+                                                data))
         except compressor.CompressorError as e:
-            result["models"].append({"model": name, "error": f"{type(e).__name__}: {e}"})
+            result["models"].append({"model": model, "error": f"{type(e).__name__}: {e}"})
         markdown = render(result)
-        common.write_results(args.out, "torchvision_at_speedup", result, markdown)
-    return common.finish(args.out, "torchvision_at_speedup", markdown, t0)
+        common.write_results(args.out, name, result, markdown)
+    return common.finish(args.out, name, markdown, t0)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def render(result: dict) -> str:
              "|---|---|---:|---|---|---|---:|---:|---:|---|---|---:|"]
     for r in result["runs"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['profile']} | {r['target']} | | | failed: {r['error']} | | | | | | |")
+            lines.append(common.failed_row([r["model"], r["profile"], r["target"], "", ""], r["error"], 12))
             continue
         units = ", ".join(f"{n} {k}" for k, n in r["units"].items())
         lines.append(f"| {r['model']} | {r['profile']} | {r['target']} | {units} | {', '.join(r['removed'])} | "
@@ -101,11 +101,10 @@ def render(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.argument_parser(__doc__)
+    parser = common.argument_parser(__doc__, calibration=128)
     parser.add_argument("--models", type=common.comma_list, default=",".join(SUBJECTS))
     parser.add_argument("--targets", type=common.float_list, default=[1.3, 1.5])
     parser.add_argument("--profiles", type=common.comma_list, default=["ort-cpu", "openvino-cpu"])
-    parser.add_argument("--calibration-size", type=int, default=128, help="images cka scores on (default: 128)")
     parser.add_argument("--reports", type=common.comma_list, default=None,
                         help="NAME=report.json,...: tabulate finished prunes instead of running them")
     args = parser.parse_args(argv)

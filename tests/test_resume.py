@@ -52,6 +52,8 @@ def _interrupt_during_table(profile: Path, out: Path, sig: int) -> tuple[int, li
     return code, lines + rest
 
 
+# alike in form with test_scale_e2e.py's `killed` on purpose: each writes its own profile and stops its own
+# command (SIGINT to one process here, SIGKILL to one rank there)
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("resume")

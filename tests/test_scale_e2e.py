@@ -61,6 +61,7 @@ def _ours(lines: list[str]) -> list[str]:
     return [line for line in lines if line.startswith("compressor prune:")]
 
 
+# alike in form with test_resume.py's `interrupted` on purpose (see there)
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
     """A 2-process prune whose rank 1 is SIGKILLed as soon as the first fine-tuning epoch is saved."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from compressor.errors import InputError
 
@@ -14,34 +15,27 @@ class OneLineParser(argparse.ArgumentParser):
         raise InputError(message)
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, convert: Callable[[str], float], ok: Callable[[float], bool], what: str) -> float:
+    """`text` as a number that `ok` accepts, else argparse's one-line refusal saying it `what`."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+        value = float("nan")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return int(_number(text, int, lambda v: v > 0, "must be a positive integer"))
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {text!r}")
-    return value
+    return int(_number(text, int, lambda v: v >= 0, "must be zero or a positive integer"))
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
+    return _number(text, float, lambda v: 0 < v < float("inf"), "must be a positive number")
 
 
 def input_shape(text: str) -> tuple[int, int, int]:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from compressor.criteria.registry import NamedFunctions
 from compressor.errors import InputError
 from compressor.graph.slim import DENSE, block_input, dependency_graph, group_of
 from compressor.graph.width import WidthOption
@@ -51,26 +52,11 @@ class ChannelContext:
 
 ChannelScores = dict[str, list[torch.Tensor]]  # option name -> one score per channel, for each of its groups
 ChannelCriterion = Callable[[ChannelContext], ChannelScores]
-CHANNEL_CRITERIA: dict[str, ChannelCriterion] = {}
-CHANNEL_COSTS: dict[str, str] = {}
-
-
-def register_channel(name: str, cost: str) -> Callable[[ChannelCriterion], ChannelCriterion]:
-    """Add a channel criterion under `name`; `cost` says what it runs, in passes over the calibration set."""
-
-    def add(fn: ChannelCriterion) -> ChannelCriterion:
-        CHANNEL_CRITERIA[name] = fn
-        CHANNEL_COSTS[name] = cost
-        return fn
-
-    return add
-
-
-def get_channel_criterion(name: str) -> ChannelCriterion:
-    if name not in CHANNEL_CRITERIA:
-        msg = f"unknown channel criterion {name!r}; known: {', '.join(sorted(CHANNEL_CRITERIA))}"
-        raise InputError(msg)
-    return CHANNEL_CRITERIA[name]
+_CHANNEL_CRITERIA: NamedFunctions[ChannelCriterion] = NamedFunctions("channel criterion")
+CHANNEL_CRITERIA = _CHANNEL_CRITERIA.functions
+CHANNEL_COSTS = _CHANNEL_CRITERIA.costs
+register_channel = _CHANNEL_CRITERIA.register
+get_channel_criterion = _CHANNEL_CRITERIA.get
 
 
 def channel_criterion_for(criterion: str, channel_criterion: str | None = None) -> str:

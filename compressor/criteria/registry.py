@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
@@ -17,6 +18,8 @@ from torch.utils.data import DataLoader
 from compressor.compute.group import World
 from compressor.errors import InputError
 from compressor.graph.units import Unit
+
+F = TypeVar("F", bound=Callable)
 
 
 @dataclass
@@ -42,27 +45,40 @@ class ScoringContext:
         return next(iter(self.calibration))[0]
 
 
+class NamedFunctions(Generic[F]):
+    """Scoring functions by name, each with a line saying what it costs; `what` names them in a refusal.
+
+    One class for the unit criteria here and the channel criteria (criteria/channels.py)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.functions: dict[str, F] = {}
+        self.costs: dict[str, str] = {}
+
+    def register(self, name: str, cost: str) -> Callable[[F], F]:
+        """A decorator adding a function under `name`; `cost` says what it runs, in passes over the
+        calibration set."""
+
+        def add(fn: F) -> F:
+            self.functions[name] = fn
+            self.costs[name] = cost
+            return fn
+
+        return add
+
+    def get(self, name: str) -> F:
+        if name not in self.functions:
+            msg = f"unknown {self.what} {name!r}; known: {', '.join(sorted(self.functions))}"
+            raise InputError(msg)
+        return self.functions[name]
+
+
 Criterion = Callable[[ScoringContext], dict[str, float]]
-CRITERIA: dict[str, Criterion] = {}
-COSTS: dict[str, str] = {}
-
-
-def register(name: str, cost: str) -> Callable[[Criterion], Criterion]:
-    """Add a criterion under `name`; `cost` says what it runs, in passes over the calibration set."""
-
-    def add(fn: Criterion) -> Criterion:
-        CRITERIA[name] = fn
-        COSTS[name] = cost
-        return fn
-
-    return add
-
-
-def get_criterion(name: str) -> Criterion:
-    if name not in CRITERIA:
-        msg = f"unknown criterion {name!r}; known: {', '.join(sorted(CRITERIA))}"
-        raise InputError(msg)
-    return CRITERIA[name]
+_UNIT_CRITERIA: NamedFunctions[Criterion] = NamedFunctions("criterion")
+CRITERIA = _UNIT_CRITERIA.functions
+COSTS = _UNIT_CRITERIA.costs
+register = _UNIT_CRITERIA.register
+get_criterion = _UNIT_CRITERIA.get
 
 
 def score_units(name: str, ctx: ScoringContext) -> dict[str, float]:
