@@ -31,16 +31,20 @@ MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficie
           "convnext_tiny")
 
 
-def run_model(name: str, target: float, profile: str, calibration: int, moves: str, data) -> dict:
+def run_model(name: str, target: float, profile: str, calibration: int, moves: str, data,
+              keep: Path | None = None) -> dict:
+    """One model pruned into a temporary folder, or into `keep`/NAME where given (its report, table and
+    artifacts kept for a closer look)."""
     import torchvision
 
     model = common.randomise_batchnorm(getattr(torchvision.models, name)(weights=None))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"tv-{name}-") as tmp:
-        result = compressor.prune(model, data=data, target=compressor.Speedup(target), profile=profile,
-                                  out=Path(tmp) / "run", finetune_epochs=0, calibration_size=calibration, moves=moves,
+        out = keep / name if keep is not None else Path(tmp) / "run"
+        result = compressor.prune(model, data=data, target=compressor.Speedup(target), profile=profile, out=out,
+                                  finetune_epochs=0, calibration_size=calibration, moves=moves,
                                   log=lambda s: common.log(f"    {s}"))
-        files = sorted(p.name for p in (Path(tmp) / "run").iterdir())
+        files = sorted(p.name for p in out.iterdir())
     r = result.report
     ceiling = target / ((1 - r["search"]["margin"]) * (1 - OVERSHOOT_BAND))
     delivered = sorted(r["removed_units"])
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="ort-cpu")
     parser.add_argument("--moves", choices=("depth", "width", "depth+width"), default="depth",
                         help="what the search may remove: whole blocks, channel steps, or both (default: depth)")
+    parser.add_argument("--runs", type=Path, help="keep each model's run folder in RUNS/MODEL (default: not kept)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     data = compressor.load_data("photos")
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         common.log(f"[{model}] pruning to {args.target}x on {args.profile} ({args.moves})")
         try:
             result["models"].append(run_model(model, args.target, args.profile, args.calibration_size, args.moves,
-                                                data))
+                                                data, args.runs))
         except compressor.CompressorError as e:
             result["models"].append({"model": model, "error": f"{type(e).__name__}: {e}"})
         markdown = render(result)
