@@ -160,3 +160,25 @@ def test_a_c2f_keeps_its_own_layers_so_all_its_bottlenecks_may_go():
     assert removable_limits(units, 1) == counts
     vit = [u for u in find_units(TinyViT().eval(), torch.randn(1, 3, 16, 16)) if u.removes_block]
     assert vit and not any(u.anchored for u in vit)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+def test_a_stem_held_in_the_same_sequential_does_not_anchor_the_stage():
+    """ConvNeXt's layout: `features` holds the stem, then each stage's blocks in a Sequential of their own.
+    The stem feeds the first stage at its shape, but it is no block of the stage: one block must stay."""
+    from compressor.search.knapsack import removable_limits
+
+    features = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Sequential(*[_ResidualBlock(8) for _ in range(3)]),
+                             nn.Conv2d(8, 16, 2, stride=2), nn.Sequential(*[_ResidualBlock(16) for _ in range(3)]))
+    model = nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    units = find_units(model, torch.randn(1, 3, 32, 32))
+    assert len(units) == 6 and not any(u.anchored for u in units)
+    assert sorted(removable_limits(units, 1).values()) == [2, 2]

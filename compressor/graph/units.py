@@ -254,9 +254,12 @@ def _anchored_stages(units: list[Unit], nodes: list[fx.Node]) -> set[str]:
         if not feeds or _stage(feeds[0]) != stage:
             continue
         parent, depth = first.path.rpartition(".")[0], first.path.count(".")
-        for key in feeds[0].meta.get("nn_module_stack") or {}:
+        stack = list(feeds[0].meta.get("nn_module_stack") or {})
+        for key in stack:
             sibling = key.count(".") == depth and key.rpartition(".")[0] == parent
-            container = first.path.startswith(f"{key}.")  # e.g. a C2f's chunk of cv1 feeding its bottlenecks
+            # a container that computes the feed in its own forward, e.g. a C2f's chunk of cv1 feeding its
+            # bottlenecks; not one that merely holds the feeding module (ConvNeXt's `features` holds its stem)
+            container = key == stack[-1] and first.path.startswith(f"{key}.")
             if (sibling or container) and key not in paths:
                 anchored.add(stage)
     return anchored
