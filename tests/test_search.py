@@ -66,6 +66,16 @@ def test_equal_importance_keeps_as_much_model_as_possible():
     assert len(choice.removed) == 3
 
 
+def test_importance_below_zero_is_noise_and_does_not_pad_the_set():
+    """Scores of -1e-7 (1 - CKA in float32 on blocks that barely change the features): the set still
+    saves just what is required, as with equal importance."""
+    units = _units(6, stages=1)
+    importance = {u.name: -1e-7 * (1 + u.order) for u in units}
+    savings = {u.name: 1.0 for u in units}
+    choice = choose_units(units, importance, savings, 2.5, min_per_stage=1)
+    assert len(choice.removed) == 3 and choice.importance_lost == 0.0
+
+
 def test_infeasible_and_trivial_requirements():
     units = _units(4, stages=2)
     importance = {u.name: 1.0 for u in units}

@@ -96,7 +96,13 @@ def choose_units(units: Sequence[Unit], importance: dict[str, float], savings_ms
     keep as much of the model as the target allows. None if no allowed set
     saves enough. Savings are compared in bins of 1/BINS of the total saving
     (`below` too: a set saving less than it by the bins).
+
+    An importance below zero is taken as zero: removing a unit loses nothing at best, and a negative
+    score is the criterion's noise (1 - CKA of nearly identical features, as on a ConvNeXt whose layer
+    scale starts at 1e-6). Taken as it is, every such unit would lower a set's cost, and the optimum
+    would remove as many of them as the stage floors allow, far past the target.
     """
+    importance = {n: max(v, 0.0) for n, v in importance.items()}
     excluded = {frozenset(s) for s in exclude}
     if required_ms <= 0 and frozenset() not in excluded:
         return Choice((), 0.0, 0.0)
