@@ -86,6 +86,9 @@ def render(result: dict) -> str:
               "measured spread)."]
     if why:
         lines += ["", "Outside the band, and why no set closer was measured:", "", *why]
+    for rerun in result.get("reruns", []):
+        lines += ["", f"Measured again, replacing their rows ({rerun['date']}, source {rerun['git_commit']}): "
+                      f"{', '.join(rerun['models'])}; {rerun['why']} Command: `{rerun['command']}`."]
     lines += ["", "Every artifact was validated against torch before it was written (tolerance atol 1e-4 + rtol 1e-3 "
               "on the logits)."]
     return common.document("torchvision architectures through the Python API", result, lines)
