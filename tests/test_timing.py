@@ -244,6 +244,18 @@ def test_blocks_with_a_cool_down_idle_after_each_and_leave_their_first_run_untim
     assert result.stats[0].n == burst * len(blocks) // 2 >= 20  # the waking runs are not among the samples
 
 
+def test_blocks_are_sized_by_the_warm_up_runs_made_not_by_the_warm_up_floor():
+    """A 1 ms model makes ~100 warm-up runs in a 0.1 s warm-up floor: its mean run is 1 ms, not 0.1 s / 2
+    runs, so its blocks are long enough to outlast the cool-down three times (else most of a session
+    is spent idle)."""
+    def run():
+        _busy(1.0)
+
+    policy = TimingPolicy(min_runs=20, min_time_s=0.0, remeasure_iqr=10.0, warmup_runs=2, warmup_s=0.1)
+    result = measure_interleaved([run, run], policy, burst=5, cooldown_s=0.004)
+    assert result.burst >= 3 * 4.0 / 1.05
+
+
 def test_onnx_runtime_spinning_by_default_gets_a_cool_down_and_none_without(tmp_path):
     """A real ONNX Runtime pool: with its default spinning its workers stay busy after a run, so interleaved
     blocks are followed by a cool-down; with spinning off nothing stays busy and none is slept."""

@@ -77,13 +77,18 @@ def _timed(run: Callable[[], object]) -> float:
 
 def warm_up(run: Callable[[], object], policy: TimingPolicy) -> float:
     """Time the first run as the cold start (ms), then run untimed to the warm-up floors."""
+    return _warm_up_runs(run, policy)[0]
+
+
+def _warm_up_runs(run: Callable[[], object], policy: TimingPolicy) -> tuple[float, int]:
+    """warm_up, and how many untimed runs it made: `warmup_runs` at least, more while `warmup_s` lasts."""
     cold = _timed(run)
     t_end = time.perf_counter() + policy.warmup_s
     n = 0
     while n < policy.warmup_runs or time.perf_counter() < t_end:
         run()
         n += 1
-    return cold
+    return cold, n
 
 
 def _sample(run: Callable[[], object], policy: TimingPolicy) -> list[float]:
@@ -160,11 +165,11 @@ def cooldown_for(busy_s: Sequence[float]) -> float:
 
 
 def _warm(run: Callable[[], object], policy: TimingPolicy) -> tuple[float, float]:
-    """warm_up's cold start (ms) and the mean warm-up run (ms)."""
+    """warm_up's cold start (ms) and the mean warm-up run (ms), over the runs it made (a 1 ms model makes
+    hundreds in `warmup_s`, not `warmup_runs`)."""
     t0 = time.perf_counter()
-    cold = warm_up(run, policy)
-    runs = max(1, policy.warmup_runs)
-    return cold, max(1e-3, ((time.perf_counter() - t0) * 1e3 - cold) / runs)
+    cold, runs = _warm_up_runs(run, policy)
+    return cold, max(1e-3, ((time.perf_counter() - t0) * 1e3 - cold) / max(1, runs))
 
 
 def measure_interleaved(runs: Sequence[Callable[[], object]], policy: TimingPolicy,
