@@ -13,10 +13,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from compressor.cli.signals import raise_pending
 from compressor.errors import CompressorError, InputError, TargetMissedError
 
 
 def log(message: str) -> None:
+    """A progress line on stderr; first, a SIGINT or SIGTERM whose exception Python dropped is raised again."""
+    raise_pending()
     print(message, file=sys.stderr, flush=True)
 
 

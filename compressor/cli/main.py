@@ -14,25 +14,18 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from compressor.cli import signals
+from compressor.cli.signals import Terminated
 from compressor.errors import CompressorError, InternalError, first_line
 
 INTERRUPTED = 130  # SIGINT (Ctrl-C)
 TERMINATED = 143  # SIGTERM (a CI timeout, a process manager)
 
 
-class Terminated(BaseException):  # noqa: N818  (like KeyboardInterrupt: not an Exception, so nothing swallows it)
-    """Raised in the main thread when SIGTERM arrives."""
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated
-
-
 def _silent(error: BaseException) -> bool:
     """Whether another process of a torchrun group prints this error's line (compute/failure.py): then
     this one exits with its code and says nothing; once failing, a late signal changes nothing."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signals.ignore()
     return bool(getattr(error, "silent", False))
 
 
@@ -86,7 +79,7 @@ def _main(argv: list[str]) -> int:
         return report_error(_command_of(argv), e, "--debug" in argv)
     run: Callable[[argparse.Namespace], int] = args.run
     debug = getattr(args, "debug", False)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signals.install()
     try:
         return run(args)
     except CompressorError as e:

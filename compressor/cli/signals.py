@@ -1,0 +1,45 @@
+"""SIGINT and SIGTERM for the CLI: an exception in the main thread, raised again if Python drops it.
+
+Python runs a signal handler between bytecodes of the main thread, whatever it is doing; when that is
+a weakref callback or a `__del__` (torch's WeakIdKeyDictionary during a garbage collection, say), the
+exception is printed as "Exception ignored in ..." and dropped, and a prune interrupted that way would
+run on to its end. So each handler also records the signal, and `raise_pending` (called by the CLI's
+log line, which every stage and measurement writes) raises it again.
+"""
+
+from __future__ import annotations
+
+import signal
+
+
+class Terminated(BaseException):  # noqa: N818  (like KeyboardInterrupt: not an Exception, so nothing swallows it)
+    """Raised in the main thread when SIGTERM arrives."""
+
+
+_pending: list[int] = []  # the signals received since `install`
+
+
+def on_signal(signum: int, frame: object) -> None:
+    """The handler: record `signum`, raise KeyboardInterrupt (SIGINT) or Terminated (SIGTERM)."""
+    _pending.append(signum)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+
+def install() -> None:
+    """Handle SIGINT and SIGTERM with `on_signal`, forgetting any signal received before."""
+    _pending.clear()
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+
+
+def raise_pending() -> None:
+    """Raise the first signal received again (its exception may have been dropped); nothing if none came."""
+    if _pending:
+        raise KeyboardInterrupt if _pending[0] == signal.SIGINT else Terminated
+
+
+def ignore() -> None:
+    """SIGINT and SIGTERM ignored from now on (a process that is already failing), nothing pending."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _pending.clear()

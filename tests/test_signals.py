@@ -1,0 +1,37 @@
+"""A SIGINT or SIGTERM whose exception Python drops (raised inside a finalizer or a weakref callback) is
+raised again at the CLI's next log line, so the run still stops (compressor/cli/signals.py)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from compressor.cli import signals
+from compressor.cli.commands import log
+
+
+class _Finalised:
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def __del__(self) -> None:
+        signals.on_signal(self.signum, None)  # as if the signal arrived here: Python prints it and drops it
+
+
+@pytest.mark.parametrize(("signum", "raised"), [(signal.SIGINT, KeyboardInterrupt),
+                                                (signal.SIGTERM, signals.Terminated)])
+def test_a_signal_dropped_in_a_finalizer_is_raised_at_the_next_log_line(signum, raised, capsys):
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signals.install()
+        log("before")  # nothing pending: printed
+        _Finalised(signum)  # collected at once; its exception goes nowhere
+        with pytest.raises(raised):
+            log("after")
+        assert capsys.readouterr().err.splitlines()[0] == "before"
+        signals.install()  # a new run forgets it
+        log("again")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
