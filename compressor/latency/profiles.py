@@ -145,6 +145,7 @@ def parse_profile(text: str, source: str) -> Profile:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         msg = f"malformed profile YAML in {source}{where}: {getattr(e, 'problem', e)}"
         raise InputError(msg) from e
+    # these refusals have the shape of criteria/agreement.py's (one message per problem): alike by form only
     if not isinstance(raw, dict):
         msg = f"profile {source} must be a YAML mapping, got {type(raw).__name__}"
         raise InputError(msg)
