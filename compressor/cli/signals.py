@@ -10,6 +10,7 @@ log line, which every stage and measurement writes) raises it again.
 from __future__ import annotations
 
 import signal
+import sys
 
 
 class Terminated(BaseException):  # noqa: N818  (like KeyboardInterrupt: not an Exception, so nothing swallows it)
@@ -33,8 +34,9 @@ def install() -> None:
 
 
 def raise_pending() -> None:
-    """Raise the first signal received again (its exception may have been dropped); nothing if none came."""
-    if _pending:
+    """Raise the first signal received again (its exception may have been dropped); nothing if none came,
+    or while an exception is on its way out (the signal's own, running the cleanup of `finally` blocks)."""
+    if _pending and sys.exc_info()[0] is None:
         raise KeyboardInterrupt if _pending[0] == signal.SIGINT else Terminated
 
 
