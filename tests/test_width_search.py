@@ -94,9 +94,9 @@ def test_levels_are_refused_with_their_reasons():
     block = nn.Sequential(nn.Conv2d(4, 16, 1))
     base = Unit("blk", "identity", "s", 0, input_shape=(4, 8, 8))
     option = WidthOption(base, (WidthGroup("0", 16, ("0",)),))
-    from compressor.graph.capture import structure_key
+    from compressor.graph.signature import module_cost_key
 
-    key = f"{structure_key(block, (4, 8, 8))}|0"
+    key = f"{module_cost_key(block, (4, 8, 8))}|0"
     steps = {key: [StepChoice(0.75, 12, chosen=8), StepChoice(0.5, 8, chosen=8),
                    StepChoice(0.25, 4, chosen=None, note="no count near it runs faster")]}
     model = nn.Module()
@@ -106,6 +106,34 @@ def test_levels_are_refused_with_their_reasons():
     assert units[0].slim.keep == (tuple(range(8, 16)),), "the highest-scoring channels are kept"
     assert refused == {"blk@50%": "its measured channel counts (8,) are those of blk@75%",
                        "blk@25%": "0: no count near it runs faster"}
+
+
+class _Dropped(nn.Module):
+    """A block whose plain attribute (a stochastic-depth rate, idle in eval mode) differs per copy."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+        self.inner = nn.Sequential(nn.Conv2d(8, 32, 1), nn.ReLU(), nn.Conv2d(32, 8, 1))
+
+    def forward(self, x):
+        return x + self.inner(x)
+
+
+def test_blocks_that_differ_only_in_an_idle_rate_are_timed_once():
+    """ConvNeXt's blocks differ only in their stochastic-depth rate: their channel counts are timed once per
+    shape, not once per block (18 timings instead of 4 on convnext_tiny)."""
+    from compressor.graph.width import find_width_options
+    from compressor.stages.width import step_structures
+
+    model = nn.Sequential(_Dropped(0.0), _Dropped(0.1), _Dropped(0.2), nn.Conv2d(8, 16, 1), _Dropped(0.3))
+    model[4].inner = nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 16, 1))
+    units = [Unit(str(i), "identity", "s", i, input_shape=(8 if i < 3 else 16, 6, 6)) for i in (0, 1, 2, 4)]
+    options, refused = find_width_options(model, units)
+    assert len(options) == 4, refused
+    structures = step_structures(model, options)
+    assert len(structures) == 2, [s.where for s in structures]
+    assert structures[0].where == "0, 1, 2" and structures[1].where == "4"
 
 
 def test_cli_moves_option_reaches_the_prune_options():

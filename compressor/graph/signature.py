@@ -55,6 +55,14 @@ def _module_description(module: nn.Module, skip: str | None, members: tuple[str,
     return lines
 
 
+def module_cost_key(module: nn.Module, input_shape: tuple[int, ...]) -> str:
+    """A short hash of `module`'s submodules (types, settings, parameter shapes) and its input shape: equal keys
+    run the same kernels on the same shapes. Unlike capture's structure_key it leaves out plain attributes that
+    do not reach an exported graph (ConvNeXt's per-block stochastic-depth rate, inactive in eval mode)."""
+    text = "\n".join([repr(tuple(input_shape)), *_module_description(module, None)])
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
 def unit_signatures(model: nn.Module, units: Sequence[Unit], x: torch.Tensor) -> dict[str, str]:
     """{unit name: structural signature}: a short hash of the unit's kind, what removing it leaves
     (shortcut, post-add activations, which of its block's additions), the removed part's modules with their

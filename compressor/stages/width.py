@@ -21,7 +21,7 @@ from pathlib import Path
 from compressor.criteria.channels import ChannelContext, channel_criterion_for, kept_channels, rank_channels
 from compressor.data.bundle import DataBundle
 from compressor.errors import InputError
-from compressor.graph.capture import structure_key
+from compressor.graph.signature import module_cost_key
 from compressor.graph.units import Slim, Unit
 from compressor.graph.width import LEVELS, WidthOption, find_width_options, level_name, width_unit
 from compressor.latency.steps import StepChoice, StepStructure, measure_channel_steps, untimed_choices
@@ -39,12 +39,17 @@ def step_structures(model, options: list[WidthOption]) -> list[StepStructure]:
     for option in options:
         block = model.get_submodule(option.unit.path)
         for group in option.groups:
-            key = f"{structure_key(block, tuple(option.unit.input_shape))}|{group.root}"
+            key = _step_key(block, option, group.root)
             where.setdefault(key, []).append(option.name)
             if key not in found:
                 found[key] = StepStructure(key, block, tuple(option.unit.input_shape), group.root, group.channels, "")
     return [StepStructure(s.key, s.block, s.input_shape, s.root, s.channels, _where(where[s.key]))
             for s in found.values()]
+
+
+def _step_key(block, option: WidthOption, root: str) -> str:
+    """Blocks with this key slim at the same measured counts: the same kernels on the same shapes, one group."""
+    return f"{module_cost_key(block, tuple(option.unit.input_shape))}|{root}"
 
 
 def _where(names: list[str]) -> str:
@@ -70,7 +75,7 @@ def level_units(model, options: list[WidthOption], steps: dict[str, list[StepCho
     refused: dict[str, str] = {}
     for option in options:
         block = model.get_submodule(option.unit.path)
-        keys = [f"{structure_key(block, tuple(option.unit.input_shape))}|{g.root}" for g in option.groups]
+        keys = [_step_key(block, option, g.root) for g in option.groups]
         seen: dict[tuple, str] = {}
         for li, level in enumerate(LEVELS):
             name = level_name(option.name, level)
