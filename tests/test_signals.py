@@ -4,6 +4,8 @@ raised again at the CLI's next log line, so the run still stops (compressor/cli/
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -40,3 +42,25 @@ def test_a_signal_dropped_in_a_finalizer_is_raised_at_the_next_log_line(signum, 
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+CHILD = """
+import multiprocessing, signal, sys, time
+from compressor.cli import signals
+
+signals.install()
+child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+child.start()
+time.sleep(0.5)
+child.terminate()  # what a DataLoader does to a worker that is slow to stop
+child.join(10)
+print(child.exitcode)
+"""
+
+
+def test_a_forked_worker_ends_on_sigterm_without_a_traceback():
+    """The handler is inherited by forked workers: there SIGTERM ends the process as by default, quietly."""
+    done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(-signal.SIGTERM), done.stdout
+    assert "Traceback" not in done.stderr and "Terminated" not in done.stderr, done.stderr

@@ -5,10 +5,15 @@ a weakref callback or a `__del__` (torch's WeakIdKeyDictionary during a garbage 
 exception is printed as "Exception ignored in ..." and dropped, and a prune interrupted that way would
 run on to its end. So each handler also records the signal, and `raise_pending` (called by the CLI's
 log line, which every stage and measurement writes) raises it again.
+
+A process forked after `install` (a DataLoader worker, which its parent ends with SIGTERM when it takes
+too long to stop) inherits the handler; there it takes the signal's default action instead, so a worker
+ends quietly rather than printing a Terminated traceback into the user's log.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -18,10 +23,16 @@ class Terminated(BaseException):  # noqa: N818  (like KeyboardInterrupt: not an 
 
 
 _pending: list[int] = []  # the signals received since `install`
+_owner: list[int] = []  # the process that installed the handlers
 
 
 def on_signal(signum: int, frame: object) -> None:
-    """The handler: record `signum`, raise KeyboardInterrupt (SIGINT) or Terminated (SIGTERM)."""
+    """The handler: record `signum`, raise KeyboardInterrupt (SIGINT) or Terminated (SIGTERM); in a forked
+    child, the signal's default action."""
+    if _owner and os.getpid() != _owner[0]:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     _pending.append(signum)
     raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
 
@@ -29,6 +40,7 @@ def on_signal(signum: int, frame: object) -> None:
 def install() -> None:
     """Handle SIGINT and SIGTERM with `on_signal`, forgetting any signal received before."""
     _pending.clear()
+    _owner[:] = [os.getpid()]
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, on_signal)
 
