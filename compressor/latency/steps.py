@@ -103,7 +103,8 @@ def _chain(block: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
     return copy.deepcopy(block).eval()
 
 
-def _slimmed(structure: StepStructure, count: int) -> nn.Module:
+def slimmed_copy(structure: StepStructure, count: int) -> nn.Module:
+    """A copy of the structure's block with its group slimmed to its first `count` channels."""
     from compressor.graph.slim import slim_in_place
     from compressor.graph.units import Slim
 
@@ -142,7 +143,7 @@ def measure_channel_steps(structures: Sequence[StepStructure], levels: Sequence[
         x = torch.randn(batch, *structure.input_shape, generator=torch.Generator().manual_seed(0))
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             paths = []
-            for i, model in enumerate([structure.block, *(_slimmed(structure, c) for c in counts)]):
+            for i, model in enumerate([structure.block, *(slimmed_copy(structure, c) for c in counts)]):
                 chained = _chain(model, structure.input_shape)
                 paths.append(deployment.backend.export_block(deployable(chained, x), x, Path(tmp) / f"step{i}"))
             result = deployment.device.time(paths, policy, x.numpy())
