@@ -11,7 +11,7 @@ Torch-Pruning's uniform channel pruning keeps 0.36-0.98 (benchmarks/results/spee
 
 Nothing is timed here: the timings are those the run made, on its profile's device.
 
-    .venv/bin/python benchmarks/width_step_fidelity.py runs/effl-dw runs/convnext-dw
+    .venv/bin/python benchmarks/width_step_fidelity.py runs/effl-dw RUNS/convnext_tiny=torchvision.models:convnext_tiny
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ def _structures(run: Path) -> tuple[dict, list[dict]]:
     return report, report["width"]["channel_steps"]
 
 
-def run_rows(run: Path) -> list[dict]:
-    """One row per (structure, level) with a chosen count: the measured and FLOP speedups of that count."""
+def run_rows(run: Path, spec: str | None = None) -> list[dict]:
+    """One row per (structure, level) with a chosen count: the measured and FLOP speedups of that count.
+    `spec` rebuilds the model where the report's name cannot (a module pruned from Python)."""
     report, steps = _structures(run)
-    loaded = load_model(report["model"], load_data(report["data"]) if report.get("data") else None)
+    loaded = load_model(spec or report["model"], load_data(report["data"]) if report.get("data") else None)
     model = loaded.model.eval()
     units = find_units(model, loaded.example_input(1))
     options, _ = find_width_options(model, units)
@@ -97,10 +98,15 @@ def render_markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = common.argument_parser(__doc__)
-    parser.add_argument("runs", type=Path, nargs="+", help="run folders of prune --moves width or depth+width")
+    parser.add_argument("runs", nargs="+", metavar="RUN[=MODEL]",
+                        help="run folders of prune --moves width or depth+width; =MODEL rebuilds a model pruned "
+                             "from Python (e.g. =torchvision.models:convnext_tiny)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    rows = [row for run in args.runs for row in run_rows(run)]
+    rows = []
+    for item in args.runs:
+        run, _, spec = item.partition("=")
+        rows += run_rows(Path(run), spec or None)
     result = {**common.provenance(NAME), "rows": rows}
     markdown = render_markdown(result)
     common.write_results(args.out, NAME, result, markdown)
