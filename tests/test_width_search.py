@@ -197,6 +197,7 @@ def net():
     from compressor.graph.units import find_units
     from compressor.graph.width import find_width_options
 
+    torch.manual_seed(0)  # the head's weights
     model = Net().eval()
     x = torch.randn(2, 4, 6, 6)
     units = find_units(model, x)
@@ -235,3 +236,29 @@ def test_dropping_dead_channels_costs_nothing_and_live_ones_cost_less_than_remov
         every_live = width_unit(options[0], 0.5, ((4, 5, 6, 7),))
         assert score_width_units(criterion, ScoringContext(model, [every_live], batches))[every_live.name] == \
             pytest.approx(removal)
+
+
+@pytest.mark.parametrize("min_per_stage", [0, 1])
+def test_greedy_deepens_a_slimmed_block_instead_of_stranding_it(net, min_per_stage):
+    """A block slimmed by an early step can be slimmed further and then removed in later steps, each option
+    replacing the one before (never two options of one block in a set); a stage at its floor stops at the
+    slimmest width."""
+    from compressor.graph.width import width_unit
+    from compressor.search.greedy import GreedyOrder
+
+    model, units, options, batches = net
+    half = width_unit(options[0], 0.5, ((0, 1, 2, 3),))  # drops the dead channels only: free
+    quarter = width_unit(options[0], 0.25, ((0, 1),))
+    block = units[0]
+    savings = {half.name: 0.5, quarter.name: 0.9, block.name: 1.0}  # KL 0, 0.33, 0.54 nats
+    order = GreedyOrder(model, [block, half, quarter], savings, batches[0][0], min_per_stage=min_per_stage)
+    while order.extend():
+        pass
+    expected = [half.name, quarter.name, block.name][:3 - min_per_stage]
+    assert [s.unit for s in order.steps] == expected
+    assert [s.saving_ms for s in order.steps] == [0.5, 0.9, 1.0][:3 - min_per_stage]
+    assert abs(order.steps[0].kl) < 1e-6 < order.steps[1].kl
+    assert order.steps[1].kl == order.kl_of((quarter.name,))  # the set is the deeper option alone
+    assert order.evaluations == 3 - min_per_stage  # each deeper option alone, already run at the first step
+    assert order.choose(0.6).removed == (quarter.name,)
+    assert order.choose(0.95, exclude=[(block.name,)]) is None  # no set holds two options of the block

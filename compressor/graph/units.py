@@ -106,6 +106,12 @@ class Unit:
         return self.name.partition(LEVEL_MARK)[0].partition("/")[0]
 
     @property
+    def acts_on(self) -> str:
+        """The block or branch the unit acts on, without a width level: "blocks.3/mlp" for "blocks.3/mlp@25%"
+        and for the branch unit "blocks.3/mlp" itself."""
+        return self.name.partition(LEVEL_MARK)[0]
+
+    @property
     def removes_block(self) -> bool:
         """Whether removing the unit takes its whole block out of its stage."""
         return self.kind in BLOCK_KINDS

@@ -7,7 +7,9 @@ judged by running the model with the set removed on calibration images and takin
 divergence of its logits from the unpruned model's.
 
 GreedyOrder removes units one at a time, each time the one that loses least KL per ms
-saved *given the units already removed*; least_kl keeps, of its proposal and other
+saved *given the units already removed*. A step may also deepen a block it already took:
+slim it further or take it out (PEEL's reallocation, one channel level at a time), so a block
+slimmed early is not stranded at that width. least_kl keeps, of its proposal and other
 proposers' (knapsacks), the set with the least measured KL; greedy_proposer is what
 `prune --selection greedy` uses.
 
@@ -83,14 +85,26 @@ def kl_from(reference: dict[str, torch.Tensor] | torch.Tensor, logits: dict[str,
     return float(divergence(output_spec(reference), reference, logits).mean())
 
 
+def deepens(unit: Unit, held: Unit, savings_ms: dict[str, float]) -> bool:
+    """Whether `unit` may replace `held`, an option of the same block already taken, as a step further: it
+    saves more by the table and does what `held` does and more (it takes the whole block out, or slims or
+    removes the same block or branch that `held` slims). A merge or a branch removal is not deepened into a
+    sibling branch: that would put back what `held` took."""
+    if unit.path != held.path or savings_ms[unit.name] <= savings_ms[held.name]:
+        return False
+    return unit.removes_block or unit.acts_on == held.acts_on
+
+
 class GreedyOrder:
     """The greedy removal order of `units`, extended one step at a time as savings are asked for.
 
-    A step takes, among the units still allowed (a stage keeps `min_per_stage` blocks; a block is
-    removed or merged, not both; units saving nothing by the table are skipped), the one with the
-    least rise in KL per ms of table saving. `choose(required_ms)` takes the shortest prefix of the
-    order that one more allowed unit brings to `required_ms`, and of those units (already evaluated
-    at that step) the one with the least KL; so the proposals are not only prefixes, and a search
+    A step takes, among the units still allowed (a stage keeps `min_per_stage` blocks; a block takes
+    one option at a time; units saving nothing by the table are skipped), the one with the least rise
+    in KL per ms of table saving. An option of a block already taken is allowed where it `deepens`
+    the one held, and replaces it (75% -> 50% -> removed); its saving is what it adds.
+    `choose(required_ms)` takes the shortest prefix of the order that one more allowed unit brings to
+    `required_ms`, and of those units (already evaluated at that step) the one with the least KL; so
+    the proposals are not only prefixes, and a search
     stepping up its requirement finds sets between two prefixes. The result is a search.Choice
     whose importance_lost is that set's KL. Like the knapsack, it proposes no set the search already
     measured (`exclude`) and, after a pass that removed more than the target needs, only sets saving
@@ -137,23 +151,45 @@ class GreedyOrder:
         return self._completions(0)
 
     def _allowed(self, taken: list[Unit]) -> list[Unit]:
-        blocks = {u.path for u in taken}
+        held = {u.path: u for u in taken}
         removed_per_stage: dict[str, int] = {}
         for u in taken:
             if u.removes_block:
                 removed_per_stage[u.stage] = removed_per_stage.get(u.stage, 0) + 1
-        return [u for u in self.units
-                if u.path not in blocks and self.savings_ms[u.name] > 0
-                and (not u.removes_block or removed_per_stage.get(u.stage, 0) < self.limits.get(u.stage, 0))]
+
+        def allowed(u: Unit) -> bool:
+            before = held.get(u.path)
+            if self.savings_ms[u.name] <= 0 or (before is not None and not deepens(u, before, self.savings_ms)):
+                return False
+            adds_a_removal = u.removes_block and not (before is not None and before.removes_block)
+            return not adds_a_removal or removed_per_stage.get(u.stage, 0) < self.limits.get(u.stage, 0)
+
+        return [u for u in self.units if allowed(u)]
 
     def _prefix(self, k: int) -> list[Unit]:
-        return [self._by_name[s.unit] for s in self.steps[:k]]
+        """The set the first `k` steps take: each block's latest option (a deepening step replaces the one
+        before), in the units' order."""
+        held: dict[str, Unit] = {}
+        for s in self.steps[:k]:
+            unit = self._by_name[s.unit]
+            held[unit.path] = unit
+        return sorted(held.values(), key=lambda u: u.order)
+
+    def _added_ms(self, taken: list[Unit], unit: Unit) -> float:
+        """The table saving `unit` adds to `taken` (what it saves, less what the option it replaces saved)."""
+        before = next((u for u in taken if u.path == unit.path), None)
+        return self.savings_ms[unit.name] - (self.savings_ms[before.name] if before is not None else 0.0)
+
+    @staticmethod
+    def _with(taken: list[Unit], unit: Unit) -> list[Unit]:
+        """`taken` with `unit` in, replacing the option of its block held before."""
+        return sorted([u for u in taken if u.path != unit.path] + [unit], key=lambda u: u.order)
 
     def _completions(self, k: int) -> dict[str, float]:
         """KL of the first `k` steps plus each unit allowed after them (evaluated once)."""
         if k == len(self._kls):
             taken = self._prefix(k)
-            self._kls.append({u.name: self.set_kl([*taken, u]) for u in self._allowed(taken)})
+            self._kls.append({u.name: self.set_kl(self._with(taken, u)) for u in self._allowed(taken)})
         return self._kls[k]
 
     def extend(self) -> bool:
@@ -164,17 +200,20 @@ class GreedyOrder:
             return False
         kl_now = self.steps[-1].kl if self.steps else 0.0
         saved = self.steps[-1].saving_ms if self.steps else 0.0
-        best = min(kls, key=lambda n: ((kls[n] - kl_now) / self.savings_ms[n], self._by_name[n].order))
-        self.steps.append(Step(best, saved + self.savings_ms[best], kls[best]))
-        self._log(f"  greedy step {k + 1}: {best} (KL {kls[best]:.4f} nats, table saving "
-                  f"{saved + self.savings_ms[best]:.3f} ms; {len(kls)} sets evaluated)")
+        taken = self._prefix(k)
+        added = {n: self._added_ms(taken, self._by_name[n]) for n in kls}
+        best = min(kls, key=lambda n: ((kls[n] - kl_now) / added[n], self._by_name[n].order))
+        self.steps.append(Step(best, saved + added[best], kls[best]))
+        replaced = next((f" in place of {u.name}" for u in taken if u.path == self._by_name[best].path), "")
+        self._log(f"  greedy step {k + 1}: {best}{replaced} (KL {kls[best]:.4f} nats, table saving "
+                  f"{saved + added[best]:.3f} ms; {len(kls)} sets evaluated)")
         return True
 
     def choose(self, required_ms: float, below: Collection[str] | None = None,
                exclude: Collection[Collection[str]] = ()) -> Choice | None:
-        """The shortest prefix that one more unit brings to `required_ms` (and not to the saving of the set
-        `below`), completed by the least-KL such unit, of the sets not in `exclude` (None if no allowed set
-        reaches it this way)."""
+        """The shortest prefix that one more unit (or deepening) brings to `required_ms` (and not to the saving
+        of the set `below`), completed by the least-KL such unit, of the sets not in `exclude` (None if no
+        allowed set reaches it this way)."""
         excluded = {frozenset(s) for s in exclude}
         below_ms = math.inf if below is None else sum(self.savings_ms[n] for n in below)
         if required_ms <= 0 and frozenset() not in excluded:
@@ -184,14 +223,15 @@ class GreedyOrder:
             saved = self.steps[k - 1].saving_ms if k else 0.0
             if saved >= below_ms:  # every longer prefix saves more still
                 return None
-            prefix = {u.name for u in self._prefix(k)}
+            taken = self._prefix(k)
             kls = self._completions(k)
-            reaching = [n for n in kls if required_ms <= saved + self.savings_ms[n] < below_ms
-                        and frozenset(prefix | {n}) not in excluded]
+            sets = {n: self._with(taken, self._by_name[n]) for n in kls}
+            added = {n: self._added_ms(taken, self._by_name[n]) for n in kls}
+            reaching = [n for n in kls if required_ms <= saved + added[n] < below_ms
+                        and frozenset(u.name for u in sets[n]) not in excluded]
             if reaching:
                 last = min(reaching, key=lambda n: (kls[n], self._by_name[n].order))
-                removed = tuple(u.name for u in self.units if u.name in prefix | {last})
-                return Choice(removed, kls[last], saved + self.savings_ms[last])
+                return Choice(tuple(u.name for u in sets[last]), kls[last], saved + added[last])
             if k == len(self.steps) and not self.extend():
                 return None
             k += 1
