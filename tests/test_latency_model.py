@@ -242,3 +242,37 @@ def test_branches_of_one_block_are_never_one_group():
     infos = unit_infos(units, dict.fromkeys((u.name for u in units), "same"))
     groups = {i.name: i.group for i in infos}
     assert groups["blocks.0/attn"] == groups["blocks.1/attn"] != groups["blocks.0/mlp"] == groups["blocks.1/mlp"]
+
+
+def _slimmed(share: float | None) -> tuple[list[UnitInfo], list[UnitInfo]]:
+    """Two blocks of one structure and a 50% width level of each, its channel counts timed at `share`."""
+    from compressor.graph.units import Slim
+
+    slim = Slim(("conv1",), (16,), (tuple(range(8)),), 0.5, share)
+    units = [Unit("b.0", "identity", "s", 0), Unit("b.1", "identity", "s", 1),
+             Unit("b.0@50%", "width", "s", 0, slim=slim), Unit("b.1@50%", "width", "s", 1, slim=slim)]
+    infos = unit_infos(units, {u.name: "w" if "@" in u.name else "r" for u in units})
+    return units, infos
+
+
+def test_a_width_group_measured_by_few_sets_is_drawn_to_its_timed_share():
+    """Width units' savings are small differences of noisy medians; the channel counts' own timing says what
+    share of the block's removal a slimming saves. The fit takes it as a prior: a width group never measured
+    gets that share of the removal's saving with a finite sd, one measured precisely keeps what it measured,
+    and without a timed share nothing changes."""
+    _, infos = _slimmed(0.6)
+    assert {i.name: (i.share_of, i.timed_share) for i in infos if "@" in i.name} == {
+        "b.0@50%": ("b.0", 0.6), "b.1@50%": ("b.1", 0.6)}
+    removals = [SetMeasurement(s, 0.05 * len(s), 0.001, 0, 1.9, 2.0) for s in [("b.0",), ("b.1",), ("b.0", "b.1")]]
+    unmeasured = LatencyModel.fit(infos, removals, 2.0, interactions=False)
+    savings, sd = unmeasured.unit_savings_ms(), unmeasured.unit_sd_ms()
+    assert savings["b.0@50%"] == pytest.approx(0.6 * savings["b.0"], rel=1e-6)
+    assert sd["b.0@50%"] == pytest.approx(0.3 * savings["b.0@50%"], rel=0.05)  # the prior's own spread
+
+    precise = [*removals, *(SetMeasurement((n,), 0.01, 0.0005, 1, 1.98, 2.0) for n in ("b.0@50%", "b.1@50%"))]
+    measured = LatencyModel.fit(infos, precise, 2.0, interactions=False).unit_savings_ms()
+    assert measured["b.0@50%"] == pytest.approx(0.01 * 2.0, rel=0.05)  # 0.02 ms measured, not the prior's 0.06
+
+    _, untimed = _slimmed(None)
+    assert all(i.share_of == "" and i.timed_share is None for i in untimed)
+    assert np.isinf(LatencyModel.fit(untimed, removals, 2.0, interactions=False).unit_sd_ms()["b.0@50%"])

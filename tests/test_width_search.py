@@ -262,3 +262,13 @@ def test_greedy_deepens_a_slimmed_block_instead_of_stranding_it(net, min_per_sta
     assert order.evaluations == 3 - min_per_stage  # each deeper option alone, already run at the first step
     assert order.choose(0.6).removed == (quarter.name,)
     assert order.choose(0.95, exclude=[(block.name,)]) is None  # no set holds two options of the block
+
+
+def test_a_slimming_saves_the_share_its_channel_counts_timed():
+    from compressor.stages.width import timed_share
+
+    one = StepChoice(0.5, 72, {64: 0.6, 72: 0.7, 80: 0.75}, full_ms=1.0, chosen=72)
+    other = StepChoice(0.5, 8, {8: 0.9}, full_ms=1.0, chosen=8)
+    assert timed_share([one]) == pytest.approx(0.3)
+    assert timed_share([one, other]) == pytest.approx(0.4)  # each group slimmed alone: the shares add
+    assert timed_share([one, StepChoice(0.5, 8, chosen=8)]) is None  # a count not timed (a replayed table)

@@ -24,7 +24,7 @@ Units of one block path are alternatives: the search takes at most one of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx, nn
@@ -45,12 +45,15 @@ class Slim:
     """What a width unit keeps: for each coupled channel group of its block (Torch-Pruning's dependency graph,
     graph/width.py), the layer whose output channels root the group (its path relative to the block), the
     group's channel count, and the channel indices kept (ascending); `level`: the share of channels asked for
-    (0.5), before the count was rounded to a measured channel step."""
+    (0.5), before the count was rounded to a measured channel step; `timed_share`: the share of the block's
+    own latency the slimming saved where its channel counts were timed alone (latency/steps.py; None where
+    untimed), which the latency model takes as a prior (not part of what the unit is: not compared)."""
 
     roots: tuple[str, ...]
     channels: tuple[int, ...]
     keep: tuple[tuple[int, ...], ...]
     level: float
+    timed_share: float | None = field(default=None, compare=False)
 
     @property
     def kept(self) -> tuple[int, ...]:

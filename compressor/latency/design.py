@@ -32,9 +32,17 @@ P_LOW, P_HIGH = 0.15, 0.95  # the spread of inclusion probabilities over a batch
 def unit_infos(units: Sequence[Unit], signatures: dict[str, str]) -> list[UnitInfo]:
     """The model's view of `units`, each in the group of its structural signature and of what the unit takes
     from its block (the part of its name after "/": "attn" and "mlp" of one transformer block differ even
-    where a signature describes the whole block)."""
-    return [UnitInfo(u.name, f"{signatures[u.name]}{'/' + u.name.partition('/')[2] if '/' in u.name else ''}",
-                     u.stage, u.order, u.path, u.kind) for u in units]
+    where a signature describes the whole block); a width unit with timed channel counts names the unit that
+    removes what it slims, where there is one, and its timed share (the fit's prior)."""
+    names = {u.name for u in units}
+
+    def info(u: Unit) -> UnitInfo:
+        share = u.slim.timed_share if u.slim is not None else None
+        of = u.acts_on if share is not None and u.acts_on in names else ""
+        return UnitInfo(u.name, f"{signatures[u.name]}{'/' + u.name.partition('/')[2] if '/' in u.name else ''}",
+                        u.stage, u.order, u.path, u.kind, of, share if of else None)
+
+    return [info(u) for u in units]
 
 
 def ordered(units: Sequence[Unit], names: set[str] | frozenset[str]) -> tuple[str, ...]:

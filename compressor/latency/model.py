@@ -36,6 +36,9 @@ from compressor.errors import InputError
 TAU_FLOOR = 0.002  # sd (fraction) two sessions' ratios differ by at least: repeated sessions here, 0.2-0.5%
 SE_FLOOR = 1e-4  # no measurement's standard error is taken as smaller (fraction)
 KEEP_T = 3.0  # an interaction term is kept when its coefficient is this many standard errors from 0
+# a width group's prior (its timed share of the removal's saving) has this sd, relative: the share is timed on the
+# block alone, where fixed per-run costs differ from the block inside the model
+PRIOR_REL_SD = 0.3
 MEDIAN_SE = 1.2533  # se of a median = this x sd / sqrt(n), for normal noise
 MAD_SD = 1.4826  # sd = this x median absolute deviation, for normal noise
 
@@ -45,7 +48,9 @@ BLOCK_KINDS = ("identity", "projection", "block")  # graph/units.py's, repeated:
 
 @dataclass(frozen=True)
 class UnitInfo:
-    """What the model knows of a unit: its group (structural signature), stage, graph order and block."""
+    """What the model knows of a unit: its group (structural signature), stage, graph order and block; for a
+    width unit whose channel counts were timed, the unit that removes what it slims (`share_of`) and the share
+    of that removal's saving the timing says the slimming saves (`timed_share`): the fit's prior."""
 
     name: str
     group: str
@@ -53,6 +58,8 @@ class UnitInfo:
     order: int
     path: str
     kind: str = "identity"
+    share_of: str = ""
+    timed_share: float | None = None
 
     @property
     def removes_block(self) -> bool:
@@ -189,9 +196,47 @@ def _tau2(x: np.ndarray, y: np.ndarray, se2: np.ndarray, dof: int) -> float:
     return hi
 
 
-def fit_terms(terms: Sequence[Term], measurements: Sequence[SetMeasurement]) -> Fit:
+@dataclass(frozen=True)
+class Prior:
+    """A width group's saving taken, before any measurement of it, as `share` of a removal group's (term names),
+    with sd PRIOR_REL_SD of that saving: one more row of the fit, saying f_term - share x f_of = 0."""
+
+    term: str
+    of: str
+    share: float
+
+
+def priors_of(units: Sequence[UnitInfo]) -> list[Prior]:
+    """One prior per width group whose units' channel counts were timed and whose block's removal is a unit
+    (the mean share where a group's units differ)."""
+    by_name = {u.name: u for u in units}
+    shares: dict[tuple[str, str], list[float]] = {}
+    for u in units:
+        of = by_name.get(u.share_of)
+        if u.timed_share is not None and of is not None and of.group != u.group:
+            shares.setdefault((u.group, of.group), []).append(u.timed_share)
+    return [Prior(term, of, float(np.mean(v))) for (term, of), v in shares.items()]
+
+
+def _solve(x: np.ndarray, y: np.ndarray, var: np.ndarray, terms: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """WLS over the columns some row varies; the others get 0 and an infinite variance."""
+    identified = np.any(x != 0, axis=0) if len(x) else np.zeros(terms, bool)
+    coef, cov, chi2 = np.zeros(terms), np.zeros((terms, terms)), 0.0
+    if identified.any():
+        c, v, chi2 = _wls(x[:, identified], y, var)
+        idx = np.flatnonzero(identified)
+        coef[idx] = c
+        cov[np.ix_(idx, idx)] = v
+    cov[~identified, ~identified] = np.inf
+    return coef, cov, chi2
+
+
+def fit_terms(terms: Sequence[Term], measurements: Sequence[SetMeasurement], priors: Sequence[Prior] = ()) -> Fit:
     """Fit `terms` to `measurements` (see the module docstring); terms no measurement varies get 0 and an
-    infinite standard error."""
+    infinite standard error. Each of `priors` whose removal group the measurements identify then adds its row,
+    with sd PRIOR_REL_SD x share x that group's measured saving (at least TAU_FLOOR): a width group measured
+    by few sets, or none, is drawn to its timed share, one measured precisely keeps what it measured. tau and
+    the degrees of freedom are the measurements' alone."""
     x = design_matrix(terms, [m.removed for m in measurements])
     y = np.array([m.saved for m in measurements], float)
     se2 = np.array([max(m.se, SE_FLOOR) ** 2 for m in measurements], float)
@@ -200,15 +245,22 @@ def fit_terms(terms: Sequence[Term], measurements: Sequence[SetMeasurement]) -> 
     rank = int(np.linalg.matrix_rank(used)) if used.size else 0
     dof = len(y) - rank
     tau2 = _tau2(used, y, se2, dof) if rank else TAU_FLOOR ** 2
-    coef = np.zeros(len(terms))
-    cov = np.zeros((len(terms), len(terms)))
-    chi2 = 0.0
-    if rank:
-        c, v, chi2 = _wls(used, y, se2 + tau2)
-        idx = np.flatnonzero(identified)
-        coef[idx] = c
-        cov[np.ix_(idx, idx)] = v
-    cov[~identified, ~identified] = np.inf
+    coef, cov, chi2 = _solve(x, y, se2 + tau2, len(terms))
+    index = {t.name: i for i, t in enumerate(terms)}
+    rows, var = [], []
+    for prior in priors:
+        i, j = index.get(prior.term), index.get(prior.of)
+        if i is None or j is None or not identified[j]:
+            continue
+        row = np.zeros(len(terms))
+        row[i], row[j] = 1.0, -prior.share
+        rows.append(row)
+        var.append(max(PRIOR_REL_SD * prior.share * abs(coef[j]), TAU_FLOOR) ** 2)
+    if rows:
+        x_all = np.vstack([x, np.array(rows)])
+        coef, cov, _ = _solve(x_all, np.concatenate([y, np.zeros(len(rows))]),
+                              np.concatenate([se2 + tau2, np.array(var)]), len(terms))
+        identified = np.any(x_all != 0, axis=0)
     return Fit(coef, cov, float(np.sqrt(tau2)), chi2, dof, identified)
 
 
@@ -218,17 +270,17 @@ def design_matrix(terms: Sequence[Term], sets: Iterable[Sequence[str]]) -> np.nd
     return np.array(rows, float).reshape(len(rows), len(terms))
 
 
-def select_terms(base: Sequence[Term], candidates: Sequence[Term], measurements: Sequence[SetMeasurement]
-                 ) -> tuple[list[Term], Fit]:
+def select_terms(base: Sequence[Term], candidates: Sequence[Term], measurements: Sequence[SetMeasurement],
+                 priors: Sequence[Prior] = ()) -> tuple[list[Term], Fit]:
     """`base` plus the candidates the measurements show to matter, added one at a time (the most
     significant first) while one is KEEP_T standard errors from 0 and lowers the unexplained scatter."""
     terms = list(base)
-    best = fit_terms(terms, measurements)
+    best = fit_terms(terms, measurements, priors)
     remaining = list(candidates)
     while remaining:
         trials = []
         for term in remaining:
-            fit = fit_terms([*terms, term], measurements)
+            fit = fit_terms([*terms, term], measurements, priors)
             sd = float(np.sqrt(fit.cov[-1, -1])) if np.isfinite(fit.cov[-1, -1]) else np.inf
             if fit.identified[-1] and fit.dof > 0 and sd > 0 and np.isfinite(sd):
                 trials.append((abs(fit.coef[-1]) / sd, term, fit))
@@ -256,8 +308,9 @@ class LatencyModel:
     @classmethod
     def fit(cls, units: Sequence[UnitInfo], measurements: Sequence[SetMeasurement],
             baseline_ms: float | None = None, min_per_stage: int = 1, interactions: bool = True) -> LatencyModel:
-        """Group terms and the interactions the measurements show (`interactions`), fitted; the baseline
-        is the median of the sessions' baselines unless given."""
+        """Group terms and the interactions the measurements show (`interactions`), fitted with the width
+        groups' timed shares as priors (priors_of); the baseline is the median of the sessions' baselines
+        unless given."""
         if not measurements:
             msg = "a latency model needs at least one measured removal set"
             raise InputError(msg)
@@ -268,7 +321,7 @@ class LatencyModel:
             raise InputError(msg)
         base = group_terms(units)
         candidates = interaction_candidates(units, min_per_stage) if interactions else []
-        terms, fit = select_terms(base, candidates, measurements)
+        terms, fit = select_terms(base, candidates, measurements, priors_of(units))
         if baseline_ms is None:
             baseline_ms = float(np.median(list({m.session: m.baseline_ms for m in measurements}.values())))
         return cls(baseline_ms, list(units), terms, fit.coef, fit.cov, fit.tau, fit.dof)

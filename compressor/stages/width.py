@@ -91,8 +91,19 @@ def level_units(model, options: list[WidthOption], steps: dict[str, list[StepCho
             groups = [(i, c) for i, c in enumerate(counts) if c is not None]
             part = WidthOption(option.unit, tuple(option.groups[i] for i, _ in groups))
             keep = tuple(kept_channels(scores[option.name][i], c) for i, c in groups)
-            units.append(width_unit(part, level, keep))
+            units.append(width_unit(part, level, keep, timed_share([choices[i] for i, _ in groups])))
     return units, refused
+
+
+def timed_share(choices: list[StepChoice]) -> float | None:
+    """The share of its block's latency a slimming saves, from its groups' step timings (each group timed
+    slimmed alone against the full block: the shares add, at most 1); None where a count was not timed."""
+    shares = []
+    for c in choices:
+        if c.full_ms is None or c.chosen not in c.medians_ms or c.full_ms <= 0:
+            return None
+        shares.append(max(0.0, 1.0 - c.medians_ms[c.chosen] / c.full_ms))
+    return min(1.0, sum(shares))
 
 
 def unit_to_dict(unit: Unit) -> dict:
@@ -104,7 +115,7 @@ def unit_from_dict(d: dict) -> Unit:
     return Unit(**{**d, "post_add": tuple(d["post_add"]), "branches": tuple(d["branches"]),
                    "input_shape": tuple(d["input_shape"]), "members": tuple(d["members"]),
                    "slim": Slim(tuple(slim["roots"]), tuple(slim["channels"]), tuple(tuple(k) for k in slim["keep"]),
-                                slim["level"]) if slim else None})
+                                slim["level"], slim.get("timed_share")) if slim else None})
 
 
 def _calibration(plan: Plan, data: DataBundle, options: PruneOptions, name: str):
