@@ -29,7 +29,7 @@ from compressor.graph.units import Unit
 from compressor.latency.deploy import Deployment
 from compressor.latency.design import informative_sets, initial_design, query_sd, random_sets, unit_infos
 from compressor.latency.device import time_parts
-from compressor.latency.model import LatencyModel, UnitInfo, measurements_of
+from compressor.latency.model import LatencyModel, UnitInfo, measurements_of, priors_of
 from compressor.latency.table import LatencyTable
 
 Sets = list[tuple[str, ...]]
@@ -152,8 +152,11 @@ def measure_latency_table(model: nn.Module, units: Sequence[Unit], deployment: D
     progress = progress or Progress([], [list(s) for s in initial])
     fallback = random_queries(units, options.seed, options.min_per_stage)
     groups = len({i.group for i in infos})
+    priors = len(priors_of(infos))
     log(f"latency model: {len(units)} units in {groups} structure groups; {len(progress.planned)} designed "
-        f"removal sets to time" + (f" ({len(progress.sessions)} sessions already timed)" if progress.sessions else ""))
+        f"removal sets to time" + (f" ({len(progress.sessions)} sessions already timed)" if progress.sessions else "")
+        + (f"; {priors} width groups start from the share of their block their channel counts were timed to save"
+           if priors else ""))
     stopped = ""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         run = DesignRun(model, units, deployment, options, Path(tmp), log)
