@@ -271,7 +271,9 @@ def test_a_width_group_measured_by_few_sets_is_drawn_to_its_timed_share():
 
     precise = [*removals, *(SetMeasurement((n,), 0.01, 0.0005, 1, 1.98, 2.0) for n in ("b.0@50%", "b.1@50%"))]
     measured = LatencyModel.fit(infos, precise, 2.0, interactions=False).unit_savings_ms()
-    assert measured["b.0@50%"] == pytest.approx(0.01 * 2.0, rel=0.05)  # 0.02 ms measured, not the prior's 0.06
+    # 0.02 ms measured, not the prior's 0.06: the measurement's sd (0.002, the floor between sessions) weighs 20
+    # times the prior's (0.3 x 0.6 x 0.05 = 0.009), which moves it 5% of the way
+    assert measured["b.0@50%"] == pytest.approx(0.01 * 2.0, rel=0.1)
 
     _, untimed = _slimmed(None)
     assert all(i.share_of == "" and i.timed_share is None for i in untimed)
