@@ -116,7 +116,9 @@ def _search(run: PruneRun) -> dict:
             "selection": run.chosen.selection,
             "greedy": None if greedy is None else {
                 "images": len(greedy.x), "sets_evaluated": greedy.evaluations,
-                "steps": [{"unit": s.unit, "table_saving_ms": s.saving_ms, "kl": s.kl} for s in greedy.steps]}}
+                "steps": [{"unit": s.unit, "table_saving_ms": s.saving_ms, "kl": s.kl} for s in greedy.steps],
+                "alone": [{"unit": name, "table_saving_ms": table.savings_ms[name], "kl": kl}
+                          for name, kl in greedy.evaluated_alone().items()]}}
 
 
 def _precision(run: PruneRun) -> dict:

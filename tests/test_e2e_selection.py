@@ -60,5 +60,8 @@ def test_prune_with_greedy_selection(tmp_path):
     kls = [s["kl"] for s in greedy["steps"]]
     assert all(k > -1e-9 for k in kls)
     assert [s["table_saving_ms"] for s in greedy["steps"]] == sorted(s["table_saving_ms"] for s in greedy["steps"])
+    alone = greedy["alone"]  # every unit the first step tried, least KL per ms first: the first step is the head
+    assert len(alone) >= 9 and alone[0]["unit"] == greedy["steps"][0]["unit"]
+    assert [a["kl"] / a["table_saving_ms"] for a in alone] == sorted(a["kl"] / a["table_saving_ms"] for a in alone)
     assert all(t["importance_lost"] > -1e-9 for t in search["trials"])
     assert "sets proposed by greedy" in (out / "report.md").read_text()
