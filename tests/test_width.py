@@ -7,6 +7,7 @@ with the reason."""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -254,3 +255,31 @@ def test_random_nets_offer_width_options():
         options, _ = find_width_options(net.model, find_units(net.model, torch.randn(1, *net.input_shape)))
         found += len(options)
     assert found >= 8
+
+
+def test_dropped_channels_read_as_their_means_where_the_slim_has_them():
+    """With calibration means (criteria/means.py), a dropped channel reads as its mean in every dense layer that
+    reads it (here the squeeze-excite's reduce and the projection), not as zero: the surgery equals hooks that
+    put the means into the activations, and it keeps the block nearer the unpruned one than zeroing does."""
+    from compressor.criteria.means import dense_input_means
+
+    torch.manual_seed(0)
+    model = randomise_batchnorm(SmallNet()).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    options, _ = find_width_options(model, find_units(model, x))
+    batches = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    fills = dense_input_means(model, [o.unit.path for o in options], batches)
+    assert {layer for layer, _ in fills["blocks.0"]} == {"expand.0", "se_reduce", "se_expand", "project.0"}
+    keep = (tuple(range(0, 48, 2)), (0, 1, 2))  # the expansion and the squeeze-excite
+    filled = width_unit(options[0], 0.5, keep, fill=fills["blocks.0"])
+    zeroed = width_unit(options[0], 0.5, keep)
+    with torch.no_grad():
+        full = model(x)
+        pruned = remove_units(model, [filled], x)
+        assert pruned.blocks[0].project[0].bias is not None  # the means' contribution, in a bias made for it
+        assert rel(pruned(x), width_muted(model, [filled])(x)) <= SLIM_RTOL
+        assert rel(pruned(x), full) < rel(remove_units(model, [zeroed], x)(x), full)
+    recipe = json.loads(json.dumps(make_recipe([filled], (3, 16, 16))))
+    again = apply_recipe(copy.deepcopy(model), recipe)
+    with torch.no_grad():
+        assert torch.equal(again(x), pruned(x))

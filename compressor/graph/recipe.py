@@ -33,6 +33,8 @@ def _entry(u: Unit) -> dict:
         entry["slim"] = {"level": u.slim.level, "groups": [
             {"root": r, "channels": c, "keep": list(k)}
             for r, c, k in zip(u.slim.roots, u.slim.channels, u.slim.keep, strict=True)]}
+        if u.slim.fill:
+            entry["slim"]["fill"] = [{"layer": layer, "means": list(means)} for layer, means in u.slim.fill]
     return entry
 
 
@@ -58,8 +60,16 @@ def _slim(entry: dict) -> Slim:
         raise InputError(msg)
     level = raw.get("level", 0.0)
     level = float(level) if isinstance(level, (int, float)) else 0.0
+    fill = raw.get("fill", [])
+    if not (isinstance(fill, list) and all(
+            isinstance(f, dict) and isinstance(f.get("layer"), str) and isinstance(f.get("means"), list)
+            and all(isinstance(v, (int, float)) for v in f["means"]) for f in fill)):
+        msg = (f"recipe entry {entry.get('name')!r}: 'slim.fill' must be a list of {{layer, means}}, "
+               "a layer's path in the block and the mean of each of its input channels")
+        raise InputError(msg)
     return Slim(tuple(g["root"] for g in groups), tuple(g["channels"] for g in groups),
-                tuple(tuple(sorted(g["keep"])) for g in groups), level)
+                tuple(tuple(sorted(g["keep"])) for g in groups), level,
+                fill=tuple((f["layer"], tuple(float(v) for v in f["means"])) for f in fill))
 
 
 def width_units(entries: list[dict], units: list[Unit], model: nn.Module) -> list[Unit]:

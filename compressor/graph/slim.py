@@ -10,7 +10,18 @@ into the same surgery redone (graph/recipe.py).
 Each slimmed block is checked on that input against the *muted reference*: the block
 with the dropped channels zeroed where they enter a dense layer (the consumers' input
 weights set to zero), which is what removing them computes when nothing between the
-producer and its consumers mixes channels. A block where that does not hold (a
+producer and its consumers mixes channels.
+
+A dropped channel read as zero shifts what the consumer computes by its mean
+contribution: a BatchNorm after the consumer still subtracts the mean of the full
+sum, so the block's output moves off its trained range. Where the unit's Slim carries
+`fill` (each dense layer's input-channel means on calibration images), slimming adds
+W[:, dropped] @ mean[dropped] (summed over the kernel) to the consumer's bias, so a
+dropped channel reads as its mean; the muted reference adds the same, so the check
+stays exact. On EfficientNet-Lite0 this cut a slimmed block's KL divergence from the
+unpruned model 4-30 fold (blocks.13 at 50% of its expansion: 0.77 to 0.037 nats).
+Written here because Torch-Pruning prunes the weights and leaves the consumer's bias
+as it was. A block where that does not hold (a
 LayerNorm over the inner channels, an attention whose head size follows from its
 input width) fails the check and is refused (graph/width.py), never slimmed.
 """
@@ -72,26 +83,60 @@ def _check_counts(block: nn.Module, slim: Slim) -> None:
             raise ValidationError(msg)
 
 
+def _dense_inputs(graph, group) -> list[tuple[nn.Module, list[int]]]:
+    """The dense layers (a depthwise conv mixes nothing) whose input channels `group` drops, with those channels."""
+    found = []
+    for dep, idxs in group:
+        module = dep.target.module
+        dense = isinstance(module, DENSE) and getattr(module, "groups", 1) == 1
+        if graph.is_in_channel_pruning_fn(dep.handler) and dense:
+            found.append((module, list(idxs)))
+    return found
+
+
+@torch.no_grad()
+def _fill_bias(block: nn.Module, module: nn.Module, dropped: list[int], fill: dict[str, tuple[float, ...]],
+               filled: set[int]) -> None:
+    """Add the dropped input channels' mean contribution to `module`'s bias (one made where it has none), if
+    `fill` has its means; once per layer (`filled`: a layer a second group also reads has been re-indexed by the
+    first group's pruning, so the second group's channels read as zero there)."""
+    path = next((name for name, m in block.named_modules() if m is module), None)
+    if path not in fill or not dropped or id(module) in filled:
+        return
+    filled.add(id(module))
+    mean = torch.tensor(fill[path], dtype=module.weight.dtype)[dropped]
+    weight = module.weight[:, dropped]
+    shift = (weight.flatten(2).sum(2) if weight.dim() > 2 else weight) @ mean
+    if module.bias is None:
+        module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype))
+    module.bias += shift
+
+
 def slim_in_place(block: nn.Module, input_shape: Iterable[int], slim: Slim) -> nn.Module:
-    """Prune `block` itself to the channels `slim` keeps (no check); returns it."""
+    """Prune `block` itself to the channels `slim` keeps, each dropped channel read as its `fill` mean where there
+    is one (no check); returns it."""
     _check_counts(block, slim)
     graph = dependency_graph(block, block_input(input_shape))
+    fill, filled = dict(slim.fill), set()
     for root, channels, keep in zip(slim.roots, slim.channels, slim.keep, strict=True):
-        group_of(graph, block, root, _dropped(channels, keep)).prune()
+        group = group_of(graph, block, root, _dropped(channels, keep))
+        for module, dropped in _dense_inputs(graph, group):
+            _fill_bias(block, module, dropped, fill, filled)
+        group.prune()
     return block.eval()
 
 
 @torch.no_grad()
 def muted_block(block: nn.Module, input_shape: Iterable[int], slim: Slim) -> nn.Module:
-    """A copy of `block` with the channels `slim` drops zeroed where dense layers read them (the reference)."""
+    """A copy of `block` with the channels `slim` drops zeroed where dense layers read them, and read as their
+    `fill` mean through the bias where there is one (the reference)."""
     muted = copy.deepcopy(block).eval()
     graph = dependency_graph(muted, block_input(input_shape))
+    fill, filled = dict(slim.fill), set()
     for root, channels, keep in zip(slim.roots, slim.channels, slim.keep, strict=True):
-        for dep, idxs in group_of(graph, muted, root, _dropped(channels, keep)):
-            module = dep.target.module
-            dense = isinstance(module, DENSE) and getattr(module, "groups", 1) == 1  # a depthwise conv mixes nothing
-            if graph.is_in_channel_pruning_fn(dep.handler) and dense:
-                module.weight[:, list(idxs)] = 0
+        for module, dropped in _dense_inputs(graph, group_of(graph, muted, root, _dropped(channels, keep))):
+            _fill_bias(muted, module, dropped, fill, filled)
+            module.weight[:, dropped] = 0
     return muted
 
 

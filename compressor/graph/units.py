@@ -47,13 +47,17 @@ class Slim:
     group's channel count, and the channel indices kept (ascending); `level`: the share of channels asked for
     (0.5), before the count was rounded to a measured channel step; `timed_share`: the share of the block's
     own latency the slimming saved where its channel counts were timed alone (latency/steps.py; None where
-    untimed), which the latency model takes as a prior (not part of what the unit is: not compared)."""
+    untimed), which the latency model takes as a prior (not part of what the unit is: not compared); `fill`: per
+    dense layer of the block (its path relative to the block), the mean of each of its input channels on
+    calibration images, so that a dropped channel is replaced by its mean where that layer reads it (graph/slim.py);
+    empty: dropped channels read as zero."""
 
     roots: tuple[str, ...]
     channels: tuple[int, ...]
     keep: tuple[tuple[int, ...], ...]
     level: float
     timed_share: float | None = field(default=None, compare=False)
+    fill: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     @property
     def kept(self) -> tuple[int, ...]:

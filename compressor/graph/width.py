@@ -67,12 +67,12 @@ def level_name(option_name: str, level: float) -> str:
 
 
 def width_unit(option: WidthOption, level: float, keep: tuple[tuple[int, ...], ...],
-               timed_share: float | None = None) -> Unit:
-    """The width unit of `option` keeping channels `keep` (one tuple per group) at `level` (`timed_share`:
+               timed_share: float | None = None, fill: tuple = ()) -> Unit:
+    """The width unit of `option` keeping channels `keep` (one tuple per group) at `level` (`timed_share`, `fill`:
     Slim's)."""
     unit = option.unit
     slim = Slim(tuple(g.root for g in option.groups), tuple(g.channels for g in option.groups),
-                tuple(tuple(sorted(k)) for k in keep), level, timed_share)
+                tuple(tuple(sorted(k)) for k in keep), level, timed_share, fill)
     return Unit(level_name(option.name, level), "width", unit.stage, unit.order, unit.shortcut,
                 input_shape=unit.input_shape, members=unit.members, slim=slim)
 

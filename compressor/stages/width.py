@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from compressor.criteria.channels import ChannelContext, channel_criterion_for, kept_channels, rank_channels
+from compressor.criteria.means import Fill, dense_input_means
 from compressor.data.bundle import DataBundle
 from compressor.errors import InputError
 from compressor.graph.signature import module_cost_key
@@ -67,10 +68,11 @@ def channel_steps(plan: Plan, structures: list[StepStructure], work: Path, log: 
                                  log)
 
 
-def level_units(model, options: list[WidthOption], steps: dict[str, list[StepChoice]], scores: dict
-                ) -> tuple[list[Unit], dict[str, str]]:
+def level_units(model, options: list[WidthOption], steps: dict[str, list[StepChoice]], scores: dict,
+                fills: dict[str, Fill] | None = None) -> tuple[list[Unit], dict[str, str]]:
     """The width units at each level whose measured counts leave something to slim, the channels kept by
-    `scores`; and each refused level with why."""
+    `scores`, dropped channels read as their means in `fills` (per block path: criteria/means.py); and each
+    refused level with why."""
     units: list[Unit] = []
     refused: dict[str, str] = {}
     for option in options:
@@ -91,7 +93,8 @@ def level_units(model, options: list[WidthOption], steps: dict[str, list[StepCho
             groups = [(i, c) for i, c in enumerate(counts) if c is not None]
             part = WidthOption(option.unit, tuple(option.groups[i] for i, _ in groups))
             keep = tuple(kept_channels(scores[option.name][i], c) for i, c in groups)
-            units.append(width_unit(part, level, keep, timed_share([choices[i] for i, _ in groups])))
+            units.append(width_unit(part, level, keep, timed_share([choices[i] for i, _ in groups]),
+                                    (fills or {}).get(option.unit.path, ())))
     return units, refused
 
 
@@ -110,12 +113,16 @@ def unit_to_dict(unit: Unit) -> dict:
     return asdict(unit)
 
 
+def _slim_from_dict(slim: dict) -> Slim:
+    return Slim(tuple(slim["roots"]), tuple(slim["channels"]), tuple(tuple(k) for k in slim["keep"]), slim["level"],
+                slim.get("timed_share"), tuple((layer, tuple(means)) for layer, means in slim.get("fill", ())))
+
+
 def unit_from_dict(d: dict) -> Unit:
     slim = d.get("slim")
     return Unit(**{**d, "post_add": tuple(d["post_add"]), "branches": tuple(d["branches"]),
                    "input_shape": tuple(d["input_shape"]), "members": tuple(d["members"]),
-                   "slim": Slim(tuple(slim["roots"]), tuple(slim["channels"]), tuple(tuple(k) for k in slim["keep"]),
-                                slim["level"], slim.get("timed_share")) if slim else None})
+                   "slim": _slim_from_dict(slim) if slim else None})
 
 
 def _calibration(plan: Plan, data: DataBundle, options: PruneOptions, name: str):
@@ -154,7 +161,9 @@ def add_width_units(plan: Plan, data: DataBundle, options: PruneOptions, work: P
     log(f"ranking channels with {name} on {options.calibration_size} calibration images")
     scores = rank_channels(name, ChannelContext(plan.model, options_found, _calibration(plan, data, options, name),
                                                 options.seed))
-    plan.widths, levels_refused = level_units(plan.model, options_found, steps, scores)
+    fills = dense_input_means(plan.model, [o.unit.path for o in options_found],
+                              _calibration(plan, data, options, "means"))
+    plan.widths, levels_refused = level_units(plan.model, options_found, steps, scores, fills)
     plan.width_report = {
         "moves": options.moves, "channel_criterion": name, "levels": list(LEVELS),
         "units": len(plan.widths), "refused_blocks": refused, "refused_levels": levels_refused,
