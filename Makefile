@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not timing"
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not timing" --durations=12
 	$(VENV)/bin/python -m pytest -q -m timing
 
 bench: $(STAMP)

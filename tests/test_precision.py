@@ -51,7 +51,7 @@ def test_collapsing_int8_is_refused_and_the_search_goes_on(digits, openvino_tabl
     model = loud_channel(load_model("resnet56", digits).model)
     result = compressor.prune(model, data=digits, target=compressor.Speedup(1.3),
                               profile=parse_profile(OPENVINO_FAST, "test"), out=tmp_path / "run", precision="auto",
-                              finetune_epochs=0, calibration_size=64, latency_table=openvino_table, max_trials=4,
+                              finetune_epochs=0, calibration_size=64, latency_table=openvino_table, max_trials=3,
                               log=None)
     precision = result.report["precision"]
     assert precision["asked"] == "auto" and precision["delivered"] == "fp32"
@@ -71,7 +71,7 @@ def test_int8_asked_is_delivered_and_the_probe_says_what_it_measured(runtime, di
     table = request.getfixturevalue("openvino_table") if runtime == "openvino" else None
     result = compressor.prune("resnet56", data=digits, target=compressor.Speedup(1.3), profile=profile,
                               out=tmp_path / "run", precision="int8", finetune_epochs=0, calibration_size=64,
-                              latency_table=table, max_trials=8, log=None)
+                              latency_table=table, max_trials=4, log=None)  # INT8 is delivered, met or not
     report = result.report
     probe = report["precision"]["searched"]["probe"]
     assert probe["fp32_ms"] > 0 and probe["int8_ms"] > 0
