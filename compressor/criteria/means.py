@@ -19,7 +19,7 @@ from compressor.graph.slim import DENSE
 Fill = tuple[tuple[str, tuple[float, ...]], ...]  # (dense layer's path in its block, its input channels' means)
 
 
-def _channel_mean(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _channel_sum(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Per-channel sum of `x` as `module` reads it (channels first for a conv, last for a linear layer), and the
     number of values summed per channel."""
     if isinstance(module, nn.Linear):
@@ -42,7 +42,7 @@ def dense_input_means(model: nn.Module, block_paths: Iterable[str], calibration:
     sums: dict[nn.Module, list] = {}
 
     def record(module: nn.Module, inputs: tuple, _output: object) -> None:
-        total, count = _channel_mean(module, inputs[0])
+        total, count = _channel_sum(module, inputs[0])
         if module in sums:
             sums[module][0] += total
             sums[module][1] += count

@@ -10,7 +10,9 @@ into the same surgery redone (graph/recipe.py).
 Each slimmed block is checked on that input against the *muted reference*: the block
 with the dropped channels zeroed where they enter a dense layer (the consumers' input
 weights set to zero), which is what removing them computes when nothing between the
-producer and its consumers mixes channels.
+producer and its consumers mixes channels. A block where that does not hold (a
+LayerNorm over the inner channels, an attention whose head size follows from its
+input width) fails the check and is refused (graph/width.py), never slimmed.
 
 A dropped channel read as zero shifts what the consumer computes by its mean
 contribution: a BatchNorm after the consumer still subtracts the mean of the full
@@ -18,13 +20,11 @@ sum, so the block's output moves off its trained range. Where the unit's Slim ca
 `fill` (each dense layer's input-channel means on calibration images), slimming adds
 W[:, dropped] @ mean[dropped] (summed over the kernel) to the consumer's bias, so a
 dropped channel reads as its mean; the muted reference adds the same, so the check
-stays exact (where a consumer's kernel overlaps zero padding, the mean counts for the padded
-taps too). On EfficientNet-Lite0 this cut a slimmed block's KL divergence from the unpruned
-model 3.8 to 32 fold (blocks.13 at 50% of its expansion: 0.77 to 0.037 nats).
-Written here because Torch-Pruning prunes the weights and leaves the consumer's bias
-as it was. A block where that does not hold (a
-LayerNorm over the inner channels, an attention whose head size follows from its
-input width) fails the check and is refused (graph/width.py), never slimmed.
+stays exact (where a consumer's kernel overlaps zero padding, the mean counts for the
+padded taps too). On EfficientNet-Lite0 this cut a slimmed block's KL divergence from
+the unpruned model 3.8 to 32 fold (blocks.13 at 50% of its expansion: 0.77 to 0.037
+nats). Written here because Torch-Pruning prunes the weights and leaves the consumer's
+bias as it was.
 """
 
 from __future__ import annotations

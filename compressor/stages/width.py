@@ -125,8 +125,13 @@ def unit_from_dict(d: dict) -> Unit:
                    "slim": _slim_from_dict(slim) if slim else None})
 
 
+def _calibration_images(data: DataBundle, options: PruneOptions):
+    return data.loader("train", batch_size=128, limit=options.calibration_size, seed=options.seed)
+
+
 def _calibration(plan: Plan, data: DataBundle, options: PruneOptions, name: str):
-    calibration = data.loader("train", batch_size=128, limit=options.calibration_size, seed=options.seed)
+    """The calibration batches channel criterion `name` ranks on (labelled by the model where it needs labels)."""
+    calibration = _calibration_images(data, options)
     if name in NEEDS_LABELS and not data.labelled:
         from compressor.finetune.training import teacher_labelled
 
@@ -161,8 +166,7 @@ def add_width_units(plan: Plan, data: DataBundle, options: PruneOptions, work: P
     log(f"ranking channels with {name} on {options.calibration_size} calibration images")
     scores = rank_channels(name, ChannelContext(plan.model, options_found, _calibration(plan, data, options, name),
                                                 options.seed))
-    fills = dense_input_means(plan.model, [o.unit.path for o in options_found],
-                              _calibration(plan, data, options, "means"))
+    fills = dense_input_means(plan.model, [o.unit.path for o in options_found], _calibration_images(data, options))
     plan.widths, levels_refused = level_units(plan.model, options_found, steps, scores, fills)
     plan.width_report = {
         "moves": options.moves, "channel_criterion": name, "levels": list(LEVELS),
