@@ -5,7 +5,8 @@ For one model on each backend and each target speedup:
 1. `compressor.prune` three times, `--moves depth`, `width` and `depth+width`, each with
    the same fine-tuning (--epochs distillation epochs at the model's default learning
    rate and BatchNorm handling, feature mimicking off so every variant trains alike);
-   the latency table of a moves setting is measured once and reused for its other targets;
+   the depth latency table is measured once and reused for the other targets (a width run times
+   its channel counts again, so its units, and its table, are its own);
 2. Torch-Pruning's L1 channel pruning at round_to 1, 8 and 16 (benchmarks/tp_reference.py),
    its ratio bisected on *measured* latency against the unpruned model until it reaches
    the target speedup (within 3%), then fine-tuned exactly like ours;
@@ -86,7 +87,7 @@ def quality(model: nn.Module, reference: nn.Module, data) -> dict:
 
 
 def _ours(loaded: LoadedModel, data, target: float, profile, moves: str, args, work: Path, tables: dict) -> dict:
-    """One prune; its model, report figures, and the table it measured (kept for the moves' next target)."""
+    """One prune; its model and report figures (a depth run keeps its table for the next target)."""
     out = work / f"{moves}-{target:g}"
     try:
         result = prune(loaded, data, Speedup(target), profile, out, finetune_epochs=args.epochs, mimic=False,
@@ -94,7 +95,8 @@ def _ours(loaded: LoadedModel, data, target: float, profile, moves: str, args, w
                        log=lambda s: log(f"    {s}"))
     except CompressorError as e:
         return {"error": str(e)}
-    tables.setdefault(moves, str(out / "latency_table.json"))
+    if moves == "depth":  # width units follow the channel counts each run times: no table fits another run
+        tables.setdefault(moves, str(out / "latency_table.json"))
     r = result.report
     return {"model": result.model.eval(), "removed_units": r["removed_units"], "target_met": r["target_met"],
             "quality_before_finetune": r["fidelity"]["before_finetune"], "finetune": {

@@ -16,9 +16,10 @@ its units (blocks, branches, and blocks whose branches are all units) is removed
 A mismatch is any check failing, or any step raising. The count of mismatches is the result (goal 0).
 
 With `--moves depth+width`, about half of the blocks whose inner channels slim (graph/width.py) are slimmed
-to a random level keeping random channels, and a random subset of the other blocks is removed; the
-reference is the net with those branches muted and the dropped channels zeroed where dense layers read
-them (tests/width_reference.py), for all three checks.
+to a random level keeping random channels, half of those reading their dropped channels as random means
+(Slim.fill), and a random subset of the other blocks is removed; the reference is the net with those
+branches muted and the dropped channels zeroed, or set to their means, where dense layers read them
+(tests/width_reference.py), for all three checks.
 
     .venv/bin/python benchmarks/random_architectures.py --nets 1000
     .venv/bin/python benchmarks/random_architectures.py --nets 1000 --families transformer,split_concat
@@ -61,7 +62,7 @@ def _width_moves(net, units: list, rng: random.Random) -> tuple[list, list]:
     from compressor.graph.width import find_width_options
     from tests.width_reference import random_widths
 
-    widths = random_widths(find_width_options(net.model, units)[0], rng)
+    widths = random_widths(find_width_options(net.model, units)[0], rng, net.model)
     slimmed = {u.path for u in widths}
     blocks = [u for u in units if u.path not in slimmed and u.kind in ("identity", "projection")]
     return widths, [u for u in blocks if rng.random() < 0.5]
@@ -80,7 +81,8 @@ def check_net(seed: int, workdir: Path, moves: str = "depth", families: tuple[st
     else:
         widths, removed = _width_moves(net, units, rng)
     row = {"seed": seed, "input": list(net.input_shape), "units": len(units), "removed": len(removed),
-           "slimmed": len(widths), "kinds": dict(Counter(u.kind for u in units)), "mismatch": None}
+           "slimmed": len(widths), "filled": sum(bool(u.slim.fill) for u in widths),
+           "kinds": dict(Counter(u.kind for u in units)), "mismatch": None}
     pruned = remove_units(net.model, widths + removed, x)
     with torch.no_grad():
         expected = muted_reference(net.model, [u.name for u in removed])
@@ -118,7 +120,8 @@ def render(result: dict) -> str:
         f"**{len(bad)} mismatches in {len(rows)} random architectures** "
         f"({sum(r['units'] for r in rows)} units found: {kinds['identity']} identity, {kinds['projection']} "
         f"projection, {kinds['branch']} branch, {kinds['block']} block; {sum(r['removed'] for r in rows)} removed, "
-        f"{sum(r.get('slimmed', 0) for r in rows)} slimmed; moves {result.get('moves', 'depth')}; extra block "
+        f"{sum(r.get('slimmed', 0) for r in rows)} slimmed ({sum(r.get('filled', 0) for r in rows)} with means); "
+        f"moves {result.get('moves', 'depth')}; extra block "
         f"families: {', '.join(result.get('families') or ['none'])}).", "",
         "| check | tolerance | worst seen |", "|---|---|---:|",
         f"| surgery vs the muted reference | {SURGERY_RTOL:g} of the output range | "

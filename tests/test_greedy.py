@@ -64,6 +64,30 @@ def set_kl_of(order: GreedyOrder, names: tuple[str, ...]) -> float:
                                               order.x))
 
 
+class Drifting(nn.Module):
+    """Blocks u0..u5, each moving dimension 1 of the stream by a growing amount, then a linear head: the shifts
+    add up in the logits, so a removal costs more KL the more has been removed before it."""
+
+    DELTAS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+
+    def __init__(self) -> None:
+        super().__init__()
+        for i, d in enumerate(self.DELTAS):
+            self.add_module(f"u{i}", AddConstant([0.0, d]))
+        self.head = nn.Linear(2, 3)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]]))
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(len(self.DELTAS)):
+            x = getattr(self, f"u{i}")(x)
+        return self.head(x)
+
+
+DRIFTING = [Unit(f"u{i}", "identity", "2", i) for i in range(len(Drifting.DELTAS))]
+
+
 def test_greedy_sees_what_single_unit_scores_add_up_wrong(inputs):
     model = Saturating().eval()
     single = {u.name: set_kl(model, inputs, (u.name,)) for u in UNITS}
@@ -166,3 +190,22 @@ def test_greedy_proposes_no_set_already_measured_and_respects_the_upper_bound(in
     assert again is not None and set(again.removed) != set(first.removed)
     assert choose(1.9, exclude=[("a", "b"), ("a", "c"), ("b", "c")]).removed == ("a", "b", "c")
     assert choose(1.9, below=("a", "b", "c"), exclude=[("a", "b"), ("a", "c"), ("b", "c")]) is None
+
+
+def test_lazy_evaluation_takes_the_same_steps_and_proposals_with_fewer_sets(inputs):
+    """Where the damage compounds, trying units in the order of their last KL per ms and stopping at the first
+    one that cannot win takes the steps that evaluating every unit takes, and proposes the same sets."""
+    model = Drifting().eval()
+    savings = {"u0": 0.5, "u1": 1.0, "u2": 0.8, "u3": 1.2, "u4": 0.6, "u5": 2.0}
+    lazy = GreedyOrder(model, DRIFTING, savings, inputs, min_per_stage=0)
+    full = GreedyOrder(model, DRIFTING, savings, inputs, min_per_stage=0, lazy=False)
+    for order in (lazy, full):
+        while order.extend():
+            pass
+    assert [s.unit for s in lazy.steps] == [s.unit for s in full.steps]
+    assert full.evaluations == 6 + 5 + 4 + 3 + 2 + 1
+    assert lazy.evaluations <= 12
+    lazy_again = GreedyOrder(model, DRIFTING, savings, inputs, min_per_stage=0)
+    for required in (0.4, 0.9, 1.4, 2.1, 2.9, 3.6, 4.4, 5.5):
+        want = full.choose(required)
+        assert lazy_again.choose(required).removed == want.removed, required

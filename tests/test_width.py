@@ -219,8 +219,9 @@ def test_two_levels_of_one_branch_are_refused(r20):
 @given(seed=st.integers(0, 10**6), pick=st.integers(0, 10**6))
 def test_random_nets_slim_to_their_zeroed_channel_reference(seed, pick, tmp_path_factory):
     """Random residual nets (tests/random_nets.py): random levels and random channels kept on about half the
-    blocks that slim, a random removal among the others; the pruned net equals the reference (removed branches
-    muted, dropped channels zeroed), and its ONNX export agrees with the reference in ONNX Runtime.
+    blocks that slim, half of those with random channel means, a random removal among the others; the pruned net
+    equals the reference (removed branches muted, dropped channels zeroed or read as their means), and its ONNX
+    export agrees with the reference in ONNX Runtime.
     benchmarks/random_architectures.py --moves depth+width runs this on 1,000 nets."""
     import onnxruntime as ort
 
@@ -232,7 +233,7 @@ def test_random_nets_slim_to_their_zeroed_channel_reference(seed, pick, tmp_path
     units = find_units(net.model, x)
     options, _ = find_width_options(net.model, units)
     rng = random.Random(pick)
-    widths = random_widths(options, rng)
+    widths = random_widths(options, rng, net.model)
     slimmed = {u.path for u in widths}
     removed = [u for u in units if u.path not in slimmed and u.kind in ("identity", "projection")
                and rng.random() < 0.4]  # muted_reference mutes whole blocks
@@ -283,3 +284,34 @@ def test_dropped_channels_read_as_their_means_where_the_slim_has_them():
     again = apply_recipe(copy.deepcopy(model), recipe)
     with torch.no_grad():
         assert torch.equal(again(x), pruned(x))
+
+
+class TwinBranches(nn.Module):
+    """Two 3x3 branches concatenated into one zero-padded 3x3 conv: a consumer that reads two groups' channels."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(c, 12, 3, 1, 1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(c, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.fuse = nn.Sequential(nn.Conv2d(20, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fuse(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_means_fill_every_group_a_consumer_reads_and_its_padded_border():
+    """A consumer reading two groups' channels (a concatenation) takes the means of both groups' dropped channels,
+    and where it zero-pads, a dropped channel reads as its mean at the border too: the surgery equals hooks that
+    put the means into the activations and pad them."""
+    torch.manual_seed(0)
+    model = randomise_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), TwinBranches(8))).eval()
+    x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+    options, refused = find_width_options(model, find_units(model, x))
+    assert [o.unit.path for o in options] == ["1"], refused
+    assert sorted(g.root for g in options[0].groups) == ["a.0", "b.0"]
+    rng = random.Random(0)
+    fill = (("fuse.0", tuple(rng.gauss(0.0, 1.0) for _ in range(20))),)
+    keep = tuple(tuple(sorted(rng.sample(range(g.channels), g.channels // 2))) for g in options[0].groups)
+    unit = width_unit(options[0], 0.5, keep, fill=fill)
+    with torch.no_grad():
+        assert rel(remove_units(model, [unit], x)(x), width_muted(model, [unit])(x)) <= SLIM_RTOL

@@ -1,9 +1,11 @@
-"""The reference a width unit's surgery must equal: the model with the dropped channels zeroed.
+"""The reference a width unit's surgery must equal: the model with the dropped channels zeroed, or read as
+their means where the unit carries them.
 
 Written independently of compressor/graph/slim.py's own check (which zeroes the consumers'
-weight columns): here forward pre-hooks zero the dropped channels of the *activations*
-where every dense layer of the group reads them (Torch-Pruning's in-channel dependencies),
-and nothing is pruned.
+weight columns and puts the means into their biases): here forward pre-hooks set the dropped
+channels of the *activations* where every dense layer of the group reads them (Torch-Pruning's
+in-channel dependencies) to zero or to their means, and nothing is pruned. A mean-filled
+channel reads as that constant at a zero-padded conv's border too (the hook pads).
 """
 
 from __future__ import annotations
@@ -19,19 +21,46 @@ from compressor.graph.units import Unit
 DENSE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _zeroing_hook(dropped: list[int], means: Sequence[float] | None = None):
+def _explicit_padding(layer: nn.Module) -> list[int] | None:
+    """F.pad's amounts (last dimension first) for `layer`'s own zero padding, or None where it pads nothing."""
+    if not isinstance(layer, nn.modules.conv._ConvNd) or layer.padding_mode != "zeros":
+        return None
+    if layer.padding == "valid":
+        return None
+    pads: list[int] = []
+    for d in reversed(range(len(layer.kernel_size))):
+        if layer.padding == "same":  # what torch pads for "same": the odd one on the right
+            total = layer.dilation[d] * (layer.kernel_size[d] - 1)
+            pads += [total // 2, total - total // 2]
+        else:
+            pads += [layer.padding[d], layer.padding[d]]
+    return pads if any(pads) else None
+
+
+def _reading_hook(layer: nn.Module, dropped: list[int], means: Sequence[float] | None):
+    """A pre-hook setting `dropped` input channels to zero, or to their `means`. With means, a zero-padded conv
+    pads here instead (its own padding set to 0) with each dropped channel's mean: the channel reads as a
+    constant everywhere, the border too, which is what a mean carried in the bias computes."""
     index = torch.tensor(dropped)
+    conv = isinstance(layer, nn.modules.conv._ConvNd)
+    pads = _explicit_padding(layer) if means is not None else None
+    if pads is not None:
+        layer.padding = (0,) * len(layer.kernel_size)
 
     def hook(module: nn.Module, args: tuple) -> tuple:
-        x = args[0].clone()
-        dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else x.dim() - 1
-        if means is None:
-            x.index_fill_(dim, index, 0.0)
-        else:  # each dropped channel reads as its mean
-            shape = [1] * x.dim()
-            shape[dim] = len(dropped)
-            x.index_copy_(dim, index, torch.tensor([means[i] for i in dropped], dtype=x.dtype).view(shape)
-                          .expand(*[x.shape[d] if d != dim else len(dropped) for d in range(x.dim())]).contiguous())
+        x = args[0]
+        dim = 1 if conv else x.dim() - 1
+        shape = [1] * x.dim()
+        shape[dim] = x.shape[dim]
+        kept = torch.ones(x.shape[dim], dtype=x.dtype)
+        kept[index] = 0.0
+        value = torch.zeros(x.shape[dim], dtype=x.dtype)
+        if means is not None:
+            value[index] = torch.tensor([means[i] for i in dropped], dtype=x.dtype)
+        value = value.view(shape)
+        x = x * kept.view(shape) + value
+        if pads is not None:
+            x = torch.nn.functional.pad(x - value, pads) + value
         return (x, *args[1:])
 
     return hook
@@ -50,6 +79,7 @@ def width_muted(model: nn.Module, units: Sequence[Unit]) -> nn.Module:
             graph = tp.DependencyGraph().build_dependency(block, x, verbose=False)
         fill = dict(unit.slim.fill)
         names = {m: n for n, m in block.named_modules()}
+        dropped_at: dict[nn.Module, set[int]] = {}
         for root, channels, keep in zip(unit.slim.roots, unit.slim.channels, unit.slim.keep, strict=True):
             module = block.get_submodule(root)
             dropped = sorted(set(range(channels)) - set(keep))
@@ -58,12 +88,25 @@ def width_muted(model: nn.Module, units: Sequence[Unit]) -> nn.Module:
                 layer = dep.target.module
                 if (graph.is_in_channel_pruning_fn(dep.handler) and isinstance(layer, DENSE)
                         and getattr(layer, "groups", 1) == 1):
-                    layer.register_forward_pre_hook(_zeroing_hook(list(idxs), fill.get(names[layer])))
+                    dropped_at.setdefault(layer, set()).update(idxs)
+        for layer, dropped in dropped_at.items():
+            layer.register_forward_pre_hook(_reading_hook(layer, sorted(dropped), fill.get(names[layer])))
     return reference
 
 
-def random_widths(options, rng) -> list[Unit]:
-    """A random width unit for about half of `options` (graph/width.py): a random level, random channels kept."""
+def random_fill(block: nn.Module, rng) -> tuple:
+    """Random means (standard normal) for every input channel of every dense layer in `block`: a Slim's fill."""
+    fill = []
+    for name, layer in block.named_modules():
+        if isinstance(layer, DENSE) and getattr(layer, "groups", 1) == 1:
+            inputs = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+            fill.append((name, tuple(rng.gauss(0.0, 1.0) for _ in range(inputs))))
+    return tuple(fill)
+
+
+def random_widths(options, rng, model: nn.Module | None = None) -> list[Unit]:
+    """A random width unit for about half of `options` (graph/width.py): a random level, random channels kept;
+    given the `model`, about half of them read their dropped channels as random means (random_fill)."""
     from compressor.graph.width import LEVELS, width_unit
 
     chosen = []
@@ -74,5 +117,7 @@ def random_widths(options, rng) -> list[Unit]:
         counts = [max(1, min(g.channels - 1, round(g.channels * level))) for g in option.groups]
         keep = tuple(tuple(sorted(rng.sample(range(g.channels), k)))
                      for g, k in zip(option.groups, counts, strict=True))
-        chosen.append(width_unit(option, level, keep))
+        filled = model is not None and rng.random() < 0.5
+        fill = random_fill(model.get_submodule(option.unit.path), rng) if filled else ()
+        chosen.append(width_unit(option, level, keep, fill=fill))
     return chosen

@@ -96,21 +96,29 @@ def _dense_inputs(graph, group) -> list[tuple[nn.Module, list[int]]]:
 
 
 @torch.no_grad()
-def _fill_bias(block: nn.Module, module: nn.Module, dropped: list[int], fill: dict[str, tuple[float, ...]],
-               filled: set[int]) -> None:
-    """Add the dropped input channels' mean contribution to `module`'s bias (one made where it has none), if
-    `fill` has its means; once per layer (`filled`: a layer a second group also reads has been re-indexed by the
-    first group's pruning, so the second group's channels read as zero there)."""
-    path = next((name for name, m in block.named_modules() if m is module), None)
-    if path not in fill or not dropped or id(module) in filled:
+def _fill_biases(block: nn.Module, graph, slim: Slim) -> None:
+    """Add to each dense layer's bias (one made where it has none) the mean contribution of every input channel
+    `slim` drops there, where `slim.fill` has that layer's means: W[:, dropped] @ mean[dropped], the kernel summed.
+    Run before any group is pruned, so a layer that reads the channels of two roots (a concatenation's consumer)
+    has all of them filled, in its unpruned channel numbering."""
+    fill = dict(slim.fill)
+    if not fill:
         return
-    filled.add(id(module))
-    mean = torch.tensor(fill[path], dtype=module.weight.dtype)[dropped]
-    weight = module.weight[:, dropped]
-    shift = (weight.flatten(2).sum(2) if weight.dim() > 2 else weight) @ mean
-    if module.bias is None:
-        module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype))
-    module.bias += shift
+    dropped_at: dict[nn.Module, set[int]] = {}
+    for root, channels, keep in zip(slim.roots, slim.channels, slim.keep, strict=True):
+        for module, dropped in _dense_inputs(graph, group_of(graph, block, root, _dropped(channels, keep))):
+            dropped_at.setdefault(module, set()).update(dropped)
+    paths = {m: name for name, m in block.named_modules()}
+    for module, dropped in dropped_at.items():
+        if paths[module] not in fill or not dropped:
+            continue
+        index = sorted(dropped)
+        mean = torch.tensor(fill[paths[module]], dtype=module.weight.dtype)[index]
+        weight = module.weight[:, index]
+        shift = (weight.flatten(2).sum(2) if weight.dim() > 2 else weight) @ mean
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype))
+        module.bias += shift
 
 
 def slim_in_place(block: nn.Module, input_shape: Iterable[int], slim: Slim) -> nn.Module:
@@ -118,12 +126,9 @@ def slim_in_place(block: nn.Module, input_shape: Iterable[int], slim: Slim) -> n
     is one (no check); returns it."""
     _check_counts(block, slim)
     graph = dependency_graph(block, block_input(input_shape))
-    fill, filled = dict(slim.fill), set()
+    _fill_biases(block, graph, slim)
     for root, channels, keep in zip(slim.roots, slim.channels, slim.keep, strict=True):
-        group = group_of(graph, block, root, _dropped(channels, keep))
-        for module, dropped in _dense_inputs(graph, group):
-            _fill_bias(block, module, dropped, fill, filled)
-        group.prune()
+        group_of(graph, block, root, _dropped(channels, keep)).prune()
     return block.eval()
 
 
@@ -133,10 +138,9 @@ def muted_block(block: nn.Module, input_shape: Iterable[int], slim: Slim) -> nn.
     `fill` mean through the bias where there is one (the reference)."""
     muted = copy.deepcopy(block).eval()
     graph = dependency_graph(muted, block_input(input_shape))
-    fill, filled = dict(slim.fill), set()
+    _fill_biases(muted, graph, slim)
     for root, channels, keep in zip(slim.roots, slim.channels, slim.keep, strict=True):
         for module, dropped in _dense_inputs(graph, group_of(graph, muted, root, _dropped(channels, keep))):
-            _fill_bias(muted, module, dropped, fill, filled)
             module.weight[:, dropped] = 0
     return muted
 
