@@ -65,15 +65,15 @@ def set_kl_of(order: GreedyOrder, names: tuple[str, ...]) -> float:
 
 
 class Drifting(nn.Module):
-    """Blocks u0..u5, each moving dimension 1 of the stream by a growing amount, then a linear head: the shifts
-    add up in the logits, so a removal costs more KL the more has been removed before it."""
+    """Blocks u0..u5, each moving the stream by its own vector, then a linear head: removals interact in the
+    logits, so what a removal costs can rise or fall after others."""
 
-    DELTAS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+    DELTAS = ((0.0, 0.2), (0.47, 0.06), (0.0, 0.02), (0.1, 0.17), (0.24, 0.08), (0.07, 0.14))
 
     def __init__(self) -> None:
         super().__init__()
         for i, d in enumerate(self.DELTAS):
-            self.add_module(f"u{i}", AddConstant([0.0, d]))
+            self.add_module(f"u{i}", AddConstant(list(d)))
         self.head = nn.Linear(2, 3)
         with torch.no_grad():
             self.head.weight.copy_(torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]]))
@@ -193,19 +193,21 @@ def test_greedy_proposes_no_set_already_measured_and_respects_the_upper_bound(in
 
 
 def test_lazy_evaluation_takes_the_same_steps_and_proposals_with_fewer_sets(inputs):
-    """Where the damage compounds, trying units in the order of their last KL per ms and stopping at the first
-    one that cannot win takes the steps that evaluating every unit takes, and proposes the same sets."""
+    """Trying units in the order of their last KL per ms, and stopping where the next one's last figure cannot
+    beat the best tried, takes here the steps that evaluating every unit takes, with 12 passes instead of 21, and
+    proposes the same sets. At some step the first unit tried is not the one taken: the stop rule is what finds
+    it."""
     model = Drifting().eval()
-    savings = {"u0": 0.5, "u1": 1.0, "u2": 0.8, "u3": 1.2, "u4": 0.6, "u5": 2.0}
+    savings = {"u0": 0.5, "u1": 1.5, "u2": 1.0, "u3": 0.5, "u4": 1.5, "u5": 2.0}
     lazy = GreedyOrder(model, DRIFTING, savings, inputs, min_per_stage=0)
     full = GreedyOrder(model, DRIFTING, savings, inputs, min_per_stage=0, lazy=False)
     for order in (lazy, full):
         while order.extend():
             pass
-    assert [s.unit for s in lazy.steps] == [s.unit for s in full.steps]
-    assert full.evaluations == 6 + 5 + 4 + 3 + 2 + 1
-    assert lazy.evaluations <= 12
+    assert [s.unit for s in lazy.steps] == [s.unit for s in full.steps] == ["u2", "u5", "u4", "u3", "u0", "u1"]
+    assert (lazy.evaluations, full.evaluations) == (12, 6 + 5 + 4 + 3 + 2 + 1)
+    assert any(next(iter(lazy._kls[k])) != s.unit for k, s in enumerate(lazy.steps) if k)
     lazy_again = GreedyOrder(model, DRIFTING, savings, inputs, min_per_stage=0)
-    for required in (0.4, 0.9, 1.4, 2.1, 2.9, 3.6, 4.4, 5.5):
+    for required in (0.4, 0.9, 1.4, 2.1, 2.9, 3.6, 4.4, 5.5, 6.5):
         want = full.choose(required)
         assert lazy_again.choose(required).removed == want.removed, required
