@@ -37,7 +37,7 @@ GREEDY_IMAGES = 128  # calibration images greedy selection measures each set's K
 def selection_for(options: PruneOptions, loaded: LoadedModel) -> str:
     """The options' selection, else greedy for a model with its own (ImageNet) weights, whose every
     removal costs held-out fidelity that single-unit scores misjudge in combination, and the
-    knapsack for models trained here, where it is cheaper (greedy costs U + (U-1) + ... passes)."""
+    knapsack for models trained here, where it is cheaper (greedy costs U passes, then a few per step)."""
     if options.selection is None:
         return "greedy" if loaded.pretrained else "knapsack"
     return options.selection
