@@ -1,7 +1,7 @@
 """Width units: a kept block or branch slimmed to fewer inner channels (graph/width.py, graph/slim.py).
 
-Surgery must equal the model with the dropped channels zeroed where dense layers read them
-(tests/width_reference.py, hooks on activations: independent of slim.py's own check), exports must
+Surgery must equal the model with the dropped channels zeroed (or read as their means) where dense
+layers read them (tests/width_reference.py, hooks on activations: independent of slim.py's own check), exports must
 agree with it, recipes must redo it channel for channel, and what cannot slim exactly is refused
 with the reason."""
 
