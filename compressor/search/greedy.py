@@ -18,7 +18,7 @@ the report shows), then lazy evaluation (Minoux's accelerated greedy): the units
 the order of the KL per ms they cost when last evaluated, and a step stops where the next one's
 last figure is above the best one tried. That is exact where a removal costs at least as much
 after others as before, which does not always hold. On EfficientNet-Lite0 with 36 depth and width
-units, 8 lazy steps took 54 passes instead of 176 (290 s against 815 s on 2 CPU cores) and reached
+units, 8 lazy steps took 54 passes instead of 176 (220 s against 681 s on 2 CPU cores) and reached
 the same 8-block set; in between they took blocks 4, 6 and 7 in another order, at KLs 4-16%
 higher after two steps and 9-16% lower after three (docs/results.md). `lazy=False` evaluates
 every allowed unit at every step. A search asking for a saving also evaluates every unit that
