@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from compressor.criteria.registry import NamedFunctions
 from compressor.errors import InputError
-from compressor.graph.slim import DENSE, block_input, dependency_graph, group_of
+from compressor.graph.slim import block_input, dense_inputs, dependency_graph, group_of
 from compressor.graph.width import WidthOption
 
 # the unit criterion's own channel criterion (the rest use PEEL's)
@@ -137,8 +137,7 @@ def _consumers(model: nn.Module, option: WidthOption, index: int) -> list[nn.Mod
     block = model.get_submodule(option.unit.path)
     graph = dependency_graph(block, block_input(option.unit.input_shape))
     group = group_of(graph, block, option.groups[index].root, range(option.groups[index].channels))
-    return [dep.target.module for dep, _ in group if graph.is_in_channel_pruning_fn(dep.handler)
-            and isinstance(dep.target.module, DENSE) and getattr(dep.target.module, "groups", 1) == 1]
+    return [module for module, _ in dense_inputs(graph, group)]
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from compressor.graph.slim import DENSE
+from compressor.graph.slim import is_dense
 
 Fill = tuple[tuple[str, tuple[float, ...]], ...]  # (dense layer's path in its block, its input channels' means)
 
@@ -37,7 +37,7 @@ def dense_input_means(model: nn.Module, block_paths: Iterable[str], calibration:
     for path in dict.fromkeys(block_paths):
         block = model.get_submodule(path)
         for name, module in block.named_modules():
-            if isinstance(module, DENSE) and getattr(module, "groups", 1) == 1:
+            if is_dense(module):
                 layers[module] = (path, name)
     sums: dict[nn.Module, list] = {}
 

@@ -84,15 +84,15 @@ def _check_counts(block: nn.Module, slim: Slim) -> None:
             raise ValidationError(msg)
 
 
-def _dense_inputs(graph, group) -> list[tuple[nn.Module, list[int]]]:
-    """The dense layers (a depthwise conv mixes nothing) whose input channels `group` drops, with those channels."""
-    found = []
-    for dep, idxs in group:
-        module = dep.target.module
-        dense = isinstance(module, DENSE) and getattr(module, "groups", 1) == 1
-        if graph.is_in_channel_pruning_fn(dep.handler) and dense:
-            found.append((module, list(idxs)))
-    return found
+def is_dense(module: nn.Module) -> bool:
+    """A conv or linear layer that mixes all its input channels (groups 1; a depthwise conv mixes nothing)."""
+    return isinstance(module, DENSE) and getattr(module, "groups", 1) == 1
+
+
+def dense_inputs(graph, group) -> list[tuple[nn.Module, list[int]]]:
+    """The dense layers whose input channels `group` drops, with those channels."""
+    return [(dep.target.module, list(idxs)) for dep, idxs in group
+            if graph.is_in_channel_pruning_fn(dep.handler) and is_dense(dep.target.module)]
 
 
 @torch.no_grad()
@@ -106,7 +106,7 @@ def _fill_biases(block: nn.Module, graph, slim: Slim) -> None:
         return
     dropped_at: dict[nn.Module, set[int]] = {}
     for root, channels, keep in zip(slim.roots, slim.channels, slim.keep, strict=True):
-        for module, dropped in _dense_inputs(graph, group_of(graph, block, root, _dropped(channels, keep))):
+        for module, dropped in dense_inputs(graph, group_of(graph, block, root, _dropped(channels, keep))):
             dropped_at.setdefault(module, set()).update(dropped)
     paths = {m: name for name, m in block.named_modules()}
     for module, dropped in dropped_at.items():
@@ -140,7 +140,7 @@ def muted_block(block: nn.Module, input_shape: Iterable[int], slim: Slim) -> nn.
     graph = dependency_graph(muted, block_input(input_shape))
     _fill_biases(muted, graph, slim)
     for root, channels, keep in zip(slim.roots, slim.channels, slim.keep, strict=True):
-        for module, dropped in _dense_inputs(graph, group_of(graph, muted, root, _dropped(channels, keep))):
+        for module, dropped in dense_inputs(graph, group_of(graph, muted, root, _dropped(channels, keep))):
             module.weight[:, dropped] = 0
     return muted
 
