@@ -25,6 +25,7 @@ class _Finalised:
                                                 (signal.SIGTERM, signals.Terminated)])
 def test_a_signal_dropped_in_a_finalizer_is_raised_at_the_next_log_line(signum, raised, capsys):
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    hook = sys.unraisablehook
     try:
         signals.install()
         log("before")  # nothing pending: printed
@@ -42,6 +43,40 @@ def test_a_signal_dropped_in_a_finalizer_is_raised_at_the_next_log_line(signum, 
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        sys.unraisablehook = hook
+
+
+DROPPED = """
+import signal
+from compressor.cli import signals
+
+class Finalised:
+    def __init__(self, job):
+        self.job = job
+    def __del__(self):
+        self.job()
+
+def other_failure():
+    raise ValueError("a finalizer's own bug")
+
+signals.install()
+Finalised(lambda: signals.on_signal(signal.SIG{name}, None))  # dropped: Python would print its traceback
+Finalised(other_failure)  # not a signal: printed as Python prints it
+signals.raise_pending()
+"""
+
+
+@pytest.mark.parametrize("name", ["INT", "TERM"])
+def test_a_signal_dropped_in_a_finalizer_prints_no_traceback_and_other_failures_still_do(name):
+    """The dropped signal exception is raised again, not printed; another finalizer's failure is printed."""
+    done = subprocess.run([sys.executable, "-c", DROPPED.format(name=name)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0, done.stderr
+    printed = done.stderr.split("ValueError: a finalizer's own bug")
+    assert len(printed) == 2, done.stderr  # the other failure, printed once
+    assert "Exception ignored" in printed[0] and "on_signal" not in printed[0], done.stderr
+    raised = "KeyboardInterrupt" if name == "INT" else "compressor.cli.signals.Terminated"
+    assert printed[1].strip().endswith(raised), done.stderr  # the signal raised again, at the end
 
 
 CHILD = """

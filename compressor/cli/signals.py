@@ -2,9 +2,11 @@
 
 Python runs a signal handler between bytecodes of the main thread, whatever it is doing; when that is
 a weakref callback or a `__del__` (torch's WeakIdKeyDictionary during a garbage collection, say), the
-exception is printed as "Exception ignored in ..." and dropped, and a prune interrupted that way would
-run on to its end. So each handler also records the signal, and `raise_pending` (called by the CLI's
-log line, which every stage and measurement writes) raises it again.
+exception is dropped, and a prune interrupted that way would run on to its end. So each handler also
+records the signal, and `raise_pending` (called by the CLI's log line, which every stage and measurement
+writes) raises it again. Python would also print the dropped exception with its traceback ("Exception
+ignored in ..."); `install` sets a `sys.unraisablehook` that keeps quiet about our own signal exceptions,
+and hands every other one to the hook it replaced, so the user sees only the one line the CLI writes.
 
 A process forked after `install` (a DataLoader worker, which its parent ends with SIGTERM when it takes
 too long to stop) inherits the handler; there it takes the signal's default action instead, so a worker
@@ -38,11 +40,26 @@ def on_signal(signum: int, frame: object) -> None:
 
 
 def install() -> None:
-    """Handle SIGINT and SIGTERM with `on_signal`, forgetting any signal received before."""
+    """Handle SIGINT and SIGTERM with `on_signal`, forgetting any signal received before; keep quiet
+    about the signal exceptions a finalizer drops (they are raised again by `raise_pending`)."""
     _pending.clear()
     _owner[:] = [os.getpid()]
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, on_signal)
+    if sys.unraisablehook is not _quiet_about_signals:
+        _replaced[:] = [sys.unraisablehook]
+        sys.unraisablehook = _quiet_about_signals
+
+
+_replaced: list = []  # the unraisable hook `install` replaced
+
+
+def _quiet_about_signals(unraisable: object) -> None:
+    """`sys.unraisablehook`: nothing for a signal exception `on_signal` raised (it is pending and will be
+    raised again); any other dropped exception goes to the hook that was there before."""
+    if _pending and unraisable.exc_type in (KeyboardInterrupt, Terminated):
+        return
+    (_replaced[0] if _replaced else sys.__unraisablehook__)(unraisable)
 
 
 def raise_pending() -> None:
