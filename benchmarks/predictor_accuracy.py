@@ -51,6 +51,7 @@ from compressor.graph.units import Unit, find_units
 from compressor.latency.deploy import Deployment
 from compressor.latency.designed import DesignOptions, measure_latency_table
 from compressor.latency.model import LatencyModel, UnitInfo, measurements_of
+from compressor.latency.parallel_probe import summary
 from compressor.latency.predictor import Observation, compare, fit_calibration, prediction_errors
 from compressor.latency.profiles import Profile, load_profile
 from compressor.latency.table import LatencyTable
@@ -121,6 +122,14 @@ def random_sets(units: list[Unit], n: int, rng: random.Random, exclude: set[tupl
 
 
 # ---------------------------------------------------------------------------- one model x profile
+
+
+def _probe_pair(speed: dict | None) -> str:
+    """The parallel probe's median speedup during the table and during the check ("-": not probed)."""
+    def one(s: dict | None) -> str:
+        return f"{s['median']:.2f}x" if s else "-"
+
+    return f"{one((speed or {}).get('table'))} / {one((speed or {}).get('check'))}"
 
 
 def _pct(e: dict | None, bias: bool = True) -> str:
@@ -228,8 +237,10 @@ def measure_row(name: str, loaded: LoadedModel, weights: str, profile: Profile, 
                else f"{len(candidates)} interleaved pairs (baseline, candidate)")
         log(f"{tag} {how} ({policy.min_runs} runs / {policy.min_time_s:g} s per model per pass)")
         t1 = time.perf_counter()
+        probed = len(getattr(dep.device, "measurements", []))
         timed, noisy = time_candidates(dep, paths[0], paths[1:], policy, mode)
         timing_s = time.perf_counter() - t1
+        check_speed = summary(getattr(dep.device, "measurements", [])[probed:])
     records = [{"kind": "random" if i else "floor", "removed": list(removed), "k": len(removed),
                 "baseline_ms": t.baseline.median, "measured_ms": t.candidate.median,
                 "measured_iqr_ms": t.candidate.iqr, "noisy": t.candidate.noisy,
@@ -242,6 +253,7 @@ def measure_row(name: str, loaded: LoadedModel, weights: str, profile: Profile, 
         "baseline": timed[0].baseline.to_dict() if mode == "one" else None, "timing_policy": vars(policy),
         "floor": records[0], "sets": records[1:], "errors": errors,
         "noisy": noisy, "medians_timed": len(paths) if mode == "one" else 2 * len(candidates),
+        "parallel_speedup": {"table": table.machine.get("parallel_speedup"), "check": check_speed},
         "seconds": {"total": time.perf_counter() - t0, "table": row["table"]["seconds"], "export": export_s,
                     "timing": timing_s},
     })
@@ -326,8 +338,9 @@ def render_markdown(result: dict) -> str:
     lines += [
         "",
         "| model | profile | units | groups | design sets | table s | table baseline ms | measured baseline ms "
-        "| floor: k, predicted / measured ms | why the table stopped | noisy | seconds |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| floor: k, predicted / measured ms | why the table stopped | noisy | parallel probe: table / check "
+        "| seconds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
     ]
     for r in rows:
         t, f = r["table"], r["floor"]
@@ -336,7 +349,8 @@ def render_markdown(result: dict) -> str:
             f"| {r['model']} | {r['profile']} | {r['units']} | {groups} | {t['design_sets']} | {t['seconds']:.0f} | "
             f"{t['baseline_ms']:.3f} | {r['baseline_ms']:.3f} | "
             f"{f['k']}: {f['predicted_rescaled_ms']:.3f} / {f['measured_ms']:.3f} | {t['stopped']} | "
-            f"{r['noisy']}/{r['medians_timed']} | {r['seconds']['total']:.0f} |")
+            f"{r['noisy']}/{r['medians_timed']} | {_probe_pair(r.get('parallel_speedup'))} | "
+            f"{r['seconds']['total']:.0f} |")
     failed = [r for r in result["rows"] if r.get("status") != "ok"]
     lines += [""] + [f"- {r['model']} {r['profile']}: {r['status']}: {r.get('message', '')}" for r in failed]
     weights = sorted({f"{r['model']}: {r['weights']}" for r in result["rows"]})

@@ -22,6 +22,7 @@ timing:
   report: {min_runs: 40, min_time_s: 0.4}
   warmup_runs: 3
   warmup_s: 0.05
+  parallel_probe: false  # its own tests (test_parallel_probe.py) and the built-in profiles' runs probe
 """
 
 

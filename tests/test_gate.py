@@ -210,3 +210,24 @@ def test_bad_input_exits_2(artifacts, capsys, tmp_path):
         bad.write_text(text)
         code, _, err = _bench(capsys, "--artifact", artifacts["base"], *profile, "--baseline", str(bad))
         assert message in _error_line(code, err)
+
+
+def test_a_baseline_taken_at_another_parallel_speed_is_named_in_the_notes(artifacts, capsys, tmp_path):
+    """The baseline records the parallel probe's speedups (compressor/latency/parallel_probe.py); one whose
+    runtime threads ran at another speed than today's gets a warning in the notes, and its figures are kept."""
+    profile = tmp_path / "probed.yaml"
+    profile.write_text(FAST_PROFILE.replace("parallel_probe: false", "parallel_probe: true"))
+    saved = tmp_path / "base.json"
+    code, _, err = _bench(capsys, "--artifact", artifacts["base"], "--profile", str(profile), *FLOORS,
+                          "--save-baseline", str(saved))
+    assert code == 0, err
+    data = json.loads(saved.read_text())
+    speed = data["machine"]["parallel_speedup"]
+    assert speed["probes"] == 2 and speed["low"] <= speed["median"] <= speed["high"]
+    data["machine"]["parallel_speedup"]["median"] = 50.0  # no 2-thread probe runs 50x one thread's speed
+    saved.write_text(json.dumps(data))
+    code, out, err = _bench(capsys, "--artifact", artifacts["base"], "--profile", str(profile), *FLOORS,
+                            "--baseline", str(saved), "--threshold", "1.5", "--json")
+    assert code in (0, 1), err
+    notes = json.loads(out)["notes"]
+    assert any(n.startswith(f"warning: baseline {saved.name} was measured while") and "50.00x" in n for n in notes)

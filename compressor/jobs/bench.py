@@ -32,6 +32,7 @@ from compressor.latency.gate import (
     sha256,
     verdict,
 )
+from compressor.latency.parallel_probe import comparison_note
 from compressor.latency.profiles import Profile
 from compressor.latency.timing import LatencyStats, TimingPolicy
 
@@ -287,6 +288,9 @@ def run_bench(config: BenchConfig) -> BenchResult:
         close_device(device)
     reference = _reference(config, opened, timed, baseline, policy, machine)
     notes += reference[3] if reference else []
+    if baseline is not None:
+        state = comparison_note(baseline["machine"], machine, f"baseline {Path(config.baseline).name}")
+        notes += [state] if state else []
     if machine.get("predicted"):  # runtime: table (compressor/latency/replay.py)
         notes.append(f"note: every figure is PREDICTED by the latency table {machine['predicted']['table']}, "
                      "not measured")

@@ -32,7 +32,7 @@ def _members(units: list[str]) -> str:
 
 def describe(table: LatencyTable) -> list[str]:
     """One line per structure group (and interaction term): its units and saving per unit, +- 1 sd (ms),
-    then the baseline and how the table was measured."""
+    then the baseline and how the table was measured, and the parallel probe's speedups where it ran."""
     lines = []
     for g in table.groups():
         sd = f" +- {g['sd_ms']:.4f}" if g.get("sd_ms") is not None else ""
@@ -45,4 +45,8 @@ def describe(table: LatencyTable) -> list[str]:
     how = (f"; {design.get('sets')} removal sets in {len(design.get('sessions', []))} sessions, stopped: "
            f"{design.get('stopped')}" if design else " (version-1 table: single-unit savings)")
     took = f" in {table.seconds:.0f} s" if table.seconds is not None else ""
-    return [*lines, f"baseline {table.baseline_ms:.4f} ms{how}{took}"]
+    speed = table.machine.get("parallel_speedup")
+    state = [f"the runtime's {table.profile.get('threads')} threads ran at {speed['median']:.2f}x one thread's "
+             f"speed (parallel probe, {speed['low']:.2f}-{speed['high']:.2f}x over {speed['probes']} probes): "
+             "its milliseconds hold while this machine runs them so"] if speed else []
+    return [*lines, f"baseline {table.baseline_ms:.4f} ms{how}{took}", *state]

@@ -8,6 +8,7 @@ through `Device.time`, so a device that is not this machine can take its place.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from compressor.latency.machine import machine_info
+from compressor.latency.parallel_probe import conditions, differ, open_probe, summary
 from compressor.latency.timing import Interleaved, TimingPolicy, measure_interleaved
 
 
@@ -30,17 +32,49 @@ class Device(Protocol):
 
 
 class LocalDevice:
-    """This machine: sessions opened by `backend` (an exporters.Backend) in this process."""
+    """This machine: sessions opened by `backend` (an exporters.Backend) in this process. With several
+    threads and `policy.parallel_probe`, each measurement is framed by the parallel probe
+    (parallel_probe.py), and `provenance()` carries what it saw."""
 
     def __init__(self, backend) -> None:
         self.backend = backend
+        self.measurements: list[dict] = []
+        self.warnings: list[str] = []
+        self._probe: object | None = None
+        self._probe_opened = False
 
     def time(self, artifacts: Sequence[Path], policy: TimingPolicy, x: np.ndarray) -> Interleaved:
         sessions = [self.backend.open(a, x) for a in artifacts]
-        return measure_interleaved(sessions, policy)
+        probe = self._parallel_probe() if policy.parallel_probe else None
+        if probe is None:
+            return measure_interleaved(sessions, policy)
+        t0, before = time.perf_counter(), probe.measure()
+        result = measure_interleaved(sessions, policy)
+        self.measurements.append(conditions(before, probe.measure(), time.perf_counter() - t0))
+        return result
+
+    def _parallel_probe(self):
+        """The probe, opened at the first measurement that asks for it (None where it cannot run)."""
+        if not self._probe_opened:
+            self._probe_opened = True
+            self._probe, why_not = open_probe(self.backend)
+            self.warnings += [why_not] if why_not else []
+        return self._probe
 
     def provenance(self) -> dict:
-        return machine_info()
+        """machine_info(), with every probed measurement so far, their parallel speedups, whether any was taken
+        under changing conditions, and a warning where the speedups differ beyond the probe's tolerance."""
+        info = machine_info()
+        if not self.measurements and not self.warnings:
+            return info
+        speed = summary(self.measurements)
+        warnings = list(self.warnings)
+        if speed and differ(speed["low"], speed["high"]):
+            warnings.append(f"this machine ran the runtime's threads at {speed['low']:.2f}x to {speed['high']:.2f}x "
+                            "one thread's speed across measurements: milliseconds from different measurements "
+                            "compare only as ratios within each")
+        return {**info, "parallel_speedup": speed, "measurements": list(self.measurements),
+                "changing_conditions": any(m["changing"] for m in self.measurements), "warnings": warnings}
 
     def close(self) -> None:
         """Nothing to release on this machine."""

@@ -78,7 +78,11 @@ def _policy(raw: dict, level: str, default: TimingPolicy) -> TimingPolicy:
     merged = {**vars(default), **shared, **floors}
     for key, value in merged.items():
         expected = int if key in ("min_runs", "warmup_runs", "max_repeats") else (int, float)
-        if key in TimingPolicy.__dataclass_fields__ and (
+        if key == "parallel_probe":
+            if not isinstance(value, bool):
+                msg = f"profile timing value 'parallel_probe' must be true or false, got {value!r}"
+                raise InputError(msg)
+        elif key in TimingPolicy.__dataclass_fields__ and (
                 isinstance(value, bool) or not isinstance(value, expected) or value < 0):
             msg = f"profile timing value {key!r} must be a non-negative number, got {value!r}"
             raise InputError(msg)

@@ -24,6 +24,7 @@ class TimingPolicy:
     warn_iqr: float = 0.10  # IQR/median above this: warn
     remeasure_iqr: float = 0.25  # above this: measure again, up to `max_repeats` times
     max_repeats: int = 3
+    parallel_probe: bool = True  # frame each measurement on this machine with the parallel probe (parallel_probe.py)
 
     @classmethod
     def from_dict(cls, d: dict) -> TimingPolicy:

@@ -1,0 +1,98 @@
+"""The parallel probe (compressor/latency/parallel_probe.py): what it reports, and that measurements and their
+provenance carry it (the regression gate's note: test_gate.py). That the probe tells this VM's two states
+apart is a benchmark's finding (benchmarks/parallel_modes.py), not a test's: the state is the host's, and
+neither a busy process on one core nor a process held to one core reproduces it (both measured here: the
+runtimes' 2-thread probe then stays at 0.9-1.0x of one thread, against 0.44x in the slow state)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from compressor.latency.device import LocalDevice
+from compressor.latency.parallel_probe import (
+    PROBE_TOLERANCE,
+    comparison_note,
+    conditions,
+    differ,
+    summary,
+)
+from compressor.latency.timing import TimingPolicy
+from exporters import Backend
+
+
+def _probe(speedup: float, threads: int = 2) -> dict:
+    return {"speedup": speedup, "one_thread_ms": 0.2, "threads_ms": 0.2 / speedup, "threads": threads}
+
+
+def test_speedups_differ_beyond_the_tolerance_either_way_and_missing_ones_never_do():
+    assert not differ(1.0, PROBE_TOLERANCE * 0.99) and not differ(PROBE_TOLERANCE * 0.99, 1.0)
+    assert differ(1.0, PROBE_TOLERANCE * 1.01) and differ(PROBE_TOLERANCE * 1.01, 1.0)
+    assert not differ(None, 1.0) and not differ(1.0, None)
+
+
+def test_a_measurement_whose_probe_moved_is_under_changing_conditions():
+    steady = conditions(_probe(1.1), _probe(0.95), 3.0)
+    assert steady["changing"] == [] and steady["parallel_speedup"] == {"start": 1.1, "end": 0.95}
+    moved = conditions(_probe(1.1), _probe(0.43), 3.0)
+    assert len(moved["changing"]) == 1 and "2 threads" in moved["changing"][0] and "0.43x" in moved["changing"][0]
+    assert summary([steady, moved]) == {"low": 0.43, "median": 1.025, "high": 1.1, "probes": 4}
+    assert summary([]) is None
+
+
+def test_the_comparison_note_names_both_states_only_when_they_differ():
+    then, now = {"parallel_speedup": {"median": 1.1}}, {"parallel_speedup": {"median": 0.45}}
+    note = comparison_note(then, now, "baseline b.json")
+    assert note.startswith("warning: baseline b.json") and "1.10x" in note and "0.45x" in note
+    assert comparison_note(then, {"parallel_speedup": {"median": 1.0}}, "baseline b.json") is None
+    assert comparison_note({"cpu": "an old baseline"}, now, "baseline b.json") is None  # nothing to compare with
+
+
+@pytest.fixture(scope="module")
+def two_artifacts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("probe")
+    backend = Backend("onnxruntime", "fp32", 2)
+    x = torch.randn(1, 3, 16, 16)
+    paths = []
+    for width in (8, 16):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.ReLU()).eval()
+        paths.append(backend.export(model, x, folder / f"w{width}.onnx"))
+    return backend, paths, x.numpy()
+
+
+def test_each_probed_measurement_is_recorded_in_the_provenance(two_artifacts):
+    backend, paths, x = two_artifacts
+    policy = TimingPolicy(min_runs=10, min_time_s=0.05, warmup_runs=2, warmup_s=0.01)
+    device = LocalDevice(backend)
+    device.time(paths, policy, x)
+    device.time(paths, policy, x)
+    machine = device.provenance()
+    assert len(machine["measurements"]) == 2
+    for m in machine["measurements"]:
+        start, end = m["probe_ms"]["start"], m["probe_ms"]["end"]
+        assert start["threads"] == 2 and start["one_thread_ms"] > 0 and end["threads_ms"] > 0
+        assert m["parallel_speedup"] == {"start": start["speedup"], "end": end["speedup"]}
+        assert start["speedup"] == pytest.approx(start["one_thread_ms"] / start["threads_ms"], rel=1e-2)
+    assert machine["parallel_speedup"]["probes"] == 4
+    assert machine["changing_conditions"] == any(m["changing"] for m in machine["measurements"])
+
+    unprobed = LocalDevice(backend)
+    unprobed.time(paths, dataclasses.replace(policy, parallel_probe=False), x)
+    assert "measurements" not in unprobed.provenance()
+    one_thread = LocalDevice(Backend("onnxruntime", "fp32", 1))
+    one_thread.time(paths, policy, x)
+    assert "measurements" not in one_thread.provenance()  # one thread has nothing to keep in step
+
+
+def test_a_profile_turns_the_probe_off_and_a_bad_value_is_refused():
+    from compressor.errors import InputError
+    from compressor.latency.profiles import load_profile, parse_profile
+    from tests.helpers import FAST_PROFILE
+
+    assert load_profile("ort-cpu").search_policy.parallel_probe and load_profile("openvino-cpu").report_policy.parallel_probe
+    off = parse_profile(FAST_PROFILE, "fast")
+    assert not off.search_policy.parallel_probe and not off.report_policy.parallel_probe
+    with pytest.raises(InputError, match="'parallel_probe' must be true or false, got 3"):
+        parse_profile(FAST_PROFILE.replace("parallel_probe: false", "parallel_probe: 3"), "bad")
