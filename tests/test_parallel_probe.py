@@ -91,7 +91,8 @@ def test_a_profile_turns_the_probe_off_and_a_bad_value_is_refused():
     from compressor.latency.profiles import load_profile, parse_profile
     from tests.helpers import FAST_PROFILE
 
-    assert load_profile("ort-cpu").search_policy.parallel_probe and load_profile("openvino-cpu").report_policy.parallel_probe
+    assert load_profile("ort-cpu").search_policy.parallel_probe
+    assert load_profile("openvino-cpu").report_policy.parallel_probe
     off = parse_profile(FAST_PROFILE, "fast")
     assert not off.search_policy.parallel_probe and not off.report_policy.parallel_probe
     with pytest.raises(InputError, match="'parallel_probe' must be true or false, got 3"):
