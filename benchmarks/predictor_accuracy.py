@@ -124,14 +124,6 @@ def random_sets(units: list[Unit], n: int, rng: random.Random, exclude: set[tupl
 # ---------------------------------------------------------------------------- one model x profile
 
 
-def _probe_pair(speed: dict | None) -> str:
-    """The parallel probe's median speedup during the table and during the check ("-": not probed)."""
-    def one(s: dict | None) -> str:
-        return f"{s['median']:.2f}x" if s else "-"
-
-    return f"{one((speed or {}).get('table'))} / {one((speed or {}).get('check'))}"
-
-
 def _pct(e: dict | None, bias: bool = True) -> str:
     if not e or not e.get("n"):
         return "-"
@@ -344,12 +336,14 @@ def render_markdown(result: dict) -> str:
     ]
     for r in rows:
         t, f = r["table"], r["floor"]
+        probe = " / ".join(f"{s['median']:.2f}x" if s else "-"  # the parallel probe's medians
+                           for s in ((r.get("parallel_speedup") or {}).get(k) for k in ("table", "check")))
         groups = sum(g["kind"] == "group" for g in t["groups"])
         lines.append(
             f"| {r['model']} | {r['profile']} | {r['units']} | {groups} | {t['design_sets']} | {t['seconds']:.0f} | "
             f"{t['baseline_ms']:.3f} | {r['baseline_ms']:.3f} | "
             f"{f['k']}: {f['predicted_rescaled_ms']:.3f} / {f['measured_ms']:.3f} | {t['stopped']} | "
-            f"{r['noisy']}/{r['medians_timed']} | {_probe_pair(r.get('parallel_speedup'))} | "
+            f"{r['noisy']}/{r['medians_timed']} | {probe} | "
             f"{r['seconds']['total']:.0f} |")
     failed = [r for r in result["rows"] if r.get("status") != "ok"]
     lines += [""] + [f"- {r['model']} {r['profile']}: {r['status']}: {r.get('message', '')}" for r in failed]
