@@ -82,8 +82,10 @@ class ParallelProbe:
                 session()
 
     def measure(self) -> dict:
-        """{"speedup": 1-thread / N-thread median, "one_thread_ms", "threads_ms", "threads"}; waits until the
-        runtime's threads stop spinning, so the next model timed has the cores."""
+        """{"speedup": 1-thread / N-thread median, "one_thread_ms", "threads_ms", "threads"}. Waits before until
+        nothing else in the process is busy (sessions just opened spin their pools too), and after until the
+        probe's own threads stop, so the next model timed has the cores."""
+        busy_after()
         times: dict[str, list[float]] = {"one": [], "many": []}
         for _ in range(ROUNDS):
             for name, session in (("one", self.one), ("many", self.many)):
