@@ -13,41 +13,56 @@ import torch
 
 from compressor.latency.device import LocalDevice
 from compressor.latency.parallel_probe import (
+    ONE_THREAD_TOLERANCE,
     PROBE_TOLERANCE,
     comparison_note,
     conditions,
     differ,
+    spread_warnings,
     summary,
 )
 from compressor.latency.timing import TimingPolicy
 from exporters import Backend
 
 
-def _probe(speedup: float, threads: int = 2) -> dict:
-    return {"speedup": speedup, "one_thread_ms": 0.2, "threads_ms": 0.2 / speedup, "threads": threads}
+def _probe(speedup: float, one_ms: float = 0.2, threads: int = 2) -> dict:
+    return {"speedup": speedup, "one_thread_ms": one_ms, "threads_ms": one_ms / speedup, "threads": threads}
 
 
-def test_speedups_differ_beyond_the_tolerance_either_way_and_missing_ones_never_do():
+def test_figures_differ_beyond_the_tolerance_either_way_and_missing_ones_never_do():
     assert not differ(1.0, PROBE_TOLERANCE * 0.99) and not differ(PROBE_TOLERANCE * 0.99, 1.0)
     assert differ(1.0, PROBE_TOLERANCE * 1.01) and differ(PROBE_TOLERANCE * 1.01, 1.0)
     assert not differ(None, 1.0) and not differ(1.0, None)
+    assert differ(0.2, 0.2 * ONE_THREAD_TOLERANCE * 1.01, ONE_THREAD_TOLERANCE)
+    assert not differ(0.2, 0.2 * ONE_THREAD_TOLERANCE * 0.99, ONE_THREAD_TOLERANCE)
 
 
 def test_a_measurement_whose_probe_moved_is_under_changing_conditions():
-    steady = conditions(_probe(1.1), _probe(0.95), 3.0)
+    steady = conditions(_probe(1.1), _probe(0.95, 0.21), 3.0)
     assert steady["changing"] == [] and steady["parallel_speedup"] == {"start": 1.1, "end": 0.95}
     moved = conditions(_probe(1.1), _probe(0.43), 3.0)
     assert len(moved["changing"]) == 1 and "2 threads" in moved["changing"][0] and "0.43x" in moved["changing"][0]
-    assert summary([steady, moved]) == {"low": 0.43, "median": 1.025, "high": 1.1, "probes": 4}
+    slower = conditions(_probe(1.1), _probe(1.1, 0.25), 3.0)  # the whole machine slower: the ratio stays
+    assert len(slower["changing"]) == 1 and "0.200 ms at the start and 0.250 ms" in slower["changing"][0]
+    assert summary([steady, moved, slower]) == {"low": 0.43, "median": 1.1, "high": 1.1, "probes": 6,
+                                                "one_thread_ms": {"low": 0.2, "median": 0.2, "high": 0.25}}
     assert summary([]) is None
+    warnings = spread_warnings(summary([steady, moved, slower]))
+    assert len(warnings) == 2 and "0.43x to 1.10x" in warnings[0] and "0.200 to 0.250 ms" in warnings[1]
+    assert spread_warnings(summary([steady])) == []
 
 
-def test_the_comparison_note_names_both_states_only_when_they_differ():
-    then, now = {"parallel_speedup": {"median": 1.1}}, {"parallel_speedup": {"median": 0.45}}
-    note = comparison_note(then, now, "baseline b.json")
+def test_the_comparison_note_names_what_differs_only_when_it_does():
+    def machine(speedup: float, one_ms: float = 0.2) -> dict:
+        return {"parallel_speedup": {"median": speedup, "one_thread_ms": {"median": one_ms}}}
+
+    note = comparison_note(machine(1.1), machine(0.45), "baseline b.json")
     assert note.startswith("warning: baseline b.json") and "1.10x" in note and "0.45x" in note
-    assert comparison_note(then, {"parallel_speedup": {"median": 1.0}}, "baseline b.json") is None
-    assert comparison_note({"cpu": "an old baseline"}, now, "baseline b.json") is None  # nothing to compare with
+    assert "one thread ran" not in note
+    slower = comparison_note(machine(1.1), machine(1.1, 0.3), "baseline b.json")
+    assert "0.200 ms, today in 0.300 ms" in slower and "threads ran at" not in slower
+    assert comparison_note(machine(1.1), machine(1.0, 0.21), "baseline b.json") is None
+    assert comparison_note({"cpu": "an old baseline"}, machine(0.45), "baseline b.json") is None  # nothing to compare
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +90,7 @@ def test_each_probed_measurement_is_recorded_in_the_provenance(two_artifacts):
         assert start["threads"] == 2 and start["one_thread_ms"] > 0 and end["threads_ms"] > 0
         assert m["parallel_speedup"] == {"start": start["speedup"], "end": end["speedup"]}
         assert start["speedup"] == pytest.approx(start["one_thread_ms"] / start["threads_ms"], rel=1e-2)
-    assert machine["parallel_speedup"]["probes"] == 4
+    assert machine["parallel_speedup"]["probes"] == 4 and machine["parallel_speedup"]["one_thread_ms"]["low"] > 0
     assert machine["changing_conditions"] == any(m["changing"] for m in machine["measurements"])
 
     unprobed = LocalDevice(backend)

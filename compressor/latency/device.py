@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from compressor.latency.machine import machine_info
-from compressor.latency.parallel_probe import conditions, differ, open_probe, summary
+from compressor.latency.parallel_probe import conditions, open_probe, spread_warnings, summary
 from compressor.latency.timing import Interleaved, TimingPolicy, measure_interleaved
 
 
@@ -62,17 +62,14 @@ class LocalDevice:
         return self._probe
 
     def provenance(self) -> dict:
-        """machine_info(), with every probed measurement so far, their parallel speedups, whether any was taken
-        under changing conditions, and a warning where the speedups differ beyond the probe's tolerance."""
+        """machine_info(), with every probed measurement so far, a summary of their probes, whether any was
+        taken under changing conditions, and warnings where the probes spread beyond their tolerances."""
         info = machine_info()
         if not self.measurements and not self.warnings:
             return info
         speed = summary(self.measurements)
-        warnings = list(self.warnings)
-        if speed and differ(speed["low"], speed["high"]):
-            warnings.append(f"this machine ran the runtime's threads at {speed['low']:.2f}x to {speed['high']:.2f}x "
-                            "one thread's speed across measurements: milliseconds from different measurements "
-                            "compare only as ratios within each")
+        warnings = [*self.warnings, *(f"{w}: milliseconds from different measurements compare only as ratios "
+                                      "within each" for w in spread_warnings(speed))]
         return {**info, "parallel_speedup": speed, "measurements": list(self.measurements),
                 "changing_conditions": any(m["changing"] for m in self.measurements), "warnings": warnings}
 

@@ -29,6 +29,8 @@ from compressor.latency.timing import busy_after
 
 PROBE_TOLERANCE = 1.5  # probes differ when one is this many times the other (the two states here: 2.2-2.7x apart;
 # within one state consecutive probes stayed within 1.3x)
+ONE_THREAD_TOLERANCE = 1.10  # one thread's probe time: within one state here it stayed within 1%, over a day it
+# moved 40% (the whole machine slower); 10% is also the regression gate's default threshold
 PROBE_SHAPE = (1, 32, 16, 16)
 PROBE_LAYERS = 40
 BLOCK_RUNS = 8  # timed runs per block, after one untimed run that wakes the session's threads
@@ -111,36 +113,61 @@ def open_probe(backend) -> tuple[ParallelProbe | None, str | None]:
         return None, f"no parallel probe on {backend.runtime.name}: {e}"
 
 
-def differ(a: float | None, b: float | None) -> bool:
-    """Whether two parallel speedups are further apart than PROBE_TOLERANCE (False if either is missing)."""
-    return bool(a and b) and max(a, b) / min(a, b) > PROBE_TOLERANCE
+def differ(a: float | None, b: float | None, tolerance: float = PROBE_TOLERANCE) -> bool:
+    """Whether two positive figures are further apart than `tolerance` times (False if either is missing)."""
+    return bool(a and b) and max(a, b) / min(a, b) > tolerance
 
 
 def conditions(before: dict, after: dict, seconds: float) -> dict:
-    """One measurement's record: the probe at its start and end, and whether the speedup moved beyond the
-    tolerance while it ran (the remote devices' `changing` list, here with the probe's reason)."""
+    """One measurement's record: the probe at its start and end, and why its conditions changed while it ran
+    (the remote devices' `changing` list): the parallel speedup moved beyond PROBE_TOLERANCE, or one thread's
+    time beyond ONE_THREAD_TOLERANCE (the whole machine slower or faster)."""
     a, b = before["speedup"], after["speedup"]
+    one_a, one_b = before["one_thread_ms"], after["one_thread_ms"]
     changing = [f"the runtime's {before['threads']} threads ran at {a:.2f}x one thread's speed at the start "
                 f"and {b:.2f}x at the end"] if differ(a, b) else []
+    changing += [f"one thread ran the probe in {one_a:.3f} ms at the start and {one_b:.3f} ms at the end"
+                 ] if differ(one_a, one_b, ONE_THREAD_TOLERANCE) else []
     return {"parallel_speedup": {"start": a, "end": b}, "probe_ms": {"start": before, "end": after},
             "changing": changing, "throttled": False, "reference": None, "seconds": round(seconds, 3)}
 
 
+def _spread(values: list[float]) -> dict:
+    return {"low": min(values), "median": round(statistics.median(values), 4), "high": max(values)}
+
+
 def summary(measurements: list[dict]) -> dict | None:
-    """The parallel speedups over `measurements` (every probe's): low, median and high; None: no probe."""
-    values = [m["parallel_speedup"][k] for m in measurements if m.get("parallel_speedup") for k in ("start", "end")]
-    if not values:
+    """Over `measurements` (every probe's): the parallel speedup's low, median and high, how many probes,
+    and one thread's probe time (ms) likewise; None: no probe."""
+    probes = [m["probe_ms"][k] for m in measurements if m.get("probe_ms") for k in ("start", "end")]
+    if not probes:
         return None
-    return {"low": min(values), "median": round(statistics.median(values), 3), "high": max(values),
-            "probes": len(values)}
+    return {**_spread([p["speedup"] for p in probes]), "probes": len(probes),
+            "one_thread_ms": _spread([p["one_thread_ms"] for p in probes])}
+
+
+def spread_warnings(speed: dict | None) -> list[str]:
+    """What a run's probes (`summary`) say of its milliseconds when they spread beyond the tolerances."""
+    if not speed:
+        return []
+    one = speed.get("one_thread_ms") or {}
+    return ([f"this machine ran the runtime's threads at {speed['low']:.2f}x to {speed['high']:.2f}x one thread's "
+             "speed across measurements"] if differ(speed["low"], speed["high"]) else []) + (
+        [f"one thread ran the probe in {one['low']:.3f} to {one['high']:.3f} ms across measurements (the whole "
+         "machine faster or slower)"] if differ(one.get("low"), one.get("high"), ONE_THREAD_TOLERANCE) else [])
 
 
 def comparison_note(then: dict, now: dict, what: str) -> str | None:
-    """A warning when `then`'s machine (a provenance dict: a baseline's, a table's) ran its runtime's threads
-    at another parallel speed than `now`'s, so that their milliseconds do not compare; None otherwise."""
-    a, b = (((m or {}).get("parallel_speedup") or {}).get("median") for m in (then, now))
-    if not differ(a, b):
+    """A warning when `then`'s machine (a provenance dict: a baseline's, a table's) ran the probe otherwise than
+    `now`'s, at another parallel speedup or another one-thread time, so that their milliseconds differ by the
+    machine as well as by the models; None otherwise (or when either has no probe)."""
+    a, b = ((m or {}).get("parallel_speedup") or {} for m in (then, now))
+    one_a, one_b = ((s.get("one_thread_ms") or {}).get("median") for s in (a, b))
+    reasons = [f"its runtime's threads ran at {a['median']:.2f}x one thread's speed, today's at "
+               f"{b['median']:.2f}x"] if differ(a.get("median"), b.get("median")) else []
+    reasons += [f"one thread ran the probe in {one_a:.3f} ms, today in {one_b:.3f} ms"
+                ] if differ(one_a, one_b, ONE_THREAD_TOLERANCE) else []
+    if not reasons:
         return None
-    return (f"warning: {what} was measured while the runtime's threads ran at {a:.2f}x one thread's speed, "
-            f"this measurement at {b:.2f}x (docs/measurement.md, 'parallel speed'): their milliseconds differ "
-            "by the machine's state as well as by the models")
+    return (f"warning: {what} was measured with this machine in another state ({'; '.join(reasons)}; "
+            "docs/measurement.md, 'parallel speed'): milliseconds differ by the machine as well as by the models")
