@@ -112,3 +112,23 @@ def test_a_profile_turns_the_probe_off_and_a_bad_value_is_refused():
     assert not off.search_policy.parallel_probe and not off.report_policy.parallel_probe
     with pytest.raises(InputError, match="'parallel_probe' must be true or false, got 3"):
         parse_profile(FAST_PROFILE.replace("parallel_probe: false", "parallel_probe: 3"), "bad")
+
+
+def test_compressor_profile_prints_the_state_its_milliseconds_were_measured_in():
+    """A table measured at two threads by benchmarks/predictor_accuracy.py (its probes in `machine`)."""
+    import json
+    from pathlib import Path
+
+    from compressor.jobs.profile import describe
+    from compressor.latency.table import LatencyTable
+
+    results = Path(__file__).parents[1] / "benchmarks" / "results" / "predictor_accuracy_threads"
+    rows = json.loads((results / "predictor_accuracy.json").read_text())["rows"]
+    data = next(r for r in rows if r["profile"] == "ort-cpu" and r["model"] == "resnet56")["table"]["latency_table"]
+    last = describe(LatencyTable.from_dict(data))[-1]
+    assert last.startswith("the runtime's 2 threads ran at 0.94x one thread's speed (parallel probe, 0.42-1.20x over "
+                           "10 probes")
+    data["machine"]["parallel_speedup"]["one_thread_ms"] = {"low": 0.2071, "median": 0.21, "high": 0.3}
+    assert "; one thread 0.207 ms at best)" in describe(LatencyTable.from_dict(data))[-1]
+    del data["machine"]["parallel_speedup"]
+    assert describe(LatencyTable.from_dict(data))[-1].startswith("baseline ")

@@ -46,8 +46,9 @@ def describe(table: LatencyTable) -> list[str]:
            f"{design.get('stopped')}" if design else " (version-1 table: single-unit savings)")
     took = f" in {table.seconds:.0f} s" if table.seconds is not None else ""
     speed = table.machine.get("parallel_speedup")
+    one = ((speed or {}).get("one_thread_ms") or {}).get("low")
     state = [f"the runtime's {table.profile.get('threads')} threads ran at {speed['median']:.2f}x one thread's "
-             f"speed (parallel probe, {speed['low']:.2f}-{speed['high']:.2f}x over {speed['probes']} probes; one "
-             f"thread {speed['one_thread_ms']['median']:.3f} ms): its milliseconds hold while this machine runs "
-             "them so"] if speed else []
+             f"speed (parallel probe, {speed['low']:.2f}-{speed['high']:.2f}x over {speed['probes']} probes"
+             + (f"; one thread {one:.3f} ms at best" if one else "")
+             + "): its milliseconds hold while this machine runs them so"] if speed else []
     return [*lines, f"baseline {table.baseline_ms:.4f} ms{how}{took}", *state]
