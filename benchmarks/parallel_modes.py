@@ -31,6 +31,7 @@ from scipy import stats as scistats
 
 from compressor.latency.parallel_probe import ParallelProbe
 from compressor.latency.profiles import load_profile
+from compressor.latency.timing import timed_ms
 from exporters import Backend
 
 NAME = "parallel_modes"
@@ -39,13 +40,9 @@ HASH_BYTES = 4 << 20
 
 
 def _median_ms(session, runs: int) -> float:
+    """The median of `runs` timed runs, after one untimed run that wakes the session's threads."""
     session()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter_ns()
-        session()
-        times.append((time.perf_counter_ns() - t0) / 1e6)
-    return statistics.median(times)
+    return statistics.median(timed_ms(session) for _ in range(runs))
 
 
 def hash_speedup(threads: int, repeats: int = 5) -> float:

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from compressor.errors import CompressorError
-from compressor.latency.timing import busy_after
+from compressor.latency.timing import busy_after, timed_ms
 
 PROBE_TOLERANCE = 1.5  # probes differ when one is this many times the other (the two states' medians here: 2.6x
 # apart on ONNX Runtime, 1.9x on OpenVINO; within one state most probes stayed within 1.3x of each other)
@@ -92,10 +91,7 @@ class ParallelProbe:
         for _ in range(ROUNDS):
             for name, session in (("one", self.one), ("many", self.many)):
                 session()  # wakes the session's threads: not timed
-                for _ in range(BLOCK_RUNS):
-                    t0 = time.perf_counter_ns()
-                    session()
-                    times[name].append((time.perf_counter_ns() - t0) / 1e6)
+                times[name] += [timed_ms(session) for _ in range(BLOCK_RUNS)]
         busy_after()
         one, many = statistics.median(times["one"]), statistics.median(times["many"])
         return {"speedup": round(one / many, 3), "one_thread_ms": round(one, 4), "threads_ms": round(many, 4),

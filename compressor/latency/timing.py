@@ -70,7 +70,8 @@ class LatencyStats:
         return d
 
 
-def _timed(run: Callable[[], object]) -> float:
+def timed_ms(run: Callable[[], object]) -> float:
+    """One run of `run`, timed with perf_counter_ns (ms)."""
     t0 = time.perf_counter_ns()
     run()
     return (time.perf_counter_ns() - t0) / 1e6
@@ -83,7 +84,7 @@ def warm_up(run: Callable[[], object], policy: TimingPolicy) -> float:
 
 def _warm_up_runs(run: Callable[[], object], policy: TimingPolicy) -> tuple[float, int]:
     """warm_up, and how many untimed runs it made: `warmup_runs` at least, more while `warmup_s` lasts."""
-    cold = _timed(run)
+    cold = timed_ms(run)
     t_end = time.perf_counter() + policy.warmup_s
     n = 0
     while n < policy.warmup_runs or time.perf_counter() < t_end:
@@ -96,7 +97,7 @@ def _sample(run: Callable[[], object], policy: TimingPolicy) -> list[float]:
     samples: list[float] = []
     t_end = time.perf_counter() + policy.min_time_s
     while len(samples) < policy.min_runs or time.perf_counter() < t_end:
-        samples.append(_timed(run))
+        samples.append(timed_ms(run))
     return samples
 
 
@@ -209,7 +210,7 @@ def measure_interleaved(runs: Sequence[Callable[[], object]], policy: TimingPoli
             for i, run in enumerate(runs):
                 if cool > 0:
                     run()  # wakes the model's threads: not timed
-                chunk = [_timed(run) for _ in range(burst)]
+                chunk = [timed_ms(run) for _ in range(burst)]
                 samples[i] += chunk
                 rounds[i].append(float(np.median(chunk)))
                 if cool > 0:
