@@ -279,3 +279,24 @@ def test_onnx_runtime_spinning_by_default_gets_a_cool_down_and_none_without(tmp_
         found[label] = measure_interleaved(sessions, policy)
     assert found["default"].cooldown_s > 0.005 and found["default"].burst > 5
     assert (found["off"].cooldown_s, found["off"].burst) == (0.0, 5)
+
+
+def test_a_session_warms_the_machine_once_and_each_model_to_its_own_floor():
+    """Four 1 ms models with a 0.2 s warm-up floor: each makes its cold run and `warmup_runs` runs, and the
+    floor's time is spent once for the session (about 200 runs in all), not once per model (800)."""
+    calls: list[list[float]] = [[] for _ in range(4)]
+
+    def model(i):
+        def run():
+            calls[i].append(time.perf_counter())
+            _busy(1.0)
+        return run
+
+    policy = TimingPolicy(min_runs=10, min_time_s=0.0, remeasure_iqr=10.0, warmup_runs=3, warmup_s=0.2)
+    result = measure_interleaved([model(i) for i in range(4)], policy, burst=5, cooldown_s=0.0)
+    warm = [len(c) - s.n for c, s in zip(calls, result.stats, strict=True)]
+    assert all(w >= 1 + 3 for w in warm)  # the cold start and the model's own warm-up runs
+    last_warm_start = max(c[w - 1] for c, w in zip(calls, warm, strict=True))
+    assert last_warm_start - calls[0][0] >= 0.2 - 0.005  # the floor is kept (its last run starts within it)
+    assert sum(warm) <= 1.5 * 0.2 / 1e-3  # the floor once (at most 1 ms a run), not four times
+    assert min(warm) >= 0.8 * max(warm) - 5  # shared in turn: the last model warms as long as the first

@@ -9,6 +9,11 @@ in its run state, so a run whose device dropped resumes from them). After each b
 fitted, and measuring stops once the sets the search will ask about (`queries`) are predicted with a
 relative standard error at most `target_sd` (root mean square over them), or once `max_sets` sets were
 measured.
+
+A session is not re-measured when its runs spread beyond the noise gate (as a search candidate's is):
+each set's saving carries the standard error of its paired per-round ratios, the fit weighs it by that,
+and where the sets asked about are not yet precise enough the design measures further sets. A
+re-measure would throw the session's rounds away; further sets keep them and add their own.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +112,7 @@ class DesignRun:
     def time_batch(self, progress: Progress, save: Callable[[Progress], None]) -> None:
         """Export and time the planned sets, a session (per device) at a time, saving after each."""
         devices = len(getattr(self.deployment.device, "devices", [None]))
-        policy = self.deployment.profile.search_policy
+        policy = replace(self.deployment.profile.search_policy, max_repeats=1)  # the design is the re-measure
         floors = {"min_runs": policy.min_runs, "min_time_s": policy.min_time_s}
         most = self.options.sets_per_session * devices
         size = -(-len(progress.planned) // -(-len(progress.planned) // most)) if progress.planned else 0  # balanced

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -179,6 +179,10 @@ def measure_interleaved(runs: Sequence[Callable[[], object]], policy: TimingPoli
     """Measure several models in rounds A, B, C, A, B, C ... so drift hits all alike (one model: measured
     in the same blocks, with no cool-down).
 
+    Warm-up: each model's cold start and `warmup_runs` runs, then rounds of one run each until the
+    session has warmed for `warmup_s` in all (a model's own first-run costs settle within its runs; the
+    machine and its clocks warm once per session, not once per model).
+
     Each round runs every model in a block of `burst` runs back to back; rounds continue until
     every model has `min_runs` samples and the rounds took `min_time_s` x models (idle time not
     counted). While any model's IQR/median exceeds the re-measure gate, all are measured
@@ -193,12 +197,17 @@ def measure_interleaved(runs: Sequence[Callable[[], object]], policy: TimingPoli
     runs it: its own pool hot, nobody else's.
     """
     colds, means, tails = [], [], []
+    t_warm = time.perf_counter()
+    each = replace(policy, warmup_s=0.0) if len(runs) > 1 else policy
     for i, run in enumerate(runs):
-        cold, mean_ms = _warm(run, policy)
+        cold, mean_ms = _warm(run, each)
         colds.append(cold)
         means.append(mean_ms)
         if cooldown_s is None and i < 2 and len(runs) > 1:
             tails.append(busy_after())
+    while len(runs) > 1 and time.perf_counter() - t_warm < policy.warmup_s:
+        for run in runs:  # the rest of the warm-up floor, shared: the machine warms once, not once per model
+            run()
     cool = (cooldown_for(tails) if cooldown_s is None else max(0.0, cooldown_s)) if len(runs) > 1 else 0.0
     if cool > 0:
         burst = max(burst, int(np.ceil(BLOCK_PER_COOLDOWN * cool * 1e3 / float(np.median(means)))))
