@@ -79,20 +79,33 @@ def compare(tables: dict, sets: list[tuple[str, ...]]) -> dict:
     return out
 
 
+def _probe(table: dict) -> str:
+    speed = (table["latency_table"].get("machine") or {}).get("parallel_speedup")
+    return "-" if not speed else f"{speed['low']:.2f}-{speed['high']:.2f}x"
+
+
+def _session_baselines(table: dict) -> str:
+    return ", ".join(f"{s['stats'][0]['median']:.2f}" for s in table["latency_table"]["design"]["sessions"])
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"Model {result['model']}, profile {result['profile']}; {result['sets']} random removal sets (seed 0, as "
         "predictor_accuracy.py draws them). Tables: A here (design seed 0), R over loopback SSH (tests/sshd.py, "
         "seed 0), B here (seed 1).", "",
-        "| table | where | design sets | wall time (s) | baseline (ms) | stopped |", "|---|---|---:|---:|---:|---|",
-        *[f"| {k} | {t['host']} | {t['sets']} | {t['seconds']:.1f} | {t['baseline_ms']:.3f} | {t['stopped']} |"
-          for k, t in result["tables"].items()],
+        "| table | where | design sets | wall time (s) | baseline (ms) | parallel probe | session baselines (ms) | "
+        "stopped |", "|---|---|---:|---:|---:|---|---|---|",
+        *[f"| {k} | {t['host']} | {t['sets']} | {t['seconds']:.1f} | {t['baseline_ms']:.3f} | {_probe(t)} | "
+          f"{_session_baselines(t)} | {t['stopped']} |" for k, t in result["tables"].items()],
         "", "| pair | largest difference (relative latency) | mean | largest difference (ms) | goal |",
         "|---|---:|---:|---:|---|",
         *[f"| {pair} | {c['max_relative']:.2%} | {c['mean_relative']:.2%} | {c['max_ms']:.2%} | "
           f"<= {c['goal']:.0%}: **{'met' if c['met'] else 'MISSED'}** |" for pair, c in result["agreement"].items()],
         "", "- Relative latency: each table's prediction over its own baseline, so drift of the machine between "
             "tables does not count; the ms column shows it included.",
+        "- Parallel probe: the runtime's threads' speed over one thread's, lowest to highest over the table's "
+        "probes (docs/measurement.md, 'parallel speed'); this VM's fast state reads about 1.1x, its slow state "
+        "about 0.44x. Session baselines: each session's median baseline, in order.",
     ]
     return common.document("Agreement of independent latency tables", result, lines, source=True)
 

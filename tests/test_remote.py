@@ -63,7 +63,32 @@ def test_times_on_the_device_with_its_provenance_and_cleans_up(server, tmp_path)
     entry = provenance["measurements"][0]
     assert entry["artifacts"] == ["w8.onnx", "w64.onnx"] and set(entry["temperature_c"]) == {"start", "end"}
     assert entry["session"]["allow_spinning"] is False and entry["throttled"] is False
+    assert "probe_ms" not in entry and "parallel_speedup" not in provenance  # the profile asks for no probe
     assert session_folders(server) == []  # the runner and artifacts are removed at the end
+
+
+def test_the_parallel_probe_frames_each_measurement_on_the_device(server, tmp_path):
+    """As on this machine (test_parallel_probe.py): with `parallel_probe` and two threads, the runner times the
+    probe before and after each measurement, uploaded once; the provenance sums the probes up."""
+    path = tmp_path / "probed.yaml"
+    path.write_text(FAST_PROFILE.replace("parallel_probe: false", "parallel_probe: true")
+                    .replace("threads: null", "threads: 2") + server.remote_section())
+    deployment = Deployment(parse_profile(path.read_text(), str(path)), (3, 32, 32))
+    try:
+        a, b = small_models(tmp_path, deployment)
+        for _ in range(2):
+            deployment.time([a, b], deployment.profile.search_policy)
+        folder, = session_folders(server)
+        uploaded = len(list((folder / "a").iterdir()))
+        provenance = deployment.device.provenance()
+    finally:
+        close_device(deployment.device)
+    assert uploaded == 4  # the two artifacts, the input and the probe
+    for entry in provenance["measurements"]:
+        start, end = entry["probe_ms"]["start"], entry["probe_ms"]["end"]
+        assert start["threads"] == end["threads"] == 2 and start["one_thread_ms"] > 0 and end["threads_ms"] > 0
+        assert entry["parallel_speedup"] == {"start": start["speedup"], "end": end["speedup"]}
+    assert provenance["parallel_speedup"]["probes"] == 4
 
 
 def test_reference_is_retimed_every_few_measurements(server, tmp_path):

@@ -76,6 +76,22 @@ def test_runner_imports_only_stdlib_numpy_and_the_runtime(scripts, tmp_path):
         assert not everything & FORBIDDEN, everything & FORBIDDEN
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_runner_frames_a_measurement_with_the_probe_it_is_sent_at_more_than_one_thread(scripts, tmp_path, threads):
+    model = _onnx_model(tmp_path)
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 8, 8), np.float32))
+    job = {"runtime": "onnxruntime", "threads": threads, "options": {}, "artifacts": [str(model)],
+           "input": str(tmp_path / "x.npy"), "policy": {"min_runs": 5, "min_time_s": 0.01, "warmup_s": 0.01},
+           "probe": {"artifact": str(model), "shape": [1, 3, 8, 8], "warm_runs": 2}}
+    measured = run_isolated(scripts / "runner.py", "measure", stdin=json.dumps(job))
+    assert measured.returncode == 0, measured.stdout + measured.stderr[-2000:]
+    probes = json.loads(measured.stdout).get("probe_ms")
+    if threads == 1:
+        assert probes is None  # one thread has nothing to keep in step
+    else:
+        assert {p["threads"] for p in probes.values()} == {2} and all(p["speedup"] > 0 for p in probes.values())
+
+
 def test_runner_opens_onnxruntime_as_the_exporter_does(scripts, tmp_path):
     from exporters.onnxruntime import OnnxRuntimeSession
 

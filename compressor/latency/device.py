@@ -68,8 +68,7 @@ class LocalDevice:
         if not self.measurements and not self.warnings:
             return info
         speed = summary(self.measurements)
-        warnings = [*self.warnings, *(f"{w}: milliseconds from different measurements compare only as ratios "
-                                      "within each" for w in spread_warnings(speed))]
+        warnings = [*self.warnings, *spread_warnings(speed)]
         return {**info, "parallel_speedup": speed, "measurements": list(self.measurements),
                 "changing_conditions": any(m["changing"] for m in self.measurements), "warnings": warnings}
 

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from compressor.errors import CompressorError
-from compressor.latency.timing import busy_after, timed_ms
+from compressor.latency.timing import parallel_speed
 
 PROBE_TOLERANCE = 1.5  # probes differ when one is this many times the other (the two states' medians here: 2.6x
 # apart on ONNX Runtime, 1.9x on OpenVINO; within one state most probes stayed within 1.3x of each other)
@@ -51,8 +51,9 @@ def _probe_module():
     return torch.nn.Sequential(*layers).eval(), torch.ones(PROBE_SHAPE)
 
 
-def _artifact(backend) -> Path:
-    """The probe exported once per process for `backend`'s runtime (fp32, the backend's opset)."""
+def probe_artifact(backend) -> Path:
+    """The probe exported once per process for `backend`'s runtime (fp32, the backend's opset); a remote device
+    gets it uploaded and times it there (remote/runner.py)."""
     from exporters import Backend
 
     key = (backend.runtime.name, backend.opset)
@@ -73,7 +74,7 @@ class ParallelProbe:
 
         from exporters import Backend
 
-        path = _artifact(backend)
+        path = probe_artifact(backend)
         x = np.ones(PROBE_SHAPE, np.float32)
         self.threads = backend.threads
         self.many = Backend(backend.runtime.name, "fp32", backend.threads, backend.options, backend.opset).open(path, x)
@@ -83,19 +84,10 @@ class ParallelProbe:
                 session()
 
     def measure(self) -> dict:
-        """{"speedup": 1-thread / N-thread median, "one_thread_ms", "threads_ms", "threads"}. Waits before until
-        nothing else in the process is busy (sessions just opened spin their pools too), and after until the
-        probe's own threads stop, so the next model timed has the cores."""
-        busy_after()
-        times: dict[str, list[float]] = {"one": [], "many": []}
-        for _ in range(ROUNDS):
-            for name, session in (("one", self.one), ("many", self.many)):
-                session()  # wakes the session's threads: not timed
-                times[name] += [timed_ms(session) for _ in range(BLOCK_RUNS)]
-        busy_after()
-        one, many = statistics.median(times["one"]), statistics.median(times["many"])
-        return {"speedup": round(one / many, 3), "one_thread_ms": round(one, 4), "threads_ms": round(many, 4),
-                "threads": self.threads}
+        """{"speedup": 1-thread / N-thread median, "one_thread_ms", "threads_ms", "threads"} (timing.parallel_speed:
+        it waits before until nothing else in the process is busy, since sessions just opened spin their pools
+        too, and after until the probe's own threads stop, so the next model timed has the cores)."""
+        return parallel_speed(self.one, self.many, self.threads, BLOCK_RUNS, ROUNDS)
 
 
 def open_probe(backend) -> tuple[ParallelProbe | None, str | None]:
@@ -145,7 +137,7 @@ def spread_warnings(speed: dict | None) -> list[str]:
     if not speed or not differ(speed["low"], speed["high"]):
         return []
     return [f"this machine ran the runtime's threads at {speed['low']:.2f}x to {speed['high']:.2f}x one thread's "
-            "speed across measurements"]
+            "speed across measurements: milliseconds from different measurements compare only as ratios within each"]
 
 
 def comparison_note(then: dict, now: dict, what: str) -> str | None:

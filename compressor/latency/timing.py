@@ -159,6 +159,25 @@ def busy_after(tick_s: float = 0.001) -> float:
             return last_busy - start if busy else 0.0
 
 
+def parallel_speed(one: Callable[[], object], many: Callable[[], object], threads: int, block_runs: int = 8,
+                   rounds: int = 6) -> dict:
+    """How fast `threads` threads run a model against one thread, right now: `one` and `many` run the same small
+    model at one thread and at `threads`, timed in alternating blocks of `block_runs` (each after one untimed
+    run that wakes its threads), `rounds` blocks each, with the process idle before and after
+    (compressor/latency/parallel_probe.py says why). Here so that a device's runner times it as this machine
+    does. {"speedup": 1-thread median / N-thread median, "one_thread_ms", "threads_ms", "threads"}."""
+    busy_after()
+    times: dict[str, list[float]] = {"one": [], "many": []}
+    for _ in range(rounds):
+        for name, session in (("one", one), ("many", many)):
+            session()
+            times[name] += [timed_ms(session) for _ in range(block_runs)]
+    busy_after()
+    one_ms, many_ms = float(np.median(times["one"])), float(np.median(times["many"]))
+    return {"speedup": round(one_ms / many_ms, 3), "one_thread_ms": round(one_ms, 4), "threads_ms": round(many_ms, 4),
+            "threads": threads}
+
+
 def cooldown_for(busy_s: Sequence[float]) -> float:
     """The idle time (s) after each model's block that outlasts the longest busy tail measured (with a
     quarter and 2 ms to spare); 0 when no tail was seen."""

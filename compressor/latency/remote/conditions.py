@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from compressor.latency.parallel_probe import conditions as probe_conditions
 from compressor.latency.timing import LatencyStats, TimingPolicy
 
 
@@ -66,8 +67,13 @@ class DriftWatch:
 
 
 def log_entry(host: str, names: list[str], policy: TimingPolicy, result: dict, check: dict | None) -> dict:
-    """One measurement's record for the provenance: where, what, the conditions, and its warnings."""
+    """One measurement's record for the provenance: where, what, the conditions (with the parallel probe's
+    start and end where the runner framed it so, and its move among the changes), and its warnings."""
     conditions = result["conditions"]
+    if result.get("probe_ms"):
+        framed = probe_conditions(result["probe_ms"]["start"], result["probe_ms"]["end"], 0.0)
+        conditions = {**conditions, "changing": [*conditions["changing"], *framed["changing"]],
+                      "parallel_speedup": framed["parallel_speedup"], "probe_ms": framed["probe_ms"]}
     what = ", ".join(names)
     warnings = []
     if conditions["throttled"]:

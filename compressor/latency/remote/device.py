@@ -4,8 +4,9 @@ Per session the runner (runner.py with timing.py beside it) is uploaded once
 into a fresh folder under the profile's workdir; every artifact is uploaded
 once, keyed by the sha256 of its files, and the folder is removed at the end
 (`close`). A measurement sends a job to the runner and gets raw samples back;
-conditions (temperature, frequency, throttling) are recorded with each one,
-and the first artifact ever measured (the baseline, in a prune) is re-timed at
+conditions (temperature, frequency, throttling, and the parallel probe timed
+there before and after, where the policy asks for it: parallel_probe.py) are
+recorded with each one, and the first artifact ever measured (the baseline, in a prune) is re-timed at
 least every `retime_every` measurements to catch drift (conditions.py).
 """
 
@@ -25,7 +26,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from compressor.errors import DeviceError, InputError
+from compressor.errors import CompressorError, DeviceError, InputError
+from compressor.latency.parallel_probe import BLOCK_RUNS, PROBE_SHAPE, spread_warnings, summary
 from compressor.latency.remote.conditions import DriftWatch, log_entry, version_matches
 from compressor.latency.remote.spec import Endpoint, RemoteSpec
 from compressor.latency.remote.transport import Answer, Link, TransientError, call
@@ -59,7 +61,8 @@ class RemoteDevice:
     """One device over SSH; `time` runs a measurement there and returns its raw samples."""
 
     def __init__(self, spec: RemoteSpec, endpoint: Endpoint, runtime: str, threads: int | None, options: dict,
-                 artifact_files: Callable[[Path], list[Path]], log: Log | None = None) -> None:
+                 artifact_files: Callable[[Path], list[Path]], log: Log | None = None,
+                 probe: Callable[[], Path] | None = None) -> None:
         if runtime not in RUNTIMES:
             msg = f"remote measurement times {' and '.join(RUNTIMES)} artifacts; this profile's runtime is {runtime}"
             raise InputError(msg)
@@ -76,6 +79,8 @@ class RemoteDevice:
         self.lock: asyncio.Lock | None = None
         self.closed = False
         self.reached = False  # a session was opened: later failures are the device's, not the profile's
+        self.probe = probe  # exports the parallel probe for this runtime (parallel_probe.probe_artifact)
+        self._probe_path: str | None = None
 
     @property
     def name(self) -> str:
@@ -196,9 +201,26 @@ class RemoteDevice:
         if reference is not None:
             paths.insert(0, reference["path"])
         job = self._job(paths, await self._upload_input(x, staging), policy)
+        if policy.parallel_probe and (probe := await self._uploaded_probe()) is not None:
+            job["probe"] = {"artifact": probe, "shape": list(PROBE_SHAPE), "warm_runs": 2 * BLOCK_RUNS}
         command = self.link.command(self.folder, "runner.py", "measure")
         answer = await self.link.run(command, json.dumps(job), self._timeout(len(paths), policy))
         return keys, self._parse(answer, f"timing {', '.join(Path(a).name for a in artifacts)}"), reference
+
+    async def _uploaded_probe(self) -> str | None:
+        """The parallel probe's path on the device, exported and uploaded at the first measurement that asks
+        for it (None without a probe: none given, or one that cannot be exported here, which is warned of
+        once; the runner leaves it out at one thread)."""
+        if self._probe_path is None and self.probe is not None:
+            try:
+                path = self.probe()
+                files = self.artifact_files(path)
+            except (CompressorError, ImportError, OSError) as e:
+                self.warnings.append(f"no parallel probe on {self.name}: {e}")
+                self.probe = None
+                return None
+            self._probe_path = f"{await self._upload(files, files_key(files))}/{path.name}"
+        return self._probe_path
 
     async def time_async(self, artifacts: Sequence[Path], policy: TimingPolicy, x: np.ndarray,
                          staging: Path) -> Interleaved:
@@ -254,13 +276,15 @@ class RemoteDevice:
         """The device as probed (machine_info()'s keys where they apply, and more), the conditions of every
         measurement so far, and whether any was throttled, taken under changing conditions or drifted."""
         static = {k: v for k, v in self.static.items() if k != "free_bytes"}
-        return {**static, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        speed = summary(self.measurements)
+        return {**static, **({"parallel_speedup": speed} if speed else {}),
+                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "host": self.name, "threads": self.threads, "remote": self.spec.to_dict(),
                 "measurements": list(self.measurements),
                 "throttled": any(m["throttled"] for m in self.measurements),
                 "changing_conditions": any(m["changing"] for m in self.measurements),
                 "drifted": any((m["reference"] or {}).get("drifted") for m in self.measurements),
-                "warnings": list(self.warnings)}
+                "warnings": [*self.warnings, *spread_warnings(speed)]}
 
 
 def open_devices(devices: list[RemoteDevice]) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import InputError
+from compressor.latency.parallel_probe import probe_artifact, summary
 from compressor.latency.remote.device import RemoteDevice, open_devices
 from compressor.latency.remote.transport import call
 from compressor.latency.timing import Interleaved, TimingPolicy
@@ -82,7 +83,9 @@ class DevicePool:
         """The primary device's provenance, with every device's and all their measurements."""
         own = [d.provenance() for d in self.devices]
         measurements = [m for p in own for m in p["measurements"]]
+        speed = summary(measurements)
         return {**own[0], "host": self.name, "measurements": measurements,
+                **({"parallel_speedup": speed} if speed else {}),
                 "pool": [{k: p.get(k) for k in ("host", "hostname", "model", "cpu", "runtime_version", "date")}
                          for p in own],
                 "assignment": ("latency table: each batch of designed removal sets split across the pool, each part "
@@ -102,7 +105,8 @@ def connect(profile, backend, log: Callable[[str], None] | None = None) -> Remot
     A profile with `threads: null` gets the device's physical cores (set on `profile`)."""
     spec = profile.remote
     devices = [RemoteDevice(spec, e, profile.runtime, profile.threads, profile.runtime_options,
-                            backend.exporter.artifact_files, log) for e in spec.endpoints]
+                            backend.exporter.artifact_files, log, lambda: probe_artifact(backend))
+               for e in spec.endpoints]
     open_devices(devices)
     if profile.threads is None:
         profile.threads = devices[0].static["physical_cores"]

@@ -250,22 +250,51 @@ def open_all(job: dict, x) -> tuple[list, dict]:
     return runs, settings
 
 
-def measure(job: dict) -> dict:
-    """Cool down, open every artifact, time them in interleaved rounds (timing.measure_interleaved);
-    the statistics with raw samples (ms), per-round medians, settings and conditions."""
+def open_probe(job: dict) -> list | None:
+    """The parallel probe's prepared runs at one thread and at the job's threads, warmed up, where the job
+    sends one ({"artifact", "shape", "warm_runs"}) and runs more than one thread; else None."""
     import numpy as np
-    from timing import TimingPolicy, measure_interleaved  # uploaded beside this file
+
+    spec = job.get("probe")
+    if not spec or job["threads"] <= 1:
+        return None
+    x = np.ones(spec["shape"], np.float32)
+    runs = []
+    for threads in (1, job["threads"]):
+        try:
+            prepared, _ = OPENERS[job["runtime"]](spec["artifact"], threads, job.get("options") or {})
+        except Exception as e:  # each runtime raises its own types for a file it cannot load
+            raise RunnerError("bad-artifact", f"{job['runtime']} cannot load the probe {spec['artifact']}: {e}") from e
+        run = prepared(x)
+        for _ in range(spec.get("warm_runs", 16)):
+            run()
+        runs.append(run)
+    return runs
+
+
+def measure(job: dict) -> dict:
+    """Cool down, open every artifact, time them in interleaved rounds (timing.measure_interleaved), framed
+    by the parallel probe where the job sends one (timing.parallel_speed); the statistics with raw samples
+    (ms), per-round medians, settings, conditions and the probes."""
+    import numpy as np
+    from timing import TimingPolicy, measure_interleaved, parallel_speed  # uploaded beside this file
 
     job = {**job, "threads": job.get("threads") or physical_cores()}
     x = np.ascontiguousarray(np.load(job["input"]), np.float32)
     cooled = cool_down(job.get("cool_above_c", 1e9), job.get("cool_max_s", 0))
     runs, settings = open_all(job, x)
+    probe = open_probe(job)
     before = conditions()
+    start = parallel_speed(*probe, job["threads"]) if probe else None
     result = measure_interleaved(runs, TimingPolicy.from_dict(job["policy"]), job.get("burst", 5))
+    end = parallel_speed(*probe, job["threads"]) if probe else None
     after = conditions()
-    return {"stats": [s.to_dict(with_samples=True) for s in result.stats], "round_medians": result.round_medians,
-            "burst": result.burst, "cooldown_s": result.cooldown_s, "settings": settings, "threads": job["threads"],
-            "conditions": changes(before, after, cooled, job.get("cool_max_s", 0))}
+    answer = {"stats": [s.to_dict(with_samples=True) for s in result.stats], "round_medians": result.round_medians,
+              "burst": result.burst, "cooldown_s": result.cooldown_s, "settings": settings, "threads": job["threads"],
+              "conditions": changes(before, after, cooled, job.get("cool_max_s", 0))}
+    if probe:
+        answer["probe_ms"] = {"start": start, "end": end}
+    return answer
 
 
 def probe(runtime: str, workdir: str | None) -> dict:
