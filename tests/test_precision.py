@@ -109,6 +109,14 @@ def test_a_target_beyond_removal_alone_is_searched_with_int8(digits, openvino_ta
         floor = fp32["search"]["floor"]  # then fp32 must not have been refused, by its own measurement
         assert floor["baseline_ms"] / floor["candidate_ms"] >= TARGET_BEYOND_FP32 - 1e-9
     report = compressor.prune("resnet56", out=tmp_path / "auto", precision="auto", **options).report
+    searched = report["precision"]["searched"]
+    if (searched.get("fp32") or {}).get("passed"):  # a loaded machine measured removal alone past the target
+        # (seen under `make test`): auto then keeps INT8 only where it measured faster and its set loses less
+        int8_set = None if searched["probe"]["declined"] else searched["search"]["removed"]
+        int8_wins = int8_set is not None and searched["search"]["kl"] <= searched["fp32_kl"]
+        assert report["precision"]["delivered"] == ("int8" if int8_wins else "fp32")
+        if not int8_wins:
+            return
     assert report["precision"]["delivered"] == "int8"
     floor = report["search"]["floor"]
     if floor["baseline_ms"] / floor["candidate_ms"] < TARGET_BEYOND_FP32:  # removal alone could not, measured
