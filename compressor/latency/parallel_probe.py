@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from compressor.errors import CompressorError
-from compressor.latency.timing import parallel_speed
+from compressor.latency.timing import PROBE_WARM_RUNS, parallel_speed
 
 PROBE_TOLERANCE = 1.5  # probes differ when one is this many times the other (the two states' medians here: 2.6x
 # apart on ONNX Runtime, 1.9x on OpenVINO; within one state most probes stayed within 1.3x of each other)
@@ -32,8 +32,6 @@ ONE_THREAD_TOLERANCE = 1.10  # one thread's fastest probe time between two runs 
 # threshold); single probes here read up to 1.8x their median for a tenth of a second, their fastest did not
 PROBE_SHAPE = (1, 32, 16, 16)
 PROBE_LAYERS = 40
-BLOCK_RUNS = 8  # timed runs per block, after one untimed run that wakes the session's threads
-ROUNDS = 6  # blocks per session, alternating
 
 _exported: dict[tuple, Path] = {}  # one probe artifact per runtime and opset, for this process
 _folder: list[tempfile.TemporaryDirectory] = []
@@ -80,14 +78,14 @@ class ParallelProbe:
         self.many = Backend(backend.runtime.name, "fp32", backend.threads, backend.options, backend.opset).open(path, x)
         self.one = Backend(backend.runtime.name, "fp32", 1, backend.options, backend.opset).open(path, x)
         for session in (self.one, self.many):
-            for _ in range(2 * BLOCK_RUNS):
+            for _ in range(PROBE_WARM_RUNS):
                 session()
 
     def measure(self) -> dict:
         """{"speedup": 1-thread / N-thread median, "one_thread_ms", "threads_ms", "threads"} (timing.parallel_speed:
         it waits before until nothing else in the process is busy, since sessions just opened spin their pools
         too, and after until the probe's own threads stop, so the next model timed has the cores)."""
-        return parallel_speed(self.one, self.many, self.threads, BLOCK_RUNS, ROUNDS)
+        return parallel_speed(self.one, self.many, self.threads)
 
 
 def open_probe(backend) -> tuple[ParallelProbe | None, str | None]:

@@ -159,8 +159,13 @@ def busy_after(tick_s: float = 0.001) -> float:
             return last_busy - start if busy else 0.0
 
 
-def parallel_speed(one: Callable[[], object], many: Callable[[], object], threads: int, block_runs: int = 8,
-                   rounds: int = 6) -> dict:
+PROBE_BLOCK_RUNS = 8  # the parallel probe's timed runs per block, after one untimed run that wakes its threads
+PROBE_ROUNDS = 6  # blocks of each, alternating
+PROBE_WARM_RUNS = 16  # runs of each of its sessions, once, before its first probe
+
+
+def parallel_speed(one: Callable[[], object], many: Callable[[], object], threads: int,
+                   block_runs: int = PROBE_BLOCK_RUNS, rounds: int = PROBE_ROUNDS) -> dict:
     """How fast `threads` threads run a model against one thread, right now: `one` and `many` run the same small
     model at one thread and at `threads`, timed in alternating blocks of `block_runs` (each after one untimed
     run that wakes its threads), `rounds` blocks each, with the process idle before and after

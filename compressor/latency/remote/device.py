@@ -6,8 +6,9 @@ once, keyed by the sha256 of its files, and the folder is removed at the end
 (`close`). A measurement sends a job to the runner and gets raw samples back;
 conditions (temperature, frequency, throttling, and the parallel probe timed
 there before and after, where the policy asks for it: parallel_probe.py) are
-recorded with each one, and the first artifact ever measured (the baseline, in a prune) is re-timed at
-least every `retime_every` measurements to catch drift (conditions.py).
+recorded with each one, and the first artifact ever measured (the baseline, in
+a prune) is re-timed at least every `retime_every` measurements to catch drift
+(conditions.py).
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from typing import TypeVar
 import numpy as np
 
 from compressor.errors import CompressorError, DeviceError, InputError
-from compressor.latency.parallel_probe import BLOCK_RUNS, PROBE_SHAPE, spread_warnings, summary
+from compressor.latency.parallel_probe import PROBE_SHAPE, spread_warnings, summary
 from compressor.latency.remote.conditions import DriftWatch, log_entry, version_matches
 from compressor.latency.remote.spec import Endpoint, RemoteSpec
 from compressor.latency.remote.transport import Answer, Link, TransientError, call
-from compressor.latency.timing import Interleaved, LatencyStats, TimingPolicy
+from compressor.latency.timing import PROBE_WARM_RUNS, Interleaved, LatencyStats, TimingPolicy
 
 HERE = Path(__file__).resolve().parent
 RUNNER_FILES = {"runner.py": HERE / "runner.py", "timing.py": HERE.parent / "timing.py"}
@@ -202,7 +203,7 @@ class RemoteDevice:
             paths.insert(0, reference["path"])
         job = self._job(paths, await self._upload_input(x, staging), policy)
         if policy.parallel_probe and (probe := await self._uploaded_probe()) is not None:
-            job["probe"] = {"artifact": probe, "shape": list(PROBE_SHAPE), "warm_runs": 2 * BLOCK_RUNS}
+            job["probe"] = {"artifact": probe, "shape": list(PROBE_SHAPE), "warm_runs": PROBE_WARM_RUNS}
         command = self.link.command(self.folder, "runner.py", "measure")
         answer = await self.link.run(command, json.dumps(job), self._timeout(len(paths), policy))
         return keys, self._parse(answer, f"timing {', '.join(Path(a).name for a in artifacts)}"), reference

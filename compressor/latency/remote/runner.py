@@ -237,16 +237,23 @@ def open_openvino(artifact: str, threads: int, options: dict):
 OPENERS = {"onnxruntime": open_ort, "openvino": open_openvino}
 
 
+def _open(job: dict, path: str, threads: int, x, what: str = "") -> tuple:
+    """A prepared run() of `path` at `threads` on input `x`, and its session settings; RunnerError("bad-artifact")
+    naming the file (`what` says what it is)."""
+    try:
+        prepared, settings = OPENERS[job["runtime"]](path, threads, job.get("options") or {})
+    except Exception as e:  # each runtime raises its own types for a file it cannot load
+        raise RunnerError("bad-artifact", f"{job['runtime']} cannot load {what}{path}: {e}") from e
+    return prepared(x), settings
+
+
 def open_all(job: dict, x) -> tuple[list, dict]:
     """A prepared run() per artifact, and the session settings; RunnerError("bad-artifact") naming the file."""
     runtime_version(job["runtime"])
     runs, settings = [], {}
     for path in job["artifacts"]:
-        try:
-            prepared, settings = OPENERS[job["runtime"]](path, job["threads"], job.get("options") or {})
-        except Exception as e:  # each runtime raises its own types for a file it cannot load
-            raise RunnerError("bad-artifact", f"{job['runtime']} cannot load {path}: {e}") from e
-        runs.append(prepared(x))
+        run, settings = _open(job, path, job["threads"], x)
+        runs.append(run)
     return runs, settings
 
 
@@ -259,16 +266,10 @@ def open_probe(job: dict) -> list | None:
     if not spec or job["threads"] <= 1:
         return None
     x = np.ones(spec["shape"], np.float32)
-    runs = []
-    for threads in (1, job["threads"]):
-        try:
-            prepared, _ = OPENERS[job["runtime"]](spec["artifact"], threads, job.get("options") or {})
-        except Exception as e:  # each runtime raises its own types for a file it cannot load
-            raise RunnerError("bad-artifact", f"{job['runtime']} cannot load the probe {spec['artifact']}: {e}") from e
-        run = prepared(x)
-        for _ in range(spec.get("warm_runs", 16)):
+    runs = [_open(job, spec["artifact"], threads, x, "the probe ")[0] for threads in (1, job["threads"])]
+    for run in runs:
+        for _ in range(spec["warm_runs"]):
             run()
-        runs.append(run)
     return runs
 
 
