@@ -4,7 +4,8 @@ their means where the unit carries them.
 Written independently of compressor/graph/slim.py's own check (which zeroes the consumers'
 weight columns and puts the means into their biases): here forward pre-hooks set the dropped
 channels of the *activations* where every dense layer of the group reads them (Torch-Pruning's
-in-channel dependencies) to zero or to their means, and nothing is pruned. A mean-filled
+in-channel dependencies; for an attention's dropped heads, the inputs of its output projection
+that those heads write) to zero or to their means, and nothing is pruned. A mean-filled
 channel reads as that constant at a zero-padded conv's border too (the hook pads).
 """
 
@@ -83,6 +84,11 @@ def width_muted(model: nn.Module, units: Sequence[Unit]) -> nn.Module:
         for root, channels, keep in zip(unit.slim.roots, unit.slim.channels, unit.slim.keep, strict=True):
             module = block.get_submodule(root)
             dropped = sorted(set(range(channels)) - set(keep))
+            if not isinstance(module, DENSE):  # an attention slimmed by heads: its heads' inputs to proj
+                size = module.proj.in_features // channels
+                columns = [h * size + i for h in dropped for i in range(size)]
+                dropped_at.setdefault(module.proj, set()).update(columns)
+                continue
             group = graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels, dropped)
             for dep, idxs in group:
                 layer = dep.target.module

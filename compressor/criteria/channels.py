@@ -10,9 +10,11 @@ beside the unit criteria's (registry.py), because they rank channels, not units:
   factor |gamma| of each channel, averaged over the group's BatchNorms. A group
   without a BatchNorm (a transformer's MLP) is scored by what each channel adds to
   its consumers on the calibration images: mean |activation| times the norm of the
-  consumer's weights that read it.
+  consumer's weights that read it; an attention head by the sum of that over the
+  columns of the output projection it writes.
 - `magnitude`, `magnitude_l2`: the L1 (L2) norm of every weight the channel owns in the
-  group (producer rows, consumer columns), Torch-Pruning's group magnitude.
+  group (producer rows, consumer columns), Torch-Pruning's group magnitude; a head's
+  are its q, k and v rows and its output projection columns.
 - `taylor`: sum of |w * dL/dw| over those weights, gradients of cross-entropy on the
   calibration labels (Molchanov et al. 2019), Torch-Pruning's group Taylor.
 - `random`: a seeded draw, the baseline.
@@ -32,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from compressor.criteria.registry import NamedFunctions
 from compressor.errors import InputError
+from compressor.graph.heads import head_count, head_dim, head_sums
 from compressor.graph.slim import block_input, dense_inputs, dependency_graph, group_of
 from compressor.graph.width import WidthOption
 
@@ -64,36 +67,63 @@ def channel_criterion_for(criterion: str, channel_criterion: str | None = None) 
     return channel_criterion or CHANNEL_CRITERION_FOR.get(criterion, "peel")
 
 
+def _attention(model: nn.Module, option: WidthOption, index: int) -> nn.Module | None:
+    """The attention whose heads the option's group `index` keeps (None: a channel group)."""
+    module = model.get_submodule(option.unit.path).get_submodule(option.groups[index].root)
+    return module if head_count(module) is not None else None
+
+
 def _groups(model: nn.Module, option: WidthOption):
-    """Torch-Pruning's groups of the option's roots, on the model's own block (all channels)."""
+    """Torch-Pruning's groups of the option's roots, on the model's own block (all channels); None for a group
+    of heads, which Torch-Pruning does not slim (graph/heads.py)."""
     block = model.get_submodule(option.unit.path)
+    if all(_attention(model, option, i) is not None for i in range(len(option.groups))):
+        return [None] * len(option.groups)
     graph = dependency_graph(block, block_input(option.unit.input_shape))
-    return [group_of(graph, block, g.root, range(g.channels)) for g in option.groups]
+    return [None if _attention(model, option, i) is not None else group_of(graph, block, g.root, range(g.channels))
+            for i, g in enumerate(option.groups)]
 
 
-def _tp_scores(ctx: ChannelContext, importance) -> ChannelScores:
+HeadImportance = Callable[[nn.Module], torch.Tensor | None]  # an attention -> one score per head (None: none)
+
+
+def _tp_scores(ctx: ChannelContext, importance, heads: HeadImportance) -> ChannelScores:
+    """Every group's scores: Torch-Pruning's `importance` of a channel group, `heads` of a group of heads."""
     scores: ChannelScores = {}
     for option in ctx.options:
         found = []
-        for spec, group in zip(option.groups, _groups(ctx.model, option), strict=True):
-            value = importance(group)
+        for i, (spec, group) in enumerate(zip(option.groups, _groups(ctx.model, option), strict=True)):
+            value = importance(group) if group is not None else heads(_attention(ctx.model, option, i))
             found.append(torch.zeros(spec.channels) if value is None else value.detach().float().cpu())
         scores[option.name] = found
     return scores
+
+
+def _head_magnitude(p: int) -> HeadImportance:
+    """Per head: the sum of |w|^p over its q, k and v rows of qkv and its columns of proj (Torch-Pruning's group
+    magnitude, taken over whole heads)."""
+    return lambda a: head_sums(a, a.qkv.weight.detach().abs().pow(p), a.proj.weight.detach().abs().pow(p))
+
+
+def _head_taylor(a: nn.Module) -> torch.Tensor | None:
+    """Per head: the sum of |w * dL/dw| over its q, k and v rows and its proj columns."""
+    if a.qkv.weight.grad is None or a.proj.weight.grad is None:
+        return None
+    return head_sums(a, (a.qkv.weight * a.qkv.weight.grad).abs(), (a.proj.weight * a.proj.weight.grad).abs())
 
 
 @register_channel("magnitude", cost="no forward pass (weights only)")
 def magnitude_channels(ctx: ChannelContext) -> ChannelScores:
     from torch_pruning.pruner.importance import GroupMagnitudeImportance
 
-    return _tp_scores(ctx, GroupMagnitudeImportance(p=1, normalizer=None))
+    return _tp_scores(ctx, GroupMagnitudeImportance(p=1, normalizer=None), _head_magnitude(1))
 
 
 @register_channel("magnitude_l2", cost="no forward pass (weights only)")
 def magnitude_l2_channels(ctx: ChannelContext) -> ChannelScores:
     from torch_pruning.pruner.importance import GroupMagnitudeImportance
 
-    return _tp_scores(ctx, GroupMagnitudeImportance(p=2, normalizer=None))
+    return _tp_scores(ctx, GroupMagnitudeImportance(p=2, normalizer=None), _head_magnitude(2))
 
 
 @register_channel("taylor", cost="1 forward + 1 backward pass")
@@ -108,7 +138,7 @@ def taylor_channels(ctx: ChannelContext) -> ChannelScores:
     try:
         for x, y in ctx.calibration:  # gradients summed over the calibration set
             F.cross_entropy(first_logits(model(x), why="taylor"), y, reduction="sum").backward()
-        return _tp_scores(ctx, GroupTaylorImportance(normalizer=None))
+        return _tp_scores(ctx, GroupTaylorImportance(normalizer=None), _head_taylor)
     finally:
         model.zero_grad(set_to_none=True)
 
@@ -123,7 +153,7 @@ def random_channels(ctx: ChannelContext) -> ChannelScores:
 def peel_channels(ctx: ChannelContext) -> ChannelScores:
     from torch_pruning.pruner.importance import BNScaleImportance
 
-    scores = _tp_scores(ctx, BNScaleImportance(normalizer=None))
+    scores = _tp_scores(ctx, BNScaleImportance(normalizer=None), lambda _: None)  # heads have no BatchNorm
     missing = [(o, i) for o in ctx.options for i, s in enumerate(scores[o.name]) if not s.any()]
     if missing:
         contributions = _contributions(ctx, missing)
@@ -133,7 +163,10 @@ def peel_channels(ctx: ChannelContext) -> ChannelScores:
 
 
 def _consumers(model: nn.Module, option: WidthOption, index: int) -> list[nn.Module]:
-    """The dense layers that read the group's channels (its in-channel dependencies)."""
+    """The dense layers that read the group's channels (its in-channel dependencies; an attention's proj)."""
+    attention = _attention(model, option, index)
+    if attention is not None:
+        return [attention.proj]
     block = model.get_submodule(option.unit.path)
     graph = dependency_graph(block, block_input(option.unit.input_shape))
     group = group_of(graph, block, option.groups[index].root, range(option.groups[index].channels))
@@ -164,8 +197,15 @@ def _contributions(ctx: ChannelContext, wanted: list[tuple[WidthOption, int]]) -
     finally:
         for h in handles:
             h.remove()
-    return [t if t is not None else torch.zeros(o.groups[i].channels) for t, (o, i) in zip(totals, wanted,
-                                                                                            strict=True)]
+    found = []
+    for total, (option, i) in zip(totals, wanted, strict=True):
+        attention = _attention(ctx.model, option, i)
+        if total is None:
+            total = torch.zeros(option.groups[i].channels)
+        elif attention is not None:  # per input column of proj -> per head
+            total = total.view(head_count(attention), head_dim(attention)).sum(1)
+        found.append(total)
+    return found
 
 
 def rank_channels(name: str, ctx: ChannelContext) -> ChannelScores:

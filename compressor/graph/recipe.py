@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from compressor.errors import InputError
+from compressor.graph.heads import group_size
 from compressor.graph.units import LEVEL_MARK, MERGE_SUFFIX, Slim, Unit
 
 RECIPE_FORMAT = "compressor-recipe"
@@ -87,9 +88,10 @@ def width_units(entries: list[dict], units: list[Unit], model: nn.Module) -> lis
         block = model.get_submodule(base.path)
         for root, channels in zip(slim.roots, slim.channels, strict=True):
             layer = dict(block.named_modules()).get(root)
-            have = getattr(layer, "out_channels", getattr(layer, "out_features", None))
+            have = group_size(layer) if layer is not None else None
             if have != channels:
-                msg = (f"the recipe slims {root} of {base.path} from {channels} channels, but the model's "
+                msg = (f"the recipe slims {root} of {base.path} from {channels} channels (heads of an attention), "
+                       "but the model's "
                        f"{'has ' + str(have) if layer is not None else 'has no such layer'}")
                 raise InputError(msg)
         found.append(Unit(entry["name"], "width", base.stage, base.order, base.shortcut,

@@ -7,12 +7,14 @@ depthwise conv, the consumer's input channels, a squeeze-excite's gate). The blo
 keeps its own class and its children's names, so a checkpoint's state_dict loads
 into the same surgery redone (graph/recipe.py).
 
-Each slimmed block is checked on that input against the *muted reference*: the block
-with the dropped channels zeroed where they enter a dense layer (the consumers' input
-weights set to zero), which is what removing them computes when nothing between the
-producer and its consumers mixes channels. A block where that does not hold (a
-LayerNorm over the inner channels, an attention whose head size follows from its
-input width) fails the check and is refused (graph/width.py), never slimmed.
+A root that is a multi-head attention (graph/heads.py) is slimmed by whole heads
+instead: its keep lists heads, and the surgery and the muted reference are that
+module's. Each slimmed block is checked on that input against the *muted reference*:
+the block with the dropped channels (heads) zeroed where they enter a dense layer (the
+consumers' input weights set to zero), which is what removing them computes when
+nothing between the producer and its consumers mixes channels. A block where that does
+not hold (a LayerNorm over the inner channels, an attention whose head size follows
+from its input width) fails the check and is refused (graph/width.py), never slimmed.
 
 A dropped channel read as zero shifts what the consumer computes by its mean
 contribution: a BatchNorm after the consumer still subtracts the mean of the full
@@ -36,6 +38,7 @@ import torch
 from torch import nn
 
 from compressor.errors import ValidationError
+from compressor.graph.heads import group_size, head_columns, head_count, mute_heads, slim_heads
 from compressor.graph.units import Slim
 
 # |slimmed - muted reference| <= SLIM_RTOL * max|reference|: the same products summed over fewer (zero) terms,
@@ -77,11 +80,28 @@ def _check_counts(block: nn.Module, slim: Slim) -> None:
         except AttributeError as e:
             msg = f"{type(block).__name__} has no layer {root!r} to slim"
             raise ValidationError(msg) from e
-        have = getattr(module, "out_channels", getattr(module, "out_features", None))
+        have = group_size(module)
         if have != channels or not keep or len(keep) >= channels or not all(0 <= k < channels for k in keep):
-            msg = (f"cannot keep {len(keep)} of {channels} output channels of {root} in {type(block).__name__}: "
-                   f"it has {have}")
+            what = "heads" if head_count(module) is not None else "output channels"
+            msg = f"cannot keep {len(keep)} of {channels} {what} of {root} in {type(block).__name__}: it has {have}"
             raise ValidationError(msg)
+
+
+def _head_roots(block: nn.Module, slim: Slim) -> set[str]:
+    """The roots of `slim` that are attentions slimmed by whole heads (graph/heads.py), not channel groups."""
+    return {root for root in slim.roots if head_count(block.get_submodule(root)) is not None}
+
+
+def _channel_groups(block: nn.Module, slim: Slim) -> list[tuple[str, int, tuple[int, ...]]]:
+    """(root, channels, keep) of each channel group of `slim` (Torch-Pruning's), heads left out."""
+    heads = _head_roots(block, slim)
+    return [(r, c, k) for r, c, k in zip(slim.roots, slim.channels, slim.keep, strict=True) if r not in heads]
+
+
+def _head_groups(block: nn.Module, slim: Slim) -> list[tuple[str, list[int]]]:
+    """(attention path, heads dropped) of each head group of `slim`."""
+    heads = _head_roots(block, slim)
+    return [(r, _dropped(c, k)) for r, c, k in zip(slim.roots, slim.channels, slim.keep, strict=True) if r in heads]
 
 
 def is_dense(module: nn.Module) -> bool:
@@ -105,9 +125,12 @@ def _fill_biases(block: nn.Module, graph, slim: Slim) -> None:
     if not fill:
         return
     dropped_at: dict[nn.Module, set[int]] = {}
-    for root, channels, keep in zip(slim.roots, slim.channels, slim.keep, strict=True):
+    for root, channels, keep in _channel_groups(block, slim):
         for module, dropped in dense_inputs(graph, group_of(graph, block, root, _dropped(channels, keep))):
             dropped_at.setdefault(module, set()).update(dropped)
+    for root, heads in _head_groups(block, slim):
+        attention = block.get_submodule(root)
+        dropped_at.setdefault(attention.proj, set()).update(head_columns(attention, heads))
     paths = {m: name for name, m in block.named_modules()}
     for module, dropped in dropped_at.items():
         if paths[module] not in fill or not dropped:
@@ -125,11 +148,18 @@ def slim_in_place(block: nn.Module, input_shape: Iterable[int], slim: Slim) -> n
     """Prune `block` itself to the channels `slim` keeps, each dropped channel read as its `fill` mean where there
     is one (no check); returns it."""
     _check_counts(block, slim)
-    graph = dependency_graph(block, block_input(input_shape))
+    channel_groups, head_groups = _channel_groups(block, slim), _head_groups(block, slim)
+    graph = dependency_graph(block, block_input(input_shape)) if channel_groups else None
     _fill_biases(block, graph, slim)
-    for root, channels, keep in zip(slim.roots, slim.channels, slim.keep, strict=True):
+    for root, channels, keep in channel_groups:
         group_of(graph, block, root, _dropped(channels, keep)).prune()
+    for root, heads in head_groups:  # after Torch-Pruning's groups, which were traced on the unslimmed heads
+        slim_heads(block.get_submodule(root), _kept(block.get_submodule(root), heads))
     return block.eval()
+
+
+def _kept(attention: nn.Module, dropped: Sequence[int]) -> list[int]:
+    return sorted(set(range(head_count(attention))) - set(dropped))
 
 
 @torch.no_grad()
@@ -137,11 +167,14 @@ def muted_block(block: nn.Module, input_shape: Iterable[int], slim: Slim) -> nn.
     """A copy of `block` with the channels `slim` drops zeroed where dense layers read them, and read as their
     `fill` mean through the bias where there is one (the reference)."""
     muted = copy.deepcopy(block).eval()
-    graph = dependency_graph(muted, block_input(input_shape))
+    channel_groups = _channel_groups(muted, slim)
+    graph = dependency_graph(muted, block_input(input_shape)) if channel_groups else None
     _fill_biases(muted, graph, slim)
-    for root, channels, keep in zip(slim.roots, slim.channels, slim.keep, strict=True):
+    for root, channels, keep in channel_groups:
         for module, dropped in dense_inputs(graph, group_of(graph, muted, root, _dropped(channels, keep))):
             module.weight[:, dropped] = 0
+    for root, heads in _head_groups(muted, slim):
+        mute_heads(muted.get_submodule(root), heads)
     return muted
 
 

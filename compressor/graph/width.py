@@ -29,6 +29,7 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.graph.capture import structure_key
+from compressor.graph.heads import attention_paths
 from compressor.graph.slim import block_input, dependency_graph, slim_error, slim_in_place
 from compressor.graph.units import LEVEL_MARK, Slim, Unit
 
@@ -96,15 +97,16 @@ def _groups(block: nn.Module, unit: Unit) -> tuple[list[WidthGroup], str | None]
 
     graph = dependency_graph(block, block_input(unit.input_shape))
     names = {m: n for n, m in block.named_modules()}
-    found, reasons = [], []
+    found, reasons = _head_groups(block, unit), []
+    in_heads = {layer for g in found for layer in g.layers}
     for group in graph.get_all_groups(root_module_types=ROOT_TYPES):
         nodes = [dep.target for dep, _ in group]
         if any(isinstance(n.module, ops._OutputOp) for n in nodes):
             continue  # the group reaches the block's output: the residual stream
         modules = [n.module for n in nodes if isinstance(n.module, nn.Module) and n.module in names]
         layers = list(dict.fromkeys(names[m] for m in modules if any(True for _ in m.parameters(recurse=False))))
-        if not _on_branch(unit, layers):
-            continue
+        if not _on_branch(unit, layers) or in_heads.intersection(layers):
+            continue  # another branch's, or an attention's inner width (slimmed by whole heads)
         if any(_grouped(m) for m in modules):
             reasons.append(f"{layers[0]}: a grouped convolution couples its channels in groups")
             continue
@@ -123,6 +125,16 @@ def _groups(block: nn.Module, unit: Unit) -> tuple[list[WidthGroup], str | None]
     why = None if found else ("; ".join(reasons) or "every channel group of its branch reaches the block's output "
                               "(the residual stream, whose width is never cut)")
     return found, why
+
+
+def _head_groups(block: nn.Module, unit: Unit) -> list[WidthGroup]:
+    """A group of whole heads (graph/heads.py) for each multi-head attention on the unit's branch with 2+ heads."""
+    found = []
+    for path, heads in attention_paths(block).items():
+        layers = [f"{path}.qkv", f"{path}.proj"]
+        if heads >= 2 and _on_branch(unit, layers):
+            found.append(WidthGroup(path, heads, tuple(layers)))
+    return found
 
 
 def _depthwise(module: nn.Module) -> bool:

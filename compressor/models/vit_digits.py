@@ -38,19 +38,22 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention: one qkv Linear, scaled dot-product attention, an output Linear."""
+    """Multi-head self-attention: one qkv Linear, scaled dot-product attention, an output Linear. The head count
+    and head size are the module's own (as in timm), not read from the input's width, so whole heads can be
+    dropped (graph/heads.py)."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
+        self.head_dim = dim // heads
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(*qkv.unbind(0))
+        return self.proj(x.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 
 class Mlp(nn.Module):
