@@ -2,7 +2,9 @@
 
 One uniform ratio per layer group, channels ranked by L1 weight magnitude, the final
 classifier kept whole; `round_to` makes every pruned layer's channel count a multiple
-of it (8 and 16 suit vectorised kernels). Ratios are found by bisection: to match our
+of it (8 and 16 suit vectorised kernels). A multi-head attention (graph/heads.py) is
+pruned by whole heads at the same ratio (Torch-Pruning's num_heads / prune_num_heads,
+as in its ViT examples), and the module is told its new head count. Ratios are found by bisection: to match our
 pruned model's FLOPs, or, with a measuring function, its measured latency.
 """
 
@@ -35,13 +37,21 @@ def tp_prune(model: nn.Module, example: torch.Tensor, ratio: float, round_to: in
     """A copy of `model` with `ratio` of every prunable group's channels removed (L1 ranking)."""
     import torch_pruning as tp
 
+    from compressor.graph.heads import attention_paths, set_head_count
+
     pruned = copy.deepcopy(model).eval()
     if ratio <= 0:
         return pruned
+    attentions = [pruned.get_submodule(path) for path in attention_paths(pruned)]
+    heads = {"num_heads": {a.qkv: count for a, count in zip(attentions, attention_paths(pruned).values(),
+                                                                  strict=True)},
+             "prune_num_heads": True, "prune_head_dims": False, "head_pruning_ratio": ratio} if attentions else {}
     pruner = tp.pruner.BasePruner(pruned, example, importance=tp.importance.MagnitudeImportance(p=1),
                                   pruning_ratio=ratio, ignored_layers=_classifier(pruned),
-                                  round_to=None if round_to <= 1 else round_to)
+                                  round_to=None if round_to <= 1 else round_to, **heads)
     pruner.step()
+    for attention in attentions:  # Torch-Pruning cut whole heads of qkv and proj; the module must read the new count
+        set_head_count(attention, pruner.num_heads[attention.qkv], attention.proj.in_features)
     return pruned.eval()
 
 

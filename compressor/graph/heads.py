@@ -88,10 +88,16 @@ def slim_heads(module: nn.Module, keep: Sequence[int]) -> None:
     index = torch.tensor(keep)
     for name in _per_head_parameters(module, heads):
         setattr(module, name, nn.Parameter(getattr(module, name)[..., index].clone()))
-    setattr(module, _count_attr(module), len(keep))
+    set_head_count(module, len(keep), len(columns))
+
+
+def set_head_count(module: nn.Module, heads: int, inner: int) -> None:
+    """Set attention `module`'s head count to `heads`, and its inner width attributes to `inner` (heads x head_dim),
+    after its layers were cut to that many heads (here, or by Torch-Pruning's head pruning)."""
+    setattr(module, _count_attr(module), heads)
     for attr in INNER_WIDTH_ATTRS:
         if isinstance(getattr(module, attr, None), int):
-            setattr(module, attr, len(columns))
+            setattr(module, attr, inner)
 
 
 @torch.no_grad()
