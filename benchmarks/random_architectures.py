@@ -48,6 +48,7 @@ import torch
 
 sys.path.insert(0, str(common.HERE.parent))  # tests/random_nets.py, the generator the test suite uses
 
+from compressor.graph.heads import head_count  # noqa: E402
 from compressor.graph.surgery import remove_units  # noqa: E402
 from compressor.graph.units import find_units  # noqa: E402
 from compressor.rewrite.fold import FOLD_RTOL, check_equivalent, fold_batchnorm  # noqa: E402
@@ -82,6 +83,8 @@ def check_net(seed: int, workdir: Path, moves: str = "depth", families: tuple[st
         widths, removed = _width_moves(net, units, rng)
     row = {"seed": seed, "input": list(net.input_shape), "units": len(units), "removed": len(removed),
            "slimmed": len(widths), "filled": sum(bool(u.slim.fill) for u in widths),
+           "heads_slimmed": sum(head_count(net.model.get_submodule(u.path).get_submodule(root)) is not None
+                                for u in widths for root in u.slim.roots),
            "kinds": dict(Counter(u.kind for u in units)), "mismatch": None}
     pruned = remove_units(net.model, widths + removed, x)
     with torch.no_grad():
@@ -120,7 +123,8 @@ def render(result: dict) -> str:
         f"**{len(bad)} mismatches in {len(rows)} random architectures** "
         f"({sum(r['units'] for r in rows)} units found: {kinds['identity']} identity, {kinds['projection']} "
         f"projection, {kinds['branch']} branch, {kinds['block']} block; {sum(r['removed'] for r in rows)} removed, "
-        f"{sum(r.get('slimmed', 0) for r in rows)} slimmed ({sum(r.get('filled', 0) for r in rows)} with means); "
+        f"{sum(r.get('slimmed', 0) for r in rows)} slimmed ({sum(r.get('filled', 0) for r in rows)} with means, "
+        f"{sum(r.get('heads_slimmed', 0) for r in rows)} attentions by whole heads); "
         f"moves {result.get('moves', 'depth')}; extra block "
         f"families: {', '.join(result.get('families') or ['none'])}).", "",
         "| check | tolerance | worst seen |", "|---|---|---:|",

@@ -15,7 +15,9 @@ exactly as with the default `families=("conv",)`):
   (N x HW x C between flatten and reshape, nn.LayerNorm over channels, Linear layers, an
   optional position embedding) or on the map (LayerNorm over the channels of
   N x C x H x W, 1x1 convolutions); attention by F.scaled_dot_product_attention or by
-  an explicit softmax; one to four heads;
+  an explicit softmax; one to four heads; a fused attention on tokens keeps its head count
+  and head size as timm's does (its heads slim whole), the others derive the head size
+  from the input width (their heads cannot slim: refused);
 - split_concat: YOLOv8's C2f (`cv1(x).chunk(2, 1)` or `.split`, a ModuleList of
   bottlenecks each appended to the list, `torch.cat`, `cv2`) and YOLOv5's C3 (two 1x1
   convolutions, a Sequential of bottlenecks on one, `torch.cat`, a 1x1); bottlenecks
@@ -170,8 +172,14 @@ class Attention(nn.Module):
         linear = (lambda i, o: nn.Linear(i, o)) if layout == "tokens" else (lambda i, o: nn.Conv2d(i, o, 1))
         self.qkv = linear(dim, 3 * dim)
         self.proj = linear(dim, dim)
+        self.head_dim = dim // heads if layout == "tokens" and fused else None  # timm's: its own head size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head_dim is not None:
+            n, length, _ = x.shape
+            qkv = self.qkv(x).reshape(n, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            out = nn.functional.scaled_dot_product_attention(*qkv.unbind(0))
+            return self.proj(out.transpose(1, 2).reshape(n, length, self.heads * self.head_dim))
         if self.layout == "tokens":
             n, length, c = x.shape
             q, k, v = self.qkv(x).reshape(n, length, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)

@@ -11,6 +11,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from compressor.criteria.channels import ChannelContext, rank_channels
 from compressor.graph.recipe import apply_recipe, make_recipe
@@ -19,7 +21,8 @@ from compressor.graph.surgery import remove_units
 from compressor.graph.units import find_units
 from compressor.graph.width import find_width_options, width_unit
 from compressor.models.vit_digits import VisionTransformer
-from tests.width_reference import random_fill, width_muted
+from tests.random_nets import random_net
+from tests.width_reference import random_fill, random_widths, width_muted
 
 
 def rel(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -129,3 +132,45 @@ def test_timm_attentions_slim_by_heads(arch):
     assert attention.num_heads == count // 2 + count % 2
     with torch.no_grad():
         assert rel(pruned(x), width_muted(model, [unit])(x)) <= SLIM_RTOL
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(seed=st.integers(0, 10**6))
+def test_random_transformer_nets_slim_heads_to_their_muted_reference(seed):
+    """Random nets with transformer blocks (tests/random_nets.py): a fused attention on tokens keeps its own head
+    size and slims by heads, the others are refused; random heads and channels kept on about half the options,
+    half with random means; the pruned net equals the reference.
+    benchmarks/random_architectures.py --families transformer --moves depth+width runs this on 1,000 nets."""
+    from compressor.graph.heads import head_count
+
+    net = random_net(seed, extra=("transformer",))
+    x = torch.randn(2, *net.input_shape, generator=torch.Generator().manual_seed(seed))
+    units = find_units(net.model, x)
+    options, refused = find_width_options(net.model, units)
+    for unit in units:  # every attention that reads its own head size slims by heads; the others do not
+        if unit.kind == "branch" and unit.name.endswith("/attn"):
+            attention = net.model.get_submodule(unit.path).attn
+            by_heads = attention.head_dim is not None and attention.heads >= 2
+            assert any(o.name == unit.name and o.groups[0].root == "attn" for o in options) == by_heads, unit.name
+            assert by_heads or unit.name in refused or attention.heads < 2
+    widths = random_widths(options, random.Random(seed), net.model)
+    pruned = remove_units(net.model, widths, x)
+    with torch.no_grad():
+        assert rel(pruned(x), width_muted(net.model, widths)(x)) <= SLIM_RTOL
+    for unit in widths:
+        block = pruned.get_submodule(unit.path)
+        for root, kept in zip(unit.slim.roots, unit.slim.kept, strict=True):
+            if head_count(net.model.get_submodule(unit.path).get_submodule(root)) is not None:
+                assert block.get_submodule(root).heads == kept
+
+
+def test_an_attention_of_1x1_convolutions_is_refused_with_why_and_not_traced_through_its_heads():
+    """random_net(0)'s block 9 attends over a map with 1x1-convolution qkv and proj: not slimmable by heads, and
+    Torch-Pruning's grouping through its head reshape never finishes, so its qkv is never a root; its MLP still
+    slims."""
+    net = random_net(0, extra=("transformer",))
+    x = torch.randn(2, *net.input_shape, generator=torch.Generator().manual_seed(0))
+    options, refused = find_width_options(net.model, find_units(net.model, x))
+    assert "does not slim" in refused["9/attn"] and "9/attn" not in {o.name for o in options}
+    assert [g.root for o in options if o.name == "9/mlp" for g in o.groups] == ["mlp.fc1"]
+    assert [g.root for o in options if o.name == "3.1/attn" for g in o.groups] == ["attn"]  # 3 heads, fused

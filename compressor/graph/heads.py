@@ -125,3 +125,13 @@ def head_sums(module: nn.Module, qkv_values: torch.Tensor, proj_values: torch.Te
     heads, d = head_count(module), head_dim(module)
     rows = qkv_values.reshape(3, heads, d, -1).sum(dim=(0, 2, 3))
     return rows + proj_values.reshape(proj_values.shape[0], heads, d).sum(dim=(0, 2))
+
+
+def attention_qkv_layers(block: nn.Module) -> dict[str, nn.Module]:
+    """{path of its attention in `block`: qkv layer} of every module with a `qkv` and a `proj` conv or linear
+    layer, slimmable by heads or not: their channel groups are never slimmed channel by channel (the head
+    reshape couples them), and Torch-Pruning's index mapping through the reshape of a 1x1-convolution attention
+    does not finish, so its dependency graph is never asked for their groups (graph/width.py)."""
+    dense = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return {name: m.qkv for name, m in block.named_modules()
+            if isinstance(getattr(m, "qkv", None), dense) and isinstance(getattr(m, "proj", None), dense)}

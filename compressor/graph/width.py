@@ -29,7 +29,7 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.graph.capture import structure_key
-from compressor.graph.heads import attention_paths
+from compressor.graph.heads import attention_paths, attention_qkv_layers, head_count
 from compressor.graph.slim import block_input, dependency_graph, slim_error, slim_in_place
 from compressor.graph.units import LEVEL_MARK, Slim, Unit
 
@@ -99,7 +99,12 @@ def _groups(block: nn.Module, unit: Unit) -> tuple[list[WidthGroup], str | None]
     names = {m: n for n, m in block.named_modules()}
     found, reasons = _head_groups(block, unit), []
     in_heads = {layer for g in found for layer in g.layers}
-    for group in graph.get_all_groups(root_module_types=ROOT_TYPES):
+    attentions = attention_qkv_layers(block)
+    reasons += [f"{path}: an attention whose heads this surgery does not slim (it needs Linear qkv and proj and a "
+                "head count attribute)" for path in attentions
+                if path not in {g.root for g in found} and _on_branch(unit, [f"{path}.qkv"])
+                and (head_count(block.get_submodule(path)) or 0) != 1]
+    for group in graph.get_all_groups(root_module_types=ROOT_TYPES, ignored_layers=list(attentions.values())):
         nodes = [dep.target for dep, _ in group]
         if any(isinstance(n.module, ops._OutputOp) for n in nodes):
             continue  # the group reaches the block's output: the residual stream

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor.graph.heads import head_count
+
 STEPS = (8, 16, 32)  # the channel multiples whose neighbours are timed around each level's count
 CHAIN = 4  # copies of a block timed in a row (where its output has its input's shape): more signal per run
 # a larger count dominates a smaller one when its median is no more than this share slower: within the spread of
@@ -156,7 +158,8 @@ def measure_channel_steps(structures: Sequence[StepStructure], levels: Sequence[
             chosen = choose_count(near, wanted, (structure.channels, medians[0])) if near else None
             note = "" if chosen is not None else "no count near it runs faster than a larger one or the full width"
             choices.append(StepChoice(level, wanted, near, medians[0], chosen, note))
-        log(f"  channel steps of {structure.where} ({structure.root}, {structure.channels} ch): "
+        what = "heads" if head_count(structure.block.get_submodule(structure.root)) is not None else "ch"
+        log(f"  channel steps of {structure.where} ({structure.root}, {structure.channels} {what}): "
             + ", ".join(f"{c.level:.0%} -> {c.chosen}" for c in choices)
             + f" (timed {', '.join(f'{c}: {m:.3f}' for c, m in by_count.items())} ms; full {medians[0]:.3f} ms)")
         found[structure.key] = choices
