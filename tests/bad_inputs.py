@@ -198,6 +198,7 @@ CASES = [
     Case("--target-ms 0", "positive number", lambda f: _prune(f, **{"--target-speedup": None, "--target-ms": "0"})),
     Case("--target-ms -1", "positive number", lambda f: _prune(f, **{"--target-speedup": None, "--target-ms": "-1"})),
     Case("--target-ms inf", "finite", lambda f: _prune(f, **{"--target-speedup": None, "--target-ms": "inf"})),
+    Case("--int8-calibration-size 0", "positive integer", lambda f: _prune(f, **{"--int8-calibration-size": "0"})),
     Case("both --target-ms and --target-speedup", "not allowed with argument",
          lambda f: _prune(f, **{"--target-ms": "1"})),
     Case("neither --target-ms nor --target-speedup", "one of the arguments --target-ms --target-speedup is required",

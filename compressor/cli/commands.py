@@ -45,6 +45,7 @@ def prune_options(args: argparse.Namespace):
         finetune_lr=args.finetune_lr, mimic=args.mimic, selection=args.selection,
         min_blocks_per_stage=args.min_blocks_per_stage, max_trials=args.max_trials, merge=args.merge, seed=args.seed,
         latency_table=args.latency_table, repeats=args.repeats, precision=args.precision,
+        int8_calibration_size=args.int8_calibration_size,
         logits=[n for n in args.logits.split(",") if n] if args.logits else None,
         moves=args.moves, channel_criterion=args.channel_criterion, train_device=args.train_device, amp=args.amp,
         finetune_batch=args.finetune_batch, loader_workers=args.workers)

@@ -280,7 +280,8 @@ def _stages(job: Job) -> PruneResult:
     delivered = deliver(plan, recovered, chosen.removed, job.data, out or work,
                         {"profile": job.profile.name, "criterion": options.criterion})
     if chosen.precision == "int8":
-        delivered = deliver_int8(plan, recovered, delivered, job.data, out or work, options.seed, log)
+        delivered = deliver_int8(plan, recovered, delivered, job.data, out or work, options.seed, log,
+                                 options.int8_calibration_size)
     final = verify(plan, delivered, log)
     lr, freeze, mimic = recovered.settings
     config = {"model": job.loaded.arch, "data": job.data.spec, "profile": job.profile.name,

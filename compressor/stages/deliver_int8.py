@@ -20,7 +20,7 @@ from compressor.data.bundle import DataBundle
 from compressor.errors import FidelityFloorError
 from compressor.latency.deploy import deployable
 from compressor.metrics.lossy import lossy_fidelity
-from compressor.quantize import quantization_images, quantize_checked
+from compressor.quantize import CALIBRATION_SIZE, quantization_images, quantize_checked
 from compressor.search.greedy import class_logits
 from compressor.stages.deliver import Delivered
 from compressor.stages.plan import Plan
@@ -29,10 +29,11 @@ from compressor.stages.recover import Recovered
 
 
 def deliver_int8(plan: Plan, recovered: Recovered, delivered: Delivered, data: DataBundle, out: Path, seed: int,
-                 log: Callable[[str], None]) -> Delivered:
-    """`delivered` with the INT8 artifact (model-int8.<suffix>) as the one the final measurement times;
-    the INT8 details in its checks ("int8"). Unchanged (fp32) if the final INT8 is refused."""
-    images = quantization_images(data, seed=seed)
+                 log: Callable[[str], None], calibration_size: int = CALIBRATION_SIZE) -> Delivered:
+    """`delivered` with the INT8 artifact (model-int8.<suffix>), calibrated on `calibration_size` images, as the
+    one the final measurement times; the INT8 details in its checks ("int8"). Unchanged (fp32) if the final INT8
+    is refused."""
+    images = quantization_images(data, calibration_size, seed=seed)
     path = out / f"model-int8{plan.deployment.exporter.suffix}"
     log(f"INT8: quantizing the fine-tuned model ({len(images.calibration)} calibration images, "
         f"{len(images.held_out)} held-out)")
@@ -50,6 +51,7 @@ def deliver_int8(plan: Plan, recovered: Recovered, delivered: Delivered, data: D
                                       if images.labels is not None else None)
     log(f"INT8 on {against_unpruned.images} held-out images: top-1 agreement with the unpruned model "
         f"{against_unpruned.top1_agreement:.1f}%, SQNR {against_unpruned.sqnr_db:.1f} dB")
-    checks = {**delivered.checks, "int8": {**quantized.to_dict(), "against_unpruned": against_unpruned.to_dict()},
+    checks = {**delivered.checks, "int8": {**quantized.to_dict(), "against_unpruned": against_unpruned.to_dict(),
+                                           "calibration_images": len(images.calibration)},
               "artifacts": [quantized.path.name, delivered.baseline_path.name]}
     return replace(delivered, model_path=quantized.path, checks=checks)

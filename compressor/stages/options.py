@@ -33,6 +33,7 @@ class PruneOptions:
     latency_table: str | None = None  # reuse a table from `compressor profile` (same model, profile)
     repeats: int = 3  # SR-init seeds
     precision: str = "fp32"  # "fp32", "int8" (the runtime's own quantizer) or "auto" (whichever measures best)
+    int8_calibration_size: int = 300  # images each INT8 candidate and the delivered INT8 are calibrated on
     logits: list[str] | None = None  # names of the outputs that are class logits (None: the 2-D outputs)
     moves: str = "depth"  # "depth", "width" or "depth+width"
     channel_criterion: str | None = None  # which channels a width unit keeps; None: the criterion's own, else peel
@@ -82,7 +83,7 @@ class PruneOptions:
         if self.selection is not None and self.selection not in SELECTIONS:
             msg = f"unknown selection {self.selection!r}; known: {', '.join(SELECTIONS)}"
             raise InputError(msg)
-        for name in ("calibration_size", "max_trials", "repeats", "finetune_batch"):
+        for name in ("calibration_size", "int8_calibration_size", "max_trials", "repeats", "finetune_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 msg = f"{name} must be a positive integer, got {value!r}"

@@ -47,20 +47,20 @@ from compressor.stages.plan import Plan
 from compressor.stages.reach import Reach
 from compressor.stages.state import RunState
 
-CALIBRATION_IMAGES = 300  # calibration-split images each candidate is calibrated on
+CALIBRATION_IMAGES = 300  # calibration-split images each candidate is calibrated on, unless the options say
 CHECK_IMAGES = 128  # further calibration-split images its fidelity is judged on during the search
 
 
-def search_images(data: DataBundle, seed: int) -> QuantizationImages:
-    """Calibration images and, from the same (calibration) split, check images calibration never sees, and
-    after those the selection images a fallback ranks layers on (none where the split has no more: then the
-    calibration images; never the check images)."""
+def search_images(data: DataBundle, seed: int, calibration: int = CALIBRATION_IMAGES) -> QuantizationImages:
+    """`calibration` calibration images and, from the same (calibration) split, check images calibration never
+    sees, and after those the selection images a fallback ranks layers on (none where the split has no more:
+    then the calibration images; never the check images)."""
     from compressor.quantize.images import SELECTION_SIZE
 
     x = torch.cat([b[0] for b in data.loader("train", batch_size=128, seed=seed + 1,
-                                             limit=CALIBRATION_IMAGES + CHECK_IMAGES + SELECTION_SIZE)]).numpy()
-    x, selection = x[:CALIBRATION_IMAGES + CHECK_IMAGES], x[CALIBRATION_IMAGES + CHECK_IMAGES:]
-    split = max(1, min(CALIBRATION_IMAGES, len(x) - CHECK_IMAGES // 4))
+                                             limit=calibration + CHECK_IMAGES + SELECTION_SIZE)]).numpy()
+    x, selection = x[:calibration + CHECK_IMAGES], x[calibration + CHECK_IMAGES:]
+    split = max(1, min(calibration, len(x) - CHECK_IMAGES // 4))
     return QuantizationImages(x[:split], x[split:], selection=selection if len(selection) else None)
 
 
@@ -275,7 +275,7 @@ def choose_precision(plan: Plan, reach: Reach, importance: dict[str, float], tab
     fine-tuning); for `int8`, the INT8 search's. INT8 declined by the probe leaves the fp32 choice."""
     from compressor.errors import UnreachableTargetError
 
-    images = search_images(data, options.seed)
+    images = search_images(data, options.seed, options.int8_calibration_size)
     probe = probe_int8(plan, reach, images, work, log, state)
     info: dict = {"probe": probe.to_dict(), "check_images": len(images.held_out),
                   "calibration_images": len(images.calibration)}
