@@ -101,7 +101,7 @@ def test_a_target_beyond_removal_alone_is_searched_with_int8(digits, openvino_ta
     profile = parse_profile(OPENVINO_FAST, "test")
     options = {"data": digits, "target": compressor.Speedup(TARGET_BEYOND_FP32), "profile": profile,
                "finetune_epochs": 0, "calibration_size": 64, "int8_calibration_size": INT8_IMAGES,
-               "latency_table": openvino_table, "max_trials": 6,
+               "latency_table": openvino_table, "max_trials": 4,
                "min_blocks_per_stage": 3, "log": None}
     try:
         # one trial: the refusal comes before any, and a floor measured past the target need not search on
