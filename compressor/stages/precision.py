@@ -37,7 +37,7 @@ from compressor.errors import FidelityFloorError
 from compressor.graph.surgery import remove_units
 from compressor.latency.deploy import deployable
 from compressor.latency.table import LatencyTable
-from compressor.quantize import QuantizationImages, int8_available, quantize_checked
+from compressor.quantize import CALIBRATION_SIZE, QuantizationImages, int8_available, quantize_checked
 from compressor.search.knapsack import Choice
 from compressor.search.loop import SearchResult, Trial, search_under_target
 from compressor.search.target import Measured, Target, meets
@@ -47,11 +47,10 @@ from compressor.stages.plan import Plan
 from compressor.stages.reach import Reach
 from compressor.stages.state import RunState
 
-CALIBRATION_IMAGES = 300  # calibration-split images each candidate is calibrated on, unless the options say
 CHECK_IMAGES = 128  # further calibration-split images its fidelity is judged on during the search
 
 
-def search_images(data: DataBundle, seed: int, calibration: int = CALIBRATION_IMAGES) -> QuantizationImages:
+def search_images(data: DataBundle, seed: int, calibration: int = CALIBRATION_SIZE) -> QuantizationImages:
     """`calibration` calibration images and, from the same (calibration) split, check images calibration never
     sees, and after those the selection images a fallback ranks layers on (none where the split has no more:
     then the calibration images; never the check images)."""
