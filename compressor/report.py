@@ -258,12 +258,13 @@ def _search_lines(r: dict) -> list[str]:
 
 
 def _width_lines(r: dict) -> list[str]:
-    """With width moves: the units slimmed (channels kept) and the channel counts the runtime was timed at."""
+    """With width moves: the units slimmed (channels or whole heads kept) and the counts the runtime was timed at."""
     width = r.get("width")
     if not width:
         return []
     slimmed = [u for u in r["recipe"]["units"] if u.get("kind") == "width"]
-    groups = {u["name"]: ", ".join(f"{len(g['keep'])}/{g['channels']}" for g in u["slim"]["groups"]) for u in slimmed}
+    groups = {u["name"]: ", ".join(f"{len(g['keep'])}/{g['channels']}{' heads' if g.get('heads') else ''}"
+                                   for g in u["slim"]["groups"]) for u in slimmed}
     kept = "; ".join(f"{name} ({counts})" for name, counts in groups.items())
     return [f"- Moves {width['moves']}: {width['units']} width units (levels "
             f"{', '.join(f'{v:.0%}' for v in width['levels'])} at timed channel counts, channels ranked by "

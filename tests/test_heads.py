@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compressor.criteria.channels import ChannelContext, rank_channels
-from compressor.graph.recipe import apply_recipe, make_recipe
+from compressor.graph.recipe import apply_recipe, make_recipe, width_units
 from compressor.graph.slim import SLIM_RTOL
 from compressor.graph.surgery import remove_units
 from compressor.graph.units import find_units
@@ -84,10 +84,14 @@ def test_heads_and_mlp_width_together_export_and_a_recipe_redoes_them(vit, tmp_p
         path = backend.export(pruned, one, tmp_path / runtime)
         assert backend.check_outputs(path, one, expected, 1) <= backend.exporter.atol + backend.exporter.rtol * 10
     recipe = json.loads(json.dumps(make_recipe(units, (3, 32, 32))))
-    assert recipe["units"][0]["slim"]["groups"] == [{"root": "attn", "channels": 4, "keep": [1, 2]}]
+    assert recipe["units"][0]["slim"]["groups"] == [{"root": "attn", "channels": 4, "keep": [1, 2], "heads": True}]
+    assert recipe["units"][0]["becomes"] == "its block slimmed (attn 2 of 4 heads)"
+    assert recipe["units"][1]["becomes"] == "its block slimmed (mlp.fc1 64 of 128 channels)"
     fresh = apply_recipe(VisionTransformer(dim=32, depth=2, heads=4), recipe)  # other weights, the same shapes
     fresh.load_state_dict(pruned.state_dict())
     assert fresh.blocks[0].attn.heads == 2 and fresh.blocks[1].attn.heads == 3
+    assert make_recipe(width_units(recipe["units"], find_units(fresh_model := small_vit(), x), fresh_model),
+                       (3, 32, 32))["units"] == recipe["units"]  # the head groups read back as heads
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), pruned(x))
     recipe["units"][0]["slim"]["groups"][0]["channels"] = 8

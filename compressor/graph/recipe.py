@@ -12,12 +12,13 @@ before fine-tuning, channel for channel.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from compressor.errors import InputError
-from compressor.graph.heads import group_size
+from compressor.graph.heads import group_size, head_count
 from compressor.graph.units import LEVEL_MARK, MERGE_SUFFIX, Slim, Unit
 
 RECIPE_FORMAT = "compressor-recipe"
@@ -32,7 +33,7 @@ def _entry(u: Unit) -> dict:
              "shortcut": u.shortcut, "post_add": list(u.post_add), "stage": u.stage}
     if u.slim is not None:
         entry["slim"] = {"level": u.slim.level, "groups": [
-            {"root": r, "channels": c, "keep": list(k)}
+            {"root": r, "channels": c, "keep": list(k), **({"heads": True} if r in u.slim.head_roots else {})}
             for r, c, k in zip(u.slim.roots, u.slim.channels, u.slim.keep, strict=True)]}
         if u.slim.fill:
             entry["slim"]["fill"] = [{"layer": layer, "means": list(means)} for layer, means in u.slim.fill]
@@ -94,8 +95,9 @@ def width_units(entries: list[dict], units: list[Unit], model: nn.Module) -> lis
                        "but the model's "
                        f"{'has ' + str(have) if layer is not None else 'has no such layer'}")
                 raise InputError(msg)
+        heads = tuple(r for r in slim.roots if head_count(block.get_submodule(r)) is not None)  # the model says
         found.append(Unit(entry["name"], "width", base.stage, base.order, base.shortcut,
-                          input_shape=base.input_shape, members=base.members, slim=slim))
+                          input_shape=base.input_shape, members=base.members, slim=replace(slim, head_roots=heads)))
     return found
 
 

@@ -202,8 +202,7 @@ def check_slimmed(block: nn.Module, slimmed: nn.Module, input_shape: Sequence[in
     """ValidationError unless `slimmed` equals `block` with the dropped channels muted, within SLIM_RTOL."""
     error = slim_error(block, slimmed, input_shape, slim)
     if not error <= SLIM_RTOL:
-        kept = ", ".join(f"{r} {k}/{c}" for r, k, c in zip(slim.roots, slim.kept, slim.channels, strict=True))
-        msg = (f"{type(block).__name__} slimmed to {kept} channels differs from the block with those channels muted "
+        msg = (f"{type(block).__name__} slimmed to {slim.describe()} differs from the block with the rest muted "
                f"by {error:.3g} of its range (allowed {SLIM_RTOL:g})")
         raise ValidationError(msg)
 

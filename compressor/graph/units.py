@@ -50,7 +50,8 @@ class Slim:
     untimed), which the latency model takes as a prior (not part of what the unit is: not compared); `fill`: per
     dense layer of the block (its path relative to the block), the mean of each of its input channels on
     calibration images, so that a dropped channel is replaced by its mean where that layer reads it (graph/slim.py);
-    empty: dropped channels read as zero."""
+    empty: dropped channels read as zero; `head_roots`: the roots that are attentions slimmed by whole heads
+    (graph/heads.py), whose counts are heads, not channels (what the unit says of itself; surgery reads the module)."""
 
     roots: tuple[str, ...]
     channels: tuple[int, ...]
@@ -58,11 +59,17 @@ class Slim:
     level: float
     timed_share: float | None = field(default=None, compare=False)
     fill: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    head_roots: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def kept(self) -> tuple[int, ...]:
-        """The number of channels each group keeps."""
+        """The number of channels (or heads) each group keeps."""
         return tuple(len(k) for k in self.keep)
+
+    def describe(self) -> str:
+        """Each group's kept count of all, in its own unit: "attn 3 of 4 heads, mlp.fc1 96 of 128 channels"."""
+        return ", ".join(f"{root} {k} of {c} {'heads' if root in self.head_roots else 'channels'}"
+                         for root, k, c in zip(self.roots, self.kept, self.channels, strict=True))
 
 
 @dataclass(frozen=True)
@@ -96,9 +103,7 @@ class Unit:
     @property
     def removable_to(self) -> str:
         if self.kind == "width" and self.slim is not None:
-            kept = ", ".join(f"{root} {k} of {c}" for root, k, c in zip(self.slim.roots, self.slim.kept,
-                                                                          self.slim.channels, strict=True))
-            return f"its block with fewer inner channels ({kept})"
+            return f"its block slimmed ({self.slim.describe()})"
         if self.kind == "merge":
             return "one merged convolution"
         if self.kind == "branch":

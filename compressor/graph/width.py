@@ -42,11 +42,13 @@ ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 @dataclass(frozen=True)
 class WidthGroup:
     """A group of coupled inner channels: `root` (a layer's path relative to the block) roots it, `channels`
-    of them; `layers`: the layers whose weights it prunes."""
+    of them; `layers`: the layers whose weights it prunes; `heads`: the group is an attention's whole heads
+    (root: the attention's path; channels: its head count)."""
 
     root: str
     channels: int
     layers: tuple[str, ...]
+    heads: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ def width_unit(option: WidthOption, level: float, keep: tuple[tuple[int, ...], .
     Slim's)."""
     unit = option.unit
     slim = Slim(tuple(g.root for g in option.groups), tuple(g.channels for g in option.groups),
-                tuple(tuple(sorted(k)) for k in keep), level, timed_share, fill)
+                tuple(tuple(sorted(k)) for k in keep), level, timed_share, fill,
+                tuple(g.root for g in option.groups if g.heads))
     return Unit(level_name(option.name, level), "width", unit.stage, unit.order, unit.shortcut,
                 input_shape=unit.input_shape, members=unit.members, slim=slim)
 
@@ -138,7 +141,7 @@ def _head_groups(block: nn.Module, unit: Unit) -> list[WidthGroup]:
     for path, heads in attention_paths(block).items():
         layers = [f"{path}.qkv", f"{path}.proj"]
         if heads >= 2 and _on_branch(unit, layers):
-            found.append(WidthGroup(path, heads, tuple(layers)))
+            found.append(WidthGroup(path, heads, tuple(layers), heads=True))
     return found
 
 

@@ -115,7 +115,8 @@ def unit_to_dict(unit: Unit) -> dict:
 
 def _slim_from_dict(slim: dict) -> Slim:
     return Slim(tuple(slim["roots"]), tuple(slim["channels"]), tuple(tuple(k) for k in slim["keep"]), slim["level"],
-                slim.get("timed_share"), tuple((layer, tuple(means)) for layer, means in slim.get("fill", ())))
+                slim.get("timed_share"), tuple((layer, tuple(means)) for layer, means in slim.get("fill", ())),
+                tuple(slim.get("head_roots", ())))
 
 
 def unit_from_dict(d: dict) -> Unit:
