@@ -51,9 +51,9 @@ from compressor.graph.units import Unit, find_units
 from compressor.latency.deploy import Deployment
 from compressor.latency.designed import DesignOptions, measure_latency_table
 from compressor.latency.model import LatencyModel, UnitInfo, measurements_of
-from compressor.latency.parallel_probe import summary
 from compressor.latency.predictor import Observation, compare, fit_calibration, prediction_errors
 from compressor.latency.profiles import Profile, load_profile
+from compressor.latency.records import probe_summary
 from compressor.latency.table import LatencyTable
 from compressor.latency.timing import LatencyStats, TimingPolicy
 from compressor.models.loaded import LoadedModel
@@ -232,7 +232,7 @@ def measure_row(name: str, loaded: LoadedModel, weights: str, profile: Profile, 
         probed = len(getattr(dep.device, "measurements", []))
         timed, noisy = time_candidates(dep, paths[0], paths[1:], policy, mode)
         timing_s = time.perf_counter() - t1
-        check_speed = summary(getattr(dep.device, "measurements", [])[probed:])
+        check_speed = probe_summary(getattr(dep.device, "measurements", [])[probed:])
     records = [{"kind": "random" if i else "floor", "removed": list(removed), "k": len(removed),
                 "baseline_ms": t.baseline.median, "measured_ms": t.candidate.median,
                 "measured_iqr_ms": t.candidate.iqr, "noisy": t.candidate.noisy,

@@ -12,15 +12,10 @@ import pytest
 import torch
 
 from compressor.latency.device import LocalDevice
-from compressor.latency.parallel_probe import (
-    ONE_THREAD_TOLERANCE,
-    PROBE_TOLERANCE,
-    comparison_note,
-    conditions,
-    differ,
-    spread_warnings,
-    summary,
-)
+from compressor.latency.parallel_probe import ONE_THREAD_TOLERANCE, comparison_note, spread_warnings
+from compressor.latency.records import PROBE_TOLERANCE, differ
+from compressor.latency.records import probe_frame as conditions
+from compressor.latency.records import probe_summary as summary
 from compressor.latency.timing import TimingPolicy
 from exporters import Backend
 

@@ -21,7 +21,7 @@ from tests.test_remote_runner import ALLOWED, FORBIDDEN, imported_modules, run_i
 
 pytestmark = pytest.mark.timing  # compares real latencies: run alone (make test)
 
-BUNDLE_FILES = {"artifacts", "input.npy", "manifest.json", "measure.py", "runner.py", "timing.py"}
+BUNDLE_FILES = {"artifacts", "input.npy", "manifest.json", "measure.py", "runner.py", "timing.py", "records.py"}
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,31 @@ def test_bench_bundle_gates_on_the_devices_figures(tmp_path, fast_profile, capsy
     capsys.readouterr()
     assert main([*common[:3], "--against", str(other), *common[5:], "--results", str(tmp_path / "res.json")]) == 2
     assert "has no figures for" in capsys.readouterr().err
+
+
+def test_a_bundle_carries_the_parallel_probe_and_the_device_frames_its_session_with_it(tmp_path, capsys):
+    """A profile that probes at 2 threads: the bundle holds the probe, measure.py times it before and after the
+    session, and the results say what it read, as a connected device's do; at one thread it is left out."""
+    small, large = _two_models(tmp_path)
+    probed = FAST_PROFILE.replace("threads: null", "threads: 2")
+    probed = probed.replace("parallel_probe: false", "parallel_probe: true")
+    assert probed.count("threads: 2") == 1 and "parallel_probe: true" in probed
+    for threads, text in ((2, probed), (1, probed.replace("threads: 2", "threads: 1"))):
+        profile = tmp_path / f"p{threads}.yaml"
+        profile.write_text(text)
+        folder = tmp_path / f"b{threads}"
+        assert main(["bench", "--artifact", str(large), "--against", str(small), "--profile", str(profile),
+                     "--bundle", str(folder)]) == 0
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert ("probe" in manifest) == (threads == 2) and (folder / "probe").exists() == (threads == 2)
+        result = run_isolated(folder / "measure.py", "--out", str(tmp_path / f"r{threads}.json"))
+        assert result.returncode == 0, result.stderr[-2000:]
+        machine = json.loads((tmp_path / f"r{threads}.json").read_text())["machine"]
+        (record,) = machine["measurements"]
+        if threads == 1:
+            assert "parallel_speedup" not in machine and "probe_ms" not in record
+            continue
+        assert machine["parallel_speedup"]["probes"] == 2 and machine["parallel_speedup"]["low"] > 0
+        assert {k: record["probe_ms"][k]["threads"] for k in ("start", "end")} == {"start": 2, "end": 2}
+        assert record["parallel_speedup"] == {k: record["probe_ms"][k]["speedup"] for k in ("start", "end")}
+        assert record["probe_ms"]["start"]["one_thread_ms"] > 0

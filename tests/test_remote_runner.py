@@ -18,7 +18,7 @@ from compressor.errors import InputError
 from compressor.latency.remote.bundle import SCRIPTS
 from compressor.latency.remote.spec import parse_remote
 
-ALLOWED = {"numpy", "onnxruntime", "openvino", "timing", "runner"}
+ALLOWED = {"numpy", "onnxruntime", "openvino", "timing", "runner", "records"}
 FORBIDDEN = {"torch", "compressor", "exporters", "yaml", "asyncssh", "scipy", "onnx"}
 
 

@@ -17,7 +17,8 @@ from typing import Protocol
 import numpy as np
 
 from compressor.latency.machine import machine_info
-from compressor.latency.parallel_probe import conditions, open_probe, spread_warnings, summary
+from compressor.latency.parallel_probe import open_probe, spread_warnings
+from compressor.latency.records import probe_frame, probe_summary
 from compressor.latency.timing import Interleaved, TimingPolicy, measure_interleaved
 
 
@@ -50,7 +51,7 @@ class LocalDevice:
             return measure_interleaved(sessions, policy)
         t0, before = time.perf_counter(), probe.measure()
         result = measure_interleaved(sessions, policy)
-        self.measurements.append(conditions(before, probe.measure(), time.perf_counter() - t0))
+        self.measurements.append(probe_frame(before, probe.measure(), time.perf_counter() - t0))
         return result
 
     def _parallel_probe(self):
@@ -67,7 +68,7 @@ class LocalDevice:
         info = machine_info()
         if not self.measurements and not self.warnings:
             return info
-        speed = summary(self.measurements)
+        speed = probe_summary(self.measurements)
         warnings = [*self.warnings, *spread_warnings(speed)]
         return {**info, "parallel_speedup": speed, "measurements": list(self.measurements),
                 "changing_conditions": any(m["changing"] for m in self.measurements), "warnings": warnings}

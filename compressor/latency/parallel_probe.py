@@ -14,20 +14,19 @@ with the profile's own exporter and timed on its runtime at the profile's thread
 in alternating blocks; its *parallel speedup* is the 1-thread median over the N-thread median. Measuring
 this needs the runtime itself (no library reports it), so it is written here; it takes 0.1-0.15 s.
 A measurement whose probe moved by more than PROBE_TOLERANCE between its start and its end was taken
-under changing conditions, and figures from probes further apart than that compare only as ratios.
+under changing conditions, and figures from probes further apart than that compare only as ratios
+(records.py keeps those records, in code a device runs too).
 """
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 from pathlib import Path
 
 from compressor.errors import CompressorError
+from compressor.latency.records import differ
 from compressor.latency.timing import PROBE_WARM_RUNS, parallel_speed
 
-PROBE_TOLERANCE = 1.5  # probes differ when one is this many times the other (the two states' medians here: 2.6x
-# apart on ONNX Runtime, 1.9x on OpenVINO; within one state most probes stayed within 1.3x of each other)
 ONE_THREAD_TOLERANCE = 1.10  # one thread's fastest probe time between two runs (the regression gate's default
 # threshold); single probes here read up to 1.8x their median for a tenth of a second, their fastest did not
 PROBE_SHAPE = (1, 32, 16, 16)
@@ -97,36 +96,6 @@ def open_probe(backend) -> tuple[ParallelProbe | None, str | None]:
         return ParallelProbe(backend), None
     except (CompressorError, ImportError, OSError) as e:
         return None, f"no parallel probe on {backend.runtime.name}: {e}"
-
-
-def differ(a: float | None, b: float | None, tolerance: float = PROBE_TOLERANCE) -> bool:
-    """Whether two positive figures are further apart than `tolerance` times (False if either is missing)."""
-    return bool(a and b) and max(a, b) / min(a, b) > tolerance
-
-
-def conditions(before: dict, after: dict, seconds: float) -> dict:
-    """One measurement's record: the probe at its start and end, and whether the parallel speedup moved
-    beyond PROBE_TOLERANCE while it ran (the remote devices' `changing` list, with the probe's reason).
-    One thread's time is recorded, not judged here: one probe's can catch a slowdown of a tenth of a second."""
-    a, b = before["speedup"], after["speedup"]
-    changing = [f"the runtime's {before['threads']} threads ran at {a:.2f}x one thread's speed at the start "
-                f"and {b:.2f}x at the end"] if differ(a, b) else []
-    return {"parallel_speedup": {"start": a, "end": b}, "probe_ms": {"start": before, "end": after},
-            "changing": changing, "throttled": False, "reference": None, "seconds": round(seconds, 3)}
-
-
-def _spread(values: list[float]) -> dict:
-    return {"low": min(values), "median": round(statistics.median(values), 4), "high": max(values)}
-
-
-def summary(measurements: list[dict]) -> dict | None:
-    """Over `measurements` (every probe's): the parallel speedup's low, median and high, how many probes,
-    and one thread's probe time (ms) likewise; None: no probe."""
-    probes = [m["probe_ms"][k] for m in measurements if m.get("probe_ms") for k in ("start", "end")]
-    if not probes:
-        return None
-    return {**_spread([p["speedup"] for p in probes]), "probes": len(probes),
-            "one_thread_ms": _spread([p["one_thread_ms"] for p in probes])}
 
 
 def spread_warnings(speed: dict | None) -> list[str]:

@@ -28,9 +28,10 @@ from compressor.graph.units import Unit
 from compressor.latency.deploy import Deployment
 from compressor.latency.designed import DesignOptions, bundle_design
 from compressor.latency.machine import machine_info
+from compressor.latency.parallel_probe import PROBE_SHAPE, probe_artifact
 from compressor.latency.profiles import Profile
 from compressor.latency.remote.device import RUNNER_FILES, RUNTIMES, files_key
-from compressor.latency.timing import TimingPolicy
+from compressor.latency.timing import PROBE_WARM_RUNS, TimingPolicy
 
 BUNDLE_KIND = "compressor-bundle"
 RESULTS_KIND = "compressor-bundle-results"
@@ -64,6 +65,20 @@ def _entry(files: Sequence[Path], root: Path, main: Path, removed: Sequence[str]
             "sha256": files_key(files), "removed": None if removed is None else list(removed)}
 
 
+def _probe(tmp: Path, backend, profile: Profile, policy: TimingPolicy) -> dict:
+    """{"probe": the parallel probe's entry} where the policy asks for it and the device may run more than one
+    thread (the runner leaves it out at one, as on a live device); else {}. measure.py times it at one thread
+    and at the profile's before and after the session, as runner.measure does for a connected device."""
+    if not policy.parallel_probe or profile.threads == 1:
+        return {}
+    source = probe_artifact(backend)
+    target = tmp / "probe"
+    target.mkdir(parents=True)
+    files = [Path(shutil.copy2(f, target / f.name)) for f in backend.exporter.artifact_files(source)]
+    return {"probe": {**_entry(files, tmp, target / source.name), "shape": list(PROBE_SHAPE),
+                      "warm_runs": PROBE_WARM_RUNS}}
+
+
 def write_table_bundle(folder: str | Path, model: nn.Module, units: list[Unit], deployment: Deployment,
                        name: str, options: DesignOptions | None = None) -> Path:
     """The unpruned model and the latency model's designed removal sets exported for the profile (the
@@ -76,7 +91,8 @@ def write_table_bundle(folder: str | Path, model: nn.Module, units: list[Unit], 
         design, exported = bundle_design(model, units, deployment, tmp / "artifacts", options)
         artifacts = [_entry(files_of(p), tmp, p, removed) for removed, p in exported]
         manifest = _manifest("latency-table", profile, profile.search_policy, artifacts, model=name,
-                             input_shape=list(deployment.input_shape), units=design.pop("units"), design=design)
+                             input_shape=list(deployment.input_shape), units=design.pop("units"), design=design,
+                             **_probe(tmp, deployment.backend, profile, profile.search_policy))
         _finish(tmp, manifest, deployment.example.numpy())
     return Path(folder)
 
@@ -93,7 +109,8 @@ def write_bench_bundle(folder: str | Path, artifacts: Sequence[Path], backend, p
             target.mkdir(parents=True)
             files = [Path(shutil.copy2(f, target / f.name)) for f in backend.exporter.artifact_files(artifact)]
             entries.append(_entry(files, tmp, target / Path(artifact).name))
-        _finish(tmp, _manifest("bench", profile, policy, entries, sources=[str(a) for a in artifacts]), x)
+        _finish(tmp, _manifest("bench", profile, policy, entries, sources=[str(a) for a in artifacts],
+                               **_probe(tmp, backend, profile, policy)), x)
     text = (f"bundle written to {folder}: copy it to the device, run `python3 {Path(folder).name}/measure.py "
             f"--out results.json` there, then repeat this command with --results results.json instead of --bundle")
     return Path(folder), text

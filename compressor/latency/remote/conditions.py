@@ -1,4 +1,5 @@
-"""Conditions under a device's figures: drift of a re-timed reference, throttling, changing temperature.
+"""Drift of a device's figures, caught by a re-timed reference (each measurement's record, with its throttling,
+changing temperature and parallel probe, is records.py's).
 
 A device that heats up or is throttled gives slower figures later in a run than
 earlier (TVM #11465: 0.083 -> 0.148 s per iteration at 90 C). Every figure a
@@ -17,8 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from compressor.latency.parallel_probe import conditions as probe_conditions
-from compressor.latency.timing import LatencyStats, TimingPolicy
+from compressor.latency.timing import LatencyStats
 
 
 def version_matches(found: str, named: str) -> bool:
@@ -65,25 +65,3 @@ class DriftWatch:
         return {"artifact": ref["name"], "median_ms": median, "earlier_ms": earlier, "first_ms": ref["first_ms"],
                 "drift": drift, "drifted": abs(drift) > self.tolerance, "retimed": added is not None}
 
-
-def log_entry(host: str, names: list[str], policy: TimingPolicy, result: dict, check: dict | None) -> dict:
-    """One measurement's record for the provenance: where, what, the conditions (with the parallel probe's
-    start and end where the runner framed it so, and its move among the changes), and its warnings."""
-    conditions = result["conditions"]
-    if result.get("probe_ms"):
-        framed = probe_conditions(result["probe_ms"]["start"], result["probe_ms"]["end"], 0.0)
-        conditions = {**conditions, "changing": [*conditions["changing"], *framed["changing"]],
-                      "parallel_speedup": framed["parallel_speedup"], "probe_ms": framed["probe_ms"]}
-    what = ", ".join(names)
-    warnings = []
-    if conditions["throttled"]:
-        warnings.append(f"{host}: the CPU was throttled while timing {what}")
-    if conditions["changing"]:
-        warnings.append(f"{host}: {what} timed under changing conditions ({'; '.join(conditions['changing'])})")
-    if check is not None and check["drifted"]:
-        warnings.append(f"{host}: the reference {check['artifact']} now times {check['median_ms']:.3f} ms against "
-                        f"{check['earlier_ms']:.3f} ms before ({check['drift']:+.0%}): the device's conditions "
-                        f"changed during the run")
-    return {"host": host, "artifacts": names, "policy": {"min_runs": policy.min_runs, "min_time_s": policy.min_time_s},
-            "threads": result.get("threads"), "session": result.get("settings"), **conditions,
-            "reference": check, "warnings": warnings}

@@ -28,14 +28,16 @@ from typing import TypeVar
 import numpy as np
 
 from compressor.errors import CompressorError, DeviceError, InputError
-from compressor.latency.parallel_probe import PROBE_SHAPE, spread_warnings, summary
-from compressor.latency.remote.conditions import DriftWatch, log_entry, version_matches
+from compressor.latency.parallel_probe import PROBE_SHAPE, spread_warnings
+from compressor.latency.records import log_entry, probe_summary
+from compressor.latency.remote.conditions import DriftWatch, version_matches
 from compressor.latency.remote.spec import Endpoint, RemoteSpec
 from compressor.latency.remote.transport import Answer, Link, TransientError, call
 from compressor.latency.timing import PROBE_WARM_RUNS, Interleaved, LatencyStats, TimingPolicy
 
 HERE = Path(__file__).resolve().parent
-RUNNER_FILES = {"runner.py": HERE / "runner.py", "timing.py": HERE.parent / "timing.py"}
+RUNNER_FILES = {"runner.py": HERE / "runner.py", "timing.py": HERE.parent / "timing.py",
+                "records.py": HERE.parent / "records.py"}
 RUNTIMES = ("onnxruntime", "openvino")  # what runner.OPENERS opens
 ERRORS = {"missing-runtime": "{host}: {message}", "python": "{host}: {message} (set remote.python)",
           "bad-artifact": "{host}: {message}", "disk": "the device {host} has no space left: {message}"}
@@ -259,7 +261,8 @@ class RemoteDevice:
         check = self.drift.observe(measured, stats, reference)
         if reference is not None:
             stats, rounds = stats[1:], rounds[1:]
-        entry = log_entry(self.name, measured["names"], policy, result, check)
+        entry = log_entry(self.name, measured["names"], {"min_runs": policy.min_runs, "min_time_s": policy.min_time_s},
+                          result, check)
         self.measurements.append(entry)
         for warning in entry["warnings"]:
             self.warnings.append(warning)
@@ -277,7 +280,7 @@ class RemoteDevice:
         """The device as probed (machine_info()'s keys where they apply, and more), the conditions of every
         measurement so far, and whether any was throttled, taken under changing conditions or drifted."""
         static = {k: v for k, v in self.static.items() if k != "free_bytes"}
-        speed = summary(self.measurements)
+        speed = probe_summary(self.measurements)
         return {**static, **({"parallel_speedup": speed} if speed else {}),
                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "host": self.name, "threads": self.threads, "remote": self.spec.to_dict(),

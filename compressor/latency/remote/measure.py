@@ -4,7 +4,9 @@ Written into a bundle by `compressor profile --bundle DIR` or `compressor bench 
 runner.py, timing.py, manifest.json and the artifacts. It needs only Python 3.10+, numpy and the
 runtime the manifest names (onnxruntime or openvino): like runner.py it imports nothing of compressor,
 which the device does not have. It checks every artifact's sha256, times them all in interleaved
-rounds by the protocol of timing.py, and writes (atomically) the figures with this device's provenance:
+rounds by the protocol of timing.py (framed by the parallel probe where the bundle carries one, as on a
+connected device), and writes (atomically) the figures with this device's provenance and conditions
+(records.py):
 a latency table for `compressor prune --latency-table`, or a bench results file for
 `compressor bench --results`.
 """
@@ -22,7 +24,8 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import runner  # noqa: E402  (beside this file in the bundle)
+import records  # noqa: E402  (beside this file in the bundle)
+import runner  # noqa: E402
 
 BUNDLE_KIND = "compressor-bundle"
 RESULTS_KIND = "compressor-bundle-results"
@@ -53,24 +56,13 @@ def checked_manifest() -> dict:
         raise runner.RunnerError("other", f"cannot read {HERE}/manifest.json: {e}") from e
     if manifest.get("kind") != BUNDLE_KIND or manifest.get("version") != 1:
         raise runner.RunnerError("other", f"{HERE} is not a compressor bundle (version 1)")
-    for artifact in manifest["artifacts"]:
+    for artifact in [*manifest["artifacts"], *([manifest["probe"]] if manifest.get("probe") else [])]:
         files = [os.path.join(HERE, f) for f in artifact["files"]]
         missing = [f for f in files if not os.path.isfile(f)]
         if missing or files_key(files) != artifact["sha256"]:
             problem = f"{missing[0]} is missing" if missing else f"{artifact['file']} does not match its sha256"
             raise runner.RunnerError("bad-artifact", f"{problem}: copy the bundle to the device again")
     return manifest
-
-
-def entry(machine: dict, manifest: dict, result: dict) -> dict:
-    """The measurement's record, as compressor's remote devices keep it."""
-    conditions = result["conditions"]
-    warnings = ([f"{machine['hostname']}: the CPU was throttled"] if conditions["throttled"] else []) + (
-        [f"{machine['hostname']}: timed under changing conditions ({'; '.join(conditions['changing'])})"]
-        if conditions["changing"] else [])
-    return {"host": machine["hostname"], "artifacts": [a["file"] for a in manifest["artifacts"]],
-            "policy": {k: manifest["policy"][k] for k in ("min_runs", "min_time_s")}, "threads": result["threads"],
-            "session": result["settings"], **conditions, "reference": None, "warnings": warnings}
 
 
 def figures(manifest: dict, machine: dict, result: dict) -> dict:
@@ -122,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
                "artifacts": [os.path.join(HERE, a["file"]) for a in manifest["artifacts"]],
                "input": os.path.join(HERE, manifest["input"]), "policy": manifest["policy"], "burst": 5,
                "cool_above_c": args.cool_above_c, "cool_max_s": args.cool_max_s}
+        if manifest.get("probe"):
+            probe = manifest["probe"]
+            job["probe"] = {"artifact": os.path.join(HERE, probe["file"]), "shape": probe["shape"],
+                            "warm_runs": probe["warm_runs"]}
         print(f"timing {len(job['artifacts'])} artifacts on {machine['hostname']} ({machine['model']}), "
               f"{manifest['runtime']} {machine['runtime_version']}", file=sys.stderr, flush=True)
         result = runner.measure(job)
@@ -129,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(e))
     except OSError as e:
         return fail(f"{type(e).__name__}: {e}")
-    record = entry(machine, manifest, result)
+    record = records.log_entry(machine["hostname"], [a["file"] for a in manifest["artifacts"]], manifest["policy"],
+                               result, None)
+    speed = records.probe_summary([record])
     machine = {**machine, "threads": result["threads"], "measurements": [record],
+               **({"parallel_speedup": speed} if speed else {}),
                "throttled": record["throttled"], "changing_conditions": bool(record["changing"]),
                "drifted": False, "warnings": record["warnings"], "bundle": manifest["id"],
                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import InputError
-from compressor.latency.parallel_probe import probe_artifact, summary
+from compressor.latency.parallel_probe import probe_artifact
+from compressor.latency.records import probe_summary
 from compressor.latency.remote.device import RemoteDevice, open_devices
 from compressor.latency.remote.transport import call
 from compressor.latency.timing import Interleaved, TimingPolicy
@@ -83,7 +84,7 @@ class DevicePool:
         """The primary device's provenance, with every device's and all their measurements."""
         own = [d.provenance() for d in self.devices]
         measurements = [m for p in own for m in p["measurements"]]
-        speed = summary(measurements)
+        speed = probe_summary(measurements)
         return {**own[0], "host": self.name, "measurements": measurements,
                 **({"parallel_speedup": speed} if speed else {}),
                 "pool": [{k: p.get(k) for k in ("host", "hostname", "model", "cpu", "runtime_version", "date")}
