@@ -64,4 +64,3 @@ class DriftWatch:
         drift = median / earlier - 1
         return {"artifact": ref["name"], "median_ms": median, "earlier_ms": earlier, "first_ms": ref["first_ms"],
                 "drift": drift, "drifted": abs(drift) > self.tolerance, "retimed": added is not None}
-
