@@ -42,10 +42,13 @@ def tp_prune(model: nn.Module, example: torch.Tensor, ratio: float, round_to: in
     pruned = copy.deepcopy(model).eval()
     if ratio <= 0:
         return pruned
-    attentions = [pruned.get_submodule(path) for path in attention_paths(pruned)]
-    heads = {"num_heads": {a.qkv: count for a, count in zip(attentions, attention_paths(pruned).values(),
-                                                                  strict=True)},
-             "prune_num_heads": True, "prune_head_dims": False, "head_pruning_ratio": ratio} if attentions else {}
+    counts = {pruned.get_submodule(path): count for path, count in attention_paths(pruned).items()}
+    attentions = list(counts)
+    # Torch-Pruning removes ceil(ratio x heads) heads of each attention: past (heads - 1) / heads that is every head,
+    # and the attention is left with none. Each keeps one head at least, as our head levels do.
+    heads = {"num_heads": {a.qkv: n for a, n in counts.items()}, "prune_num_heads": True, "prune_head_dims": False,
+             "head_pruning_ratio": ratio,
+             "head_pruning_ratio_dict": {a.qkv: min(ratio, (n - 1) / n) for a, n in counts.items()}} if counts else {}
     pruner = tp.pruner.BasePruner(pruned, example, importance=tp.importance.MagnitudeImportance(p=1),
                                   pruning_ratio=ratio, ignored_layers=_classifier(pruned),
                                   round_to=None if round_to <= 1 else round_to, **heads)
