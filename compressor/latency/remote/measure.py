@@ -1,7 +1,7 @@
 """Time an offline bundle on this device: `python3 measure.py --out results.json`.
 
 Written into a bundle by `compressor profile --bundle DIR` or `compressor bench --bundle DIR`, beside
-runner.py, timing.py, manifest.json and the artifacts. It needs only Python 3.10+, numpy and the
+runner.py, timing.py, records.py, manifest.json and the artifacts. It needs only Python 3.10+, numpy and the
 runtime the manifest names (onnxruntime or openvino): like runner.py it imports nothing of compressor,
 which the device does not have. It checks every artifact's sha256, times them all in interleaved
 rounds by the protocol of timing.py (framed by the parallel probe where the bundle carries one, as on a
