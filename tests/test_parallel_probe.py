@@ -13,9 +13,7 @@ import torch
 
 from compressor.latency.device import LocalDevice
 from compressor.latency.parallel_probe import ONE_THREAD_TOLERANCE, comparison_note, spread_warnings
-from compressor.latency.records import PROBE_TOLERANCE, differ
-from compressor.latency.records import probe_frame as conditions
-from compressor.latency.records import probe_summary as summary
+from compressor.latency.records import PROBE_TOLERANCE, differ, probe_frame, probe_summary
 from compressor.latency.timing import TimingPolicy
 from exporters import Backend
 
@@ -33,18 +31,18 @@ def test_figures_differ_beyond_the_tolerance_either_way_and_missing_ones_never_d
 
 
 def test_a_measurement_whose_probe_moved_is_under_changing_conditions():
-    steady = conditions(_probe(1.1), _probe(0.95, 0.21), 3.0)
+    steady = probe_frame(_probe(1.1), _probe(0.95, 0.21), 3.0)
     assert steady["changing"] == [] and steady["parallel_speedup"] == {"start": 1.1, "end": 0.95}
-    moved = conditions(_probe(1.1), _probe(0.43), 3.0)
+    moved = probe_frame(_probe(1.1), _probe(0.43), 3.0)
     assert len(moved["changing"]) == 1 and "2 threads" in moved["changing"][0] and "0.43x" in moved["changing"][0]
-    slower = conditions(_probe(1.1), _probe(1.1, 0.25), 3.0)  # one probe's time alone: recorded, not judged
+    slower = probe_frame(_probe(1.1), _probe(1.1, 0.25), 3.0)  # one probe's time alone: recorded, not judged
     assert slower["changing"] == [] and slower["probe_ms"]["end"]["one_thread_ms"] == 0.25
-    assert summary([steady, moved, slower]) == {"low": 0.43, "median": 1.1, "high": 1.1, "probes": 6,
+    assert probe_summary([steady, moved, slower]) == {"low": 0.43, "median": 1.1, "high": 1.1, "probes": 6,
                                                 "one_thread_ms": {"low": 0.2, "median": 0.2, "high": 0.25}}
-    assert summary([]) is None
-    warnings = spread_warnings(summary([steady, moved, slower]))
+    assert probe_summary([]) is None
+    warnings = spread_warnings(probe_summary([steady, moved, slower]))
     assert len(warnings) == 1 and "0.43x to 1.10x" in warnings[0]
-    assert spread_warnings(summary([steady, slower])) == []
+    assert spread_warnings(probe_summary([steady, slower])) == []
 
 
 def test_the_comparison_note_names_what_differs_only_when_it_does():

@@ -102,9 +102,9 @@ def _prune(sub) -> None:
     p.add_argument("--precision", choices=("fp32", "int8", "auto"), default="fp32",
                    help="int8: quantize with the runtime's own quantizer; auto: measure both and keep the (set, "
                         "precision) that meets the target losing least fidelity (default: fp32)")
-    p.add_argument("--int8-calibration-size", type=positive_int, default=300,
-                   help="images each INT8 candidate and the delivered INT8 model are calibrated on (default: 300, "
-                        "NNCF's own default; fewer quantize faster)")
+    p.add_argument("--int8-calibration-size", type=positive_int, default=None,
+                   help="images each INT8 candidate and the delivered INT8 model are calibrated on (default: the "
+                        "quantizer's, 300, NNCF's own default; fewer quantize faster)")
     p.add_argument("--logits", default=None,
                    help="comma-separated names of the model's outputs that are class logits (a lone output is "
                         "'logits', a tuple's 'output0', 'output1' ..., a dict's by key; default: the 2-D ones); "

@@ -29,11 +29,11 @@ from compressor.stages.recover import Recovered
 
 
 def deliver_int8(plan: Plan, recovered: Recovered, delivered: Delivered, data: DataBundle, out: Path, seed: int,
-                 log: Callable[[str], None], calibration_size: int = CALIBRATION_SIZE) -> Delivered:
-    """`delivered` with the INT8 artifact (model-int8.<suffix>), calibrated on `calibration_size` images, as the
-    one the final measurement times; the INT8 details in its checks ("int8"). Unchanged (fp32) if the final INT8
-    is refused."""
-    images = quantization_images(data, calibration_size, seed=seed)
+                 log: Callable[[str], None], calibration_size: int | None = None) -> Delivered:
+    """`delivered` with the INT8 artifact (model-int8.<suffix>), calibrated on `calibration_size` images (None:
+    CALIBRATION_SIZE), as the one the final measurement times; the INT8 details in its checks ("int8"). Unchanged
+    (fp32) if the final INT8 is refused."""
+    images = quantization_images(data, calibration_size or CALIBRATION_SIZE, seed=seed)
     path = out / f"model-int8{plan.deployment.exporter.suffix}"
     log(f"INT8: quantizing the fine-tuned model ({len(images.calibration)} calibration images, "
         f"{len(images.held_out)} held-out)")

@@ -33,7 +33,8 @@ class PruneOptions:
     latency_table: str | None = None  # reuse a table from `compressor profile` (same model, profile)
     repeats: int = 3  # SR-init seeds
     precision: str = "fp32"  # "fp32", "int8" (the runtime's own quantizer) or "auto" (whichever measures best)
-    int8_calibration_size: int = 300  # images each INT8 candidate and the delivered INT8 are calibrated on
+    int8_calibration_size: int | None = None  # images each INT8 candidate and the delivered INT8 are calibrated
+    # on; None: the quantizer's own CALIBRATION_SIZE (compressor/quantize/images.py, not imported here: it loads torch)
     logits: list[str] | None = None  # names of the outputs that are class logits (None: the 2-D outputs)
     moves: str = "depth"  # "depth", "width" or "depth+width"
     channel_criterion: str | None = None  # which channels a width unit keeps; None: the criterion's own, else peel
@@ -85,6 +86,8 @@ class PruneOptions:
             raise InputError(msg)
         for name in ("calibration_size", "int8_calibration_size", "max_trials", "repeats", "finetune_batch"):
             value = getattr(self, name)
+            if name == "int8_calibration_size" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 msg = f"{name} must be a positive integer, got {value!r}"
                 raise InputError(msg)

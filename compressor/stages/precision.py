@@ -50,12 +50,13 @@ from compressor.stages.state import RunState
 CHECK_IMAGES = 128  # further calibration-split images its fidelity is judged on during the search
 
 
-def search_images(data: DataBundle, seed: int, calibration: int = CALIBRATION_SIZE) -> QuantizationImages:
-    """`calibration` calibration images and, from the same (calibration) split, check images calibration never
-    sees, and after those the selection images a fallback ranks layers on (none where the split has no more:
-    then the calibration images; never the check images)."""
+def search_images(data: DataBundle, seed: int, calibration: int | None = None) -> QuantizationImages:
+    """`calibration` calibration images (None: CALIBRATION_SIZE) and, from the same (calibration) split, check
+    images calibration never sees, and after those the selection images a fallback ranks layers on (none where the
+    split has no more: then the calibration images; never the check images)."""
     from compressor.quantize.images import SELECTION_SIZE
 
+    calibration = calibration or CALIBRATION_SIZE
     x = torch.cat([b[0] for b in data.loader("train", batch_size=128, seed=seed + 1,
                                              limit=calibration + CHECK_IMAGES + SELECTION_SIZE)]).numpy()
     x, selection = x[:calibration + CHECK_IMAGES], x[calibration + CHECK_IMAGES:]
