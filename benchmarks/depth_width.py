@@ -11,10 +11,13 @@ For one model on each backend and each target speedup:
    its ratio bisected on *measured* latency against the unpruned model until it reaches
    the target speedup (within 3%), then fine-tuned exactly like ours;
 3. one final interleaved measurement of the unpruned model and every variant (report
-   policy), FLOPs (2 per multiply-add) and held-out quality: top-1 accuracy where the
+   policy), repeated up to --final-repeats times in all while any variant's per-round speedup
+   spreads beyond the policy's re-measure gate (the steadiest is kept; a row still beyond it is
+   marked noisy), FLOPs (2 per multiply-add) and held-out quality: top-1 accuracy where the
    data is labelled, else top-1 agreement with the unpruned model.
 
-Columns: measured and FLOP-estimated speedup, measured / FLOP (speedup fidelity),
+Columns: measured speedup with the IQR/median of its per-round ratios, FLOP-estimated
+speedup, measured / FLOP (speedup fidelity),
 quality before and after fine-tuning. Models: resnet56 on digits32, mobilenet_v2 on
 photos (torchvision, random weights: no pretrained weights here, so its quality is
 agreement with the unpruned random-weight model), efficientnet_lite0 on photos,
@@ -138,7 +141,8 @@ def run_target(loaded: LoadedModel, data, profile, dep: Deployment, target: floa
         log(f"[{loaded.arch} {profile.name} {target:g}x] Torch-Pruning round_to {r}")
         variants[f"tp r{r}"] = _tp(base, dep, base_path, target, r, data, finetune, args, work)
     timed = [(name, v["model"]) for name, v in variants.items() if "model" in v]
-    final = common.time_models(dep, [("baseline", base), *timed], work / "final", profile.report_policy)
+    final = common.time_models(dep, [("baseline", base), *timed], work / "final", profile.report_policy,
+                               steady=args.final_repeats)
     base_flops = count_cost(base, dep.example).flops
     rows = {}
     for name, v in variants.items():
@@ -148,9 +152,11 @@ def run_target(loaded: LoadedModel, data, profile, dep: Deployment, target: floa
         flops = count_cost(v["model"], dep.example).flops
         measured = final[name]["speedup"]
         rows[name] = {**{k: x for k, x in v.items() if k != "model"}, "latency_ms": final[name]["latency_ms"],
-                      "speedup_measured": measured, "flops": flops, "speedup_flops": base_flops / flops,
+                      "speedup_measured": measured, "speedup_round_spread": final[name]["speedup_round_spread"],
+                      "noisy": final[name]["noisy"], "flops": flops, "speedup_flops": base_flops / flops,
                       "speedup_fidelity": measured / (base_flops / flops), "quality": quality(v["model"], base, data)}
-    return {"target_speedup": target, "baseline": {"latency_ms": final["baseline"]["latency_ms"], "flops": base_flops,
+    return {"target_speedup": target, "final_attempts_round_spread": final["baseline"]["attempts_round_spread"],
+            "baseline": {"latency_ms": final["baseline"]["latency_ms"], "flops": base_flops,
                                                    "quality": quality(base, base, data)}, "variants": rows}
 
 
@@ -170,6 +176,13 @@ def run_case(case: Case, profile_name: str, args) -> dict:
 
 def _cell(v: dict, key: str, fmt: str) -> str:
     return format(v[key], fmt) if v.get(key) is not None else ""
+
+
+def _measured(v: dict) -> str:
+    """Measured speedup, ± the IQR/median of its per-round ratios where recorded, (noisy) beyond the gate."""
+    if "speedup_round_spread" not in v:  # results from before the spread was kept
+        return f"{v['speedup_measured']:.2f}"
+    return f"{v['speedup_measured']:.2f} ±{v['speedup_round_spread']:.0%}{' (noisy)' if v['noisy'] else ''}"
 
 
 def render_markdown(result: dict) -> str:
@@ -195,12 +208,15 @@ def render_markdown(result: dict) -> str:
                 label = name if not name.startswith("tp") else f"{name} (ratio {v['ratio']:.3f}"
                 label += ")" if name.startswith("tp") else f" ({len(v['removed_units'])} units)"
                 lines.append(f"{head} | {t['target_speedup']:g}x | {label} | {v['latency_ms']['median']:.3f} | "
-                             f"{v['speedup_measured']:.2f} | {v['speedup_flops']:.2f} | {v['speedup_fidelity']:.2f} | "
+                             f"{_measured(v)} | {v['speedup_flops']:.2f} | {v['speedup_fidelity']:.2f} | "
                              f"{'' if before is None else format(before, '.2f')} | {v['quality']['value']:.2f} |")
     metrics = sorted({v["quality"]["metric"] for row in result["rows"] for t in row["targets"]
                       for v in t["variants"].values() if "quality" in v})
     lines += ["", f"- Quality: {'; '.join(metrics)}, on the held-out split (before fine-tuning: top-1 agreement "
               "with the unpruned model, %).", f"- TP: {METHOD}.",
+              "- measured x: ± the IQR/median of the per-round speedups of the final measurement; (noisy): "
+              "still beyond the re-measure gate after --final-repeats measurements, so the machine changed state "
+              "while it ran and the figure is not to be trusted.",
               "- mobilenet_v2 has random weights (none are shipped): its quality is fidelity to that model only."]
     return common.document(TITLE, result, lines)
 
@@ -217,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp-round-to", type=lambda s: [int(v) for v in common.comma_list(s)], default=list(ROUND_TO),
                         help="Torch-Pruning round_to values (default: 1,8,16)")
     parser.add_argument("--tp-steps", type=int, default=10, help="TP ratio bisection steps (default: %(default)s)")
+    parser.add_argument("--final-repeats", type=int, default=3, help="final measurements at most, while a "
+                        "speedup's per-round spread is beyond the re-measure gate (default: %(default)s)")
     args = parser.parse_args(argv)
     models = common.known_list(parser, "--models", args.models, CASES)
     name = f"{NAME}_{'_'.join(models)}"
