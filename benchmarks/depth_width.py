@@ -157,7 +157,7 @@ def run_target(loaded: LoadedModel, data, profile, dep: Deployment, target: floa
                       "speedup_fidelity": measured / (base_flops / flops), "quality": quality(v["model"], base, data)}
     return {"target_speedup": target, "final_attempts_round_spread": final["baseline"]["attempts_round_spread"],
             "baseline": {"latency_ms": final["baseline"]["latency_ms"], "flops": base_flops,
-                                                   "quality": quality(base, base, data)}, "variants": rows}
+                         "quality": quality(base, base, data)}, "variants": rows}
 
 
 def run_case(case: Case, profile_name: str, args) -> dict:
