@@ -38,7 +38,7 @@ def test_a_measurement_whose_probe_moved_is_under_changing_conditions():
     slower = probe_frame(_probe(1.1), _probe(1.1, 0.25), 3.0)  # one probe's time alone: recorded, not judged
     assert slower["changing"] == [] and slower["probe_ms"]["end"]["one_thread_ms"] == 0.25
     assert probe_summary([steady, moved, slower]) == {"low": 0.43, "median": 1.1, "high": 1.1, "probes": 6,
-                                                "one_thread_ms": {"low": 0.2, "median": 0.2, "high": 0.25}}
+                                                      "one_thread_ms": {"low": 0.2, "median": 0.2, "high": 0.25}}
     assert probe_summary([]) is None
     warnings = spread_warnings(probe_summary([steady, moved, slower]))
     assert len(warnings) == 1 and "0.43x to 1.10x" in warnings[0]
