@@ -117,7 +117,7 @@ def _ours(loaded: LoadedModel, data, target: float, profile, moves: str, args, w
     return {"model": result.model.eval(), "removed_units": r["removed_units"], "target_met": r["target_met"],
             "quality_before_finetune": r["fidelity"]["before_finetune"], "finetune": {
                 "lr": r["config"]["finetune_lr"], "freeze_batchnorm": r["config"]["freeze_batchnorm"]},
-            "width": r.get("width")}
+            "width": r.get("width"), "search": r["search"]}  # its trials and greedy order, to see why it chose
 
 
 def _tp(base: nn.Module, dep: Deployment, base_path: Path, target: float, round_to: int, data, finetune: dict,
