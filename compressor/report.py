@@ -108,7 +108,9 @@ def _search(run: PruneRun) -> dict:
     search, greedy, table = run.chosen.search, run.chosen.greedy, run.table
     frame = "fp32" if run.chosen.precision == "fp32" else (
         "int8: baseline_ms is the fp32 baseline measured with each candidate over the probe's INT8 speedup")
-    return {"margin": search.margin, "frame": frame, "table_baseline_ms": table.baseline_ms, "ended": search.ended,
+    margin_from = {"floor_spread": run.chosen.floor.spread, "table_sets": len(table.round_spreads())}
+    return {"margin": search.margin, "margin_from": margin_from, "frame": frame, "table_baseline_ms": table.baseline_ms,
+            "ended": search.ended,
             "floor": {"removed": run.chosen.floor_units, "baseline_ms": run.chosen.floor.baseline_ms,
                       "candidate_ms": run.chosen.floor.candidate_ms},
             "trials": [_trial(t, table) for t in search.trials],

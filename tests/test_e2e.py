@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
 
 from compressor.cli.main import main
+from compressor.latency.table import LatencyTable
 from compressor.models.checkpoint import load_checkpoint
+from compressor.search.target import margin_from
 from tests.helpers import FAST_PROFILE, assert_exit_matches_target, assert_onnx_matches
 
 REPORT_KEYS = {"flops", "macs", "params", "latency_ms", "accuracy"}
@@ -57,6 +60,17 @@ def test_report_fields(run):
     error = report["search"]["table_error"]
     assert error["candidates"] == len(report["search"]["trials"]) >= 1
     assert 0 <= error["calibrated"]["mape"] and error["calibrated"]["kind"] == "scale"
+
+
+def test_the_search_aims_under_the_target_by_the_spread_of_every_set_it_timed(run):
+    """The margin the search used: half the median per-round spread of the floor measurement and of every set
+    the latency table timed (not the floor's alone)."""
+    _, out, report = run
+    spreads = LatencyTable.load(out / "latency_table.json").round_spreads()
+    basis = report["search"]["margin_from"]
+    assert basis["table_sets"] == len(spreads) > 0
+    median = float(np.median([basis["floor_spread"], *spreads]))
+    assert report["search"]["margin"] == pytest.approx(margin_from(median))
 
 
 def test_checkpoint_and_onnx_agree(run, digits):

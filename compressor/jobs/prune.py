@@ -37,7 +37,7 @@ from compressor.stages.deliver_int8 import deliver_int8
 from compressor.stages.options import PruneOptions
 from compressor.stages.plan import plan as plan_units
 from compressor.stages.precision import choose_precision
-from compressor.stages.reach import check_reachable
+from compressor.stages.reach import check_reachable, settled_margin
 from compressor.stages.recover import finetune_settings, recover
 from compressor.stages.scores import score_candidates
 from compressor.stages.state import STATE_DIR, RunState
@@ -267,6 +267,7 @@ def _stages(job: Job) -> PruneResult:
     table = latency_table(plan, given, work, log, state, *table_design(plan, reach, importance, job.target, options))
     if out is not None:
         table.save(out / "latency_table.json")
+    reach = settled_margin(reach, table, log)
     proposed = proposals(plan, importance, table, job.data, options, log, job.compute.device)
     chosen = None if options.precision == "int8" or not reach.reaches else choose(
         plan, reach, importance, table, job.target, proposed, options, work, log, state)

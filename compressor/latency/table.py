@@ -24,8 +24,10 @@ from pathlib import Path
 from compressor.errors import InputError
 from compressor.fileio import atomic_write_text
 from compressor.latency.model import LatencyModel, UnitInfo, measurements_of
+from compressor.latency.timing import ratio_spread
 
 VERSION = 2
+MIN_SPREAD_ROUNDS = 4  # fewer rounds give no quartiles worth the name
 
 
 @dataclass
@@ -64,6 +66,13 @@ class LatencyTable:
             self._fitted = (LatencyModel.from_dict(self.latency_model) if self.latency_model is not None
                             else LatencyModel.additive(self.baseline_ms, self.savings_ms))
         return self._fitted
+
+    def round_spreads(self, min_rounds: int = MIN_SPREAD_ROUNDS) -> list[float]:
+        """The IQR/median of the per-round speedups of every set the design timed with at least `min_rounds`
+        rounds (none for a version-1 table): how much one measurement's ratio wanders on this device."""
+        sessions = (self.design or {}).get("sessions") or []
+        return [ratio_spread(s["round_medians"][0], rounds) for s in sessions for rounds in s["round_medians"][1:]
+                if len(rounds) >= min_rounds]
 
     def predict(self, removed: Iterable[str]) -> float:
         """Predicted latency (ms) with `removed` units gone."""

@@ -129,9 +129,14 @@ class Interleaved:
 
     def speedup_spread(self, base: int = 0, other: int = 1) -> float:
         """IQR/median of the per-round speedups: how much one round's ratio wanders."""
-        r = np.asarray(self.round_medians[base]) / np.asarray(self.round_medians[other])
-        q25, q50, q75 = np.percentile(r, [25, 50, 75])
-        return float((q75 - q25) / q50)
+        return ratio_spread(self.round_medians[base], self.round_medians[other])
+
+
+def ratio_spread(base_rounds: Sequence[float], other_rounds: Sequence[float]) -> float:
+    """IQR/median of the per-round ratios base / other of two models timed in the same rounds."""
+    r = np.asarray(base_rounds) / np.asarray(other_rounds)
+    q25, q50, q75 = np.percentile(r, [25, 50, 75])
+    return float((q75 - q25) / q50)
 
 
 BUSY_SHARE = 0.10  # a process using more than this share of one core while its caller sleeps is still busy

@@ -7,12 +7,15 @@ baseline artifact it exports is the one every candidate is timed against.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from compressor.errors import UnreachableTargetError
 from compressor.graph.surgery import remove_units
 from compressor.latency.deploy import Deployment
+from compressor.latency.table import LatencyTable
 from compressor.latency.timing import TimingPolicy
 from compressor.search.knapsack import most_removable
 from compressor.search.target import Measured, Target, margin_from
@@ -36,6 +39,7 @@ class Reach:
     floor: Measured
     margin: float  # how far under the target the search aims (from the measured spread)
     reaches: bool = True  # whether removal alone (fp32) can meet the target
+    margin_sets: int = 0  # the latency table's timed sets whose spreads the margin also comes from
 
     def unreachable(self, target: Target, profile: str) -> str:
         """Why removal alone cannot meet `target`: the fastest reachable latency."""
@@ -72,3 +76,19 @@ def check_reachable(plan: Plan, target: Target, min_per_stage: int, work: Path,
         log(f"removal alone cannot meet {target.describe()} here ({floor.speedup:.2f}x at most); "
             "INT8 with removal may")
     return reach
+
+
+def settled_margin(reach: Reach, table: LatencyTable, log: Callable[[str], None]) -> Reach:
+    """`reach` with its margin from the median per-round spread of the floor measurement and of every set
+    the latency table timed, where the table has any (a version-1 table has none: the floor's alone).
+
+    The spread of one measurement is itself noisy: two EfficientNet-Lite0 runs minutes apart on one machine
+    read 6% and 2% at their floors, aimed 3% and 1% under the target, and delivered different sets. A
+    table times tens of sets on the same device under the same policy; their median spread varies less."""
+    spreads = table.round_spreads()
+    if not spreads:
+        return reach
+    margin = margin_from(float(np.median([reach.floor.spread, *spreads])))
+    log(f"margin {margin:.1%}: half the median per-round spread of the floor measurement and the table's "
+        f"{len(spreads)} timed sets (the floor's alone: {margin_from(reach.floor.spread):.1%})")
+    return replace(reach, margin=margin, margin_sets=len(spreads))
