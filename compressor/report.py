@@ -108,7 +108,7 @@ def _search(run: PruneRun) -> dict:
     search, greedy, table = run.chosen.search, run.chosen.greedy, run.table
     frame = "fp32" if run.chosen.precision == "fp32" else (
         "int8: baseline_ms is the fp32 baseline measured with each candidate over the probe's INT8 speedup")
-    margin_from = {"floor_spread": run.chosen.floor.spread, "table_sets": len(table.round_spreads())}
+    margin_from = {"floor_spread": run.chosen.floor.spread, "table_sets": run.chosen.margin_sets}
     return {"margin": search.margin, "margin_from": margin_from, "frame": frame, "table_baseline_ms": table.baseline_ms,
             "ended": search.ended,
             "floor": {"removed": run.chosen.floor_units, "baseline_ms": run.chosen.floor.baseline_ms,

@@ -56,6 +56,7 @@ class Chosen:
     greedy: GreedyOrder | None = None
     precision: str = "fp32"  # of the artifact delivered: "fp32" or "int8"
     int8: dict | None = None  # the INT8 probe and search, where precision was a dimension (stages/precision.py)
+    margin_sets: int = 0  # the latency table's timed sets the search's margin came from, beside the floor
 
 
 def candidate_measurer(plan: Plan, reach: Reach, table: LatencyTable, work: Path, log: Callable[[str], None],
@@ -137,4 +138,5 @@ def choose(plan: Plan, reach: Reach, importance: dict[str, float], table: Latenc
         msg = f"no removal set reaches {target.describe()} by the latency table"
         raise UnreachableTargetError(msg)
     removed = [u for u in plan.candidates if u.name in trial.choice.removed]
-    return Chosen(removed, result, proposed.selection, calibration, reach.floor_units, reach.floor, proposed.order)
+    return Chosen(removed, result, proposed.selection, calibration, reach.floor_units, reach.floor, proposed.order,
+                  margin_sets=reach.margin_sets)

@@ -302,7 +302,7 @@ def choose_precision(plan: Plan, reach: Reach, importance: dict[str, float], tab
         return replace(fp32, int8=info)
     removed = [u for u in plan.candidates if u.name in search.removed]
     int8 = Chosen(removed, search.result, proposed.selection, fp32.calibration if fp32 else None, reach.floor_units,
-                  reach.floor, proposed.order, "int8", info)
+                  reach.floor, proposed.order, "int8", info, reach.margin_sets)
     if fp32 is None or not fp32.search.best:
         return int8
     info["fp32_kl"] = info["fp32"]["kl"] = fp32_kl(plan, fp32.search.best.choice.removed, images)
