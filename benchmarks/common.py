@@ -75,10 +75,12 @@ def zoo_models(text: str) -> list[str]:
     return models
 
 
-def argument_parser(doc: str, models: str | None = None, calibration: int | None = None) -> argparse.ArgumentParser:
+def argument_parser(doc: str, models: str | None = None, calibration: int | None = None,
+                    final_repeats: int | None = None) -> argparse.ArgumentParser:
     """A parser described by the first paragraph of the script's docstring, with --out (the results
     folder, benchmarks/results by default); where `models` (their default) is given, --models
-    (zoo_models); where `calibration` is, --calibration-size (images the criterion scores on)."""
+    (zoo_models); where `calibration` is, --calibration-size (images the criterion scores on); where
+    `final_repeats` is, --final-repeats (time_paths' `steady`)."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder (default: benchmarks/results)")
     if models is not None:
@@ -87,6 +89,10 @@ def argument_parser(doc: str, models: str | None = None, calibration: int | None
     if calibration is not None:
         parser.add_argument("--calibration-size", type=int, default=calibration,
                             help="images the criterion scores on (default: %(default)s)")
+    if final_repeats is not None:
+        parser.add_argument("--final-repeats", type=int, default=final_repeats,
+                            help="final measurements at most, while a speedup's per-round spread is beyond the "
+                            "re-measure gate (default: %(default)s)")
     return parser
 
 
@@ -214,6 +220,14 @@ def time_paths(dep: Deployment, names: Sequence[str], paths: Sequence[Path], pol
         r["noisy"] = r["speedup_round_spread"] > policy.remeasure_iqr
         r["attempts_round_spread"] = [a[0] for a in attempts]
     return rows
+
+
+def measured_speedup(v: dict) -> str:
+    """A row's `speedup_measured`, ± the IQR/median of its per-round ratios where recorded (time_paths'
+    speedup_round_spread), and (noisy) where that is still beyond the re-measure gate."""
+    if "speedup_round_spread" not in v:  # results from before the spread was kept
+        return f"{v['speedup_measured']:.2f}"
+    return f"{v['speedup_measured']:.2f} ±{v['speedup_round_spread']:.0%}{' (noisy)' if v['noisy'] else ''}"
 
 
 def time_models(dep: Deployment, models: Iterable[tuple[str, nn.Module]], workdir: Path,

@@ -195,13 +195,6 @@ def _cell(v: dict, key: str, fmt: str) -> str:
     return format(v[key], fmt) if v.get(key) is not None else ""
 
 
-def _measured(v: dict) -> str:
-    """Measured speedup, ± the IQR/median of its per-round ratios where recorded, (noisy) beyond the gate."""
-    if "speedup_round_spread" not in v:  # results from before the spread was kept
-        return f"{v['speedup_measured']:.2f}"
-    return f"{v['speedup_measured']:.2f} ±{v['speedup_round_spread']:.0%}{' (noisy)' if v['noisy'] else ''}"
-
-
 def render_markdown(result: dict) -> str:
     lines = [
         "Every variant fine-tuned alike (distillation from the unpruned model, same epochs, learning rate and "
@@ -226,7 +219,7 @@ def render_markdown(result: dict) -> str:
                 label = name if not name.startswith("tp") else f"{name} (ratio {v['ratio']:.3f}"
                 label += ")" if name.startswith("tp") else f" ({len(v['removed_units'])} units)"
                 lines.append(f"{head} | {t['target_speedup']:g}x | {label} | {v['latency_ms']['median']:.3f} | "
-                             f"{_measured(v)} | {v['speedup_flops']:.2f} | {v['speedup_fidelity']:.2f} | "
+                             f"{common.measured_speedup(v)} | {v['speedup_flops']:.2f} | {v['speedup_fidelity']:.2f} | "
                              f"{'' if before is None else format(before, digits)} | {v['quality']['value']:{digits}} |")
     metrics = sorted({v["quality"]["metric"] for row in result["rows"] for t in row["targets"]
                       for v in t["variants"].values() if "quality" in v})
@@ -242,7 +235,7 @@ def render_markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.argument_parser(__doc__)
+    parser = common.argument_parser(__doc__, final_repeats=3)
     parser.add_argument("--models", default="resnet56", help=f"comma-separated, of {', '.join(CASES)} (default: "
                         "%(default)s); the results are named after them")
     parser.add_argument("--profiles", default=",".join(PROFILES), help="comma-separated (default: %(default)s)")
@@ -253,8 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp-round-to", type=lambda s: [int(v) for v in common.comma_list(s)], default=list(ROUND_TO),
                         help="Torch-Pruning round_to values (default: 1,8,16)")
     parser.add_argument("--tp-steps", type=int, default=10, help="TP ratio bisection steps (default: %(default)s)")
-    parser.add_argument("--final-repeats", type=int, default=3, help="final measurements at most, while a "
-                        "speedup's per-round spread is beyond the re-measure gate (default: %(default)s)")
     args = parser.parse_args(argv)
     models = common.known_list(parser, "--models", args.models, CASES)
     name = f"{NAME}_{'_'.join(models)}"
