@@ -216,7 +216,7 @@ def test_a_busy_tail_is_measured_and_outlasted():
     assert 0.025 < busy_after() < 0.1
     time.sleep(0.05)
     # nothing runs on once the tail is over: a single busy 1 ms tick (the VM, the collector) may read as a few
-    # ms, as it did in 1 of the timing runs here, but not as the 30 ms tail
+    # ms, as it did once in a make test here, but not as the 30 ms tail
     assert busy_after() < 0.01
     assert cooldown_for([0.0, 0.0]) == 0.0 and 0.03 < cooldown_for([0.01, 0.03]) < 0.045
     policy = TimingPolicy(min_runs=20, min_time_s=0.05, warmup_runs=3, warmup_s=0.0, remeasure_iqr=10.0)
