@@ -140,8 +140,7 @@ def render_markdown(result: dict) -> str:
                          f"{t['before_finetune']['value']:.2f} | {t['quality']['value']:.2f} |")
     metrics = sorted({row["ours"]["quality"]["metric"] for row in result["rows"]})
     lines += ["", f"- Quality: {'; '.join(metrics)}, on the held-out split.", f"- TP: {METHOD}.",
-              "- measured x: ± the IQR/median of the per-round speedups of the final measurement, where recorded; "
-              "(noisy): still beyond the re-measure gate after --final-repeats measurements."]
+              common.MEASURED_NOTE]
     return common.document(TITLE, result, lines)
 
 

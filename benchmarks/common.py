@@ -222,6 +222,11 @@ def time_paths(dep: Deployment, names: Sequence[str], paths: Sequence[Path], pol
     return rows
 
 
+MEASURED_NOTE = ("- measured x: ± the IQR/median of the per-round speedups of the final measurement, where recorded; "
+                 "(noisy): still beyond the re-measure gate after --final-repeats measurements, so the machine "
+                 "changed state while it ran and the figure is not to be trusted.")  # what measured_speedup writes
+
+
 def measured_speedup(v: dict) -> str:
     """A row's `speedup_measured`, ± the IQR/median of its per-round ratios where recorded (time_paths'
     speedup_round_spread), and (noisy) where that is still beyond the re-measure gate."""

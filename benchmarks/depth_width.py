@@ -225,9 +225,7 @@ def render_markdown(result: dict) -> str:
                       for v in t["variants"].values() if "quality" in v})
     lines += ["", f"- Quality: {'; '.join(metrics)}, on the held-out split (before fine-tuning: top-1 agreement "
               "with the unpruned model, %, or the same KL for random weights).", f"- TP: {METHOD}.",
-              "- measured x: ± the IQR/median of the per-round speedups of the final measurement; (noisy): "
-              "still beyond the re-measure gate after --final-repeats measurements, so the machine changed state "
-              "while it ran and the figure is not to be trusted.",
+              common.MEASURED_NOTE,
               "- mobilenet_v2 has random weights (none are shipped): its quality is fidelity to that model only, "
               "as KL in nats per image before and after fine-tuning (its top-1 is a near tie on most crops), with "
               "BatchNorm statistics from 512 training crops so that its output depends on the image."]
